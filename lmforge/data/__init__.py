@@ -1,0 +1,1 @@
+"""Data: corpus sources, the processing pipeline (extract, filter, dedup) and token shards."""
