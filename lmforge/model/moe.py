@@ -1,0 +1,388 @@
+"""Mixture of Experts feed-forward layer (token-choice top-k routing, DeepSeek-MoE style).
+
+What it does:
+- Routing: a linear router scores every expert per token. `routing` picks how gates are formed:
+  "softmax_topk" (softmax over all experts, then keep the top k: Switch, DeepSeek-V2, Qwen-MoE),
+  "topk_softmax" (top k logits, then softmax over those k: Mixtral, DBRX) or "sigmoid_topk"
+  (independent sigmoid scores, then top k: DeepSeek-V3). `normalize_topk` rescales the kept gates
+  to sum to 1; `route_scale` multiplies them (DeepSeek-V3 uses 2.5).
+- Fine-grained experts (`granularity` splits the dense width into narrower experts) and always-on
+  shared experts (`n_shared_experts`, each as wide as a routed expert).
+- Balancing: the switch-style aux loss, the DeepSeek-V3 sequence-level aux loss, the router z-loss,
+  and DeepSeek-V3 aux-loss-free balancing (a per-expert bias added to the scores for *selection
+  only*, moved by `bias_update_rate` against the sign of each expert's load error each time the
+  trainer calls `update_routing_bias()` after an optimizer step).
+- Capacity: with `capacity_factor` set, each expert takes at most ceil(cf * N * k / E) of the
+  N*k assignments of a batch; the rest are dropped (by position or by lowest gate) and contribute
+  nothing, so that token's output from that expert is zero and only the residual carries it.
+- Dispatch is vectorised: assignments are sorted by expert, and experts run as grouped matmuls
+  (`torch._grouped_mm` when this torch has it and the widths are 16-byte aligned), or as a loop
+  over experts on contiguous slices. Never a loop over tokens. `moe_reference` is the readable spec
+  (every expert on every token, masked), used by the tests.
+- `upcycle_from_dense` turns a dense MLP checkpoint into this layer (see its docstring for what
+  is exact at init).
+
+What it does not do: expert parallelism across devices (that belongs to `distributed/`), and
+summing aux losses over layers (the Transformer does that). Under data parallelism the per-rank
+load counts in `load_counts` must be all-reduced before `update_routing_bias()` to stay in sync.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.errors import ConfigError
+from lmforge.model.layers import get_activation, trunc_normal_
+
+Routing = Literal["softmax_topk", "topk_softmax", "sigmoid_topk"]
+
+
+@dataclass
+class MoEConfig:
+    n_experts: int = 8  # routed experts
+    top_k: int = 2
+    d_expert: int | None = None  # None -> dense d_ff rule (8/3·d_model to 64, or 4·d_model) / granularity
+    granularity: int = 1  # fine-grained segmentation factor m (DeepSeek-MoE), used only to derive d_expert
+    n_shared_experts: int = 0  # always-on experts, each d_expert wide
+    routing: Routing = "softmax_topk"
+    normalize_topk: bool = False  # rescale the k kept gates to sum to 1
+    route_scale: float = 1.0  # multiply the gates (DeepSeek-V3: 2.5)
+    balance_loss_coef: float = 0.01  # switch-style aux loss over the whole batch
+    seq_balance_loss_coef: float = 0.0  # DeepSeek-V3 per-sequence aux loss
+    router_z_loss_coef: float = 0.0  # ST-MoE: mean logsumexp(logits)² (1e-3 in the paper)
+    aux_free_bias: bool = False  # DeepSeek-V3 loss-free balancing via a selection-only bias
+    bias_update_rate: float = 1e-3  # gamma of the bias update
+    capacity_factor: float | None = None  # None: no dropping
+    drop_policy: Literal["position", "score"] = "position"  # which assignments an expert keeps
+    dispatch: Literal["auto", "grouped_mm", "loop"] = "auto"
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"MoEConfig: {msg}")
+
+        if self.n_experts < 1:
+            raise bad(f"n_experts = {self.n_experts} must be >= 1")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise bad(f"top_k = {self.top_k} must be in [1, n_experts = {self.n_experts}]")
+        if self.granularity < 1:
+            raise bad(f"granularity = {self.granularity} must be >= 1")
+        if self.d_expert is not None and self.d_expert < 1:
+            raise bad(f"d_expert = {self.d_expert} must be >= 1")
+        if self.n_shared_experts < 0:
+            raise bad(f"n_shared_experts = {self.n_shared_experts} must be >= 0")
+        if self.route_scale <= 0:
+            raise bad(f"route_scale = {self.route_scale} must be > 0")
+        for name in ("balance_loss_coef", "seq_balance_loss_coef", "router_z_loss_coef", "bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise bad(f"{name} = {getattr(self, name)} must be >= 0")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise bad(f"capacity_factor = {self.capacity_factor} must be > 0 (or unset for no dropping)")
+
+    def expert_width(self, d_model: int, glu: bool) -> int:
+        """Hidden width of one expert: `d_expert`, or the dense d_ff rule divided by `granularity`."""
+        if self.d_expert is not None:
+            return self.d_expert
+        dense = int(-(-(8 * d_model / 3) // 64) * 64) if glu else 4 * d_model
+        return -(-dense // self.granularity)
+
+    def param_counts(self, d_model: int, glu: bool) -> dict[str, int]:
+        """Parameters of one MoE layer: total, and active per token (router + shared + top_k experts)."""
+        per_expert = (3 if glu else 2) * d_model * self.expert_width(d_model, glu)
+        router = self.n_experts * d_model
+        shared = self.n_shared_experts * per_expert
+        return {"total": router + shared + self.n_experts * per_expert,
+                "active": router + shared + self.top_k * per_expert}
+
+
+# ----------------------------------------------------------------------------------------------
+# routing
+
+
+@dataclass
+class RouterOutput:
+    expert_idx: torch.Tensor  # [N, k] long: chosen experts per token
+    gates: torch.Tensor  # [N, k] fp32: weights of the chosen experts' outputs
+    probs: torch.Tensor  # [N, E] fp32: normalised scores used by the balance losses
+    logits: torch.Tensor  # [N, E] fp32: raw router logits (z-loss)
+
+
+def route(logits: torch.Tensor, cfg: MoEConfig, bias: torch.Tensor | None = None) -> RouterOutput:
+    """Token-choice top-k routing from router logits [N, E] (fp32). `bias` [E] only changes which
+    experts are selected, never the gate values (DeepSeek-V3 aux-loss-free balancing)."""
+    k = cfg.top_k
+    if cfg.routing == "sigmoid_topk":
+        scores = torch.sigmoid(logits)
+        probs = scores / scores.sum(-1, keepdim=True)
+    else:
+        scores = probs = torch.softmax(logits, dim=-1)
+    select = scores if bias is None else scores + bias
+    if cfg.routing == "topk_softmax":
+        select = logits if bias is None else logits + bias
+    expert_idx = select.topk(k, dim=-1, sorted=False).indices
+    if cfg.routing == "topk_softmax":
+        gates = torch.softmax(logits.gather(-1, expert_idx), dim=-1)
+    else:
+        gates = scores.gather(-1, expert_idx)
+        if cfg.normalize_topk:
+            gates = gates / gates.sum(-1, keepdim=True)
+    if cfg.route_scale != 1.0:
+        gates = gates * cfg.route_scale
+    return RouterOutput(expert_idx, gates, probs, logits)
+
+
+def balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Switch-style loss E · Σ_i f_i · P_i, with f_i the fraction of the N·k assignments that chose
+    expert i and P_i the mean normalised score of expert i. Equals 1 under perfect balance."""
+    n, k = expert_idx.shape
+    f = torch.bincount(expert_idx.reshape(-1), minlength=n_experts).to(probs.dtype) / (n * k)
+    return n_experts * (f * probs.mean(0)).sum()
+
+
+def seq_balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, n_experts: int, batch: int) -> torch.Tensor:
+    """The same per sequence (DeepSeek-V3 eq. 17-20), averaged over the `batch` sequences."""
+    n, k = expert_idx.shape
+    t = n // batch
+    counts = torch.zeros(batch, n_experts, dtype=probs.dtype, device=probs.device)
+    counts.scatter_add_(1, expert_idx.reshape(batch, t * k), torch.ones_like(counts[:, :1]).expand(batch, t * k))
+    f = counts / (t * k)
+    p = probs.reshape(batch, t, n_experts).mean(1)
+    return n_experts * (f * p).sum(-1).mean()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)²."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def capacity(cfg: MoEConfig, n_tokens: int) -> int | None:
+    """Max assignments one expert keeps in a batch of `n_tokens` tokens, or None (no dropping)."""
+    if cfg.capacity_factor is None:
+        return None
+    return math.ceil(cfg.capacity_factor * n_tokens * cfg.top_k / cfg.n_experts)
+
+
+def keep_mask(expert_idx: torch.Tensor, gates: torch.Tensor, cfg: MoEConfig) -> torch.Tensor | None:
+    """[N, k] bool: which assignments survive the capacity limit (None when nothing can drop).
+    Policy "position" keeps an expert's earliest tokens (Switch/GShard), "score" its highest gates."""
+    cap = capacity(cfg, expert_idx.shape[0])
+    if cap is None:
+        return None
+    order = _sort_assignments(expert_idx.reshape(-1), gates.reshape(-1), cfg)
+    flat_e = expert_idx.reshape(-1)[order]
+    counts = torch.bincount(flat_e, minlength=cfg.n_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(flat_e.numel(), device=flat_e.device) - starts[flat_e]
+    keep = torch.empty_like(rank, dtype=torch.bool)
+    keep[order] = rank < cap
+    return keep.view_as(expert_idx)
+
+
+def _sort_assignments(flat_e: torch.Tensor, flat_g: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
+    """Permutation grouping assignments by expert; inside a group by position or by falling gate."""
+    if cfg.drop_policy == "score" and cfg.capacity_factor is not None:
+        by_gate = torch.argsort(flat_g.detach(), descending=True, stable=True)
+        return by_gate[torch.argsort(flat_e[by_gate], stable=True)]
+    return torch.argsort(flat_e, stable=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the layer
+
+
+def grouped_mm_available(*widths: int, dtype: torch.dtype) -> bool:
+    """torch._grouped_mm needs 16-byte aligned rows of every operand."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return hasattr(torch, "_grouped_mm") and all((w * size) % 16 == 0 for w in widths)
+
+
+class MoE(nn.Module):
+    """Routed experts (+ optional shared experts) replacing a dense MLP: [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig, activation: str = "silu", glu: bool = True,
+                 init_std: float = 0.02):
+        """Parameters are initialised here with a truncated normal of `init_std` (call
+        `reset_parameters(std)` to redo it); the routing bias starts at zero."""
+        super().__init__()
+        self.act = get_activation(activation)
+        self.d_model, self.cfg, self.activation, self.glu = d_model, cfg, activation, glu
+        e, f = cfg.n_experts, cfg.expert_width(d_model, glu)
+        self.d_expert = f
+        self.router = nn.Parameter(torch.empty(e, d_model))
+        # Expert weights are stacked [E, in, out] so that grouped matmuls take them as they are.
+        self.w_up = nn.Parameter(torch.empty(e, d_model, f))
+        self.w_gate = nn.Parameter(torch.empty(e, d_model, f)) if glu else None
+        self.w_down = nn.Parameter(torch.empty(e, f, d_model))
+        fs = cfg.n_shared_experts * f  # n shared experts of width f == one dense MLP of width n·f
+        self.shared_up = nn.Parameter(torch.empty(d_model, fs)) if fs else None
+        self.shared_gate = nn.Parameter(torch.empty(d_model, fs)) if fs and glu else None
+        self.shared_down = nn.Parameter(torch.empty(fs, d_model)) if fs else None
+        self.register_buffer("routing_bias", torch.zeros(e), persistent=True)
+        # assignments per expert since the last bias update (training forwards only)
+        self.register_buffer("load_counts", torch.zeros(e), persistent=False)
+        self.reset_parameters(init_std)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for p in self.parameters():
+            trunc_normal_(p, std)
+        self.routing_bias.zero_()
+        self.load_counts.zero_()
+
+    # -- the pieces ----------------------------------------------------------------------------
+    def _ffn(self, x: torch.Tensor, up, gate, down, mm) -> torch.Tensor:
+        h = self.act(mm(x, gate)) * mm(x, up) if self.glu else self.act(mm(x, up))
+        return mm(h, down)
+
+    def experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Run expert e on its contiguous rows of `x_sorted` ([M, D], grouped by expert, counts [E])."""
+        mode = self.cfg.dispatch
+        if mode == "auto":
+            ok = grouped_mm_available(self.d_model, self.d_expert, dtype=x_sorted.dtype)
+            mode = "grouped_mm" if ok and x_sorted.dtype == self.w_up.dtype else "loop"
+        if mode == "grouped_mm":
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+
+            def mm(a, w):
+                return torch._grouped_mm(a, w, offs=offs)
+
+            return self._ffn(x_sorted, self.w_up, self.w_gate, self.w_down, mm)
+        outs, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                outs.append(self._ffn(x_sorted[start:start + n], self.w_up[e],
+                                      None if self.w_gate is None else self.w_gate[e], self.w_down[e],
+                                      torch.matmul))
+            start += n
+        return torch.cat(outs) if outs else x_sorted.new_zeros(0, self.d_model)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        return self._ffn(x, self.shared_up, self.shared_gate, self.shared_down, torch.matmul)
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 routing: bf16 logits flip near-tied top-k choices and make the z-loss noisy
+        return F.linear(x.float(), self.router.float())
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """x [B, T, D] -> (y [B, T, D], aux losses (weighted), metrics (detached))."""
+        cfg, (b, t, d) = self.cfg, x.shape
+        flat = x.reshape(-1, d)
+        n, k = flat.shape[0], cfg.top_k
+        r = route(self.router_logits(flat), cfg, self.routing_bias if cfg.aux_free_bias else None)
+
+        flat_e = r.expert_idx.reshape(-1)
+        order = _sort_assignments(flat_e, r.gates.reshape(-1), cfg)
+        counts = torch.bincount(flat_e, minlength=cfg.n_experts)
+        kept_counts = counts
+        cap = capacity(cfg, n)
+        if cap is not None:
+            starts = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(n * k, device=x.device) - starts[flat_e[order]]
+            order = order[rank < cap]
+            kept_counts = counts.clamp(max=cap)
+        x_sorted = flat[order // k]
+        y_sorted = self.experts(x_sorted, kept_counts)
+        # Back to (token, slot) order; dropped assignments stay zero, so only the residual carries them.
+        slots = y_sorted.new_zeros(n * k, d)
+        slots[order] = y_sorted
+        y = (slots.view(n, k, d) * r.gates.unsqueeze(-1).to(slots.dtype)).sum(1)
+        if self.shared_up is not None:
+            y = y + self.shared(flat)
+
+        aux: dict[str, torch.Tensor] = {}
+        if cfg.balance_loss_coef > 0:
+            aux["moe_balance"] = cfg.balance_loss_coef * balance_loss(r.probs, r.expert_idx, cfg.n_experts)
+        if cfg.seq_balance_loss_coef > 0:
+            aux["moe_seq_balance"] = cfg.seq_balance_loss_coef * seq_balance_loss(
+                r.probs, r.expert_idx, cfg.n_experts, b)
+        if cfg.router_z_loss_coef > 0:
+            aux["router_z"] = cfg.router_z_loss_coef * router_z_loss(r.logits)
+        if self.training and cfg.aux_free_bias:
+            self.load_counts += counts.to(self.load_counts.dtype)
+        metrics = {
+            "expert_load": (counts.float() / (n * k)).detach(),
+            "dropped_fraction": (1.0 - kept_counts.sum().float() / (n * k)).detach(),
+        }
+        return y.view(b, t, d), aux, metrics
+
+    @torch.no_grad()
+    def update_routing_bias(self) -> None:
+        """DeepSeek-V3: b_i += γ·sign(mean load − load_i) from the loads seen since the last call."""
+        if not self.cfg.aux_free_bias or self.load_counts.sum() == 0:
+            return
+        err = self.load_counts.mean() - self.load_counts
+        self.routing_bias += self.cfg.bias_update_rate * torch.sign(err)
+        self.load_counts.zero_()
+
+
+def moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The spec, slow on purpose: every expert runs on every token; outputs are summed with the gate
+    of each kept (token, expert) assignment and zero elsewhere. Returns y [B, T, D]."""
+    cfg, (b, t, d) = moe.cfg, x.shape
+    flat = x.reshape(-1, d)
+    r = route(moe.router_logits(flat), cfg, moe.routing_bias if cfg.aux_free_bias else None)
+    keep = keep_mask(r.expert_idx, r.gates, cfg)
+    weights = torch.zeros(flat.shape[0], cfg.n_experts, dtype=torch.float32, device=x.device)
+    weights.scatter_add_(1, r.expert_idx, r.gates if keep is None else r.gates * keep)
+    y = torch.zeros_like(flat)
+    for e in range(cfg.n_experts):
+        gate = None if moe.w_gate is None else moe.w_gate[e]
+        y = y + weights[:, e:e + 1].to(x.dtype) * moe._ffn(flat, moe.w_up[e], gate, moe.w_down[e], torch.matmul)
+    if moe.shared_up is not None:
+        y = y + moe.shared(flat)
+    return y.view(b, t, d)
+
+
+@torch.no_grad()
+def upcycle_from_dense(moe: MoE, dense: dict[str, torch.Tensor], noise: float = 0.0,
+                       generator: torch.Generator | None = None) -> MoE:
+    """Sparse upcycling (Komatsuzaki et al. 2022): every routed expert becomes a copy of the dense
+    MLP whose state dict (keys `gate.weight`, `up.weight`, `down.weight`, as in layers.MLP) is
+    `dense`. The router keeps its random init and the routing bias is reset.
+
+    What holds at init: every expert computes the dense MLP, so the layer's output equals the dense
+    output exactly when the gates of each token sum to 1 — routing "topk_softmax", or
+    `normalize_topk` with `route_scale` 1 — and no assignment is dropped (no `capacity_factor`, or
+    one high enough). With "softmax_topk" un-normalised the output is the dense output times the
+    sum of the kept probabilities, which is < 1 unless top_k == n_experts. `noise` > 0 multiplies
+    each expert copy by (1 + noise·N(0,1)) to break the symmetry between experts; then equality is
+    only approximate. Shared experts cannot hold a copy as well (the output would double), so
+    upcycling a layer with shared experts is refused, as is a dense width unequal to `d_expert`.
+    """
+    for key in dense:
+        if key.endswith("bias"):
+            raise ConfigError(f"upcycle_from_dense: dense MLP has bias '{key}'; MoE experts have no biases")
+    need = ["up.weight", "down.weight"] + (["gate.weight"] if moe.glu else [])
+    missing = [k for k in need if k not in dense]
+    if missing:
+        raise ConfigError(f"upcycle_from_dense: dense state dict lacks {missing} (has {sorted(dense)}); "
+                          f"glu = {moe.glu} needs {need}")
+    if "gate.weight" in dense and not moe.glu:
+        raise ConfigError("upcycle_from_dense: dense MLP is gated (has 'gate.weight') but the MoE has glu = False")
+    d_ff, d_model = dense["up.weight"].shape
+    if d_model != moe.d_model or d_ff != moe.d_expert:
+        raise ConfigError(f"upcycle_from_dense: dense MLP is {d_model} -> {d_ff}, but the MoE has d_model = "
+                          f"{moe.d_model}, d_expert = {moe.d_expert}; set moe.d_expert = {d_ff}")
+    if moe.cfg.n_shared_experts:
+        raise ConfigError(f"upcycle_from_dense: n_shared_experts = {moe.cfg.n_shared_experts} must be 0 "
+                          "(a shared copy plus routed copies would double the dense output)")
+
+    def copy(param: torch.Tensor, weight: torch.Tensor) -> None:
+        src = weight.t().to(param.dtype).unsqueeze(0).expand_as(param)
+        if noise > 0:
+            eps = torch.randn(param.shape, generator=generator, dtype=torch.float32).to(param.device)
+            src = src * (1 + noise * eps).to(param.dtype)
+        param.copy_(src)
+
+    copy(moe.w_up, dense["up.weight"])
+    copy(moe.w_down, dense["down.weight"])
+    if moe.glu:
+        copy(moe.w_gate, dense["gate.weight"])
+    moe.routing_bias.zero_()
+    moe.load_counts.zero_()
+    return moe
