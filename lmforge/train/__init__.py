@@ -1,0 +1,1 @@
+"""Pretraining: optimizers, schedules, the one Trainer, checkpoints, metrics, the main job."""

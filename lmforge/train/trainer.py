@@ -1,0 +1,291 @@
+"""The one training loop. Pretraining, SFT, DPO and GRPO differ only in the batches they feed it and
+the loss they compute; everything else lives here: precision, gradient accumulation, clipping,
+the LR schedule, evaluation, NaN/Inf stops, checkpoints and resume, metrics and progress.
+
+Contract:
+- `batches`: an iterator of batches (dicts of tensors) with `state_dict()` / `load_state_dict()`
+  (see lmforge.data.loader), so a resumed run sees exactly the batches it would have seen.
+- `loss_fn(model, batch) -> (loss_sum, n_tokens, metrics)`: the SUM of per-token losses (plus aux
+  terms times n_tokens) and the number of tokens it covers. The trainer divides the accumulated
+  gradient by the total token count of the step, so the update is the token-weighted mean over all
+  micro-batches: micro-batch 1 x accumulation 8 equals micro-batch 8 x accumulation 1.
+- `evaluate(model) -> dict`: optional periodic evaluation (e.g. val loss and bits per byte).
+
+The trainer never imports a model class; it works on any nn.Module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmforge.config import to_dict
+from lmforge.errors import LMForgeError
+from lmforge.train.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from lmforge.train.config import TrainConfig
+from lmforge.train.metrics import MetricsLog, device_name, mfu, peak_flops
+from lmforge.train.schedule import clip_grad_norm, lr_factor, set_lr
+
+LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor | int, dict]]
+
+
+class TrainingDiverged(LMForgeError):
+    """The loss or gradient norm became NaN/Inf; the last good checkpoint is left as it was."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast on GPU (weights and grads stay fp32), plain fp32 on CPU unless asked."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Language-modelling loss for the lmforge Transformer interface: summed CE (+ aux terms)."""
+    kwargs = {k: batch[k] for k in ("positions", "doc_ids") if k in batch}
+    out = model(batch["input_ids"], batch["targets"], **kwargs)
+    n = out.n_tokens if isinstance(out.n_tokens, torch.Tensor) else torch.tensor(out.n_tokens)
+    loss_sum = out.ce_sum.float()
+    metrics = {}
+    for name, value in (out.aux or {}).items():
+        loss_sum = loss_sum + value.float() * n
+        metrics[name] = value.detach()
+    return loss_sum, n, metrics
+
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each block's activations in the backward pass instead of storing them.
+
+    Patches the `forward` of every block in the model's block list ('blocks', 'layers' or 'h') on the
+    instance, so parameter names (and checkpoints) are unchanged. Returns the number of blocks."""
+    from torch.utils.checkpoint import checkpoint
+
+    for name in ("blocks", "layers", "h"):
+        blocks = getattr(model, name, None)
+        if isinstance(blocks, nn.ModuleList):
+            for block in blocks:
+                if "forward" in vars(block):
+                    continue  # already patched
+                inner = block.forward
+                block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(inner)
+            return len(blocks)
+    raise LMForgeError(f"activation checkpointing: {type(model).__name__} has no 'blocks'/'layers' list")
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, batches, loss_fn: LossFn,
+                 cfg: TrainConfig, *, run_dir: str | Path | None = None, model_config=None,
+                 evaluate: Callable[[nn.Module], dict] | None = None,
+                 sample: Callable[[nn.Module], list[dict]] | None = None,
+                 flops_per_token: float | None = None, config_record: dict | None = None,
+                 hooks: list[Callable[[Trainer, dict], None]] | None = None):
+        self.cfg = cfg
+        self.device = next(model.parameters()).device
+        self.model = model  # the module whose weights are saved (never compiled/wrapped)
+        self.train_model = model
+        if cfg.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if cfg.compile:
+            self.train_model = torch.compile(model)
+        self.optimizer = optimizer
+        self.batches = batches
+        self.loss_fn = loss_fn
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.model_config = model_config
+        self.evaluate_fn = evaluate
+        self.sample_fn = sample
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops(self.device)
+        self.config_record = config_record or {}
+        self.hooks = hooks or []
+        self.step = 0
+        self.tokens = 0
+        self.history: list[dict] = []
+        self._log: MetricsLog | None = None
+
+    # -- checkpoints --
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self.run_dir / "checkpoints" if self.run_dir else None
+
+    def save_checkpoint(self) -> Path | None:
+        if self.checkpoint_dir is None:
+            return None
+        path = self.checkpoint_dir / f"step_{self.step:06d}"
+        save_checkpoint(path, model=self._plain_model(), model_config=self.model_config,
+                        optimizer=self.optimizer, step=self.step, tokens=self.tokens,
+                        data_state=self.batches.state_dict(), train_config=to_dict(self.cfg),
+                        extra=self.config_record)
+        prune_checkpoints(self.checkpoint_dir, self.cfg.keep_checkpoints)
+        return path
+
+    def _plain_model(self) -> nn.Module:
+        return self.model
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Continue from `path` or from the latest checkpoint in the run dir; False if there is none."""
+        if path is None:
+            found = list_checkpoints(self.checkpoint_dir) if self.checkpoint_dir else []
+            if not found:
+                return False
+            path = found[-1]
+        meta = load_checkpoint(path, model=self._plain_model(), optimizer=self.optimizer,
+                               model_config=self.model_config, train_config=to_dict(self.cfg),
+                               device=self.device)
+        self.step, self.tokens = int(meta["step"]), int(meta["tokens"])
+        self.batches.load_state_dict(meta["data"])
+        return True
+
+    # -- one optimizer step --
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        factor = lr_factor(self.step, cfg.schedule, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio,
+                           cfg.decay_fraction)
+        set_lr(self.optimizer, factor)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total = torch.zeros((), device=self.device)
+        n_total = torch.zeros((), device=self.device, dtype=torch.long)
+        metrics: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            batch = next(self.batches)
+            with autocast_context(self.device, cfg.precision):
+                loss_sum, n, m = self.loss_fn(self.train_model, batch)
+            loss_sum.backward()
+            loss_total += loss_sum.detach().float()
+            n_total += n
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        # Token-weighted mean over the whole step (see module docstring).
+        torch._foreach_div_([p.grad for p in params], n_total.clamp(min=1).to(params[0].grad.dtype))
+        grad_norm = clip_grad_norm(params, cfg.grad_clip)
+        loss_value, norm_value, n_value = torch.stack(
+            [loss_total / n_total.clamp(min=1), grad_norm.float().to(self.device), n_total.float()]).tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            raise TrainingDiverged(
+                f"step {self.step}: loss = {loss_value}, grad norm = {norm_value} is not finite; stopped "
+                f"before the update (the last good checkpoint is left intact"
+                f"{' in ' + str(self.checkpoint_dir) if self.checkpoint_dir else ''}). Lower train.lr, "
+                "raise warmup or check the data.")
+        self.optimizer.step()
+        for moe in getattr(self.model, "moe_layers", lambda: [])():
+            moe.update_routing_bias()
+        self.step += 1
+        self.tokens += int(n_value)
+        record = {"step": self.step, "loss": loss_value, "grad_norm": norm_value,
+                  "lr": self.optimizer.param_groups[0]["lr"], "lr_factor": factor, "tokens": self.tokens}
+        for k, v in metrics.items():
+            record[k] = float(v) if not isinstance(v, torch.Tensor) or v.numel() == 1 else v.tolist()
+        return record
+
+    # -- the loop --
+    def train(self, resume: bool = False) -> dict:
+        cfg = self.cfg
+        resumed = self.resume() if resume else False
+        log_path = self.run_dir / "metrics.jsonl" if self.run_dir else None
+        tb_dir = self.run_dir / "tensorboard" if (self.run_dir and cfg.tensorboard) else None
+        self._log = MetricsLog(log_path, resume_step=self.step if resumed else None,
+                               wandb_project=cfg.wandb_project, tensorboard_dir=tb_dir,
+                               config=self.config_record)
+        progress = _progress(cfg.max_steps, self.step, enabled=cfg.progress)
+        start = time.perf_counter()
+        window_t, window_tokens = time.perf_counter(), 0
+        stop_reason = "max_steps"
+        try:
+            while self.step < cfg.max_steps:
+                before = self.tokens
+                record = self.train_step()
+                window_tokens += self.tokens - before
+                self.history.append(record)
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    now = time.perf_counter()
+                    tps = window_tokens / max(now - window_t, 1e-9)
+                    record["tokens_per_s"] = tps
+                    record["mfu"] = mfu(self.flops_per_token, tps, self.peak)
+                    window_t, window_tokens = now, 0
+                    self._log.write(record)
+                progress.update(record)
+                for hook in self.hooks:
+                    hook(self, record)
+                last = self.step == cfg.max_steps
+                if self.evaluate_fn and cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
+                    self.run_eval()
+                if self.sample_fn and cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.run_samples()
+                if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or last):
+                    self.save_checkpoint()
+                if cfg.time_budget_s and time.perf_counter() - start > cfg.time_budget_s:
+                    stop_reason = "time_budget"
+                    self.save_checkpoint()
+                    break
+        finally:
+            progress.close()
+            self._log.close()
+        elapsed = time.perf_counter() - start
+        return {"step": self.step, "tokens": self.tokens, "seconds": elapsed, "stop": stop_reason,
+                "device": device_name(self.device)}
+
+    def run_eval(self) -> dict:
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad(), autocast_context(self.device, self.cfg.precision):
+            result = self.evaluate_fn(self.model)
+        self.model.train(was_training)
+        record = {"step": self.step, **result}
+        if self._log:
+            self._log.write(record)
+        return record
+
+    def run_samples(self) -> list[dict]:
+        was_training = self.model.training
+        self.model.eval()
+        samples = self.sample_fn(self.model)
+        self.model.train(was_training)
+        if self.run_dir:
+            import json
+
+            with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+                for s in samples:
+                    f.write(json.dumps({"step": self.step, **s}) + "\n")
+        return samples
+
+
+class _progress:
+    """tqdm progress bar showing loss and throughput (a no-op when disabled or tqdm is missing)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            except ImportError:
+                self.bar = None
+
+    def update(self, record: dict) -> None:
+        if self.bar is None:
+            return
+        post = {"loss": f"{record['loss']:.4f}"}
+        if record.get("tokens_per_s"):
+            post["tok/s"] = f"{record['tokens_per_s']:.0f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
