@@ -1,0 +1,71 @@
+"""Cross-entropy over one chunk of logits, in place (math in `linear_cross_entropy`). Requires triton.
+
+One program per row: pass 1 walks the vocab in tiles with an online max/sum to get the
+log-sum-exp; pass 2 overwrites the logits with the gradient
+  (softmax * (1 + 2 z_loss lse) - onehot(target)) * (1 - tanh^2 if softcapped).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lmforge.kernels.runtime import interpreting
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _ce_kernel(LOGITS, TARGETS, CE, Z, V, stride, ignore_index, softcap, z_loss,
+               SOFTCAP_ON: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * stride
+    target = tl.load(TARGETS + row)
+    valid = target != ignore_index
+    cols = tl.arange(0, BLOCK)
+    m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK], dtype=tl.float32)
+    for v0 in range(0, V, BLOCK):
+        mask = v0 + cols < V
+        x = tl.load(base + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        if SOFTCAP_ON:
+            x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
+        m_new = tl.maximum(m, x)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+        m = m_new
+    m_all = tl.max(m, 0)
+    lse = m_all + tl.log(tl.sum(s * tl.exp(m - m_all), 0))
+    x_t = tl.load(base + tl.where(valid, target, 0)).to(tl.float32)
+    if SOFTCAP_ON:
+        x_t = softcap * _tanh(x_t / softcap)
+    tl.store(CE + row, tl.where(valid, lse - x_t, 0.0))
+    tl.store(Z + row, tl.where(valid, lse * lse, 0.0))
+    scale = tl.where(valid, 1.0 + 2.0 * z_loss * lse, 0.0)
+    for v0 in range(0, V, BLOCK):
+        idx = v0 + cols
+        mask = idx < V
+        x = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
+        t = x
+        if SOFTCAP_ON:
+            t = _tanh(x / softcap)
+            x = softcap * t
+        g = tl.exp(x - lse) * scale - tl.where((idx == target) & valid, 1.0, 0.0)
+        if SOFTCAP_ON:
+            g = g * (1.0 - t * t)
+        tl.store(base + idx, g.to(LOGITS.dtype.element_ty), mask=mask)
+
+
+def ce_chunk(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, softcap, z_loss: float):
+    rows, v = logits.shape
+    ce = torch.empty(rows, device=logits.device, dtype=torch.float32)
+    z = torch.empty(rows, device=logits.device, dtype=torch.float32)
+    block = 128 if interpreting() else min(triton.next_power_of_2(v), 8192)
+    _ce_kernel[(rows,)](logits, targets, ce, z, v, logits.stride(0), ignore_index,
+                        float(softcap or 1.0), float(z_loss), SOFTCAP_ON=softcap is not None, BLOCK=block,
+                        num_warps=8 if block >= 4096 else 4)
+    return ce, z
