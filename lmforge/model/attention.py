@@ -1,0 +1,195 @@
+"""Attention: the `attend` backend interface, its backends, and the (GQA) self-attention layer.
+
+`attend(q, k, v, ...)` is the one function every attention layer calls (the MLA layer too):
+    q [B, Hq, T, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] -> [B, Hq, T, Dv], Hq % Hkv == 0.
+When S > T (decoding with a cache) query i sits at key position S - T + i.
+Masking options: `causal`, `window` (a query attends to the last `window` keys, itself included),
+`doc_ids` [B, S] (a query attends only to keys of its own document: packed sequences).
+`softcap` applies cap·tanh(s/cap) to the scores; `scale` defaults to 1/sqrt(D).
+
+Backends (registry `BACKENDS`, extend with `register_backend`):
+- "reference": explicit masked softmax, the spec;
+- "sdpa": torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU);
+  it has no soft-capping, so a softcap call runs the reference instead and logs why, once;
+- "triton": `lmforge.kernels.flash_attention.flash_attention`, imported lazily.
+
+This module does not own the KV cache format (see cache.py) nor latent attention (mla.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.errors import ConfigError
+from lmforge.model.layers import Linear, RMSNorm, dropout, softcap, softmax, upcast
+from lmforge.model.positions import apply_rope
+
+log = logging.getLogger(__name__)
+
+_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+_SDPA_HAS_GQA = _TORCH_VERSION >= (2, 5)
+
+
+def attention_mask(T: int, S: int, *, causal: bool, window: int | None, doc_ids: torch.Tensor | None,
+                   device: torch.device) -> torch.Tensor | None:
+    """Boolean mask [B or 1, 1, T, S], True where query t may attend to key s; None if all may."""
+    if not causal and window is None and doc_ids is None:
+        return None
+    q_pos = torch.arange(S - T, S, device=device).unsqueeze(1)  # [T, 1]
+    k_pos = torch.arange(S, device=device).unsqueeze(0)  # [1, S]
+    mask = torch.ones(T, S, dtype=torch.bool, device=device)
+    if causal:
+        mask &= k_pos <= q_pos
+    if window is not None:
+        mask &= (q_pos - k_pos < window) & (k_pos - q_pos < window)
+    mask = mask[None, None]
+    if doc_ids is not None:
+        if doc_ids.shape[-1] != S:
+            raise ConfigError(f"doc_ids has length {doc_ids.shape[-1]}, expected the key length {S}")
+        same = doc_ids[:, S - T:, None] == doc_ids[:, None, :]  # [B, T, S]
+        mask = mask & same[:, None]
+    return mask
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attend expects 4-d q/k/v [B, H, T, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1]:
+        raise ValueError(f"query heads {q.shape[1]} must be a multiple of kv heads {k.shape[1]} "
+                         f"(v has {v.shape[1]})")
+    if k.shape[2] < q.shape[2] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"key length {k.shape[2]} must be >= query length {q.shape[2]} and equal "
+                         f"the value length {v.shape[2]}")
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, Hkv, S, D] -> [B, Hkv·n_rep, S, D]; query head h uses kv head h // n_rep."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def reference_attention(q, k, v, *, causal=True, window=None, softcap_value=None, scale=None,
+                        doc_ids=None):
+    """softmax(mask(softcap(q kᵀ · scale))) v, scores in float32: the spec other backends match."""
+    _check_shapes(q, k, v)
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = softcap((upcast(q) @ upcast(k).transpose(-2, -1)) * scale, softcap_value)
+    mask = attention_mask(q.shape[2], k.shape[2], causal=causal, window=window, doc_ids=doc_ids,
+                          device=q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (softmax(scores, dim=-1) @ upcast(v)).to(q.dtype)
+
+
+_warned: set[str] = set()
+
+
+def sdpa_attention(q, k, v, *, causal=True, window=None, softcap_value=None, scale=None, doc_ids=None):
+    """torch.nn.functional.scaled_dot_product_attention with our masking rules."""
+    if softcap_value is not None:
+        if "softcap" not in _warned:
+            _warned.add("softcap")
+            log.warning("attention softcap is not supported by SDPA: using the reference backend")
+        return reference_attention(q, k, v, causal=causal, window=window, softcap_value=softcap_value,
+                                   scale=scale, doc_ids=doc_ids)
+    _check_shapes(q, k, v)
+    T, S = q.shape[2], k.shape[2]
+    n_rep = q.shape[1] // k.shape[1]
+    kwargs = {}
+    if n_rep > 1:
+        if _SDPA_HAS_GQA:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    if causal and window is None and doc_ids is None and T == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **kwargs)
+    mask = attention_mask(T, S, causal=causal, window=window, doc_ids=doc_ids, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kwargs)
+
+
+def triton_attention(q, k, v, *, causal=True, window=None, softcap_value=None, scale=None, doc_ids=None):
+    """The Triton flash-attention kernel (lmforge/kernels/flash_attention.py), imported on first use."""
+    try:
+        from lmforge.kernels.flash_attention import flash_attention
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("lmforge"):
+            raise ConfigError("attention_backend = 'triton' needs lmforge/kernels/flash_attention.py, "
+                              "which is not in this checkout; use 'sdpa' or 'reference'") from None
+        raise
+    return flash_attention(q, k, v, causal=causal, window=window, softcap=softcap_value, scale=scale,
+                           doc_ids=doc_ids)
+
+
+BACKENDS: dict[str, Callable] = {
+    "reference": reference_attention,
+    "sdpa": sdpa_attention,
+    "triton": triton_attention,
+}
+
+
+def register_backend(name: str, fn: Callable) -> None:
+    """Add an attention backend taking (q, k, v, *, causal, window, softcap_value, scale, doc_ids)."""
+    BACKENDS[name] = fn
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+           window: int | None = None, softcap: float | None = None, scale: float | None = None,
+           doc_ids: torch.Tensor | None = None, backend: str = "sdpa") -> torch.Tensor:
+    """Scaled dot-product attention through the chosen backend (see the module docstring)."""
+    try:
+        fn = BACKENDS[backend]
+    except KeyError:
+        raise ConfigError(f"attention backend {backend!r} must be one of {sorted(BACKENDS)}") from None
+    return fn(q, k, v, causal=causal, window=window, softcap_value=softcap, scale=scale, doc_ids=doc_ids)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with MHA/GQA/MQA heads, optional QK-norm, RoPE, window and softcap.
+
+    forward(x [B, T, d_model], positions [B, T], doc_ids [B, T] | None, cache) -> [B, T, d_model].
+    `cache` is a per-layer cache (cache.LayerCache) that appends this call's keys/values and returns
+    all of them; with a cache, positions must continue from the cached length.
+    """
+
+    def __init__(self, cfg, layer: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q = Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.qkv_bias)
+        self.k = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg.qkv_bias)
+        self.v = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg.qkv_bias)
+        self.o = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, cfg.bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.rope_theta = cfg.rope_theta if cfg.layer_uses_rope(layer) else None
+        self.window = cfg.layer_window(layer)
+        self.softcap = cfg.attn_softcap
+        self.backend = cfg.attention_backend
+        self.dropout = cfg.dropout
+
+    def forward(self, x, positions, doc_ids=None, cache=None):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
+        k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_theta is not None:
+            q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        y = attend(q, k, v, causal=True, window=self.window, softcap=self.softcap, doc_ids=doc_ids,
+                   backend=self.backend)
+        y = self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return dropout(y, self.dropout, self.training)
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
+                f"rope={self.rope_theta is not None}, window={self.window}, backend={self.backend}")

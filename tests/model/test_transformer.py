@@ -1,0 +1,210 @@
+"""The whole model: causality, document masking, cached decoding, backends, MTP, losses, gradcheck."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import from_dict, load, save_toml, to_dict
+from lmforge.errors import ConfigError
+from lmforge.model import KVCache, ModelConfig, Transformer
+from lmforge.model.layers import cross_entropy
+
+BASE = dict(vocab_size=37, context_length=32, d_model=24, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=40)
+
+VARIANTS = {
+    "llama": {},
+    "gpt2": dict(norm="layernorm", norm_bias=True, activation="gelu_tanh", glu=False, bias=True,
+                 positions="learned", tie_embeddings=True),
+    "sinusoidal-post-parallel": dict(positions="sinusoidal", norm_placement="post", parallel_block=True),
+    "gemma-like": dict(norm_placement="sandwich", window=3, layer_pattern=["local", "global"],
+                       attn_softcap=5.0, final_softcap=3.0, activation="gelu_tanh"),
+    "nope-pattern-qknorm": dict(n_layers=4, window=4, qk_norm=True,
+                                layer_pattern=["local", "local", "local", "global-nope"]),
+    "parallel-mqa-nopos": dict(parallel_block=True, n_kv_heads=1, positions="none", activation="relu2",
+                               glu=False),
+    "mtp": dict(mtp_depth=2, z_loss=1e-3),
+}
+
+
+def make(seed=0, dtype=torch.float32, **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**BASE, **kw})
+    model = Transformer(cfg).to(dtype)
+    # larger random weights than init so that every branch changes the output measurably
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+def ids(B=2, T=11, V=37, seed=1):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_causality_future_tokens_never_change_past_logits(name):
+    model = make(**VARIANTS[name])
+    x = ids()
+    y = x.clone()
+    y[:, 6:] = (y[:, 6:] + 5) % 37
+    a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, :6], b[:, :6], rtol=1e-5, atol=1e-5)
+    assert (a[:, 6:] - b[:, 6:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma-like", "nope-pattern-qknorm", "gpt2"])
+def test_reference_and_sdpa_models_agree(name):
+    ref = make(**VARIANTS[name], attention_backend="reference")
+    sdpa = make(**VARIANTS[name], attention_backend="sdpa")
+    x = ids()
+    torch.testing.assert_close(ref(x).logits, sdpa(x).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma-like"])
+def test_packed_documents_equal_separate_sequences(name):
+    """doc_ids + per-document positions: each document sees only itself, as if run alone."""
+    model = make(**VARIANTS[name])
+    a, b = ids(1, 5, seed=2), ids(1, 7, seed=3)
+    packed = torch.cat((a, b), dim=1)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7])
+    positions = torch.tensor([list(range(5)) + list(range(7))])
+    out = model(packed, doc_ids=doc_ids, positions=positions).logits
+    torch.testing.assert_close(out[:, :5], model(a).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, 5:], model(b).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma-like", "nope-pattern-qknorm"])
+def test_cached_decoding_equals_full_recomputation(name):
+    model = make(**VARIANTS[name])
+    x = ids(2, 12)
+    full = model(x).logits
+    cache = KVCache(model.cfg.n_layers)
+    steps = [model(x[:, :5], kv_cache=cache).logits]  # prefill, then one token at a time
+    for t in range(5, 12):
+        steps.append(model(x[:, t:t + 1], kv_cache=cache).logits)
+    assert cache.length == 12
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_is_mean_ce_over_valid_targets_plus_aux_and_z_loss_by_hand():
+    model = make(z_loss=1e-2)
+    x, t = ids(), ids(seed=5)
+    t[0, :3] = -100
+    out = model(x, t)
+    logits = model(x).logits
+    ce = F.cross_entropy(logits.reshape(-1, 37), t.reshape(-1), reduction="sum")
+    n = (t != -100).sum()
+    assert out.n_tokens.item() == 22 - 3
+    torch.testing.assert_close(out.ce_sum, ce)
+    lse = torch.logsumexp(logits, -1)
+    z = 1e-2 * (lse[t != -100] ** 2).mean()
+    torch.testing.assert_close(out.aux["z_loss"], z)
+    torch.testing.assert_close(out.loss, ce / n + z)
+
+
+def test_final_softcap_bounds_logits():
+    model = make(final_softcap=2.5)
+    assert model(ids()).logits.abs().max() <= 2.5
+
+
+def test_tied_head_shares_the_embedding():
+    model = make(tie_embeddings=True)
+    assert model.lm_head is None
+    names = [n for n, _ in model.named_parameters()]
+    assert "tok_emb.weight" in names and not any(n.startswith("lm_head") for n in names)
+    out = model(ids(), ids(seed=4))
+    out.loss.backward()
+    assert model.tok_emb.weight.grad.abs().sum() > 0
+
+
+def test_mtp_loss_by_hand_and_gradient_flow():
+    model = make(mtp_depth=2, mtp_loss_weight=0.5).train()
+    x = ids(2, 9)
+    t = torch.roll(x, -1, 1)
+    t[:, -1] = -100
+    out = model(x, t)
+    assert out.loss.dim() == 0 and out.aux["mtp"].dim() == 0
+    # by hand: depth k at position i embeds t_{i+k} = t[:, i+k-1] and predicts t[:, i+k]
+    h = model.embed(x, torch.arange(9).expand(2, 9))
+    for block in model.blocks:
+        h = block(h, torch.arange(9).expand(2, 9))[0]
+    ces = []
+    for k, mod in enumerate(model.mtp, start=1):
+        L = 9 - k
+        h = mod(h[:, :L], model.tok_emb(t[:, k - 1:9 - 1].clamp_min(0)), torch.arange(L).expand(2, L))[0]
+        tgt = t[:, k:]
+        ce = cross_entropy(model.head(mod.norm_out(h)), tgt)
+        ces.append(ce.sum() / (tgt != -100).sum())
+    torch.testing.assert_close(out.aux["mtp"], 0.5 * (ces[0] + ces[1]) / 2)
+    torch.testing.assert_close(out.loss, out.ce_sum / out.n_tokens + out.aux["mtp"])
+    out.aux["mtp"].backward()
+    for k in range(2):
+        assert model.mtp[k].proj.weight.grad.abs().sum() > 0
+    assert model.blocks[0].attn.q.weight.grad.abs().sum() > 0  # MTP trains the trunk too
+    assert model.tok_emb.weight.grad.abs().sum() > 0
+
+
+def test_gradcheck_float64_tiny_model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=7, context_length=8, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1,
+                      d_ff=12, qk_norm=True, attention_backend="reference", final_softcap=4.0)
+    model = Transformer(cfg).double()
+    names = ["blocks.0.attn.q.weight", "blocks.1.mlp.gate.weight", "blocks.0.norm1.weight", "tok_emb.weight"]
+    params = dict(model.named_parameters())
+    x, t = ids(2, 5, V=7), ids(2, 5, V=7, seed=9)
+
+    def f(*tensors):
+        state = {**params, **dict(zip(names, tensors))}
+        return torch.func.functional_call(model, state, (x, t)).loss
+
+    inputs = tuple(params[n].detach().clone().requires_grad_(True) for n in names)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_init_weights_scales_residual_outputs_and_meta_build_matches():
+    cfg = ModelConfig(**{**BASE, "d_model": 96, "n_heads": 4, "d_ff": 200, "n_layers": 8})
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    std_out = model.blocks[3].attn.o.weight.std().item()
+    std_in = model.blocks[3].attn.q.weight.std().item()
+    assert abs(std_in - 0.02 * 0.9866) < 1.5e-3
+    assert abs(std_out - 0.02 * 0.9866 / math.sqrt(16)) < 5e-4
+    assert torch.equal(model.blocks[1].norm1.weight, torch.ones(96))
+    with torch.device("meta"):
+        meta = Transformer(cfg)
+    meta.to_empty(device="cpu")
+    torch.manual_seed(0)
+    meta.init_weights()
+    for (n, p), (_, q) in zip(model.named_parameters(), meta.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_learned_positions_beyond_table_raise():
+    model = make(**VARIANTS["gpt2"])
+    with pytest.raises(ConfigError, match="context_length = 32"):
+        model(ids(1, 33))
+
+
+def test_derived_config_fields_and_conflicts(tmp_path):
+    c = ModelConfig(d_model=768, n_heads=12)
+    assert (c.head_dim, c.n_kv_heads, c.d_ff) == (64, 12, 2048)  # 8/3·768 = 2048
+    assert ModelConfig(d_model=100, n_heads=5).d_ff == 320  # 266.7 rounded up to 64
+    assert ModelConfig(d_model=768, n_heads=12, glu=False).d_ff == 3072
+    assert ModelConfig(d_model=768, n_heads=12, head_dim=128).head_dim == 128  # not overwritten
+    with pytest.raises(ConfigError, match="n_heads = 12 must be a multiple of n_kv_heads = 5"):
+        ModelConfig(d_model=768, n_heads=12, n_kv_heads=5)
+    with pytest.raises(ConfigError, match="d_model = 100 is not divisible by n_heads = 3"):
+        ModelConfig(d_model=100, n_heads=3)
+    with pytest.raises(ConfigError, match="norm_bias = true conflicts with norm = 'rmsnorm'"):
+        ModelConfig(norm_bias=True)
+    with pytest.raises(ConfigError, match="local layers but window is not set"):
+        ModelConfig(layer_pattern=["local", "global"])
+    with pytest.raises(ConfigError, match="'sliding'"):
+        ModelConfig(window=4, layer_pattern=["sliding"])
+    c = ModelConfig(window=4, layer_pattern=["local", "global-nope"], mtp_depth=1)
+    save_toml(c, tmp_path / "m.toml")
+    assert load(ModelConfig, tmp_path / "m.toml") == c
+    assert from_dict(ModelConfig, to_dict(c)) == c
