@@ -39,10 +39,11 @@ def _kv_ranges(p0, p1, S, window, BLOCK: tl.constexpr, CAUSAL: tl.constexpr, WIN
                HAS_DOC: tl.constexpr):
     """Key-index loop bounds for query positions p0..p1: [lo, pre) masked, [pre, full) unmasked,
     [full, hi) masked."""
-    lo = 0
-    hi = S
-    full_lo = 0
-    full_hi = S
+    zero = tl.full([], 0, tl.int32)
+    lo = zero
+    hi = zero + S
+    full_lo = zero
+    full_hi = zero + S
     if CAUSAL:
         hi = tl.minimum(hi, p1 + 1)
         full_hi = tl.minimum(full_hi, p0 + 1)
@@ -68,10 +69,11 @@ def _q_ranges(k0, k1, T, S, window, BLOCK: tl.constexpr, CAUSAL: tl.constexpr, W
               HAS_DOC: tl.constexpr):
     """Query-row loop bounds for key indices k0..k1 (same split as _kv_ranges)."""
     off = S - T
-    lo = 0
-    hi = T
-    full_lo = 0
-    full_hi = T
+    zero = tl.full([], 0, tl.int32)
+    lo = zero
+    hi = zero + T
+    full_lo = zero
+    full_hi = zero + T
     if CAUSAL:
         lo = tl.maximum(lo, k0 - off)
         full_lo = tl.maximum(full_lo, k1 - off)
@@ -83,12 +85,14 @@ def _q_ranges(k0, k1, T, S, window, BLOCK: tl.constexpr, CAUSAL: tl.constexpr, W
             full_lo = tl.maximum(full_lo, k1 - window + 1 - off)
     full_lo = tl.maximum(full_lo, lo)
     full_hi = tl.minimum(full_hi, hi)
-    if HAS_DOC or k1 >= S:  # a key tile past the end needs its column mask everywhere
+    if HAS_DOC:
         pre = hi
         full = hi
     else:
         pre = tl.minimum(lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK) * BLOCK, hi)
         full = pre + (tl.maximum(full_hi - pre, 0) // BLOCK) * BLOCK
+        pre = tl.where(k1 >= S, hi, pre)  # a key tile past the end needs its column mask everywhere
+        full = tl.where(k1 >= S, hi, full)
     return lo, pre, full, hi
 
 
@@ -96,7 +100,7 @@ def _q_ranges(k0, k1, T, S, window, BLOCK: tl.constexpr, CAUSAL: tl.constexpr, W
 def _visible(qpos, kpos, S, window, doc_q, doc_ptr, CAUSAL: tl.constexpr, WINDOW_ON: tl.constexpr,
              HAS_DOC: tl.constexpr):
     """[len(qpos), len(kpos)] visibility (qpos/kpos are absolute key positions)."""
-    mask = (kpos[None, :] < S) & (qpos[:, None] >= 0)
+    mask = (kpos[None, :] + 0 * qpos[:, None]) < S  # broadcast to [rows, keys]
     if CAUSAL:
         mask &= kpos[None, :] <= qpos[:, None]
     if WINDOW_ON:
@@ -375,16 +379,19 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, sqb, sqh, sqt, skb, skh, skt, s
              mask=rmask[:, None] & (offs_d[None, :] < D))
 
 
-def _configs(pairs, warps=(4, 8), stages=(2, 3)):
-    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
-            for m, n in pairs for w in warps for s in stages]
+def _cfg(m, n, warps, stages):
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
 
 
+# Candidates for Hopper (first = the default when tuning is off); autotuned per shape key on GPU.
 _KEY = ["T", "S", "D", "DV", "CAUSAL", "WINDOW_ON", "HAS_DOC", "SOFTCAP_ON"]
 _FIXED = dict(BLOCK_M=16, BLOCK_N=16)  # under the interpreter: tiny tiles keep CPU tests fast
-FWD = Tunable(_fwd_kernel, _configs([(128, 64), (128, 128), (64, 64)], stages=(2, 3, 4)), _KEY, _FIXED)
-DKDV = Tunable(_dkdv_kernel, _configs([(32, 128), (64, 128), (64, 64)], stages=(2, 3)), _KEY, _FIXED)
-DQ = Tunable(_dq_kernel, _configs([(128, 32), (128, 64), (64, 64)], stages=(2, 3)), _KEY, _FIXED)
+FWD = Tunable(_fwd_kernel, [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3),
+                            _cfg(128, 64, 4, 4), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 2)], _KEY, _FIXED)
+DKDV = Tunable(_dkdv_kernel, [_cfg(64, 128, 8, 3), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3),
+                              _cfg(32, 64, 4, 4), _cfg(64, 128, 8, 2)], _KEY, _FIXED)
+DQ = Tunable(_dq_kernel, [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3),
+                          _cfg(64, 32, 4, 4), _cfg(128, 64, 8, 2)], _KEY, _FIXED)
 
 
 def _common(q, k, v, softcap, scale, window, doc_ids):

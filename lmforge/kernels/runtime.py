@@ -93,7 +93,8 @@ class Tunable:
 
     `configs` are dicts of meta-parameters (block sizes) plus optional "num_warps"/"num_stages";
     `key` names the kernel arguments whose values select a cached choice; `fixed` is the config
-    used under the interpreter (small blocks keep CPU tests fast). Index like a kernel:
+    used under the interpreter (small blocks keep CPU tests fast). LMFORGE_KERNEL_TUNE=0 skips tuning
+on GPU and runs the first config. Index like a kernel:
     `tunable[grid](*args)`, where grid may be a function of the chosen meta-parameters.
     """
 
@@ -117,6 +118,9 @@ class Tunable:
         if interpreting():
             fixed = {k: v for k, v in self.fixed.items() if k not in ("num_warps", "num_stages")}
             return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **fixed)
+        if os.environ.get("LMFORGE_KERNEL_TUNE", "1") == "0":  # skip tuning: the first config
+            first = self.configs[0]
+            return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **first)
         return self._tuned()[grid]
 
     def best_configs(self) -> dict:
