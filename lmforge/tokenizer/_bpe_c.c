@@ -1,0 +1,501 @@
+/* Fast paths for BPE training: word counting with the GPT-2 / GPT-4 pretokenization patterns, and the
+ * incremental merge loop. Both are exact re-implementations of the Python references in
+ * pretokenize.py (regex findall + Counter) and train.py (train_merges_incremental); the tests assert
+ * they agree. Unicode classes (\p{L}, \p{N}, \s) come from a table that Python builds with the
+ * `regex` module itself, so both paths see the same Unicode version.
+ *
+ * This file does not encode text; encoding stays in Python (and tiktoken).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CLS_L 1
+#define CLS_N 2
+#define CLS_S 4
+#define N_CODEPOINTS 0x110000
+
+static uint8_t *g_cls = NULL;     /* class bits per code point */
+static Py_UCS4 g_fold[64][2];     /* (code point, ascii letter it case-folds to) for GPT-4 contractions */
+static int g_nfold = 0;
+
+/* ------------------------------------------------------------------ word counter */
+
+typedef struct {
+    uint64_t hash;
+    uint64_t off;    /* offset of the word's bytes in the arena */
+    uint32_t len;
+    int64_t count;   /* 0 = empty slot */
+} WordSlot;
+
+typedef struct {
+    WordSlot *slots;
+    size_t cap, used;
+    char *arena;
+    size_t arena_len, arena_cap;
+} WordTable;
+
+static uint64_t hash_bytes(const char *p, size_t n) {
+    uint64_t h = 1469598103934665603ULL;  /* FNV-1a, then a final mix */
+    for (size_t i = 0; i < n; i++) { h ^= (uint8_t)p[i]; h *= 1099511628211ULL; }
+    h ^= h >> 33; h *= 0xff51afd7ed558ccdULL; h ^= h >> 33;
+    return h;
+}
+
+static int table_grow(WordTable *t) {
+    size_t ncap = t->cap ? t->cap * 2 : 1 << 16;
+    WordSlot *ns = calloc(ncap, sizeof(WordSlot));
+    if (!ns) return -1;
+    for (size_t i = 0; i < t->cap; i++) {
+        WordSlot *s = &t->slots[i];
+        if (!s->count) continue;
+        size_t j = s->hash & (ncap - 1);
+        while (ns[j].count) j = (j + 1) & (ncap - 1);
+        ns[j] = *s;
+    }
+    free(t->slots);
+    t->slots = ns;
+    t->cap = ncap;
+    return 0;
+}
+
+static int table_add(WordTable *t, const char *p, size_t n) {
+    if ((t->used + 1) * 2 > t->cap && table_grow(t) < 0) return -1;
+    uint64_t h = hash_bytes(p, n);
+    size_t j = h & (t->cap - 1);
+    while (t->slots[j].count) {
+        WordSlot *s = &t->slots[j];
+        if (s->hash == h && s->len == n && memcmp(t->arena + s->off, p, n) == 0) { s->count++; return 0; }
+        j = (j + 1) & (t->cap - 1);
+    }
+    if (t->arena_len + n > t->arena_cap) {
+        size_t ncap = t->arena_cap ? t->arena_cap * 2 : 1 << 20;
+        while (ncap < t->arena_len + n) ncap *= 2;
+        char *na = realloc(t->arena, ncap);
+        if (!na) return -1;
+        t->arena = na;
+        t->arena_cap = ncap;
+    }
+    memcpy(t->arena + t->arena_len, p, n);
+    t->slots[j].hash = h; t->slots[j].off = t->arena_len; t->slots[j].len = (uint32_t)n; t->slots[j].count = 1;
+    t->arena_len += n;
+    t->used++;
+    return 0;
+}
+
+static inline int cls(Py_UCS4 c) { return c < N_CODEPOINTS ? g_cls[c] : 0; }
+static inline int is_other(Py_UCS4 c) { return !(cls(c) & (CLS_L | CLS_N | CLS_S)); }
+static inline int is_crlf(Py_UCS4 c) { return c == '\r' || c == '\n'; }
+
+static Py_UCS4 fold(Py_UCS4 c) {
+    if (c < 128) return (c >= 'A' && c <= 'Z') ? c + 32 : c;
+    for (int i = 0; i < g_nfold; i++) if (g_fold[i][0] == c) return g_fold[i][1];
+    return c;
+}
+
+/* End of the whitespace alternatives `\s+(?!\S)|\s+` for a whitespace run starting at i. */
+static Py_ssize_t ws_end(const Py_UCS4 *s, Py_ssize_t i, Py_ssize_t n) {
+    Py_ssize_t j = i;
+    while (j < n && (cls(s[j]) & CLS_S)) j++;
+    if (j == n) return n;
+    if (j - 1 > i) return j - 1;
+    return j;
+}
+
+/* One GPT-2 pattern match starting at i; returns its end. */
+static Py_ssize_t match_gpt2(const Py_UCS4 *s, Py_ssize_t i, Py_ssize_t n) {
+    Py_UCS4 c = s[i];
+    if (c == '\'' && i + 1 < n) {
+        Py_UCS4 d = s[i + 1];
+        if (d == 's' || d == 't' || d == 'm' || d == 'd') return i + 2;
+        if (i + 2 < n && ((d == 'r' && s[i + 2] == 'e') || (d == 'v' && s[i + 2] == 'e') ||
+                          (d == 'l' && s[i + 2] == 'l'))) return i + 3;
+    }
+    Py_ssize_t st = (c == ' ') ? i + 1 : i;
+    if (st < n) {
+        int k = cls(s[st]);
+        Py_ssize_t j = st;
+        if (k & CLS_L) { while (j < n && (cls(s[j]) & CLS_L)) j++; return j; }
+        if (k & CLS_N) { while (j < n && (cls(s[j]) & CLS_N)) j++; return j; }
+        if (is_other(s[st])) { while (j < n && is_other(s[j])) j++; return j; }
+    }
+    if (cls(c) & CLS_S) return ws_end(s, i, n);
+    return i + 1;  /* unreachable: every character is L, N, S or other */
+}
+
+/* One GPT-4 (cl100k) pattern match starting at i; returns its end. */
+static Py_ssize_t match_gpt4(const Py_UCS4 *s, Py_ssize_t i, Py_ssize_t n) {
+    Py_UCS4 c = s[i];
+    if (c == '\'' && i + 1 < n) {
+        Py_UCS4 d = fold(s[i + 1]);
+        if (d == 's' || d == 'd' || d == 'm' || d == 't') return i + 2;
+        if (i + 2 < n) {
+            Py_UCS4 e = fold(s[i + 2]);
+            if ((d == 'l' && e == 'l') || (d == 'v' && e == 'e') || (d == 'r' && e == 'e')) return i + 3;
+        }
+    }
+    int k = cls(c);
+    /* [^\r\n\p{L}\p{N}]?+\p{L}+ */
+    if (k & CLS_L) { Py_ssize_t j = i; while (j < n && (cls(s[j]) & CLS_L)) j++; return j; }
+    if (!is_crlf(c) && !(k & CLS_N) && i + 1 < n && (cls(s[i + 1]) & CLS_L)) {
+        Py_ssize_t j = i + 1; while (j < n && (cls(s[j]) & CLS_L)) j++; return j;
+    }
+    /* \p{N}{1,3} */
+    if (k & CLS_N) { Py_ssize_t j = i; while (j < n && j < i + 3 && (cls(s[j]) & CLS_N)) j++; return j; }
+    /*  ?[^\s\p{L}\p{N}]++[\r\n]* */
+    Py_ssize_t st = (c == ' ' && i + 1 < n && is_other(s[i + 1])) ? i + 1 : i;
+    if (is_other(s[st])) {
+        Py_ssize_t j = st;
+        while (j < n && is_other(s[j])) j++;
+        while (j < n && is_crlf(s[j])) j++;
+        return j;
+    }
+    if (k & CLS_S) {
+        /* \s*[\r\n]: up to the last CR/LF of the whitespace run */
+        Py_ssize_t j = i, last = -1;
+        while (j < n && (cls(s[j]) & CLS_S)) { if (is_crlf(s[j])) last = j; j++; }
+        if (last >= 0) return last + 1;
+        return ws_end(s, i, n);
+    }
+    return i + 1;  /* unreachable */
+}
+
+static void table_free(PyObject *capsule) {
+    WordTable *t = PyCapsule_GetPointer(capsule, "lmforge.WordTable");
+    if (!t) return;
+    free(t->slots); free(t->arena); free(t);
+}
+
+static PyObject *py_set_tables(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    PyObject *folds;
+    if (!PyArg_ParseTuple(args, "y*O", &buf, &folds)) return NULL;
+    if (buf.len != N_CODEPOINTS) { PyBuffer_Release(&buf); PyErr_SetString(PyExc_ValueError, "class table size"); return NULL; }
+    if (!g_cls) g_cls = malloc(N_CODEPOINTS);
+    if (!g_cls) { PyBuffer_Release(&buf); return PyErr_NoMemory(); }
+    memcpy(g_cls, buf.buf, N_CODEPOINTS);
+    PyBuffer_Release(&buf);
+    g_nfold = 0;
+    Py_ssize_t nf = PyList_Size(folds);
+    for (Py_ssize_t i = 0; i < nf && g_nfold < 64; i++) {
+        unsigned long cp, to;
+        if (!PyArg_ParseTuple(PyList_GetItem(folds, i), "kk", &cp, &to)) return NULL;
+        g_fold[g_nfold][0] = (Py_UCS4)cp; g_fold[g_nfold][1] = (Py_UCS4)to; g_nfold++;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_table_new(PyObject *self, PyObject *noargs) {
+    WordTable *t = calloc(1, sizeof(WordTable));
+    if (!t) return PyErr_NoMemory();
+    return PyCapsule_New(t, "lmforge.WordTable", table_free);
+}
+
+static inline int utf8_len(Py_UCS4 c) { return c < 0x80 ? 1 : c < 0x800 ? 2 : c < 0x10000 ? 3 : 4; }
+
+/* count(table, pattern_id, text): split text into words and count their UTF-8 bytes in table. */
+static PyObject *py_count(PyObject *self, PyObject *args) {
+    PyObject *cap, *text;
+    int pid;
+    if (!PyArg_ParseTuple(args, "OiU", &cap, &pid, &text)) return NULL;
+    WordTable *t = PyCapsule_GetPointer(cap, "lmforge.WordTable");
+    if (!t) return NULL;
+    if (!g_cls) { PyErr_SetString(PyExc_RuntimeError, "set_tables not called"); return NULL; }
+    Py_ssize_t n = PyUnicode_GetLength(text), blen;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(text, &blen);  /* fails on lone surrogates */
+    if (!utf8) return NULL;
+    Py_UCS4 *s = PyUnicode_AsUCS4Copy(text);
+    if (!s) return NULL;
+    Py_ssize_t i = 0, b = 0;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    while (i < n) {
+        Py_ssize_t j = pid == 2 ? match_gpt4(s, i, n) : match_gpt2(s, i, n);
+        Py_ssize_t bj = b;
+        for (Py_ssize_t k = i; k < j; k++) bj += utf8_len(s[k]);
+        if (table_add(t, utf8 + b, (size_t)(bj - b)) < 0) { err = 1; break; }
+        i = j; b = bj;
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(s);
+    if (err) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* items(table, dict): add every word count in the table to a Python dict {bytes: int}. */
+static PyObject *py_items(PyObject *self, PyObject *args) {
+    PyObject *cap, *dict;
+    if (!PyArg_ParseTuple(args, "OO!", &cap, &PyDict_Type, &dict)) return NULL;
+    WordTable *t = PyCapsule_GetPointer(cap, "lmforge.WordTable");
+    if (!t) return NULL;
+    for (size_t i = 0; i < t->cap; i++) {
+        WordSlot *s = &t->slots[i];
+        if (!s->count) continue;
+        PyObject *key = PyBytes_FromStringAndSize(t->arena + s->off, s->len);
+        if (!key) return NULL;
+        PyObject *old = PyDict_GetItemWithError(dict, key);
+        if (!old && PyErr_Occurred()) { Py_DECREF(key); return NULL; }
+        long long v = s->count + (old ? PyLong_AsLongLong(old) : 0);
+        PyObject *val = PyLong_FromLongLong(v);
+        int rc = val ? PyDict_SetItem(dict, key, val) : -1;
+        Py_DECREF(key); Py_XDECREF(val);
+        if (rc < 0) return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------ merge loop */
+
+typedef struct { int32_t a, b; int64_t count; int32_t *words; int32_t nwords, capwords; int32_t pushed_at; } Pair;
+typedef struct { int64_t count; int32_t pair; } HeapEntry;
+
+typedef struct {
+    Pair *pairs; int32_t npairs, cappairs;
+    int64_t *keys; int32_t *vals; size_t mapcap, mapused;  /* (a,b) -> pair index, open addressing */
+    HeapEntry *heap; size_t nheap, capheap;
+    uint8_t **tok; int32_t *toklen;                           /* bytes of every token */
+} Merger;
+
+static uint64_t mix64(uint64_t x) { x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ULL; x ^= x >> 33; return x; }
+
+static int map_grow(Merger *m) {
+    size_t ncap = m->mapcap ? m->mapcap * 2 : 1 << 16;
+    int64_t *nk = malloc(ncap * sizeof(int64_t));
+    int32_t *nv = malloc(ncap * sizeof(int32_t));
+    if (!nk || !nv) { free(nk); free(nv); return -1; }
+    for (size_t i = 0; i < ncap; i++) nk[i] = -1;
+    for (size_t i = 0; i < m->mapcap; i++) {
+        if (m->keys[i] < 0) continue;
+        size_t j = mix64((uint64_t)m->keys[i]) & (ncap - 1);
+        while (nk[j] >= 0) j = (j + 1) & (ncap - 1);
+        nk[j] = m->keys[i]; nv[j] = m->vals[i];
+    }
+    free(m->keys); free(m->vals);
+    m->keys = nk; m->vals = nv; m->mapcap = ncap;
+    return 0;
+}
+
+/* Index of pair (a, b), created with count 0 if new; -1 on out of memory. */
+static int32_t pair_get(Merger *m, int32_t a, int32_t b) {
+    if ((m->mapused + 1) * 2 > m->mapcap && map_grow(m) < 0) return -1;
+    int64_t key = ((int64_t)a << 32) | (uint32_t)b;
+    size_t j = mix64((uint64_t)key) & (m->mapcap - 1);
+    while (m->keys[j] >= 0) {
+        if (m->keys[j] == key) return m->vals[j];
+        j = (j + 1) & (m->mapcap - 1);
+    }
+    if (m->npairs == m->cappairs) {
+        int32_t nc = m->cappairs ? m->cappairs * 2 : 1 << 16;
+        Pair *np = realloc(m->pairs, (size_t)nc * sizeof(Pair));
+        if (!np) return -1;
+        m->pairs = np; m->cappairs = nc;
+    }
+    Pair *p = &m->pairs[m->npairs];
+    p->a = a; p->b = b; p->count = 0; p->words = NULL; p->nwords = p->capwords = 0; p->pushed_at = -1;
+    m->keys[j] = key; m->vals[j] = m->npairs; m->mapused++;
+    return m->npairs++;
+}
+
+static int pair_add_word(Pair *p, int32_t w) {
+    if (p->nwords && p->words[p->nwords - 1] == w) return 0;
+    if (p->nwords == p->capwords) {
+        int32_t nc = p->capwords ? p->capwords * 2 : 4;
+        int32_t *nw = realloc(p->words, (size_t)nc * sizeof(int32_t));
+        if (!nw) return -1;
+        p->words = nw; p->capwords = nc;
+    }
+    p->words[p->nwords++] = w;
+    return 0;
+}
+
+static int bytes_cmp(const uint8_t *x, int32_t nx, const uint8_t *y, int32_t ny) {
+    int c = memcmp(x, y, (size_t)(nx < ny ? nx : ny));
+    if (c) return c;
+    return (nx > ny) - (nx < ny);
+}
+
+/* 1 if heap entry x should come out before y: higher count, then the greater (bytes(a), bytes(b)). */
+static int before(Merger *m, HeapEntry *x, HeapEntry *y) {
+    if (x->count != y->count) return x->count > y->count;
+    Pair *p = &m->pairs[x->pair], *q = &m->pairs[y->pair];
+    int c = bytes_cmp(m->tok[p->a], m->toklen[p->a], m->tok[q->a], m->toklen[q->a]);
+    if (!c) c = bytes_cmp(m->tok[p->b], m->toklen[p->b], m->tok[q->b], m->toklen[q->b]);
+    return c > 0;
+}
+
+static int heap_push(Merger *m, int64_t count, int32_t pair) {
+    if (m->nheap == m->capheap) {
+        size_t nc = m->capheap ? m->capheap * 2 : 1 << 16;
+        HeapEntry *nh = realloc(m->heap, nc * sizeof(HeapEntry));
+        if (!nh) return -1;
+        m->heap = nh; m->capheap = nc;
+    }
+    size_t i = m->nheap++;
+    m->heap[i].count = count; m->heap[i].pair = pair;
+    while (i > 0) {
+        size_t parent = (i - 1) / 2;
+        if (!before(m, &m->heap[i], &m->heap[parent])) break;
+        HeapEntry tmp = m->heap[i]; m->heap[i] = m->heap[parent]; m->heap[parent] = tmp;
+        i = parent;
+    }
+    return 0;
+}
+
+static void heap_pop(Merger *m) {
+    m->heap[0] = m->heap[--m->nheap];
+    size_t i = 0;
+    for (;;) {
+        size_t l = 2 * i + 1, r = l + 1, best = i;
+        if (l < m->nheap && before(m, &m->heap[l], &m->heap[best])) best = l;
+        if (r < m->nheap && before(m, &m->heap[r], &m->heap[best])) best = r;
+        if (best == i) break;
+        HeapEntry tmp = m->heap[i]; m->heap[i] = m->heap[best]; m->heap[best] = tmp;
+        i = best;
+    }
+}
+
+/* train(words: list[bytes], counts: list[int], n_merges, progress or None) -> list[(a, b)].
+ * Token ids: 0..255 are the bytes, merge k creates id 256 + k. */
+static PyObject *py_train(PyObject *self, PyObject *args) {
+    PyObject *words_obj, *counts_obj, *progress;
+    Py_ssize_t n_merges;
+    if (!PyArg_ParseTuple(args, "O!O!nO", &PyList_Type, &words_obj, &PyList_Type, &counts_obj, &n_merges, &progress))
+        return NULL;
+    Py_ssize_t nw = PyList_GET_SIZE(words_obj);
+    if (PyList_GET_SIZE(counts_obj) != nw) { PyErr_SetString(PyExc_ValueError, "words and counts differ in length"); return NULL; }
+
+    PyObject *result = NULL;
+    Merger m; memset(&m, 0, sizeof(m));
+    int64_t *cnt = malloc((size_t)(nw ? nw : 1) * sizeof(int64_t));
+    int64_t *start = malloc((size_t)(nw + 1) * sizeof(int64_t));
+    int32_t *len = malloc((size_t)(nw ? nw : 1) * sizeof(int32_t));
+    int32_t *ids = NULL, *touched = NULL;
+    size_t ntouched = 0, captouched = 0;
+    Py_ssize_t ntok = 256 + n_merges;
+    m.tok = calloc((size_t)ntok, sizeof(uint8_t *));
+    m.toklen = calloc((size_t)ntok, sizeof(int32_t));
+    if (!cnt || !start || !len || !m.tok || !m.toklen) { PyErr_NoMemory(); goto done; }
+    int64_t total = 0;
+    for (Py_ssize_t w = 0; w < nw; w++) {
+        PyObject *o = PyList_GET_ITEM(words_obj, w);
+        if (!PyBytes_Check(o)) { PyErr_SetString(PyExc_TypeError, "words must be bytes"); goto done; }
+        start[w] = total; total += PyBytes_GET_SIZE(o); len[w] = (int32_t)PyBytes_GET_SIZE(o);
+        cnt[w] = PyLong_AsLongLong(PyList_GET_ITEM(counts_obj, w));
+        if (cnt[w] == -1 && PyErr_Occurred()) goto done;
+    }
+    start[nw] = total;
+    ids = malloc((size_t)(total ? total : 1) * sizeof(int32_t));
+    if (!ids) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t w = 0; w < nw; w++) {
+        const uint8_t *p = (const uint8_t *)PyBytes_AS_STRING(PyList_GET_ITEM(words_obj, w));
+        for (int32_t k = 0; k < len[w]; k++) ids[start[w] + k] = p[k];
+    }
+    for (int i = 0; i < 256; i++) {
+        m.tok[i] = malloc(1); if (!m.tok[i]) { PyErr_NoMemory(); goto done; }
+        m.tok[i][0] = (uint8_t)i; m.toklen[i] = 1;
+    }
+    for (Py_ssize_t w = 0; w < nw; w++) {
+        int32_t *x = ids + start[w];
+        for (int32_t k = 0; k + 1 < len[w]; k++) {
+            int32_t pi = pair_get(&m, x[k], x[k + 1]);
+            if (pi < 0 || pair_add_word(&m.pairs[pi], (int32_t)w) < 0) { PyErr_NoMemory(); goto done; }
+            m.pairs[pi].count += cnt[w];
+        }
+    }
+    for (int32_t pi = 0; pi < m.npairs; pi++)
+        if (m.pairs[pi].count > 0 && heap_push(&m, m.pairs[pi].count, pi) < 0) { PyErr_NoMemory(); goto done; }
+
+    result = PyList_New(0);
+    if (!result) goto done;
+    for (Py_ssize_t step = 0; step < n_merges; step++) {
+        int32_t best = -1;
+        while (m.nheap) {
+            HeapEntry top = m.heap[0];
+            Pair *p = &m.pairs[top.pair];
+            if (p->count == top.count) { best = top.pair; heap_pop(&m); break; }
+            heap_pop(&m);
+            /* stale: counts of existing pairs only go down, so re-queue at the current count */
+            if (p->count > 0 && heap_push(&m, p->count, top.pair) < 0) { PyErr_NoMemory(); goto fail; }
+        }
+        if (best < 0) break;  /* no pairs left: every word is a single token */
+        int32_t a = m.pairs[best].a, b = m.pairs[best].b, nid = (int32_t)(256 + step);
+        m.toklen[nid] = m.toklen[a] + m.toklen[b];
+        m.tok[nid] = malloc((size_t)m.toklen[nid]);
+        if (!m.tok[nid]) { PyErr_NoMemory(); goto fail; }
+        memcpy(m.tok[nid], m.tok[a], (size_t)m.toklen[a]);
+        memcpy(m.tok[nid] + m.toklen[a], m.tok[b], (size_t)m.toklen[b]);
+        PyObject *item = Py_BuildValue("(ii)", a, b);
+        if (!item || PyList_Append(result, item) < 0) { Py_XDECREF(item); goto fail; }
+        Py_DECREF(item);
+
+        /* words can be appended to other pairs' lists below, never to this one's (new pairs all
+           contain nid), so iterating it by index is safe even if its buffer is not reallocated */
+        ntouched = 0;
+        for (int32_t wi = 0; wi < m.pairs[best].nwords; wi++) {
+            int32_t w = m.pairs[best].words[wi];
+            int32_t *x = ids + start[w], n = len[w], k;
+            for (k = 0; k + 1 < n; k++) if (x[k] == a && x[k + 1] == b) break;
+            if (k + 1 >= n) continue;  /* stale entry: the pair left this word in an earlier merge */
+            for (k = 0; k + 1 < n; k++) m.pairs[pair_get(&m, x[k], x[k + 1])].count -= cnt[w];
+            int32_t out = 0;
+            for (k = 0; k < n; k++) {
+                if (k + 1 < n && x[k] == a && x[k + 1] == b) { x[out++] = nid; k++; }
+                else x[out++] = x[k];
+            }
+            len[w] = n = out;
+            for (k = 0; k + 1 < n; k++) {
+                int32_t pi = pair_get(&m, x[k], x[k + 1]);
+                if (pi < 0) { PyErr_NoMemory(); goto fail; }
+                Pair *p = &m.pairs[pi];
+                p->count += cnt[w];
+                if ((x[k] == nid || x[k + 1] == nid)) {
+                    if (pair_add_word(p, w) < 0) { PyErr_NoMemory(); goto fail; }
+                    if (p->pushed_at != nid) {
+                        p->pushed_at = nid;
+                        if (ntouched == captouched) {
+                            size_t nc = captouched ? captouched * 2 : 1024;
+                            int32_t *nt = realloc(touched, nc * sizeof(int32_t));
+                            if (!nt) { PyErr_NoMemory(); goto fail; }
+                            touched = nt; captouched = nc;
+                        }
+                        touched[ntouched++] = pi;
+                    }
+                }
+            }
+        }
+        m.pairs[best].count = 0;
+        for (size_t t = 0; t < ntouched; t++) {
+            Pair *p = &m.pairs[touched[t]];
+            if (p->count > 0 && heap_push(&m, p->count, touched[t]) < 0) { PyErr_NoMemory(); goto fail; }
+        }
+        if (progress != Py_None && (step + 1) % 256 == 0) {
+            PyObject *r = PyObject_CallFunction(progress, "n", (Py_ssize_t)256);
+            if (!r) goto fail;
+            Py_DECREF(r);
+        }
+    }
+    goto done;
+fail:
+    Py_CLEAR(result);
+done:
+    for (int32_t pi = 0; pi < m.npairs; pi++) free(m.pairs[pi].words);
+    free(m.pairs); free(m.keys); free(m.vals); free(m.heap);
+    if (m.tok) for (Py_ssize_t i = 0; i < ntok; i++) free(m.tok[i]);
+    free(m.tok); free(m.toklen); free(cnt); free(start); free(len); free(ids); free(touched);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"set_tables", py_set_tables, METH_VARARGS, "set_tables(class_table: bytes, folds: list[(cp, ascii)])"},
+    {"table_new", py_table_new, METH_NOARGS, "a new empty word table"},
+    {"count", py_count, METH_VARARGS, "count(table, pattern_id (1 gpt2, 2 gpt4), text)"},
+    {"items", py_items, METH_VARARGS, "items(table, dict): add the table's counts to dict"},
+    {"train", py_train, METH_VARARGS, "train(words, counts, n_merges, progress) -> merges"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_bpe_c", "BPE training fast paths", -1, methods};
+
+PyMODINIT_FUNC PyInit__bpe_c(void) { return PyModule_Create(&module); }
