@@ -234,29 +234,38 @@ class MoE(nn.Module):
         self.load_counts.zero_()
 
     # -- the pieces ----------------------------------------------------------------------------
-    def _ffn(self, x: torch.Tensor, up, gate, down, mm) -> torch.Tensor:
+    def _ffn(self, x: torch.Tensor, up, gate, down, mm, scale: torch.Tensor | None = None) -> torch.Tensor:
         h = self.act(mm(x, gate)) * mm(x, up) if self.glu else self.act(mm(x, up))
+        if scale is not None:  # the gates, applied on the hidden width (usually < d_model: cheaper)
+            h = h * scale.unsqueeze(-1).to(h.dtype)
         return mm(h, down)
 
-    def experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Run expert e on its contiguous rows of `x_sorted` ([M, D], grouped by expert, counts [E])."""
+    def dispatch_mode(self, x: torch.Tensor) -> str:
         mode = self.cfg.dispatch
         if mode == "auto":
-            ok = grouped_mm_available(self.d_model, self.d_expert, dtype=x_sorted.dtype)
-            mode = "grouped_mm" if ok and x_sorted.dtype == self.w_up.dtype else "loop"
-        if mode == "grouped_mm":
+            # CUDA's grouped GEMM is a bf16 kernel; the CPU one takes fp32/bf16/fp16
+            cpu_ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            ok = grouped_mm_available(self.d_model, self.d_expert, dtype=x.dtype) and \
+                x.dtype == self.w_up.dtype and (cpu_ok or x.dtype == torch.bfloat16)
+            mode = "grouped_mm" if ok else "loop"
+        return mode
+
+    def experts(self, x_sorted: torch.Tensor, counts: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+        """Run expert e on its contiguous rows of `x_sorted` ([M, D], grouped by expert, counts [E]),
+        each row's output scaled by its gate [M] if given."""
+        if self.dispatch_mode(x_sorted) == "grouped_mm":
             offs = torch.cumsum(counts, 0).to(torch.int32)
 
             def mm(a, w):
                 return torch._grouped_mm(a, w, offs=offs)
 
-            return self._ffn(x_sorted, self.w_up, self.w_gate, self.w_down, mm)
+            return self._ffn(x_sorted, self.w_up, self.w_gate, self.w_down, mm, gates)
         outs, start = [], 0
-        for e, n in enumerate(counts.tolist()):
+        for e, n in enumerate(counts.tolist()):  # one host sync; then a loop over experts, not tokens
             if n:
-                outs.append(self._ffn(x_sorted[start:start + n], self.w_up[e],
-                                      None if self.w_gate is None else self.w_gate[e], self.w_down[e],
-                                      torch.matmul))
+                rows = slice(start, start + n)
+                outs.append(self._ffn(x_sorted[rows], self.w_up[e], None if self.w_gate is None else self.w_gate[e],
+                                      self.w_down[e], torch.matmul, None if gates is None else gates[rows]))
             start += n
         return torch.cat(outs) if outs else x_sorted.new_zeros(0, self.d_model)
 
@@ -285,12 +294,17 @@ class MoE(nn.Module):
             rank = torch.arange(n * k, device=x.device) - starts[flat_e[order]]
             order = order[rank < cap]
             kept_counts = counts.clamp(max=cap)
-        x_sorted = flat[order // k]
-        y_sorted = self.experts(x_sorted, kept_counts)
-        # Back to (token, slot) order; dropped assignments stay zero, so only the residual carries them.
-        slots = y_sorted.new_zeros(n * k, d)
-        slots[order] = y_sorted
-        y = (slots.view(n, k, d) * r.gates.unsqueeze(-1).to(slots.dtype)).sum(1)
+        # index_select (not x[idx]): its backward is a plain index_add, with no sort of the indices
+        x_sorted = flat.index_select(0, order // k)
+        y_sorted = self.experts(x_sorted, kept_counts, r.gates.reshape(-1).index_select(0, order))
+        # Back to (token, slot) order by gathering with the inverse permutation; a dropped slot reads
+        # an appended zero row, so only the residual carries that token past this expert.
+        m = order.numel()
+        if m < n * k:
+            y_sorted = torch.cat((y_sorted, y_sorted.new_zeros(1, d)))
+        source = torch.full((n * k,), m, dtype=torch.long, device=x.device)
+        source[order] = torch.arange(m, device=x.device)
+        y = y_sorted.index_select(0, source).view(n, k, d).sum(1)
         if self.shared_up is not None:
             y = y + self.shared(flat)
 
