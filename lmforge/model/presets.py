@@ -36,6 +36,31 @@ PRESETS: dict[str, dict[str, Any]] = {
     "hybrid-nope-small": dict(vocab_size=32768, context_length=4096, d_model=512, n_layers=8, n_heads=8,
                               n_kv_heads=2, window=512, qk_norm=True,
                               layer_pattern=["local", "local", "local", "global-nope"]),
+    # A small Mixtral-style MoE: 8 experts, top-2 (softmax over the chosen 2), switch balance loss
+    # and router z-loss.
+    "moe-small": dict(vocab_size=32768, context_length=2048, d_model=512, n_layers=8, n_heads=8,
+                      n_kv_heads=4, moe=dict(n_experts=8, top_k=2, routing="topk_softmax",
+                                             balance_loss_coef=0.01, router_z_loss_coef=1e-3)),
+    # DeepSeek-V3's choices at ~1/7 width: MLA, fine-grained sigmoid-routed experts + a shared
+    # expert, aux-loss-free balancing with a small sequence-level loss, first layer dense, MTP depth 1.
+    "deepseek-v3-style": dict(vocab_size=32768, context_length=4096, d_model=1024, n_layers=12, n_heads=16,
+                              norm_eps=1e-6,
+                              mla=dict(q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
+                                       qk_rope_head_dim=32, v_head_dim=64),
+                              moe=dict(n_experts=32, top_k=4, n_shared_experts=1, d_expert=256,
+                                       routing="sigmoid_topk", normalize_topk=True, route_scale=2.5,
+                                       balance_loss_coef=0.0, seq_balance_loss_coef=1e-4,
+                                       aux_free_bias=True),
+                              n_dense_layers=1, mtp_depth=1, mtp_loss_weight=0.3),
+    # DeepSeek-V3 at its published shape (671B + 14B MTP, 37B active), for accounting.
+    "deepseek-v3": dict(vocab_size=129280, context_length=4096, d_model=7168, n_layers=61, n_heads=128,
+                        d_ff=18432, norm_eps=1e-6,
+                        mla=dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                                 qk_rope_head_dim=64, v_head_dim=128),
+                        moe=dict(n_experts=256, top_k=8, n_shared_experts=1, d_expert=2048,
+                                 routing="sigmoid_topk", normalize_topk=True, route_scale=2.5,
+                                 balance_loss_coef=0.0, seq_balance_loss_coef=1e-4, aux_free_bias=True),
+                        n_dense_layers=3, mtp_depth=1, mtp_loss_weight=0.3),
 }
 
 
