@@ -202,12 +202,13 @@ class Muon(torch.optim.Optimizer):
 
 
 def _is_embedding_or_head(module_name: str, module: nn.Module, vocab_size: int | None) -> bool:
-    if isinstance(module, nn.Embedding):
+    # by type (torch's or any module class named Embedding), by output width, then by name
+    if isinstance(module, nn.Embedding) or type(module).__name__ == "Embedding":
         return True
-    if isinstance(module, nn.Linear) and vocab_size is not None and module.out_features == vocab_size:
+    if vocab_size is not None and getattr(module, "out_features", None) == vocab_size:
         return True
     last = module_name.rsplit(".", 1)[-1]
-    return last in ("lm_head", "head", "wte", "wpe", "tok_embeddings", "embed", "embedding")
+    return last in ("lm_head", "head", "wte", "wpe", "tok_emb", "pos_emb", "tok_embeddings", "embed", "embedding")
 
 
 def classify_parameters(model: nn.Module, vocab_size: int | None = None) -> dict[str, list[nn.Parameter]]:
