@@ -1,0 +1,254 @@
+"""Hugging Face checkpoints: export lmforge models as Llama / Qwen2 / Qwen3 / Mistral
+(`config.json` + `model.safetensors`) and import such checkpoints back, exactly.
+
+What maps: RMSNorm pre-norm serial blocks, SwiGLU MLPs, RoPE with a plain theta (no scaling),
+MHA/GQA/MQA, tied or untied head; per family:
+- llama:   optional biases on all attention projections (`attention_bias`) and MLP (`mlp_bias`);
+- qwen2:   biases on q/k/v only;
+- qwen3:   QK-norm (per-head RMSNorm on q and k), no biases;
+- mistral: a sliding window on every layer.
+Our RoPE uses HF's rotate-half layout (see model/positions.py), so q/k weights map unpermuted.
+Anything else (MoE, MLA, MTP, post/sandwich norms, softcaps, learned positions, per-layer window
+patterns, rope scaling) raises CheckpointError naming the field that cannot map; key sets are
+checked strictly both ways (a missing or unexpected tensor is an error, never skipped).
+
+Neither direction needs `transformers`; the tests use it as the reference implementation.
+Tokenizer export is the tokenizer stage's job.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import CheckpointError
+from lmforge.io import atomic_dir, read_json
+from lmforge.model.config import ModelConfig
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+         "mistral": "MistralForCausalLM"}
+# Per-layer tensors: lmforge name -> HF name (both relative to the layer prefix).
+_LAYER_KEYS = {
+    "norm1.weight": "input_layernorm.weight",
+    "norm2.weight": "post_attention_layernorm.weight",
+    "attn.q.weight": "self_attn.q_proj.weight",
+    "attn.k.weight": "self_attn.k_proj.weight",
+    "attn.v.weight": "self_attn.v_proj.weight",
+    "attn.o.weight": "self_attn.o_proj.weight",
+    "attn.q.bias": "self_attn.q_proj.bias",
+    "attn.k.bias": "self_attn.k_proj.bias",
+    "attn.v.bias": "self_attn.v_proj.bias",
+    "attn.o.bias": "self_attn.o_proj.bias",
+    "attn.q_norm.weight": "self_attn.q_norm.weight",
+    "attn.k_norm.weight": "self_attn.k_norm.weight",
+    "mlp.gate.weight": "mlp.gate_proj.weight",
+    "mlp.up.weight": "mlp.up_proj.weight",
+    "mlp.down.weight": "mlp.down_proj.weight",
+    "mlp.gate.bias": "mlp.gate_proj.bias",
+    "mlp.up.bias": "mlp.up_proj.bias",
+    "mlp.down.bias": "mlp.down_proj.bias",
+}
+_GLOBAL_KEYS = {"tok_emb.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight",
+                "lm_head.weight": "lm_head.weight"}
+
+
+def _unmappable(cfg: ModelConfig) -> list[str]:
+    """Reasons `cfg` has no HF Llama-family equivalent (empty if it maps)."""
+    checks = [
+        (cfg.moe is not None, "moe is set (HF Llama/Qwen2/Qwen3/Mistral have no MoE layers)"),
+        (cfg.mla is not None, "mla is set (multi-head latent attention)"),
+        (cfg.mtp_depth > 0, f"mtp_depth = {cfg.mtp_depth} (multi-token prediction modules)"),
+        (cfg.norm != "rmsnorm", f"norm = {cfg.norm!r} (needs 'rmsnorm')"),
+        (cfg.norm_placement != "pre", f"norm_placement = {cfg.norm_placement!r} (needs 'pre')"),
+        (cfg.parallel_block, "parallel_block = true"),
+        (not (cfg.glu and cfg.activation == "silu"),
+         f"activation = {cfg.activation!r}, glu = {cfg.glu} (needs SwiGLU: 'silu' with glu)"),
+        (cfg.positions != "rope", f"positions = {cfg.positions!r} (needs 'rope')"),
+        (cfg.layer_pattern is not None, f"layer_pattern = {cfg.layer_pattern} (per-layer kinds)"),
+        (cfg.attn_softcap is not None, "attn_softcap is set"),
+        (cfg.final_softcap is not None, "final_softcap is set"),
+        (cfg.bias and not cfg.qkv_bias, "bias = true with qkv_bias = false"),
+        (cfg.qk_norm and cfg.qkv_bias, "qk_norm with biases (Qwen3 has no biases)"),
+        (cfg.window is not None and (cfg.qk_norm or cfg.qkv_bias),
+         "window with qk_norm or biases (only Mistral has a window on every layer)"),
+    ]
+    return [why for bad, why in checks if bad]
+
+
+def family_for(cfg: ModelConfig) -> str:
+    """The HF family that represents `cfg`, or CheckpointError listing why none does."""
+    reasons = _unmappable(cfg)
+    if reasons:
+        raise CheckpointError("this model cannot be exported to a HF Llama/Qwen2/Qwen3/Mistral "
+                              "checkpoint: " + "; ".join(reasons))
+    if cfg.window is not None:
+        return "mistral"
+    if cfg.qk_norm:
+        return "qwen3"
+    if cfg.qkv_bias and not cfg.bias:
+        return "qwen2"
+    return "llama"
+
+
+def to_hf_config(cfg: ModelConfig, family: str | None = None, dtype: torch.dtype = torch.float32) -> dict:
+    """The `config.json` of `cfg` as HF family `family` (default: `family_for(cfg)`)."""
+    auto = family_for(cfg)
+    family = family or auto
+    if family not in FAMILIES:
+        raise CheckpointError(f"HF family {family!r} must be one of {list(FAMILIES)}")
+    if family != auto and not (auto == "llama" and family == "mistral"):  # Mistral without a window
+        raise CheckpointError(f"this model maps to HF family {auto!r}, not {family!r}")
+    out = {
+        "architectures": [_ARCH[family]], "model_type": family,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std, "use_cache": True, "dtype": str(dtype).removeprefix("torch."),
+    }
+    if family == "llama":
+        out.update(attention_bias=bool(cfg.bias), mlp_bias=bool(cfg.bias))
+    elif family == "qwen3":
+        out.update(attention_bias=False)
+    elif family == "mistral":
+        out.update(sliding_window=cfg.window)
+    return out
+
+
+def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
+    """ModelConfig equivalent to a HF Llama/Qwen2/Qwen3/Mistral config, or CheckpointError."""
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+        raise CheckpointError(f"{source}: model_type {family!r} (architectures {hf.get('architectures')}) "
+                              f"cannot be imported; supported: {', '.join(FAMILIES)} "
+                              "(MoE families such as mixtral, qwen2_moe or deepseek_v3 are not)")
+
+    def get(key, default=None):
+        return hf.get(key, default)
+
+    rope = get("rope_parameters") or get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise CheckpointError(f"{source}: rope type {rope_type!r} (rope scaling) is not supported")
+    theta = rope.get("rope_theta", get("rope_theta", 10000.0))
+    if get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act {get('hidden_act')!r} is not supported (needs 'silu')")
+    attention_bias = bool(get("attention_bias", family == "qwen2"))
+    mlp_bias = bool(get("mlp_bias", False))
+    if family == "llama" and attention_bias != mlp_bias:
+        raise CheckpointError(f"{source}: attention_bias = {attention_bias} with mlp_bias = {mlp_bias} "
+                              "is not supported (lmforge biases all Linears or none)")
+    if family in ("qwen3",) and attention_bias:
+        raise CheckpointError(f"{source}: qwen3 with attention_bias = true is not supported")
+    window = None
+    if family == "mistral":
+        window = get("sliding_window")
+    elif family in ("qwen2", "qwen3") and get("use_sliding_window", False):
+        raise CheckpointError(f"{source}: use_sliding_window = true (per-layer windows) is not supported")
+    n_heads = get("num_attention_heads")
+    return ModelConfig(
+        vocab_size=get("vocab_size"), context_length=get("max_position_embeddings", 2048),
+        d_model=get("hidden_size"), n_layers=get("num_hidden_layers"), n_heads=n_heads,
+        n_kv_heads=get("num_key_value_heads") or n_heads,
+        head_dim=get("head_dim") or get("hidden_size") // n_heads, d_ff=get("intermediate_size"),
+        norm_eps=get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+        bias=attention_bias if family == "llama" else False,
+        qkv_bias=attention_bias if family in ("llama", "qwen2") else False,
+        qk_norm=family == "qwen3", window=window,
+        tie_embeddings=bool(get("tie_word_embeddings", False)), init_std=get("initializer_range", 0.02))
+
+
+def key_map(cfg: ModelConfig) -> dict[str, str]:
+    """lmforge parameter name -> HF tensor name, for exactly the tensors `cfg`'s model has."""
+    from lmforge.model.transformer import Transformer
+
+    with torch.device("meta"):
+        names = [n for n, _ in Transformer(cfg).named_parameters()]
+    out = {}
+    for name in names:
+        if name in _GLOBAL_KEYS:
+            out[name] = _GLOBAL_KEYS[name]
+            continue
+        _, layer, rest = name.split(".", 2)  # blocks.<i>.<rest>
+        if rest not in _LAYER_KEYS:
+            raise CheckpointError(f"parameter {name} has no HF equivalent")
+        out[name] = f"model.layers.{layer}.{_LAYER_KEYS[rest]}"
+    return out
+
+
+def _check_keys(expected: set[str], got: set[str], where: str) -> None:
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: tensor names do not match the config: "
+                              f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                              f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+
+
+def export_hf(model, out_dir: str | Path, family: str | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write `model` (an lmforge Transformer) as a HF checkpoint directory; returns its path."""
+    from safetensors.torch import save_file
+
+    cfg = model.cfg
+    state = model.state_dict()
+    dtype = dtype or next(iter(state.values())).dtype
+    hf_cfg = to_hf_config(cfg, family, dtype)  # first: says why a model cannot map
+    names = key_map(cfg)
+    _check_keys(set(names), set(state), "lmforge model")
+    tensors = {names[k]: v.detach().to("cpu", dtype).contiguous().clone() for k, v in state.items()}
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    return Path(out_dir)
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if single.exists():
+        return load_file(str(single))
+    if index.exists():
+        files = sorted(set(read_json(index, "safetensors index")["weight_map"].values()))
+        tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            tensors.update(load_file(str(path / f)))
+        return tensors
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                          "(only safetensors checkpoints are read; pickled .bin files are not)")
+
+
+# Buffers some older exports stored; they are recomputed from the config, not weights.
+_DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def import_hf(path: str | Path, dtype: torch.dtype = torch.float32, attention_backend: str | None = None):
+    """Load a HF Llama/Qwen2/Qwen3/Mistral checkpoint directory as an lmforge Transformer."""
+    from lmforge.model.transformer import Transformer
+
+    path = Path(path)
+    cfg = from_hf_config(read_json(path / "config.json", "HF config"), str(path / "config.json"))
+    if attention_backend:
+        cfg.attention_backend = attention_backend
+    tensors = {k: v for k, v in _read_tensors(path).items() if not k.endswith(_DERIVED_SUFFIXES)}
+    names = key_map(cfg)
+    if cfg.tie_embeddings and "lm_head.weight" in tensors:
+        # some tied checkpoints also store the head; accept it only if it is the embedding
+        if not torch.equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
+            raise CheckpointError(f"{path}: tie_word_embeddings = true but lm_head.weight differs "
+                                  "from model.embed_tokens.weight")
+        del tensors["lm_head.weight"]
+    _check_keys(set(names.values()), set(tensors), str(path))
+    state = {ours: tensors[theirs].to(dtype) for ours, theirs in names.items()}
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:  # shape mismatches between config.json and the tensors
+        raise CheckpointError(f"{path}: tensors do not fit config.json: {e}") from None
+    return model
