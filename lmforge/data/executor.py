@@ -247,10 +247,14 @@ class LocalExecutor:
                 driver.run_task(stage, r)
             return
         import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
+        # A worker that dies (killed, out of memory) raises BrokenProcessPool here instead of hanging;
+        # the tasks that finished have their markers, so a rerun resumes from there.
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(min(self.cfg.workers, len(ranks)), initializer=_init_worker, initargs=(self.cfg,)) as pool:
-            for _ in pool.imap_unordered(_run_in_worker, [(stage, r) for r in ranks]):
+        with ProcessPoolExecutor(min(self.cfg.workers, len(ranks)), mp_context=ctx,
+                                 initializer=_init_worker, initargs=(self.cfg,)) as pool:
+            for _ in pool.map(_run_in_worker, [(stage, r) for r in ranks]):
                 pass
 
 

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from lmforge.data.classifier import ClassifierConfig, load_classifier, train_classifier
 from lmforge.data.pipeline import Filter, register
 from lmforge.data.readers import expand_inputs, read_inputs
 from lmforge.data.sources import Document
@@ -41,9 +40,11 @@ def _texts(spec: list[str], limit: int) -> list[str]:
     return out
 
 
-def train_quality(positives: list[str], negatives: list[str], out: str, cfg: ClassifierConfig | None = None,
+def train_quality(positives: list[str], negatives: list[str], out: str, cfg=None,
                   max_docs: int = 0, eval_fraction: float = 0.1, seed: int = 0) -> dict:
-    """Train and save a hq/lq classifier; returns held-out accuracy and counts."""
+    """Train and save a hq/lq classifier (cfg: a `ClassifierConfig`); returns held-out accuracy."""
+    from lmforge.data.classifier import train_classifier  # torch is imported only when needed
+
     pos, neg = _texts(positives, max_docs), _texts(negatives, max_docs)
     if not pos or not neg:
         raise DataError(f"train-quality needs documents on both sides (positives: {len(pos)}, "
@@ -78,6 +79,8 @@ class _ClassifierFilter(Filter):
         super().__init__(cfg, label)
         if not self.cfg.model:
             raise ConfigError(f"{self.label}: 'model' (a classifier directory or .bin/.ftz file) is required")
+        from lmforge.data.classifier import load_classifier
+
         self.model = load_classifier(self.cfg.model)
         self.threshold = self.cfg.threshold
         if self.cfg.keep_fraction is not None:

@@ -51,6 +51,18 @@ def _kind(path: str) -> str:
     return "corpus"
 
 
+def _http_split(raw: bytes) -> tuple[str, str | None, bytes]:
+    """(content type, charset or None, body) of an HTTP response as stored in a WARC record."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    ctype = ""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-type":
+            ctype = value.strip().decode("latin-1").lower()
+    charset = ctype.split("charset=")[-1].strip(" ;\"'") if "charset=" in ctype else None
+    return ctype, charset, body
+
+
 def read_warc(path: str, stats: dict | None = None) -> Iterator[Document]:
     """Documents from HTML `response` records and WET `conversion` records of a (gzipped) WARC."""
     stats = {} if stats is None else stats
@@ -61,25 +73,31 @@ def read_warc(path: str, stats: dict | None = None) -> Iterator[Document]:
         return
     with open(path, "rb") as f:
         try:
-            for rec in ArchiveIterator(f, record_types=WarcRecordType.response | WarcRecordType.conversion,
-                                       parse_http=True, strict_mode=False):
+            records = iter(ArchiveIterator(f, parse_http=False))
+            while True:
+                try:
+                    rec = next(records)
+                except StopIteration:
+                    break
+                if rec.record_type not in (WarcRecordType.response, WarcRecordType.conversion):
+                    continue
+                raw = rec.reader.read()
+                if len(raw) < rec.content_length:
+                    raise DataError(f"{path}: WARC record at byte {rec.stream_pos} is truncated "
+                                    f"({len(raw)} of {rec.content_length} bytes)")
                 url = rec.headers.get("WARC-Target-URI", "")
-                rtype = "conversion" if rec.record_type == WarcRecordType.conversion else "response"
-                body = rec.reader.read()
-                if rtype == "response":
-                    ctype = (rec.http_headers.get("Content-Type", "") if rec.http_headers else "").lower()
+                if rec.record_type == WarcRecordType.response:
+                    ctype, charset, body = _http_split(raw)
                     if ctype and "html" not in ctype:
                         stats["non_html"] = stats.get("non_html", 0) + 1
                         continue
-                    text, content = decode_html(body, rec.http_charset), "text/html"
+                    rtype, text, content = "response", decode_html(body, charset), "text/html"
                 else:
-                    text, content = body.decode("utf-8", errors="replace"), "text/plain"
+                    rtype, text, content = "conversion", raw.decode("utf-8", errors="replace"), "text/plain"
                 yield Document(text, rec.record_id or f"{path}@{rec.stream_pos}", source=path,
                                meta={"url": url, "record_type": rtype, "offset": rec.stream_pos,
                                      "content_type": content, "date": rec.headers.get("WARC-Date", "")})
-        except Exception as e:  # fastwarc raises plain exceptions on corrupt archives
-            if isinstance(e, DataError):
-                raise
+        except OSError as e:  # fastwarc reports malformed archives as OSError
             raise DataError(f"{path}: not a readable WARC file: {e}") from None
 
 
@@ -100,7 +118,7 @@ def _read_warc_warcio(path: str, stats: dict) -> Iterator[Document]:
                 if ctype and "html" not in ctype:
                     stats["non_html"] = stats.get("non_html", 0) + 1
                     continue
-                charset = ctype.split("charset=")[-1].strip() if "charset=" in ctype else None
+                charset = ctype.split("charset=")[-1].strip(" ;\"'") if "charset=" in ctype else None
                 text, content = decode_html(body, charset), "text/html"
             else:
                 text, content = body.decode("utf-8", errors="replace"), "text/plain"
