@@ -65,37 +65,42 @@ def ce_chunk_reference(logits, targets, ignore_index, softcap, z_loss):
     return ce, z
 
 
-def default_chunk_rows(n: int, h: int, v: int) -> int:
-    """Rows per chunk so a chunk of logits holds about as many elements as the hidden states."""
-    rows = -(-n // max(1, -(-v // h)))
-    return max(1, min(n, 1 << max(0, (rows - 1).bit_length())))
+def default_chunk_rows(n: int, v: int, budget: int = 1 << 27) -> int:
+    """Rows per chunk: a power of two with about `budget` logits per chunk (256 MiB in bf16).
+
+    Each chunk costs one read-modify-write of dW, so chunks should be large; the budget bounds memory.
+    """
+    rows = max(1, budget // v)
+    return min(n, 1 << (rows.bit_length() - 1))
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, softcap, z_loss, chunk_rows, path):
-        n = hidden.shape[0]
+        n, v = hidden.shape[0], weight.shape[0]
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.empty_like(hidden) if need_dh else None
-        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_dw else None
+        # dW accumulates in the weight's dtype through cuBLAS (fp32 inside each matmul, one rounding
+        # per chunk): a separate fp32 accumulator would cost a full extra pass over dW per chunk.
+        dw = torch.zeros_like(weight) if need_dw else None
         ce = torch.empty(n, device=hidden.device, dtype=torch.float32)
         z = torch.empty(n, device=hidden.device, dtype=torch.float32)
+        # Rows padded to a multiple of 64 so matmuls on an odd vocab (50257) stay on aligned kernels.
+        buf = torch.empty(min(chunk_rows, n), -(-v // 64) * 64, device=hidden.device, dtype=hidden.dtype)
         if path == "triton":
             from lmforge.kernels import linear_cross_entropy_triton as kt
+        chunk_ce = kt.ce_chunk if path == "triton" else ce_chunk_reference
         for r0 in range(0, n, chunk_rows):
             h = hidden[r0:r0 + chunk_rows]
-            logits = h @ weight.T  # [rows, V] in the input dtype; becomes the gradient in place
-            tgt = targets[r0:r0 + chunk_rows]
-            if path == "triton":
-                ce[r0:r0 + len(h)], z[r0:r0 + len(h)] = kt.ce_chunk(logits, tgt, ignore_index, softcap, z_loss)
-            else:
-                ce[r0:r0 + len(h)], z[r0:r0 + len(h)] = ce_chunk_reference(logits, tgt, ignore_index, softcap,
-                                                                           z_loss)
+            logits = buf[:len(h), :v]  # becomes d(loss)/d(logits) in place
+            torch.mm(h, weight.T, out=logits)
+            ce[r0:r0 + len(h)], z[r0:r0 + len(h)] = chunk_ce(logits, targets[r0:r0 + chunk_rows], ignore_index,
+                                                             softcap, z_loss)
             if need_dh:
                 torch.mm(logits, weight, out=dh[r0:r0 + len(h)])
             if need_dw:
-                dw += (logits.T @ h).float() if dw.dtype != logits.dtype else logits.T @ h
-        ctx.save_for_backward(dh, dw.to(weight.dtype) if need_dw else None)
+                dw.addmm_(logits.T, h)
+        ctx.save_for_backward(dh, dw)
         ce_sum, z_sum = ce.sum(), z.sum()
         n_tokens = (targets != ignore_index).sum()
         ctx.mark_non_differentiable(ce_sum, z_sum, n_tokens)
@@ -137,7 +142,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                                f"not ignore_index={ignore_index}")
     if softcap is not None and not softcap > 0:
         raise KernelInputError(f"linear_cross_entropy: softcap={softcap!r}; expected a positive float or None")
-    chunk_rows = chunk_rows or default_chunk_rows(n, h, v)
+    chunk_rows = chunk_rows or default_chunk_rows(n, v)
     path = choose_impl("linear_cross_entropy", impl, hidden, weight)
     return LinearCEResult(*LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, softcap,
                                                     float(z_loss), int(chunk_rows), path))
