@@ -224,6 +224,28 @@ static PyObject *py_count(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* split(pattern_id, text) -> list[str]: the words of text (what regex findall returns). */
+static PyObject *py_split(PyObject *self, PyObject *args) {
+    PyObject *text;
+    int pid;
+    if (!PyArg_ParseTuple(args, "iU", &pid, &text)) return NULL;
+    if (!g_cls) { PyErr_SetString(PyExc_RuntimeError, "set_tables not called"); return NULL; }
+    Py_ssize_t n = PyUnicode_GetLength(text);
+    Py_UCS4 *s = PyUnicode_AsUCS4Copy(text);
+    if (!s) return NULL;
+    PyObject *out = PyList_New(0);
+    Py_ssize_t i = 0;
+    while (out && i < n) {
+        Py_ssize_t j = pid == 2 ? match_gpt4(s, i, n) : match_gpt2(s, i, n);
+        PyObject *w = PyUnicode_Substring(text, i, j);
+        if (!w || PyList_Append(out, w) < 0) { Py_XDECREF(w); Py_CLEAR(out); break; }
+        Py_DECREF(w);
+        i = j;
+    }
+    PyMem_Free(s);
+    return out;
+}
+
 /* items(table, dict): add every word count in the table to a Python dict {bytes: int}. */
 static PyObject *py_items(PyObject *self, PyObject *args) {
     PyObject *cap, *dict;
@@ -491,6 +513,7 @@ static PyMethodDef methods[] = {
     {"set_tables", py_set_tables, METH_VARARGS, "set_tables(class_table: bytes, folds: list[(cp, ascii)])"},
     {"table_new", py_table_new, METH_NOARGS, "a new empty word table"},
     {"count", py_count, METH_VARARGS, "count(table, pattern_id (1 gpt2, 2 gpt4), text)"},
+    {"split", py_split, METH_VARARGS, "split(pattern_id, text) -> list of words"},
     {"items", py_items, METH_VARARGS, "items(table, dict): add the table's counts to dict"},
     {"train", py_train, METH_VARARGS, "train(words, counts, n_merges, progress) -> merges"},
     {NULL, NULL, 0, NULL},

@@ -73,3 +73,15 @@ def word_counter(pattern: str):
         return counts
 
     return count
+
+
+def splitter(pattern: str):
+    """A function `split(text) -> list[str]` equal to `regex.findall(pattern, text)` for a built-in
+    pattern, or None when the pattern is custom or the extension is unavailable."""
+    from lmforge.tokenizer.pretokenize import pattern_name
+
+    name = pattern_name(pattern)
+    ext = module()
+    if ext is None or name is None:
+        return None
+    return functools.partial(ext.split, {"gpt2": 1, "gpt4": 2}[name])

@@ -2,7 +2,8 @@
 
 A tokenizer is a vocabulary (id -> bytes), an ordered list of merges (a, b) -> new id, the special
 tokens (str -> id) and the pretokenization regex. Encoding splits text on allowed special tokens,
-splits each ordinary piece into words with the regex, and turns each word into ids by starting
+splits each ordinary piece into words with the regex (or the C extension's exact
+re-implementation of the built-in patterns, when built), and turns each word into ids by starting
 from its bytes and repeatedly merging the adjacent pair with the earliest merge (the BPE
 definition). A word -> ids cache makes repeated words cost one dict lookup.
 
@@ -28,6 +29,7 @@ from collections.abc import Iterable, Iterator
 import regex
 
 from lmforge.errors import TokenizerError, require
+from lmforge.tokenizer import _native
 from lmforge.tokenizer.pretokenize import pattern_name, replace_surrogates, resolve_pattern, special_regex
 
 _CACHE_LIMIT = 200_000
@@ -47,6 +49,7 @@ class Tokenizer:
                 self.byte_ids[b[0]] = i
         self.ranks = {(a, b): (rank, new) for rank, (a, b, new) in enumerate(self.merges)}
         self._pat = regex.compile(self.pattern)
+        self._split = _native.splitter(self.pattern) or self._pat.findall
         self._special_re = special_regex(self.special_tokens)
         self._cache: dict[str, list[int]] = {}
         self._tiktoken = None
@@ -182,7 +185,7 @@ class Tokenizer:
             return self._tiktoken.encode_ordinary(text)
         out: list[int] = []
         cache = self._cache
-        for word in self._pat.findall(text):
+        for word in self._split(text):
             ids = cache.get(word)
             if ids is None:
                 try:
@@ -261,10 +264,14 @@ class Tokenizer:
         tail = spans[-1][1] if spans else 0
         starts = [m.start() for m in self._pat.finditer(buf, tail)]
         cut = starts[-2] if len(starts) >= 2 else tail
-        for k in range(min(longest - 1, len(buf)), 0, -1):
+        for k in range(min(longest - 1, len(buf) - tail), 0, -1):
             suffix = buf[-k:]
             if any(s.startswith(suffix) for s in self.special_tokens):
-                cut = min(cut, len(buf) - k)
+                # If the special token completes, the ordinary text ends at its start, which can
+                # change how the words just before it split: keep those words back too.
+                p = len(buf) - k
+                starts = [m.start() for m in self._pat.finditer(buf, tail, p)]
+                cut = min(cut, starts[-2] if len(starts) >= 2 else tail)
                 break
         for s, e in reversed(spans):
             if s < cut < e:
@@ -309,6 +316,7 @@ class Tokenizer:
         state = self.__dict__.copy()
         state["_tiktoken"] = None
         state.pop("_pat", None)
+        state.pop("_split", None)
         state.pop("_special_re", None)
         state["_cache"] = {}
         return state
@@ -316,6 +324,7 @@ class Tokenizer:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._pat = regex.compile(self.pattern)
+        self._split = _native.splitter(self.pattern) or self._pat.findall
         self._special_re = special_regex(self.special_tokens)
         if self.backend == "tiktoken":
             self._tiktoken = self.to_tiktoken()

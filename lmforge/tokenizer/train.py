@@ -178,6 +178,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = "gpt2",
         merges = train_merges(counts, n_merges, progress=bar.update if bar is not None else None)
     finally:
         if bar is not None:
+            bar.update(len(merges) - bar.n if "merges" in locals() else 0)
             bar.close()
     del counts
     if len(merges) < n_merges:

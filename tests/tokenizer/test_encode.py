@@ -108,7 +108,7 @@ def test_encode_iterable_gpt4_pattern(code):
 
 def test_encode_iterable_memory_is_bounded(small_tokenizer, code):
     lines = code.splitlines(keepends=True)
-    n_lines = 40_000  # ~1.3 MB of text, streamed line by line
+    n_lines = 6_000  # ~0.24 MB of text, streamed line by line
 
     def stream():
         for i in range(n_lines):
@@ -123,7 +123,7 @@ def test_encode_iterable_memory_is_bounded(small_tokenizer, code):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert n_ids > total_chars / 10
-    assert peak < 200_000 < total_chars  # the text, or its ids as a list, would take megabytes
+    assert peak < 50_000 and total_chars > 200_000  # the text alone, or its ids as a list, take megabytes
 
 
 def test_encode_batch_across_processes(small_tokenizer, code, prose):

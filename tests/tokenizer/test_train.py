@@ -77,9 +77,10 @@ def test_c_merges_equal_python_on_real_code(code):
 @needs_ext
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(alphabet=TRICKY, max_size=40), st.text(max_size=30)))
-def test_c_word_counter_equals_regex(text):
+def test_c_word_counter_and_splitter_equal_regex(text):
     for pattern in (GPT2_PATTERN, GPT4_PATTERN):
         assert count_words([text], pattern) == count_words_python([text], pattern)
+        assert _native.splitter(pattern)(text) == regex.findall(pattern, text)
 
 
 @needs_ext
@@ -146,3 +147,24 @@ def test_gpt4_pattern_and_custom_pattern_train():
     assert [m[:2] for m in tok.merges] == train_merges_reference(
         count_words_python([text], custom), 24)
     assert regex.compile(custom)  # sanity: the pattern kept is the one given
+
+
+def test_pure_python_fallback_gives_same_tokenizer(tmp_path, code):
+    # Without the extension (LMFORGE_PURE_PYTHON=1) training must give the same merges, and say so.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, logging; logging.basicConfig(level=logging.INFO)\n"
+        "from lmforge.tokenizer import train_bpe, _native\n"
+        "assert _native.module() is None\n"
+        "tok = train_bpe([open(sys.argv[1]).read()], 400, workers=1)\n"
+        "print(tok.hash)\n")
+    src = tmp_path / "code.py"
+    src.write_text(code)
+    env = {**__import__("os").environ, "LMFORGE_PURE_PYTHON": "1"}
+    res = subprocess.run([sys.executable, "-c", script, str(src)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "pure-Python" in res.stderr
+    assert res.stdout.strip() == train_bpe([code], 400, workers=1).hash
