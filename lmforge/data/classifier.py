@@ -37,7 +37,7 @@ FORMAT = "lmforge.fasttext"
 @dataclasses.dataclass
 class ClassifierConfig:
     dim: int = 32
-    buckets: int = 1 << 20
+    buckets: int = 1 << 18
     word_ngrams: int = 2
     epochs: int = 5
     lr: float = 0.5
@@ -66,8 +66,10 @@ class FastTextClassifier(torch.nn.Module):
             self.embed.weight.uniform_(-1.0 / self.cfg.dim, 1.0 / self.cfg.dim)
             self.out.weight.zero_()
 
-    def _batch(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = [features(t, self.cfg.buckets, self.cfg.word_ngrams) for t in texts]
+    def _batch(self, texts: Sequence[str], feats: list[list[int]] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if feats is None:
+            feats = [features(t, self.cfg.buckets, self.cfg.word_ngrams) for t in texts]
         offsets = torch.tensor([0] + [len(f) for f in feats[:-1]]).cumsum(0)
         return torch.tensor([i for f in feats for i in f]), offsets
 
@@ -131,6 +133,7 @@ def train_classifier(examples: Sequence[tuple[str, str]], cfg: ClassifierConfig 
     torch.manual_seed(cfg.seed)
     model = FastTextClassifier(labels, cfg)
     index = {lab: i for i, lab in enumerate(labels)}
+    feats = [features(t, cfg.buckets, cfg.word_ngrams) for t, _ in examples]  # once, not per epoch
     order = list(range(len(examples)))
     rng = random.Random(cfg.seed)
     steps = cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
@@ -139,12 +142,13 @@ def train_classifier(examples: Sequence[tuple[str, str]], cfg: ClassifierConfig 
     for _ in range(cfg.epochs):
         rng.shuffle(order)
         for i in range(0, len(order), cfg.batch_size):
-            batch = [examples[j] for j in order[i:i + cfg.batch_size]]
-            ids, offsets = model._batch([t for t, _ in batch])
-            target = torch.tensor([index[lab] for _, lab in batch])
+            idx = order[i:i + cfg.batch_size]
+            ids, offsets = model._batch([], [feats[j] for j in idx])
+            target = torch.tensor([index[examples[j][1]] for j in idx])
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * (1.0 - step / steps)
-            loss = torch.nn.functional.cross_entropy(model(ids, offsets), target)
+            # Summed, not averaged: each example moves the weights as a fastText SGD step would.
+            loss = torch.nn.functional.cross_entropy(model(ids, offsets), target, reduction="sum")
             opt.zero_grad()
             loss.backward()
             opt.step()

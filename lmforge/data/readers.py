@@ -185,26 +185,33 @@ def read_inputs(paths: list[str], text_field: str = "text") -> Iterator[Document
             yield from read_input(path, text_field)
 
 
-def _warc_record(url: str, payload: bytes, content_type: str, date: str) -> bytes:
-    http = (b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type.encode() + b"\r\n"
-            b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
-    head = (f"WARC/1.0\r\nWARC-Type: response\r\nWARC-Record-ID: <urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, url)}>\r\n"
+def _warc_record(url: str, payload: bytes, content_type: str, date: str, warc_type: str) -> bytes:
+    if warc_type == "response":
+        block = (b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type.encode() + b"\r\n"
+                 b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        block_type = "application/http; msgtype=response"
+    else:  # a WET conversion record: the extracted text itself
+        block, block_type = payload, "text/plain"
+    rid = uuid.uuid5(uuid.NAMESPACE_URL, f"{warc_type}:{url}")
+    head = (f"WARC/1.0\r\nWARC-Type: {warc_type}\r\nWARC-Record-ID: <urn:uuid:{rid}>\r\n"
             f"WARC-Date: {date}\r\nWARC-Target-URI: {url}\r\n"
-            f"Content-Type: application/http; msgtype=response\r\nContent-Length: {len(http)}\r\n\r\n")
-    return head.encode() + http + b"\r\n\r\n"
+            f"Content-Type: {block_type}\r\nContent-Length: {len(block)}\r\n\r\n")
+    return head.encode() + block + b"\r\n\r\n"
 
 
 def write_warc(path: str | os.PathLike, pages: Iterable[tuple[str, bytes]],
-               content_type: str = "text/html; charset=utf-8", date: str = "2026-01-01T00:00:00Z") -> int:
-    """Write (url, body) pairs as a WARC/1.0 file of response records, one gzip member each
-    (the Common Crawl layout) when the name ends in .gz. Atomic; returns the number of records."""
+               content_type: str = "text/html; charset=utf-8", date: str = "2026-01-01T00:00:00Z",
+               warc_type: str = "response") -> int:
+    """Write (url, body) pairs as a WARC/1.0 file of `response` records (or WET `conversion`
+    records of plain text), one gzip member each (the Common Crawl layout) when the name ends in
+    .gz. Atomic; returns the number of records."""
     from lmforge.io import atomic_file
 
     compress = str(path).endswith(".gz")
     n = 0
     with atomic_file(path, "wb") as f:
         for url, body in pages:
-            rec = _warc_record(url, body, content_type, date)
+            rec = _warc_record(url, body, content_type, date, warc_type)
             if compress:
                 buf = io.BytesIO()
                 with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:

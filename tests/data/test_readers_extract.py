@@ -81,3 +81,13 @@ def test_extract_step_only_touches_html():
     assert [d.id for d in out] == ["a", "b"]
     assert out[1].text == "<b>plain</b>" and out[0].meta["content_type"] == "text/plain"
     assert step.stats.dropped == {"empty": 1}
+
+
+def test_wet_conversion_records(tmp_path):
+    path = tmp_path / "x.warc.wet.gz"
+    write_warc(path, [("https://c.example/", b"Plain extracted text.\nSecond line.")], warc_type="conversion")
+    for reader in (read_warc, lambda p: _read_warc_warcio(p, {})):
+        [doc] = reader(str(path))
+        assert doc.text == "Plain extracted text.\nSecond line."
+        assert doc.meta["record_type"] == "conversion" and doc.meta["content_type"] == "text/plain"
+        assert doc.meta["url"] == "https://c.example/"
