@@ -81,7 +81,7 @@ def fwd_bwd(module, inputs, grads, params, moe: bool, backward: bool = True):
     return run
 
 
-def bench_shape(d, e, k, f, n, device, dtype, iters, warmup) -> dict:
+def bench_shape(d, e, k, f, n, device, dtype, iters, warmup, profile=False) -> dict:
     torch.manual_seed(0)
     cfg = MoEConfig(n_experts=e, top_k=k, d_expert=f, balance_loss_coef=0.01)
     moe = MoE(d, cfg, "silu", True).to(device=device, dtype=dtype)
@@ -89,6 +89,7 @@ def bench_shape(d, e, k, f, n, device, dtype, iters, warmup) -> dict:
     for lin in (dense.gate, dense.up, dense.down):
         lin.reset_parameters(0.02)
     dense = dense.to(dtype)
+    dense.act = torch.nn.functional.silu  # the fused kernel, as the MoE uses: the strongest dense MLP
     b, t = n // 2048 or 1, min(n, 2048)
     inputs = [torch.randn(b, t, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
     grads = [torch.randn(b, t, d, device=device, dtype=dtype) for _ in range(3)]
@@ -130,7 +131,7 @@ def bench_shape(d, e, k, f, n, device, dtype, iters, warmup) -> dict:
         flat = inputs[0].reshape(-1, d)
         idx = moe.router_logits(flat).topk(k, dim=-1).indices.reshape(-1)
         order = torch.argsort(idx, stable=True)
-        counts = torch.bincount(idx, minlength=e)
+        counts = torch.bincount(idx, minlength=e)  # (setup only)
     xs = flat.detach().index_select(0, order // k).requires_grad_(True)
     gs = torch.randn_like(xs)
     gates = torch.rand(xs.shape[0], device=device)
@@ -142,6 +143,17 @@ def bench_shape(d, e, k, f, n, device, dtype, iters, warmup) -> dict:
         moe.experts(xs, counts, gates).backward(gs)
 
     ms["experts_only"] = timer(experts_only, device, iters, warmup)
+    if profile and device.type == "cuda":
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        run = fwd_bwd(moe, inputs, grads, moe_params, True)
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                run()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+        print(f"profile of 5 moe fwd+bwd, d={d} tokens={b * t}:\n{table}", flush=True)
     row["ms"] = ms
     row["ratio_moe_vs_dense"] = ms["moe"] / ms["dense"]
     row["ratio_fwd_moe_vs_dense"] = ms["moe_fwd"] / ms["dense_fwd"]
@@ -157,6 +169,7 @@ def main() -> None:
     ap.add_argument("--shapes", choices=sorted(SHAPES), default=None, help="default: gpu on CUDA, else cpu")
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the MoE per shape")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = args.shapes or ("gpu" if device.type == "cuda" else "cpu")
@@ -166,7 +179,7 @@ def main() -> None:
     rows = []
     for d, e, k, f, n in SHAPES[shapes]:
         try:
-            r = bench_shape(d, e, k, f, n, device, dtype, iters, warmup=3)
+            r = bench_shape(d, e, k, f, n, device, dtype, iters, warmup=3, profile=args.profile)
         except Exception as err:  # report the shape that failed and go on with the others
             print(f"d={d} E={e} k={k} d_expert={f} tokens={n}: FAILED {type(err).__name__}: {err}", flush=True)
             continue

@@ -29,6 +29,7 @@ load counts in `load_counts` must be all-reduced before `update_routing_bias()` 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -39,6 +40,8 @@ import torch.nn.functional as F
 
 from lmforge.errors import ConfigError
 from lmforge.model.layers import get_activation, trunc_normal_
+
+log = logging.getLogger(__name__)
 
 Routing = Literal["softmax_topk", "topk_softmax", "sigmoid_topk"]
 
@@ -140,7 +143,7 @@ def balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, n_experts: int) 
     """Switch-style loss E · Σ_i f_i · P_i, with f_i the fraction of the N·k assignments that chose
     expert i and P_i the mean normalised score of expert i. Equals 1 under perfect balance."""
     n, k = expert_idx.shape
-    f = torch.bincount(expert_idx.reshape(-1), minlength=n_experts).to(probs.dtype) / (n * k)
+    f = expert_counts(expert_idx, n_experts).to(probs.dtype) / (n * k)
     return n_experts * (f * probs.mean(0)).sum()
 
 
@@ -153,6 +156,12 @@ def seq_balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, n_experts: i
     f = counts / (t * k)
     p = probs.reshape(batch, t, n_experts).mean(1)
     return n_experts * (f * p).sum(-1).mean()
+
+
+def expert_counts(expert_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Assignments per expert [E] (long). A scatter-add, unlike torch.bincount, needs no host sync."""
+    flat = expert_idx.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -175,7 +184,7 @@ def keep_mask(expert_idx: torch.Tensor, gates: torch.Tensor, cfg: MoEConfig) -> 
         return None
     order = _sort_assignments(expert_idx.reshape(-1), gates.reshape(-1), cfg)
     flat_e = expert_idx.reshape(-1)[order]
-    counts = torch.bincount(flat_e, minlength=cfg.n_experts)
+    counts = expert_counts(flat_e, cfg.n_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(flat_e.numel(), device=flat_e.device) - starts[flat_e]
     keep = torch.empty_like(rank, dtype=torch.bool)
@@ -192,7 +201,73 @@ def _sort_assignments(flat_e: torch.Tensor, flat_g: torch.Tensor, cfg: MoEConfig
 
 
 # ----------------------------------------------------------------------------------------------
+# moving rows between token order and expert order
+
+
+class _Dispatch(torch.autograd.Function):
+    """x [N, D] -> x[token] [M, D]: each kept assignment's token row, in expert order.
+
+    Backward is the adjoint written as a gather (no atomics, deterministic): token n's gradient
+    is the sum over its k slots of the sorted row each slot went to (`source`, M = a zero row for
+    dropped slots). A plain index_select would backpropagate through an atomic index_add."""
+
+    @staticmethod
+    def forward(ctx, x, token, source, k):
+        ctx.save_for_backward(token, source)
+        ctx.k = k
+        return x.index_select(0, token)
+
+    @staticmethod
+    def backward(ctx, grad):
+        token, source = ctx.saved_tensors
+        return _gather_slots(grad, source, ctx.k), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """y_sorted [M, D] -> y [N, D]: sum of each token's k expert outputs (the adjoint of _Dispatch)."""
+
+    @staticmethod
+    def forward(ctx, y_sorted, token, source, k):
+        ctx.save_for_backward(token, source)
+        return _gather_slots(y_sorted, source, k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        token, source = ctx.saved_tensors
+        return grad.index_select(0, token), None, None, None
+
+
+def _gather_slots(rows: torch.Tensor, source: torch.Tensor, k: int) -> torch.Tensor:
+    """[M, D] sorted rows -> [N, D]: for each token, the sum of the rows its k slots point at."""
+    if source.numel() > rows.shape[0]:  # some slots were dropped: they point at an appended zero row
+        rows = torch.cat((rows, rows.new_zeros(1, rows.shape[1])))
+    return rows.index_select(0, source).view(-1, k, rows.shape[1]).sum(1)
+
+
+# ----------------------------------------------------------------------------------------------
 # the layer
+
+
+_warned_router: list[bool] = []
+
+
+class _RouterMatmul(torch.autograd.Function):
+    """x [N, D] @ w[E, D]ᵀ -> fp32 [N, E] from bf16/fp16 operands (CUDA); gradients in the operand dtype."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return torch.mm(x, w.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        g = grad.to(x.dtype)
+        return torch.mm(g, w), torch.mm(g.t(), x)
+
+
+_FUSED_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
+                      "gelu_tanh": lambda h: F.gelu(h, approximate="tanh")}
 
 
 def grouped_mm_available(*widths: int, dtype: torch.dtype) -> bool:
@@ -209,19 +284,23 @@ class MoE(nn.Module):
         """Parameters are initialised here with a truncated normal of `init_std` (call
         `reset_parameters(std)` to redo it); the routing bias starts at zero."""
         super().__init__()
-        self.act = get_activation(activation)
+        get_activation(activation)  # validates the name
+        # torch's fused kernels for the same functions as layers.ACTIVATIONS (the dense-equality
+        # test checks they agree); relu2 has no fused kernel
+        self.act = _FUSED_ACTIVATIONS.get(activation) or get_activation(activation)
         self.d_model, self.cfg, self.activation, self.glu = d_model, cfg, activation, glu
         e, f = cfg.n_experts, cfg.expert_width(d_model, glu)
         self.d_expert = f
         self.router = nn.Parameter(torch.empty(e, d_model))
         # Expert weights are stacked [E, in, out] so that grouped matmuls take them as they are.
-        self.w_up = nn.Parameter(torch.empty(e, d_model, f))
-        self.w_gate = nn.Parameter(torch.empty(e, d_model, f)) if glu else None
-        self.w_down = nn.Parameter(torch.empty(e, f, d_model))
+        # With GLU, w_in holds [gate | up] side by side: one matmul of width 2f instead of two of f,
+        # and in backward one input-gradient matmul instead of two plus a sum of [M, D] tensors.
+        n_in = 2 * f if glu else f
+        self.w_in = nn.Parameter(torch.empty(e, d_model, n_in))
+        self.w_out = nn.Parameter(torch.empty(e, f, d_model))
         fs = cfg.n_shared_experts * f  # n shared experts of width f == one dense MLP of width n·f
-        self.shared_up = nn.Parameter(torch.empty(d_model, fs)) if fs else None
-        self.shared_gate = nn.Parameter(torch.empty(d_model, fs)) if fs and glu else None
-        self.shared_down = nn.Parameter(torch.empty(fs, d_model)) if fs else None
+        self.shared_in = nn.Parameter(torch.empty(d_model, 2 * fs if glu else fs)) if fs else None
+        self.shared_out = nn.Parameter(torch.empty(fs, d_model)) if fs else None
         self.register_buffer("routing_bias", torch.zeros(e), persistent=True)
         # assignments per expert since the last bias update (training forwards only)
         self.register_buffer("load_counts", torch.zeros(e), persistent=False)
@@ -234,11 +313,16 @@ class MoE(nn.Module):
         self.load_counts.zero_()
 
     # -- the pieces ----------------------------------------------------------------------------
-    def _ffn(self, x: torch.Tensor, up, gate, down, mm, scale: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.act(mm(x, gate)) * mm(x, up) if self.glu else self.act(mm(x, up))
+    def _ffn(self, x: torch.Tensor, w_in, w_out, mm, scale: torch.Tensor | None = None) -> torch.Tensor:
+        h = mm(x, w_in)
+        if self.glu:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
         if scale is not None:  # the gates, applied on the hidden width (usually < d_model: cheaper)
             h = h * scale.unsqueeze(-1).to(h.dtype)
-        return mm(h, down)
+        return mm(h, w_out)
 
     def dispatch_mode(self, x: torch.Tensor) -> str:
         mode = self.cfg.dispatch
@@ -246,7 +330,7 @@ class MoE(nn.Module):
             # CUDA's grouped GEMM is a bf16 kernel; the CPU one takes fp32/bf16/fp16
             cpu_ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
             ok = grouped_mm_available(self.d_model, self.d_expert, dtype=x.dtype) and \
-                x.dtype == self.w_up.dtype and (cpu_ok or x.dtype == torch.bfloat16)
+                x.dtype == self.w_in.dtype and (cpu_ok or x.dtype == torch.bfloat16)
             mode = "grouped_mm" if ok else "loop"
         return mode
 
@@ -259,21 +343,31 @@ class MoE(nn.Module):
             def mm(a, w):
                 return torch._grouped_mm(a, w, offs=offs)
 
-            return self._ffn(x_sorted, self.w_up, self.w_gate, self.w_down, mm, gates)
+            return self._ffn(x_sorted, self.w_in, self.w_out, mm, gates)
         outs, start = [], 0
         for e, n in enumerate(counts.tolist()):  # one host sync; then a loop over experts, not tokens
             if n:
                 rows = slice(start, start + n)
-                outs.append(self._ffn(x_sorted[rows], self.w_up[e], None if self.w_gate is None else self.w_gate[e],
-                                      self.w_down[e], torch.matmul, None if gates is None else gates[rows]))
+                outs.append(self._ffn(x_sorted[rows], self.w_in[e], self.w_out[e], torch.matmul,
+                                      None if gates is None else gates[rows]))
             start += n
         return torch.cat(outs) if outs else x_sorted.new_zeros(0, self.d_model)
 
     def shared(self, x: torch.Tensor) -> torch.Tensor:
-        return self._ffn(x, self.shared_up, self.shared_gate, self.shared_down, torch.matmul)
+        return self._ffn(x, self.shared_in, self.shared_out, torch.matmul)
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 routing: bf16 logits flip near-tied top-k choices and make the z-loss noisy
+        """fp32 logits [N, E]: bf16 logits (3 significant digits) flip near-tied top-k choices and
+        make the z-loss noisy. bf16/fp16 operands on CUDA go through a tensor-core matmul with fp32
+        output (the same exact products and fp32 sums as upcasting first, without the fp32 copy
+        of x and the slow fp32 matmul); otherwise both operands are upcast."""
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dtype == self.router.dtype:
+            try:
+                return _RouterMatmul.apply(x, self.router)
+            except (RuntimeError, TypeError) as err:  # a torch without mm(..., out_dtype=)
+                if not _warned_router:
+                    _warned_router.append(True)
+                    log.info("MoE router: mm(out_dtype=float32) unavailable (%s); upcasting instead", err)
         return F.linear(x.float(), self.router.float())
 
     # -- forward -------------------------------------------------------------------------------
@@ -286,7 +380,7 @@ class MoE(nn.Module):
 
         flat_e = r.expert_idx.reshape(-1)
         order = _sort_assignments(flat_e, r.gates.reshape(-1), cfg)
-        counts = torch.bincount(flat_e, minlength=cfg.n_experts)
+        counts = expert_counts(flat_e, cfg.n_experts)
         kept_counts = counts
         cap = capacity(cfg, n)
         if cap is not None:
@@ -294,18 +388,16 @@ class MoE(nn.Module):
             rank = torch.arange(n * k, device=x.device) - starts[flat_e[order]]
             order = order[rank < cap]
             kept_counts = counts.clamp(max=cap)
-        # index_select (not x[idx]): its backward is a plain index_add, with no sort of the indices
-        x_sorted = flat.index_select(0, order // k)
-        y_sorted = self.experts(x_sorted, kept_counts, r.gates.reshape(-1).index_select(0, order))
-        # Back to (token, slot) order by gathering with the inverse permutation; a dropped slot reads
-        # an appended zero row, so only the residual carries that token past this expert.
+        # source[slot] = the sorted row of that (token, slot) assignment; M (a zero row) if dropped,
+        # so a dropped token gets nothing from that expert and only the residual carries it
         m = order.numel()
-        if m < n * k:
-            y_sorted = torch.cat((y_sorted, y_sorted.new_zeros(1, d)))
         source = torch.full((n * k,), m, dtype=torch.long, device=x.device)
         source[order] = torch.arange(m, device=x.device)
-        y = y_sorted.index_select(0, source).view(n, k, d).sum(1)
-        if self.shared_up is not None:
+        token = order // k
+        x_sorted = _Dispatch.apply(flat, token, source, k)
+        y_sorted = self.experts(x_sorted, kept_counts, r.gates.reshape(-1).index_select(0, order))
+        y = _Combine.apply(y_sorted, token, source, k)
+        if self.shared_in is not None:
             y = y + self.shared(flat)
 
         aux: dict[str, torch.Tensor] = {}
@@ -345,9 +437,8 @@ def moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     weights.scatter_add_(1, r.expert_idx, r.gates if keep is None else r.gates * keep)
     y = torch.zeros_like(flat)
     for e in range(cfg.n_experts):
-        gate = None if moe.w_gate is None else moe.w_gate[e]
-        y = y + weights[:, e:e + 1].to(x.dtype) * moe._ffn(flat, moe.w_up[e], gate, moe.w_down[e], torch.matmul)
-    if moe.shared_up is not None:
+        y = y + weights[:, e:e + 1].to(x.dtype) * moe._ffn(flat, moe.w_in[e], moe.w_out[e], torch.matmul)
+    if moe.shared_in is not None:
         y = y + moe.shared(flat)
     return y.view(b, t, d)
 
@@ -393,10 +484,9 @@ def upcycle_from_dense(moe: MoE, dense: dict[str, torch.Tensor], noise: float = 
             src = src * (1 + noise * eps).to(param.dtype)
         param.copy_(src)
 
-    copy(moe.w_up, dense["up.weight"])
-    copy(moe.w_down, dense["down.weight"])
-    if moe.glu:
-        copy(moe.w_gate, dense["gate.weight"])
+    w_in = torch.cat((dense["gate.weight"], dense["up.weight"])) if moe.glu else dense["up.weight"]
+    copy(moe.w_in, w_in)
+    copy(moe.w_out, dense["down.weight"])
     moe.routing_bias.zero_()
     moe.load_counts.zero_()
     return moe

@@ -65,7 +65,7 @@ def test_dispatch_matches_reference_forward_and_backward(kw, dispatch):
         if dispatch == "loop" else MoE(D, MoEConfig(d_expert=20, dispatch=dispatch, **kw), init_std=0.3)
     if moe.cfg.aux_free_bias:
         moe.routing_bias.copy_(torch.linspace(-0.3, 0.3, moe.cfg.n_experts))
-    x = torch.randn(3, 11, D, dtype=moe.w_up.dtype, requires_grad=True)
+    x = torch.randn(3, 11, D, dtype=moe.w_in.dtype, requires_grad=True)
     y, _, _ = moe(x)
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x, *moe.parameters()], g)
@@ -158,7 +158,7 @@ def test_capacity_drops_against_hand_computation():
         assert torch.all(y[0, dropped_tokens] == 0)
         kept = [t for t in range(6) if t not in dropped_tokens]
         e = r.expert_idx[kept, 0]
-        manual = torch.stack([moe._ffn(x[0, t], moe.w_up[i], moe.w_gate[i], moe.w_down[i], torch.matmul)
+        manual = torch.stack([moe._ffn(x[0, t], moe.w_in[i], moe.w_out[i], torch.matmul)
                               for t, i in zip(kept, e.tolist())])
         torch.testing.assert_close(y[0, kept], r.gates[kept, 0:1] * manual)
 
@@ -228,7 +228,7 @@ def test_upcycled_many_experts_equals_dense_when_gates_sum_to_one():
     torch.testing.assert_close(moe(x)[0], dense(x) * r.gates.sum(-1).view(2, 9, 1), rtol=1e-5, atol=1e-6)
     # noise breaks the symmetry between experts
     upcycle_from_dense(moe, dense.state_dict(), noise=0.01, generator=torch.Generator().manual_seed(0))
-    assert not torch.equal(moe.w_up[0], moe.w_up[1])
+    assert not torch.equal(moe.w_in[0], moe.w_in[1])
 
 
 def test_upcycle_refuses_what_cannot_be_exact():
@@ -261,5 +261,56 @@ def test_expert_width_and_param_counts_match_module():
         moe = MoE(24, cfg, "silu", glu)
         counts = cfg.param_counts(24, glu)
         assert counts["total"] == sum(p.numel() for p in moe.parameters())
-        per_expert = moe.w_up[0].numel() + moe.w_down[0].numel() + (moe.w_gate[0].numel() if glu else 0)
+        per_expert = moe.w_in[0].numel() + moe.w_out[0].numel()
         assert counts["active"] == counts["total"] - (cfg.n_experts - cfg.top_k) * per_expert
+
+
+def test_dispatch_and_combine_are_adjoint_with_drops():
+    """_Combine is the transpose of _Dispatch (so each one's backward is the other), dropped slots included."""
+    from lmforge.model.moe import _Combine, _Dispatch
+
+    torch.manual_seed(5)
+    n, k, d = 5, 2, 3
+    order = torch.tensor([7, 0, 3, 9, 4, 1, 8])  # 7 of the 10 slots kept, in "expert order"
+    source = torch.full((n * k,), order.numel())
+    source[order] = torch.arange(order.numel())
+    token = order // k
+    x = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(order.numel(), d, dtype=torch.float64, requires_grad=True)
+    # <Dispatch(x), rows> == <x, Combine(rows)>
+    lhs = (_Dispatch.apply(x, token, source, k) * rows).sum()
+    rhs = (x * _Combine.apply(rows, token, source, k)).sum()
+    torch.testing.assert_close(lhs, rhs)
+    torch.testing.assert_close(_Dispatch.apply(x, token, source, k), x[token])
+    assert torch.autograd.gradcheck(lambda a: _Dispatch.apply(a, token, source, k), (x,))
+    assert torch.autograd.gradcheck(lambda r: _Combine.apply(r, token, source, k), (rows,))
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_router_matches_fp32_and_grouped_mm_matches_loop():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(6)
+    moe = MoE(256, MoEConfig(n_experts=16, top_k=4, d_expert=96), init_std=0.05).cuda().bfloat16()
+    x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    flat = x.reshape(-1, 256)
+    logits = moe.router_logits(flat)
+    ref = flat.detach().double() @ moe.router.detach().double().t()
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits.double(), ref, rtol=1e-5, atol=1e-5)  # exact products, fp32 sums
+    (gx,) = torch.autograd.grad(logits.square().sum(), x)
+    (gx_ref,) = torch.autograd.grad(_linear_fp32(flat, moe.router).square().sum(), x)
+    torch.testing.assert_close(gx.float(), gx_ref.float(), rtol=2e-2, atol=2e-2)
+    assert moe.dispatch_mode(x) == "grouped_mm"
+    g = torch.randn_like(x)
+    y, _, _ = moe(x)
+    grads = torch.autograd.grad(y, [x, *moe.parameters()], g)
+    moe.cfg.dispatch = "loop"
+    y_loop, _, _ = moe(x)
+    grads_loop = torch.autograd.grad(y_loop, [x, *moe.parameters()], g)
+    for a, b in zip((y, *grads), (y_loop, *grads_loop)):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+
+
+def _linear_fp32(x, w):
+    return torch.nn.functional.linear(x.float(), w.float())
