@@ -1,0 +1,170 @@
+"""IsoFLOP sweeps: train a grid of model shapes per FLOP budget with the Trainer, resumably.
+
+`run_sweep(cfg, sweep_dir, train_shards, val_shards)` builds the grid (`shapes.isoflop_grid`),
+then trains each run that the results table does not already hold, in sequence, through
+`lmforge.train.pretrain` (the same Trainer as every other run: cosine schedule over the run's own
+length, checkpoints, metrics.jsonl in `sweep_dir/runs/<run id>/`). After each run it rewrites, atomically,
+
+- `results.jsonl` / `results.csv`: one row per finished run (run, budget, params, params_total,
+  tokens, flops, flops_per_token, shape, steps, batch_size in tokens, lr, loss = final validation
+  loss, train_loss), the input of `lmforge scaling fit`;
+- `curves.csv`: each run's training-loss curve (run, params, tokens, flops, loss), the input of
+  approach 1.
+
+Run ids hash everything that decides a result, so a rerun skips finished runs and a changed
+config trains the runs it changes. Runs go one at a time on one device; packing several small
+runs onto one GPU at once is not done here.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge.errors import ConfigError, DataError
+from lmforge.io import write_json, write_text
+from lmforge.scaling.shapes import GridRun, isoflop_grid
+
+
+@dataclass
+class SweepConfig:
+    budgets: list[float] = field(default_factory=lambda: [3e11, 1e12, 3e12])
+    sizes_per_budget: int = 5
+    span: float = 3.0  # sizes from N_guess/span to N_guess·span
+    tokens_per_param: float = 20.0  # first guess of the optimum, centre of each profile
+    param_kind: str = "non_embedding"
+    seq_len: int = 64
+    batch_size: int = 8  # sequences per step
+    lr: float = 3e-3
+    warmup_fraction: float = 0.05
+    min_steps: int = 10
+    seed: int = 0
+    device: str = "auto"
+    eval_batches: int = 8
+    checkpoint_every: int = 0  # 0: no mid-run checkpoints (a run is the unit of resume)
+    progress: bool = False
+    aspect_min: float = 32.0  # d_model / n_layers range of the shapes
+    aspect_max: float = 128.0
+    cpu_threads: int | None = None  # torch threads while training on CPU (1 is fastest on a busy machine)
+
+    def __post_init__(self) -> None:
+        if not self.budgets:
+            raise ConfigError("SweepConfig: budgets is empty")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"SweepConfig: warmup_fraction = {self.warmup_fraction} must be in [0, 1)")
+
+
+def build_grid(cfg: SweepConfig, vocab_size: int) -> list[GridRun]:
+    from lmforge.model import ModelConfig
+
+    template = ModelConfig(vocab_size=vocab_size, context_length=cfg.seq_len)
+    return isoflop_grid(cfg.budgets, template, sizes_per_budget=cfg.sizes_per_budget, span=cfg.span,
+                        tokens_per_param=cfg.tokens_per_param, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                        lr=cfg.lr, seed=cfg.seed, min_steps=cfg.min_steps, param_kind=cfg.param_kind,
+                        aspect_range=(cfg.aspect_min, cfg.aspect_max))
+
+
+def read_results(sweep_dir: str | Path) -> list[dict]:
+    path = Path(sweep_dir) / "results.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {i + 1} is not JSON ({e}); fix or remove it to resume") from None
+    return rows
+
+
+def _csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _write_tables(sweep_dir: Path, rows: list[dict], curves: list[dict]) -> None:
+    write_text(sweep_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(sweep_dir / "results.csv", _csv(rows))
+    write_text(sweep_dir / "curves.csv", _csv(curves))
+
+
+def train_one(run: GridRun, cfg: SweepConfig, run_dir: Path, train_shards: str, val_shards: str | None) -> dict:
+    """Train one grid run with the Trainer; returns its results row (plus its curve under '_curve')."""
+    import torch
+
+    from lmforge.train.config import TrainConfig
+    from lmforge.train.pretrain import RunConfig, pretrain
+
+    t = TrainConfig(seed=run.seed, batch_size=run.batch_size, seq_len=run.seq_len, max_steps=run.steps,
+                    lr=run.lr, warmup_steps=int(cfg.warmup_fraction * run.steps), schedule="cosine",
+                    device=cfg.device, eval_every=0, eval_batches=cfg.eval_batches, log_every=1,
+                    checkpoint_every=cfg.checkpoint_every, progress=cfg.progress)
+    rc = RunConfig(model=run.config, train=t)
+    rc.data.train_shards, rc.data.val_shards = train_shards, val_shards
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    try:
+        summary = pretrain(rc, run_dir, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    history = summary["trainer"].history
+    tail = history[-max(1, len(history) // 20):]
+    train_loss = sum(r["loss"] for r in tail) / len(tail)
+    row = run.row()
+    final = summary.get("final_eval") or {}
+    row.update({"loss": final.get("val_loss", train_loss), "loss_source": "val" if final else "train",
+                "train_loss": train_loss, "seconds": round(time.perf_counter() - start, 3),
+                "device": summary.get("device")})
+    per_token = run.flops_per_token
+    n = row["params"]
+    row["_curve"] = [{"run": row["run"], "params": n, "tokens": r["tokens"], "flops": per_token * r["tokens"],
+                      "loss": r["loss"]} for r in history]
+    return row
+
+
+def run_sweep(cfg: SweepConfig, sweep_dir: str | Path, train_shards: str, val_shards: str | None = None,
+              log=print, max_runs: int | None = None) -> list[dict]:
+    """Train every grid run not yet in sweep_dir/results.jsonl; returns all result rows."""
+    from lmforge.config import save_toml
+    from lmforge.data.loader import TokenStream
+
+    sweep_dir = Path(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    vocab = TokenStream(train_shards).vocab_size
+    if not vocab:
+        raise DataError(f"{train_shards}: the shard header has no vocab_size")
+    grid = build_grid(cfg, vocab)
+    if not grid:
+        raise ConfigError("the sweep grid is empty: every shape got fewer than min_steps steps; raise the budgets")
+    save_toml(cfg, sweep_dir / "sweep.toml")
+    write_json(sweep_dir / "grid.json", [r.row() for r in grid])
+    rows = read_results(sweep_dir)
+    curves_path = sweep_dir / "curves.csv"
+    curves = list(csv.DictReader(curves_path.open(encoding="utf-8"))) if curves_path.exists() else []
+    done = {r["run"] for r in rows}
+    todo = [r for r in grid if r.run_id not in done]
+    log(f"[sweep] {len(grid)} runs in the grid over {len(cfg.budgets)} budgets; {len(grid) - len(todo)} done, "
+        f"{len(todo)} to train -> {sweep_dir}")
+    for i, run in enumerate(todo[:max_runs] if max_runs is not None else todo):
+        c = run.config
+        log(f"[sweep] {i + 1}/{len(todo)} C={run.budget:.3g}: L={c.n_layers} d={c.d_model} "
+            f"N={run.row()['params']:,} steps={run.steps} tokens={run.tokens:,}")
+        row = train_one(run, cfg, sweep_dir / "runs" / run.run_id, train_shards, val_shards)
+        curves.extend(row.pop("_curve"))
+        rows.append(row)
+        _write_tables(sweep_dir, rows, curves)
+        log(f"[sweep]   loss {row['loss']:.4f} ({row['loss_source']}) in {row['seconds']:.1f}s")
+    return rows
