@@ -33,9 +33,12 @@ def module():
 def _unicode_tables() -> tuple[bytes, list[tuple[int, int]]]:
     """Class bits per code point (1 = \\p{L}, 2 = \\p{N}, 4 = \\s) as the `regex` module sees them, and
     the non-ASCII code points that case-fold to the ASCII letters of the GPT-4 contractions."""
+    import array
+
     import regex
 
-    every = "".join(map(chr, range(0x110000)))
+    # every code point in one string, built without a million small str objects
+    every = array.array("I", range(0x110000)).tobytes().decode("utf-32-le", "surrogatepass")
     table = bytearray(0x110000)
     for bit, cls in ((1, r"\p{L}+"), (2, r"\p{N}+"), (4, r"\s+")):
         for m in regex.finditer(cls, every):

@@ -155,24 +155,27 @@ def _count_chunk(chunk: list[str]) -> dict[bytes, int]:
 
 
 def _entry_bytes(word: bytes) -> int:
-    # dict slot + bytes object + int object, as CPython lays them out.
-    return sys.getsizeof(word) + 28 + 24
+    # What one word costs in the table, as CPython lays it out: the bytes object, its count (an int),
+    # and its share of the dict (24-byte entry + index, at the dict's typical fill).
+    return sys.getsizeof(word) + 32 + 64
 
 
-def prune_counts(counts: dict[bytes, int], budget_bytes: int, stats: dict) -> int:
-    """Drop the rarest words until the table fits half the budget; returns the new size estimate."""
+def prune_counts(counts: dict[bytes, int], target_bytes: int, stats: dict) -> tuple[dict[bytes, int], int]:
+    """Drop the rarest words (count <= t, t doubling) until the table fits `target_bytes`.
+
+    Returns a new, compact dict (a dict never shrinks its storage when keys are deleted) and its size.
+    """
     size = sum(_entry_bytes(w) for w in counts)
-    threshold = stats.get("prune_threshold", 1)
-    while size > budget_bytes // 2 and counts:
+    threshold = 1
+    while size > target_bytes and counts:
         drop = [w for w, c in counts.items() if c <= threshold]
         for w in drop:
             size -= _entry_bytes(w)
             del counts[w]
         stats["pruned_words"] = stats.get("pruned_words", 0) + len(drop)
-        stats["pruned_occurrences_max_count"] = threshold
+        stats["pruned_max_count"] = max(threshold, stats.get("pruned_max_count", 0))
         threshold *= 2
-    stats["prune_threshold"] = threshold
-    return size
+    return dict(counts), size
 
 
 def count_corpus(texts: Iterable[str], pattern: str, specials: Iterable[str] = (), workers: int = 1,
@@ -180,18 +183,22 @@ def count_corpus(texts: Iterable[str], pattern: str, specials: Iterable[str] = (
                  stats: dict | None = None) -> dict[bytes, int]:
     """Stream `texts` through the word counter in chunks, in `workers` processes when > 1.
 
-    memory_budget: bytes the word table may use; when it outgrows the budget its rarest words are
-    pruned (counted in `stats['pruned_words']`) so memory stays bounded on any corpus size.
+    memory_budget: bytes that counting and the merge loop after it may use. The word table is pruned
+    of its rarest words (counted in `stats['pruned_words']`) whenever it outgrows a third of the
+    budget, down to a sixth, and chunks are cut to a fiftieth, so memory stays bounded on any corpus
+    size; the rest of the budget is for the merge loop, whose structures are about the table's size.
     progress: a tqdm-like object whose `update(n_chars)` is called per chunk.
     """
     stats = {} if stats is None else stats
     specials = tuple(specials)
+    if memory_budget is not None:
+        chunk_chars = max(4096, min(chunk_chars, memory_budget // 50))
     total: dict[bytes, int] = {}
     table_bytes = 0
     chunks = chunk_texts(texts, chunk_chars, specials, pattern)
 
     def merge(part: dict[bytes, int], n_chars: int) -> None:
-        nonlocal table_bytes
+        nonlocal table_bytes, total
         get = total.get
         for w, c in part.items():
             old = get(w)
@@ -201,8 +208,8 @@ def count_corpus(texts: Iterable[str], pattern: str, specials: Iterable[str] = (
             else:
                 total[w] = old + c
         stats["chars"] = stats.get("chars", 0) + n_chars
-        if memory_budget is not None and table_bytes > memory_budget:
-            table_bytes = prune_counts(total, memory_budget, stats)
+        if memory_budget is not None and table_bytes > memory_budget // 3:
+            total, table_bytes = prune_counts(total, memory_budget // 6, stats)
         if progress is not None:
             progress.update(n_chars)
 
@@ -227,6 +234,7 @@ def count_corpus(texts: Iterable[str], pattern: str, specials: Iterable[str] = (
                 result, n = pending.popleft()
                 merge(result.get(), n)
     if stats.get("pruned_words"):
-        log.warning("memory budget: pruned %d rare words (count <= %d) from the word table",
-                    stats["pruned_words"], stats["pruned_occurrences_max_count"])
+        log.warning("memory budget: pruned %d rare words (count <= %d when pruned) from the word table; "
+                    "counts of the words kept may be low by up to that much", stats["pruned_words"],
+                    stats["pruned_max_count"])
     return total

@@ -126,12 +126,18 @@ def train_merges_incremental(word_counts: dict[bytes, int], n_merges: int,
     return merges
 
 
-def train_merges(word_counts: dict[bytes, int], n_merges: int, progress=None) -> list[tuple[int, int]]:
-    """Merges for `word_counts`: the C extension when available, else the incremental Python path."""
+def train_merges(word_counts: dict[bytes, int], n_merges: int, progress=None,
+                 free_input: bool = False) -> list[tuple[int, int]]:
+    """Merges for `word_counts`: the C extension when available, else the incremental Python path.
+
+    free_input: empty `word_counts` once its contents are copied (lowers peak memory)."""
     ext = _native.module()
     if ext is None:
         return train_merges_incremental(word_counts, n_merges, progress)
-    return ext.train(list(word_counts), list(word_counts.values()), n_merges, progress)
+    words, counts = list(word_counts), list(word_counts.values())
+    if free_input:
+        word_counts.clear()
+    return ext.train(words, counts, n_merges, progress)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = "gpt2",
@@ -175,7 +181,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = "gpt2",
 
         bar = tqdm(desc="merge", total=n_merges, unit="merge")
     try:
-        merges = train_merges(counts, n_merges, progress=bar.update if bar is not None else None)
+        merges = train_merges(counts, n_merges, progress=bar.update if bar is not None else None,
+                              free_input=True)
     finally:
         if bar is not None:
             bar.update(len(merges) - bar.n if "merges" in locals() else 0)
