@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmforge.errors import LMForgeError
+from lmforge.errors import LMForgeError, require
 
 HUBER_DELTA = 1e-3
 
@@ -125,8 +125,7 @@ def fit_lse(logx: np.ndarray, logy: np.ndarray, *, constant: bool = True, delta:
     vectorised pass) and L-BFGS runs from the `n_starts` best; `n_starts=None` runs from every one
     (4,500 for two terms: the literal procedure, ~100x slower, and in our tests never better).
     """
-    from scipy.optimize import minimize
-
+    minimize = require("scipy.optimize", "scaling-law fits", extra="scaling", package="scipy").minimize
     logx = np.asarray(logx, dtype=np.float64)
     if logx.ndim == 1:
         logx = logx[:, None]
