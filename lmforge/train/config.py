@@ -20,7 +20,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     seq_len: int | None = None  # None -> the model's context_length
     max_steps: int = 600
-    time_budget_s: float | None = None  # stop early (with a checkpoint) after this many seconds
+    time_budget_s: float | None = None  # stop early (with a checkpoint) after this many seconds; 0 = none
     sampler: Literal["random", "packed"] = "packed"
     document_mask: bool = True  # pass doc_ids/positions so attention stays inside documents
     # optimizer
@@ -75,8 +75,8 @@ class TrainConfig:
         for name in ("beta1", "beta2", "muon_momentum", "min_lr_ratio", "decay_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise bad(name, "in [0, 1]")
-        if self.time_budget_s is not None and self.time_budget_s <= 0:
-            raise bad("time_budget_s", "> 0")
+        if self.time_budget_s is not None and self.time_budget_s < 0:
+            raise bad("time_budget_s", ">= 0 (0 = no budget)")
 
     def tokens_per_step(self, seq_len: int, world_size: int = 1) -> int:
         return self.batch_size * self.grad_accum * seq_len * world_size

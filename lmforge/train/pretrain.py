@@ -26,6 +26,11 @@ from lmforge.train.config import TrainConfig
 TINY_MODEL = dict(vocab_size=4096, context_length=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2)
 
 
+# The main job's training defaults beyond TrainConfig's: a time budget keeps it within minutes on a
+# loaded laptop (0 in a preset turns the budget off).
+MAIN_JOB_TRAIN = dict(time_budget_s=300.0)
+
+
 def _tiny_model() -> ModelConfig:
     return ModelConfig(**TINY_MODEL)
 
@@ -61,7 +66,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=_tiny_model)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     data: DataSection = field(default_factory=DataSection)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(time_budget_s=360.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(**MAIN_JOB_TRAIN))
     sample: SampleSection = field(default_factory=SampleSection)
 
 
@@ -83,6 +88,7 @@ def load_run_config(preset: str | Path | None = None, overrides: list[str] | Non
                           f"(known: {', '.join(sorted(PRESETS))})")
     base = dict(PRESETS[name]) if name else dict(TINY_MODEL)
     model = from_dict(ModelConfig, {**base, **model_section}, source, prefix="model.")
+    data["train"] = {**MAIN_JOB_TRAIN, **(data.get("train") or {})}
     cfg = from_dict(RunConfig, data, source)
     cfg.model = model
     return cfg

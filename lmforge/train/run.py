@@ -119,7 +119,8 @@ def run_main_job(cfg: RunConfig, run_dir: str | Path, log=print) -> dict:
     train_path, val_path = stage_shards(cfg, run_dir, stages, tok)
     cfg.data.train_shards, cfg.data.val_shards = str(train_path), str(val_path)
 
-    train_inputs = {"run": to_dict(cfg), "tokenizer": tok.hash}
+    train_inputs = {"model": to_dict(cfg.model), "train": to_dict(cfg.train), "data": to_dict(cfg.data),
+                    "tokenizer": tok.hash}
     final = list_checkpoints(run_dir / "checkpoints")
     if not stages.done("train", train_inputs, [final[-1]] if final else [run_dir / "missing"]):
         log(f"[train] {cfg.train.max_steps} steps (time budget {cfg.train.time_budget_s}s) -> {run_dir}")
