@@ -57,6 +57,10 @@ def cmd_train(args) -> int:
                                                 "skipped_documents": corpus.stats.get("skipped", 0)})
     print(f"trained {tok} in {seconds:.1f}s on {stats.get('chars', 0) / 1e6:.1f}M chars "
           f"({stats.get('unique_words', 0)} unique words) -> {out}")
+    if corpus.stats.get("skipped"):
+        print(f"skipped {corpus.stats['skipped']} undecodable document(s)")
+    if stats.get("pruned_words"):
+        print(f"memory budget: pruned {stats['pruned_words']} rare words (counts are approximate)")
     return 0
 
 

@@ -217,7 +217,7 @@ class Tokenizer:
         TokenizerError; one in neither is encoded as ordinary text."""
         allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
         if disallowed:
-            m = special_regex(disallowed).search(text)
+            m = self._allowed_re(frozenset(disallowed)).search(text)
             if m:
                 raise TokenizerError(
                     f"text contains the special token {m.group()!r} at character {m.start()}; pass "

@@ -193,3 +193,13 @@ def test_cli_train_encode_info(tmp_path, code, capsys):
     assert "vocab_size must be at least" in capsys.readouterr().err
     assert main(["tokenizer", "encode", "--tokenizer", str(tmp_path / "missing"), "--out", str(shard_dir),
                  "--corpus", str(corpus)]) == 2
+
+
+def test_hf_export_gpt4_pattern(code):
+    tokenizers = pytest.importorskip("tokenizers")
+    from lmforge.tokenizer import train_bpe
+
+    tok = train_bpe([code], 420, pattern="gpt4", workers=1)
+    hf = tokenizers.Tokenizer.from_str(json.dumps(to_hf_dict(tok)))
+    for text in (code[:20000], MULTILINGUAL, "DON'T  you'LL 1234567 x\r\n\r\n  ok!!\n\n"):
+        assert hf.encode(text).ids == tok.encode(text)
