@@ -11,7 +11,11 @@ Backends (registry `BACKENDS`, extend with `register_backend`):
 - "reference": explicit masked softmax, the spec;
 - "sdpa": torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU);
   it has no soft-capping, so a softcap call runs the reference instead and logs why, once;
-- "triton": `lmforge.kernels.flash_attention.flash_attention`, imported lazily.
+- "triton": `lmforge.kernels.flash_attention.flash_attention`, imported lazily;
+- "auto" (the model default): per call, the fastest measured correct choice (docs/benchmarks.md,
+  H200): SDPA for plain causal attention; on CUDA with 16-bit inputs, the Triton kernel when a
+  window, doc_ids or softcap is set (SDPA would need a dense boolean mask or the reference); SDPA
+  (or the reference for softcap) everywhere else.
 
 This module does not own the KV cache format (see cache.py) nor latent attention (mla.py).
 """
@@ -128,10 +132,46 @@ def triton_attention(q, k, v, *, causal=True, window=None, softcap_value=None, s
                            doc_ids=doc_ids)
 
 
+def _triton_importable() -> bool:
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import lmforge.kernels.flash_attention  # noqa: F401
+            _TRITON_OK = True
+        except ImportError as e:
+            log.info("attention backend 'auto' will not use Triton: %s", e)
+            _TRITON_OK = False
+    return _TRITON_OK
+
+
+_TRITON_OK: bool | None = None
+
+
+def pick_auto(device_type: str, dtype: torch.dtype, head_dim: int, masked: bool, triton_ok) -> str:
+    """The rule behind "auto" ("triton" or "sdpa"); `triton_ok` is called only when it matters."""
+    if (masked and device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim <= 256
+            and triton_ok()):
+        return "triton"
+    return "sdpa"
+
+
+def auto_choice(q: torch.Tensor, v: torch.Tensor, *, window=None, softcap_value=None, doc_ids=None) -> str:
+    """The backend "auto" runs for these inputs (see the module docstring)."""
+    masked = window is not None or doc_ids is not None or softcap_value is not None
+    return pick_auto(q.device.type, q.dtype, max(q.shape[-1], v.shape[-1]), masked, _triton_importable)
+
+
+def auto_attention(q, k, v, *, causal=True, window=None, softcap_value=None, scale=None, doc_ids=None):
+    fn = BACKENDS[auto_choice(q, v, window=window, softcap_value=softcap_value, doc_ids=doc_ids)]
+    return fn(q, k, v, causal=causal, window=window, softcap_value=softcap_value, scale=scale,
+              doc_ids=doc_ids)
+
+
 BACKENDS: dict[str, Callable] = {
     "reference": reference_attention,
     "sdpa": sdpa_attention,
     "triton": triton_attention,
+    "auto": auto_attention,
 }
 
 

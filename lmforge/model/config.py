@@ -23,7 +23,7 @@ from lmforge.model.moe import MoEConfig
 Norm = Literal["rmsnorm", "layernorm"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2"]
 Positions = Literal["rope", "learned", "sinusoidal", "none"]
-Backend = Literal["reference", "sdpa", "triton"]
+Backend = Literal["auto", "reference", "sdpa", "triton"]
 # Kinds of attention layer in `layer_pattern` (repeated cyclically over the layers):
 # "global" attends to all earlier tokens, "local" to the last `window` tokens; the "-nope" variants
 # skip RoPE in that layer (e.g. Llama-4 / Command-A style "3 local RoPE layers then 1 global NoPE").
@@ -59,7 +59,7 @@ class ModelConfig:
     positions: Positions = "rope"
     rope_theta: float = 10000.0
     # attention
-    attention_backend: Backend = "sdpa"
+    attention_backend: Backend = "auto"  # auto: SDPA, or the Triton kernel for masks on GPU
     window: int | None = None  # sliding-window size of "local" layers (attends to the last `window` tokens)
     layer_pattern: list[str] | None = None  # None: all "global", or all "local" when window is set
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE

@@ -153,12 +153,13 @@ class Transformer(nn.Module):
 
         - Linear and Embedding weights: normal(0, init_std²) truncated at ±3σ (GPT-2 uses 0.02).
         - Output projections of residual branches (`attn.o`, MLA's `attn.o_proj`, `mlp.down`, and
-          the MoE's stacked `*down` weights): σ / sqrt(2·n_layers) (GPT-2), because each layer
-          adds two branches to the residual stream and its variance would otherwise grow with depth.
+          the MoE's stacked output weights `w_out`, `shared_out`): σ / sqrt(2·n_layers) (GPT-2),
+          because each layer adds two branches to the residual stream and its variance would
+          otherwise grow with depth.
         - Biases 0; norm weights 1.
         - A module that holds parameters or buffers directly (the MoE's stacked expert weights,
           router and routing bias) gets its own `reset_parameters(std)` (which also zeroes its
-          buffers), then its `*down*` weights are redrawn with the residual σ above.
+          buffers), then its weights named `*out*` or `*down*` are redrawn with the residual σ.
         - A tied output head is the embedding, so it gets the embedding's init.
         """
         std = self.cfg.init_std
@@ -175,7 +176,7 @@ class Transformer(nn.Module):
                                     or any(True for _ in m.buffers(recurse=False))):
                 m.reset_parameters(std)
                 for pname, p in m.named_parameters(recurse=False):
-                    if "down" in pname:
+                    if "out" in pname or "down" in pname:
                         trunc_normal_(p, out_std)
 
     # -- pieces of forward ----------------------------------------------------------------------

@@ -54,7 +54,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "auto"])
 def test_backends_match_the_definition(case, backend):
     q, k, v = qkv(2, case["Hq"], case["Hkv"], case["T"], case["S"], 6, Dv=5)
     doc_ids = torch.tensor([[0, 0, 1, 1, 1, 2, 2, 2, 2][: case["S"]],
@@ -127,3 +127,16 @@ def test_bad_backend_and_shapes():
         attend(q, k[:, :1].expand(1, 3, 3, 4), v[:, :1].expand(1, 3, 3, 4), backend="reference")
     with pytest.raises(ConfigError, match="doc_ids"):
         attend(q, k, v, doc_ids=torch.zeros(1, 5, dtype=torch.long), backend="reference")
+
+
+def test_auto_picks_triton_only_for_masked_16bit_cuda_attention():
+    from lmforge.model.attention import pick_auto
+
+    yes = lambda: True
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert pick_auto("cuda", bf16, 64, masked=True, triton_ok=yes) == "triton"
+    assert pick_auto("cuda", bf16, 64, masked=False, triton_ok=yes) == "sdpa"  # flash is fastest
+    assert pick_auto("cuda", fp32, 64, masked=True, triton_ok=yes) == "sdpa"
+    assert pick_auto("cuda", bf16, 512, masked=True, triton_ok=yes) == "sdpa"
+    assert pick_auto("cpu", bf16, 64, masked=True, triton_ok=yes) == "sdpa"
+    assert pick_auto("cuda", bf16, 64, masked=True, triton_ok=lambda: False) == "sdpa"

@@ -10,6 +10,8 @@ from lmforge.config import from_dict, load, save_toml, to_dict
 from lmforge.errors import ConfigError
 from lmforge.model import KVCache, ModelConfig, Transformer
 from lmforge.model.layers import cross_entropy
+from lmforge.model.mla import MLAConfig
+from lmforge.model.moe import MoEConfig
 
 BASE = dict(vocab_size=37, context_length=32, d_model=24, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=40)
 
@@ -25,6 +27,8 @@ VARIANTS = {
     "parallel-mqa-nopos": dict(parallel_block=True, n_kv_heads=1, positions="none", activation="relu2",
                                glu=False),
     "mtp": dict(mtp_depth=2, z_loss=1e-3),
+    "moe-mla": dict(mla=MLAConfig(kv_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5),
+                    moe=MoEConfig(n_experts=4, top_k=2, n_shared_experts=1, d_expert=16), n_dense_layers=1),
 }
 
 
@@ -55,7 +59,7 @@ def test_causality_future_tokens_never_change_past_logits(name):
     assert (a[:, 6:] - b[:, 6:]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma-like", "nope-pattern-qknorm", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "gemma-like", "nope-pattern-qknorm", "gpt2", "moe-mla"])
 def test_reference_and_sdpa_models_agree(name):
     ref = make(**VARIANTS[name], attention_backend="reference")
     sdpa = make(**VARIANTS[name], attention_backend="sdpa")
@@ -63,7 +67,7 @@ def test_reference_and_sdpa_models_agree(name):
     torch.testing.assert_close(ref(x).logits, sdpa(x).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma-like"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma-like", "moe-mla"])
 def test_packed_documents_equal_separate_sequences(name):
     """doc_ids + per-document positions: each document sees only itself, as if run alone."""
     model = make(**VARIANTS[name])
@@ -76,7 +80,7 @@ def test_packed_documents_equal_separate_sequences(name):
     torch.testing.assert_close(out[:, 5:], model(b).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma-like", "nope-pattern-qknorm"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma-like", "nope-pattern-qknorm", "moe-mla"])
 def test_cached_decoding_equals_full_recomputation(name):
     model = make(**VARIANTS[name])
     x = ids(2, 12)
@@ -208,3 +212,37 @@ def test_derived_config_fields_and_conflicts(tmp_path):
     save_toml(c, tmp_path / "m.toml")
     assert load(ModelConfig, tmp_path / "m.toml") == c
     assert from_dict(ModelConfig, to_dict(c)) == c
+
+
+def test_moe_layers_aux_losses_and_metrics_are_collected():
+    model = make(**VARIANTS["moe-mla"], n_layers=3).train()
+    moes = model.moe_layers()
+    assert len(moes) == 2 and model.blocks[0].mlp not in moes  # first layer dense
+    x, t = ids(), ids(seed=4)
+    out = model(x, t)
+    # each layer's own aux, recomputed layer by layer, sums to the model's
+    h, pos, per_layer = model.embed(x, torch.arange(11).expand(2, 11)), torch.arange(11).expand(2, 11), []
+    for block in model.blocks:
+        h, aux, _ = block(h, pos)
+        per_layer.append(aux.get("moe_balance"))
+    torch.testing.assert_close(out.aux["moe_balance"], per_layer[1] + per_layer[2])
+    assert set(out.metrics) >= {"expert_load/1", "expert_load/2", "dropped_fraction/1"}
+    torch.testing.assert_close(out.metrics["expert_load/1"].sum(), torch.tensor(1.0))
+    torch.testing.assert_close(out.loss, out.ce_sum / out.n_tokens + sum(out.aux.values()))
+
+
+def test_meta_build_with_moe_and_mla_initialises_every_tensor():
+    cfg = ModelConfig(**{**BASE, **VARIANTS["moe-mla"], "n_layers": 8})
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    moe = model.moe_layers()[0]
+    assert torch.equal(moe.routing_bias, torch.zeros_like(moe.routing_bias))
+    out_std = 0.02 * 0.9866 / math.sqrt(16)
+    assert abs(moe.w_out.std().item() - out_std) < 5e-4
+    assert abs(model.blocks[2].attn.o_proj.weight.std().item() - out_std) < 5e-4
+    assert abs(moe.w_in.std().item() - 0.02 * 0.9866) < 1e-3
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        assert torch.isfinite(t).all(), name
