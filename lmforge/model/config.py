@@ -67,6 +67,7 @@ class ModelConfig:
     final_softcap: float | None = None  # the same on output logits
     # loss
     z_loss: float = 0.0  # coefficient of mean(log Z²) over target tokens (PaLM uses 1e-4)
+    fused_loss: bool = False  # chunked linear+CE kernel: no [B, T, V] logits when targets are given
     # embeddings / regularisation / init
     tie_embeddings: bool = False
     dropout: float = 0.0

@@ -230,24 +230,50 @@ class Transformer(nn.Module):
             for k, v in block_aux.items():
                 aux[k] = aux[k] + v if k in aux else v
             metrics.update({f"{k}/{i}": v for k, v in block_metrics.items()})
-        logits = self.head(self.norm_f(x))
         if targets is None:
-            return ModelOutput(logits=logits, aux=aux, metrics=metrics)
+            return ModelOutput(logits=self.head(self.norm_f(x)), aux=aux, metrics=metrics)
         if targets.shape != input_ids.shape:
             raise ConfigError(f"targets has shape {tuple(targets.shape)}, expected {tuple(input_ids.shape)}")
-        ce = cross_entropy(logits, targets)
-        valid = targets != -100
-        n_tokens = valid.sum()
+        logits, ce_sum, n_tokens, z_sum = self.loss_terms(self.norm_f(x), targets)
         denom = n_tokens.clamp_min(1)
-        ce_sum = ce.sum()
         if self.cfg.z_loss > 0:
-            lse = torch.logsumexp(upcast(logits), dim=-1)
-            aux["z_loss"] = self.cfg.z_loss * (lse.square() * valid).sum() / denom
+            aux["z_loss"] = self.cfg.z_loss * z_sum / denom
         if len(self.mtp):
             aux["mtp"] = self._mtp_loss(x, targets, positions, doc_ids, aux, metrics)
         loss = ce_sum / denom + sum(aux.values())
         return ModelOutput(logits=logits, loss=loss, ce_sum=ce_sum, n_tokens=n_tokens, aux=aux,
                            metrics=metrics)
+
+    def loss_terms(self, h: torch.Tensor, targets: torch.Tensor, z_loss: float | None = None):
+        """Normed hidden states [B, T, d] and targets -> (logits | None, ce_sum, n_tokens, z_sum).
+
+        z_sum is the sum of logsumexp² over valid targets (None unless z_loss > 0). With
+        `fused_loss` the kernels' chunked linear + cross-entropy never materialises the logits
+        (returned as None); it computes the CE and z-loss gradients in one pass, so the z-loss
+        gradient flows through `ce_sum` and `z_sum` is a detached value: `ce_sum + z_loss·z_sum`
+        is exact in value and gradient, which is how the loss uses them. `z_loss` defaults to the
+        config's coefficient (MTP heads pass 0).
+        """
+        z_loss = self.cfg.z_loss if z_loss is None else z_loss
+        if not self.cfg.fused_loss:
+            logits = self.head(h)
+            ce_sum = cross_entropy(logits, targets).sum()
+            z_sum = None
+            if z_loss > 0:
+                lse = torch.logsumexp(upcast(logits), dim=-1)
+                z_sum = (lse.square() * (targets != -100)).sum()
+            return logits, ce_sum, (targets != -100).sum(), z_sum
+        from lmforge.kernels.linear_cross_entropy import linear_cross_entropy
+
+        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        if torch.is_autocast_enabled(h.device.type):  # the head matmul in the autocast dtype
+            dtype = torch.get_autocast_dtype(h.device.type)
+            h, w = h.to(dtype), w.to(dtype)
+        elif h.dtype != w.dtype:
+            h = h.to(w.dtype)
+        r = linear_cross_entropy(h, w, targets, softcap=self.cfg.final_softcap, z_loss=z_loss)
+        ce_sum = r.loss_sum - z_loss * r.z_sum if z_loss > 0 else r.loss_sum
+        return None, ce_sum, r.n_tokens, (r.z_sum if z_loss > 0 else None)
 
     def _mtp_loss(self, h, targets, positions, doc_ids, aux, metrics) -> torch.Tensor:
         """mtp_loss_weight · mean over depths k of the mean CE of predicting t_{i+k+1} at position i.
@@ -268,9 +294,8 @@ class Transformer(nn.Module):
             for key, v in block_aux.items():
                 aux[key] = aux[key] + v if key in aux else v
             metrics.update({f"{key}/mtp{k}": v for key, v in block_metrics.items()})
-            tgt = targets[:, k:T]
-            ce = cross_entropy(self.head(module.norm_out(h)), tgt)
-            losses.append(ce.sum() / (tgt != -100).sum().clamp_min(1))
+            _, ce_sum, n, _ = self.loss_terms(module.norm_out(h), targets[:, k:T], z_loss=0.0)
+            losses.append(ce_sum / n.clamp_min(1))
             metrics[f"mtp_ce/{k}"] = losses[-1].detach()
         if not losses:
             return h.new_zeros(())
