@@ -117,3 +117,10 @@ def test_linear_cross_entropy_bad_target():
     targets[0] = 301
     with pytest.raises(KernelInputError, match="target 301 outside"):
         linear_cross_entropy(hidden, weight, targets)
+
+
+def test_choose_impl_rejects_unknown_impl():
+    from lmforge.kernels.runtime import choose_impl
+
+    with pytest.raises(KernelInputError, match="impl='fast'"):
+        choose_impl("rms_norm", "fast", torch.zeros(1))
