@@ -182,14 +182,18 @@ def keep_mask(expert_idx: torch.Tensor, gates: torch.Tensor, cfg: MoEConfig) -> 
     cap = capacity(cfg, expert_idx.shape[0])
     if cap is None:
         return None
-    order = _sort_assignments(expert_idx.reshape(-1), gates.reshape(-1), cfg)
-    flat_e = expert_idx.reshape(-1)[order]
-    counts = expert_counts(flat_e, cfg.n_experts)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(flat_e.numel(), device=flat_e.device) - starts[flat_e]
-    keep = torch.empty_like(rank, dtype=torch.bool)
-    keep[order] = rank < cap
+    flat_e = expert_idx.reshape(-1)
+    order = _sort_assignments(flat_e, gates.reshape(-1), cfg)
+    keep = torch.zeros_like(flat_e, dtype=torch.bool)
+    keep[_within_capacity(order, flat_e, expert_counts(flat_e, cfg.n_experts), cap)] = True
     return keep.view_as(expert_idx)
+
+
+def _within_capacity(order: torch.Tensor, flat_e: torch.Tensor, counts: torch.Tensor, cap: int) -> torch.Tensor:
+    """The entries of `order` (assignments grouped by expert) that are among their expert's first `cap`."""
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(order.numel(), device=order.device) - starts[flat_e[order]]
+    return order[rank < cap]
 
 
 def _sort_assignments(flat_e: torch.Tensor, flat_g: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
@@ -248,9 +252,6 @@ def _gather_slots(rows: torch.Tensor, source: torch.Tensor, k: int) -> torch.Ten
 # the layer
 
 
-_warned_router: list[bool] = []
-
-
 class _RouterMatmul(torch.autograd.Function):
     """x [N, D] @ w[E, D]ᵀ -> fp32 [N, E] from bf16/fp16 operands (CUDA); gradients in the operand dtype."""
 
@@ -268,6 +269,13 @@ class _RouterMatmul(torch.autograd.Function):
 
 _FUSED_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
                       "gelu_tanh": lambda h: F.gelu(h, approximate="tanh")}
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: the autocast dtype when autocast is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def grouped_mm_available(*widths: int, dtype: torch.dtype) -> bool:
@@ -328,9 +336,9 @@ class MoE(nn.Module):
         mode = self.cfg.dispatch
         if mode == "auto":
             # CUDA's grouped GEMM is a bf16 kernel; the CPU one takes fp32/bf16/fp16
-            cpu_ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            ok = grouped_mm_available(self.d_model, self.d_expert, dtype=x.dtype) and \
-                x.dtype == self.w_in.dtype and (cpu_ok or x.dtype == torch.bfloat16)
+            dt = _compute_dtype(x)
+            cpu_ok = x.device.type == "cpu" and dt in (torch.float32, torch.bfloat16, torch.float16)
+            ok = grouped_mm_available(self.d_model, self.d_expert, dtype=dt) and (cpu_ok or dt == torch.bfloat16)
             mode = "grouped_mm" if ok else "loop"
         return mode
 
@@ -339,9 +347,10 @@ class MoE(nn.Module):
         each row's output scaled by its gate [M] if given."""
         if self.dispatch_mode(x_sorted) == "grouped_mm":
             offs = torch.cumsum(counts, 0).to(torch.int32)
+            dt = _compute_dtype(x_sorted)  # under autocast: cast operands as autocast does for matmuls
 
             def mm(a, w):
-                return torch._grouped_mm(a, w, offs=offs)
+                return torch._grouped_mm(a.to(dt), w.to(dt), offs=offs)
 
             return self._ffn(x_sorted, self.w_in, self.w_out, mm, gates)
         outs, start = [], 0
@@ -361,14 +370,13 @@ class MoE(nn.Module):
         make the z-loss noisy. bf16/fp16 operands on CUDA go through a tensor-core matmul with fp32
         output (the same exact products and fp32 sums as upcasting first, without the fp32 copy
         of x and the slow fp32 matmul); otherwise both operands are upcast."""
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dtype == self.router.dtype:
-            try:
-                return _RouterMatmul.apply(x, self.router)
-            except (RuntimeError, TypeError) as err:  # a torch without mm(..., out_dtype=)
-                if not _warned_router:
-                    _warned_router.append(True)
-                    log.info("MoE router: mm(out_dtype=float32) unavailable (%s); upcasting instead", err)
-        return F.linear(x.float(), self.router.float())
+        with torch.autocast(x.device.type, enabled=False):  # autocast would make the logits bf16
+            if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dtype == self.router.dtype:
+                try:
+                    return _RouterMatmul.apply(x, self.router)
+                except (RuntimeError, TypeError) as err:  # a torch without mm(..., out_dtype=): same result
+                    log.debug("MoE router: mm(out_dtype=float32) failed (%s); upcasting instead", err)
+            return F.linear(x.float(), self.router.float())
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -384,9 +392,7 @@ class MoE(nn.Module):
         kept_counts = counts
         cap = capacity(cfg, n)
         if cap is not None:
-            starts = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(n * k, device=x.device) - starts[flat_e[order]]
-            order = order[rank < cap]
+            order = _within_capacity(order, flat_e, counts, cap)
             kept_counts = counts.clamp(max=cap)
         # source[slot] = the sorted row of that (token, slot) assignment; M (a zero row) if dropped,
         # so a dropped token gets nothing from that expert and only the residual carries it
@@ -459,9 +465,8 @@ def upcycle_from_dense(moe: MoE, dense: dict[str, torch.Tensor], noise: float = 
     only approximate. Shared experts cannot hold a copy as well (the output would double), so
     upcycling a layer with shared experts is refused, as is a dense width unequal to `d_expert`.
     """
-    for key in dense:
-        if key.endswith("bias"):
-            raise ConfigError(f"upcycle_from_dense: dense MLP has bias '{key}'; MoE experts have no biases")
+    if any(key.endswith("bias") for key in dense):
+        raise ConfigError(f"upcycle_from_dense: dense MLP has biases ({sorted(dense)}); MoE experts have none")
     need = ["up.weight", "down.weight"] + (["gate.weight"] if moe.glu else [])
     missing = [k for k in need if k not in dense]
     if missing:

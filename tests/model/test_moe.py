@@ -314,3 +314,21 @@ def test_cuda_bf16_router_matches_fp32_and_grouped_mm_matches_loop():
 
 def _linear_fp32(x, w):
     return torch.nn.functional.linear(x.float(), w.float())
+
+
+def test_autocast_runs_experts_in_bf16_and_keeps_the_router_in_fp32():
+    torch.manual_seed(7)
+    moe = MoE(D, MoEConfig(n_experts=5, top_k=2, d_expert=40), init_std=0.2)  # fp32 weights, as in training
+    x = torch.randn(2, 9, D, requires_grad=True)
+    y32, _, _ = moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert moe.dispatch_mode(x) == "grouped_mm"
+        logits = moe.router_logits(x.reshape(-1, D))
+        y, aux, _ = moe(x)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, torch.nn.functional.linear(x.reshape(-1, D), moe.router))
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - y32).norm() / y32.norm()).item() < 2e-2
+    (y.float().square().sum() + aux["moe_balance"]).backward()
+    assert moe.w_in.grad.dtype == torch.float32 and moe.w_in.grad.abs().sum() > 0
+    assert moe.router.grad.abs().sum() > 0
