@@ -79,10 +79,17 @@ def encode_corpus_to_shard(tok, texts: Iterable[str], path: str | Path, workers:
             for batch in _batches(texts, batch_chars):
                 take(_encode_docs(batch), len(batch))
         else:
+            # Encode the first batch here before starting the pool: forked workers then start with
+            # this process' warm word cache instead of an empty one.
+            batches = _batches(texts, batch_chars)
+            first = next(batches, None)
+            if first is not None:
+                _init(tok)
+                take(_encode_docs(first), len(first))
             ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
             with ctx.Pool(workers, initializer=_init, initargs=(tok,)) as pool:
                 pending: deque = deque()
-                for batch in _batches(texts, batch_chars):
+                for batch in batches:
                     pending.append((pool.apply_async(_encode_docs, (batch,)), len(batch)))
                     if len(pending) >= 2 * workers:
                         r, n = pending.popleft()
