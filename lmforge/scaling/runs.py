@@ -24,7 +24,7 @@ from lmforge.errors import DataError
 ALIASES = {
     "params": ("params", "n", "n_params", "num_params", "parameters", "model_size", "nparams"),
     "tokens": ("tokens", "d", "n_tokens", "data", "training_tokens", "num_tokens", "ntokens"),
-    "flops": ("flops", "c", "compute", "flop", "budget"),
+    "flops": ("flops", "c", "compute", "flop"),
     "loss": ("loss", "l", "final_loss", "val_loss", "eval_loss", "train_loss"),
     "run": ("run", "run_id", "name", "id"),
     "lr": ("lr", "learning_rate", "eta"),
@@ -50,7 +50,7 @@ class Runs:
                 bad = np.flatnonzero(~np.isfinite(col) | (col <= 0))
                 if len(bad):
                     raise DataError(f"{self.source}: column '{name}' row {int(bad[0])} is "
-                                    f"{col[bad[0]]!r}; expected a positive finite number")
+                                    f"{float(col[bad[0]])!r}; expected a positive finite number")
                 self.columns[name] = col
         n, d, c = (name in self.columns for name in ("params", "tokens", "flops"))
         if n and d and not c:
@@ -85,11 +85,17 @@ class Runs:
         if not rows:
             raise DataError(f"{source}: no rows")
         canon: dict[str, str] = {}
-        for key in rows[0]:
-            low = str(key).strip().lower()
+        keys = [str(k) for k in rows[0]]
+        for key in keys:  # a column named exactly like a canonical one wins over its aliases
+            if key.strip().lower() in ALIASES:
+                canon[key] = key.strip().lower()
+        for key in keys:
+            low = key.strip().lower()
             for name, spellings in ALIASES.items():
-                if low in spellings:
+                if key not in canon and low in spellings:
                     if name in canon.values():
+                        if name == low or any(k.strip().lower() == name for k in canon):
+                            continue  # e.g. train_loss next to loss: kept as its own column
                         raise DataError(f"{source}: columns '{key}' and another both mean '{name}'")
                     canon[key] = name
         cols: dict[str, list] = {name: [] for name in canon.values()}

@@ -1,0 +1,131 @@
+"""A tiny real IsoFLOP sweep on CPU (Trainer, resumable table), plots, and the CLI end to end."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from lmforge.cli import main
+from lmforge.data.shards import ShardWriter
+from lmforge.scaling.isoflop import fit_isoflop
+from lmforge.scaling.parametric import published_chinchilla
+from lmforge.scaling.runs import load_runs
+from lmforge.scaling.sweep import SweepConfig, read_results, run_sweep
+
+VOCAB = 61
+
+
+def _markov_shard(path, n_tokens, seed):
+    """Documents of 150 tokens from one fixed sparse Markov chain: learnable, entropy well below log V."""
+    chain = np.random.default_rng(1234).dirichlet(np.full(VOCAB - 1, 0.1), size=VOCAB - 1)
+    rng = np.random.default_rng(seed)
+    ids, x = [], 0
+    for i in range(n_tokens):
+        if i % 150 == 0:
+            ids.append(VOCAB - 1)
+            continue
+        x = rng.choice(VOCAB - 1, p=chain[x])
+        ids.append(x)
+    with ShardWriter(path, VOCAB, "synthetic-markov", bos_id=VOCAB - 1) as w:
+        w.write(np.array(ids), documents=n_tokens // 150)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    _markov_shard(d / "train", 30000, seed=1)
+    _markov_shard(d / "val", 3000, seed=2)
+    return d
+
+
+def _tiny_config(**kw):
+    base = dict(budgets=[3e8, 1e9], sizes_per_budget=3, span=2.5, tokens_per_param=1.0, seq_len=32,
+                batch_size=4, lr=3e-3, eval_batches=2, device="cpu", aspect_min=8.0, cpu_threads=1)
+    base.update(kw)
+    return SweepConfig(**base)
+
+
+@pytest.mark.filterwarnings("ignore:IsoFLOP profile")  # 3 toy sizes need not bracket the optimum
+def test_tiny_sweep_trains_records_and_resumes(shards, tmp_path):
+    cfg = _tiny_config()
+    out = tmp_path / "sweep"
+    rows = run_sweep(cfg, out, str(shards / "train"), str(shards / "val"), log=lambda m: None)
+    grid = json.loads((out / "grid.json").read_text())
+    assert [r["run"] for r in rows] == [g["run"] for g in grid] and len(rows) == 6
+    for r in rows:
+        assert r["loss_source"] == "val" and r["loss"] < math.log(VOCAB - 1)  # learned something
+        assert r["flops"] == pytest.approx(r["flops_per_token"] * r["tokens"])
+        assert r["tokens"] == r["steps"] * 4 * 32
+        assert (out / "runs" / r["run"] / "metrics.jsonl").exists()
+    # the bigger budget's best run beats the smaller budget's best run
+    best = {b: min(r["loss"] for r in rows if r["budget"] == b) for b in cfg.budgets}
+    assert best[1e9] < best[3e8]
+    # resume: nothing left to train, same table
+    logs = []
+    again = run_sweep(cfg, out, str(shards / "train"), str(shards / "val"), log=logs.append)
+    assert again == read_results(out) and len(again) == 6 and "0 to train" in logs[0]
+    # the tables are fit inputs: approach 2 on results, approach 1 on curves
+    table = load_runs(out / "results.csv")
+    assert len(table) == 6 and np.all(table["params_total"] > table["params"])
+    fit = fit_isoflop(table["params"], table["flops"], table["loss"], n_boot=0)
+    assert len(fit.profiles) == 2 and all(len(p.n) == 3 for p in fit.profiles)
+    curves = load_runs(out / "curves.csv")
+    assert set(curves["run"]) == {r["run"] for r in rows}
+    assert len(curves) == sum(r["steps"] for r in rows)
+
+
+@pytest.mark.slow
+def test_larger_cpu_sweep_gives_convex_profiles(shards, tmp_path):
+    cfg = _tiny_config(budgets=[1e9, 3e9, 1e10], sizes_per_budget=5, span=4.0, tokens_per_param=2.0)
+    rows = run_sweep(cfg, tmp_path / "sweep", str(shards / "train"), str(shards / "val"), log=lambda m: None)
+    table = load_runs(tmp_path / "sweep" / "results.csv")
+    fit = fit_isoflop(table["params"], table["flops"], table["loss"], n_boot=20)
+    assert len(rows) >= 12 and len(fit.profiles) == 3
+    mins = [min(p.loss) for p in fit.profiles]
+    assert mins == sorted(mins, reverse=True)  # more compute, lower best loss
+
+
+def test_sweep_cli_dry_run_and_bad_override(shards, capsys):
+    code = main(["scaling", "sweep", "--train-shards", str(shards / "train"), "--out", "unused", "--dry-run",
+                 "budgets=[6e8,2e9]", "sizes_per_budget=3", "seq_len=32", "batch_size=4", "aspect_min=8"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.count("\n") >= 4 and "6e+08" in out
+    assert main(["scaling", "sweep", "--train-shards", str(shards / "train"), "--out", "x", "--dry-run",
+                 "sizes=3"]) == 2
+    assert "unknown key 'sizes'" in capsys.readouterr().err
+
+
+def test_fit_and_plan_cli_with_plots(tmp_path, capsys):
+    truth = published_chinchilla()
+    rng = np.random.default_rng(0)
+    rows = []
+    for c in np.geomspace(1e18, 1e20, 4):
+        n0, _ = truth.compute_optimal(c)
+        for n in n0 * np.geomspace(1 / 4, 4, 5):
+            rows.append({"N": n, "C": c, "loss": truth.predict(n, c / (6 * n)) * np.exp(rng.normal(0, 0.002))})
+    with open(tmp_path / "runs.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["N", "C", "loss"])
+        w.writeheader()
+        w.writerows(rows)
+    plots = tmp_path / "plots"
+    assert main(["scaling", "fit", "--runs", str(tmp_path / "runs.csv"), "--method", "2", "--n-boot", "8",
+                 "--out", str(tmp_path / "fit2.json"), "--plots", str(plots)]) == 0
+    assert "parabola: N_opt ∝ C^0.4" in capsys.readouterr().out
+    for name in ("isoflop", "optimal", "frontier"):
+        assert (plots / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["scaling", "fit", "--runs", str(tmp_path / "runs.csv"), "--method", "3", "--n-boot", "4",
+                 "--n-starts", "4", "--plots", str(plots), "--format", "svg"]) == 0
+    assert "<svg" in (plots / "parametric.svg").read_text()
+    capsys.readouterr()
+    assert main(["scaling", "plan", "--flops", "1e21", "--fit", str(tmp_path / "fit2.json"),
+                 "--json", str(tmp_path / "plan.json")]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["six_n_d"] == pytest.approx(1e21, rel=1e-12)
+    assert plan["loss_ci"][0] <= plan["loss"] <= plan["loss_ci"][1]
+    assert main(["scaling", "plan", "--gpu-hours", "10", "--device", "A100", "--mfu", "0.5"]) == 0
+    assert f"{10 * 3600 * 312e12 * 0.5:.4g} FLOPs" in capsys.readouterr().out
+    assert main(["scaling", "fit", "--runs", str(tmp_path / "runs.csv"), "--method", "hparams"]) == 2
+    assert "needs column(s) ['lr', 'batch_size']" in capsys.readouterr().err
+    assert main(["scaling", "plan", "--gpu-hours", "10"]) == 2
