@@ -63,7 +63,7 @@ class MoEConfig:
     bias_update_rate: float = 1e-3  # gamma of the bias update
     capacity_factor: float | None = None  # None: no dropping
     drop_policy: Literal["position", "score"] = "position"  # which assignments an expert keeps
-    dispatch: Literal["auto", "grouped_mm", "loop"] = "auto"
+    dispatch: Literal["auto", "grouped_mm", "loop"] = "auto"  # auto: grouped_mm where it can run
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ConfigError:
@@ -124,9 +124,8 @@ def route(logits: torch.Tensor, cfg: MoEConfig, bias: torch.Tensor | None = None
         probs = scores / scores.sum(-1, keepdim=True)
     else:
         scores = probs = torch.softmax(logits, dim=-1)
-    select = scores if bias is None else scores + bias
-    if cfg.routing == "topk_softmax":
-        select = logits if bias is None else logits + bias
+    base = logits if cfg.routing == "topk_softmax" else scores
+    select = base if bias is None else base + bias
     expert_idx = select.topk(k, dim=-1, sorted=False).indices
     if cfg.routing == "topk_softmax":
         gates = torch.softmax(logits.gather(-1, expert_idx), dim=-1)
