@@ -82,10 +82,11 @@ def load_tokenizer(path: str | os.PathLike, backend: str = "reference") -> Token
     """Load a tokenizer directory (or our tokenizer.json, or a HF tokenizer.json, or a GPT-2 dir)."""
     path = Path(path)
     if path.is_dir():
+        vocabs, merges = sorted(path.glob("*vocab.json")), sorted(path.glob("*merges.txt"))
         if (path / OWN_FILE).exists():
             path = path / OWN_FILE
-        elif (path / "vocab.json").exists() and (path / "merges.txt").exists():
-            tok = load_gpt2(path / "vocab.json", path / "merges.txt")
+        elif len(vocabs) == 1 and len(merges) == 1:  # GPT-2 style: vocab.json + merges.txt
+            tok = load_gpt2(vocabs[0], merges[0])
             tok.set_backend(backend)
             return tok
         else:

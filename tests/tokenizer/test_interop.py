@@ -203,3 +203,21 @@ def test_hf_export_gpt4_pattern(code):
     hf = tokenizers.Tokenizer.from_str(json.dumps(to_hf_dict(tok)))
     for text in (code[:20000], MULTILINGUAL, "DON'T  you'LL 1234567 x\r\n\r\n  ok!!\n\n"):
         assert hf.encode(text).ids == tok.encode(text)
+
+
+def test_load_gpt2_directory(gpt2_files, gpt2):
+    assert load_tokenizer(gpt2_files[0].parent).hash == gpt2.hash
+
+
+def test_cli_undecodable_corpus(tmp_path, capsys):
+    from lmforge.cli import main
+
+    corpus = tmp_path / "bad.txt"
+    corpus.write_bytes(b"good text here<|endoftext|>bad \xff\xfe bytes<|endoftext|>more good text")
+    args = ["tokenizer", "train", "--out", str(tmp_path / "tok"), "--vocab-size", "270", "--corpus", str(corpus),
+            "--split", "all", "--workers", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert str(corpus) in err and "byte offset 31" in err  # 14 + 13 bytes of separator + 4
+    assert main(args + ["--skip-bad"]) == 0
+    assert "skipped 1 undecodable document" in capsys.readouterr().out
