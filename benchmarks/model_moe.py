@@ -53,10 +53,10 @@ def timer(fn, device: torch.device, iters: int, warmup: int) -> float:
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
+        else:  # process CPU time (one thread, see main): stable on a shared, loaded machine
+            t0 = time.process_time()
             fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append((time.process_time() - t0) * 1e3)
     return statistics.median(times)
 
 
@@ -174,6 +174,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = args.shapes or ("gpu" if device.type == "cuda" else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     iters = args.iters or (20 if device.type == "cuda" else 5)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     rows = []
@@ -189,7 +191,8 @@ def main() -> None:
               f"grad_g/l={r.get('err_grouped_vs_loop_grad', float('nan')):.2e}", flush=True)
     if not rows:
         raise SystemExit("every shape failed")
-    print(f"\n{name}, {rows[0]['dtype']}, fwd+bwd milliseconds (median of {iters})")
+    clock = "device" if device.type == "cuda" else "1-thread CPU-time"
+    print(f"\n{name}, {rows[0]['dtype']}, fwd+bwd {clock} milliseconds (median of {iters})")
     print(f"{'shape':<28}{'dense':>9}{'moe':>9}{'ratio':>7}{'fwd ratio':>10}{'loop':>9}{'experts':>9}"
           f"{'exp/dense':>10}{'dense TF/s':>11}")
     for r in rows:
