@@ -28,7 +28,7 @@ TINY_MODEL = dict(vocab_size=4096, context_length=256, d_model=128, n_layers=4, 
 
 # The main job's training defaults beyond TrainConfig's: a time budget keeps it within minutes on a
 # loaded laptop (0 in a preset turns the budget off).
-MAIN_JOB_TRAIN = dict(time_budget_s=300.0)
+MAIN_JOB_TRAIN = dict(max_steps=300, time_budget_s=300.0)
 
 
 def _tiny_model() -> ModelConfig:
@@ -228,7 +228,10 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = True, tokenizer
                       flops_per_token=flops_per_token(cfg.model, seq_len)["total"],
                       config_record={"run": to_dict(cfg)})
     summary = trainer.train(resume=resume)
-    summary["final_eval"] = trainer.run_eval() if evaluate else {}
+    final = trainer.last_eval
+    if evaluate and (final is None or final["step"] != trainer.step):
+        final = trainer.run_eval()
+    summary["final_eval"] = {k: v for k, v in (final or {}).items() if k != "step"}
     summary["model"] = trainer.model
     summary["trainer"] = trainer
     return summary

@@ -113,9 +113,12 @@ def run_main_job(cfg: RunConfig, run_dir: str | Path, log=print) -> dict:
     stages = Stages(run_dir, log)
     job_start = time.perf_counter()
     tok = stage_tokenizer(cfg, run_dir, stages)
-    if cfg.model.vocab_size < tok.vocab_size:
-        log(f"[model] vocab_size {cfg.model.vocab_size} -> {tok.vocab_size} (the tokenizer's)")
-    cfg.model = cfg.model.replace(vocab_size=max(tok.vocab_size, cfg.model.vocab_size))
+    # The model's vocabulary is the tokenizer's, padded to a multiple of 64 (faster matmuls; the
+    # padded rows are never targets).
+    vocab = -(-tok.vocab_size // 64) * 64
+    if cfg.model.vocab_size != vocab:
+        log(f"[model] vocab_size {cfg.model.vocab_size} -> {vocab} (the tokenizer's {tok.vocab_size}, padded)")
+    cfg.model = cfg.model.replace(vocab_size=vocab)
     train_path, val_path = stage_shards(cfg, run_dir, stages, tok)
     cfg.data.train_shards, cfg.data.val_shards = str(train_path), str(val_path)
 

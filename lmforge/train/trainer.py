@@ -94,14 +94,15 @@ class Trainer:
         self.cfg = cfg
         self.device = next(model.parameters()).device
         self.model = model  # the module whose weights are saved (never compiled/wrapped)
-        self.train_model = model
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
-        if cfg.compile:
-            self.train_model = torch.compile(model)
         self.optimizer = optimizer
         self.batches = batches
         self.loss_fn = loss_fn
+        # Compile the loss computation as a whole, not just the model: then the logits are not an
+        # output of the compiled graph, so the compiler can fuse the head with the cross-entropy and
+        # free them early (measured on GPT-2 small: see docs/benchmarks.md, Training).
+        self._loss = torch.compile(self._call_loss) if cfg.compile else self._call_loss
         self.run_dir = Path(run_dir) if run_dir else None
         self.model_config = model_config
         self.evaluate_fn = evaluate
@@ -113,7 +114,11 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.history: list[dict] = []
+        self.last_eval: dict | None = None
         self._log: MetricsLog | None = None
+
+    def _call_loss(self, batch):
+        return self.loss_fn(self.model, batch)
 
     # -- checkpoints --
     @property
@@ -161,7 +166,7 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             batch = next(self.batches)
             with autocast_context(self.device, cfg.precision):
-                loss_sum, n, m = self.loss_fn(self.train_model, batch)
+                loss_sum, n, m = self._loss(batch)
             loss_sum.backward()
             loss_total += loss_sum.detach().float()
             n_total += n
@@ -248,6 +253,7 @@ class Trainer:
         record = {"step": self.step, **result}
         if self._log:
             self._log.write(record)
+        self.last_eval = record
         return record
 
     def run_samples(self) -> list[dict]:
