@@ -4,9 +4,13 @@ Every document keeps an id and metadata: for web archives the URL, WARC record i
 byte offset of the record in the file, and the HTTP charset; for HTML files the path. HTML stays
 HTML here (decoded to str with encoding detection); the `extract` step turns it into text.
 
+Hugging Face datasets stream through `datasets` when it is installed: an input
+`hf:NAME[@SPLIT][?config=C&data_files=GLOB]` (e.g. `hf:HuggingFaceFW/fineweb@train?config=sample-10BT`,
+or `hf:parquet@train?data_files=/data/*.parquet` for local files). Hub datasets need the network.
+
 WARC is read with fastwarc (fast, C++) or, when only warcio is installed, with warcio. `write_warc`
 writes gzipped WARC/1.0 response records by hand: it is how the example input and the test fixtures
-are made, so no download is ever needed. HF `datasets` streaming is not here: read its Parquet files.
+are made, so no download is ever needed.
 """
 
 from __future__ import annotations
@@ -135,9 +139,40 @@ def read_html_file(path: str) -> Iterator[Document]:
     yield Document(decode_html(raw), path, source=path, meta={"path": path, "content_type": "text/html"})
 
 
+def read_hf(spec: str, text_field: str = "text") -> Iterator[Document]:
+    """Stream a Hugging Face dataset named by `hf:NAME[@SPLIT][?config=C&data_files=GLOB]`."""
+    from urllib.parse import parse_qs
+
+    from lmforge.errors import require
+
+    datasets = require("datasets", "streaming Hugging Face datasets", package="datasets")
+    body, _, query = spec.removeprefix("hf:").partition("?")
+    name, _, split = body.partition("@")
+    opts = {k: v[-1] for k, v in parse_qs(query).items()}
+    unknown = set(opts) - {"config", "data_files"}
+    if not name or unknown:
+        raise DataError(f"input '{spec}': expected hf:NAME[@SPLIT][?config=C&data_files=GLOB]"
+                        + (f" (unknown option(s) {sorted(unknown)})" if unknown else ""))
+    try:
+        ds = datasets.load_dataset(name, opts.get("config"), split=split or "train", streaming=True,
+                                   data_files=opts.get("data_files"))
+    except Exception as e:  # datasets raises many types (network, missing config, bad files)
+        raise DataError(f"input '{spec}': cannot open the dataset: {type(e).__name__}: {e}") from None
+    for i, row in enumerate(ds):
+        text = row.get(text_field)
+        if not isinstance(text, str):
+            raise DataError(f"input '{spec}' row {i}: no string field '{text_field}' "
+                            f"(fields: {', '.join(row)})")
+        meta = {k: v for k, v in row.items() if k not in (text_field, "id") and isinstance(v, str | int | float | bool)}
+        yield Document(text, str(row.get("id", f"{name}:{i}")), source=spec, meta=meta)
+
+
 def read_input(path: str, text_field: str = "text", separator: str = "<|endoftext|>",
                errors: str = "strict", stats: dict | None = None) -> Iterator[Document]:
     """Documents of one input file of any supported format (chosen by its suffix)."""
+    if path.startswith("hf:"):
+        yield from read_hf(path, text_field)
+        return
     kind = _kind(path)
     if kind == "warc":
         yield from read_warc(path, stats)
@@ -158,7 +193,7 @@ def expand_inputs(spec: list[str]) -> list[str]:
     out: list[str] = []
     for entry in spec:
         p = Path(entry)
-        if entry == "embedded":
+        if entry == "embedded" or entry.startswith("hf:"):
             out.append(entry)
         elif p.is_dir():
             found = sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))

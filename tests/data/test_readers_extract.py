@@ -91,3 +91,16 @@ def test_wet_conversion_records(tmp_path):
         assert doc.text == "Plain extracted text.\nSecond line."
         assert doc.meta["record_type"] == "conversion" and doc.meta["content_type"] == "text/plain"
         assert doc.meta["url"] == "https://c.example/"
+
+
+def test_hf_datasets_streaming_on_local_parquet(tmp_path):
+    pytest.importorskip("datasets")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["first", "second"], "url": ["u1", "u2"]}), tmp_path / "p.parquet")
+    docs = list(read_input(f"hf:parquet@train?data_files={tmp_path}/p.parquet"))
+    assert [(d.text, d.meta) for d in docs] == [("first", {"url": "u1"}), ("second", {"url": "u2"})]
+    assert docs[1].id == "parquet:1"
+    with pytest.raises(DataError, match="unknown option"):
+        list(read_input("hf:parquet?revision=x"))
