@@ -6,11 +6,15 @@ MHA/GQA/MQA, tied or untied head; per family:
 - llama:   optional biases on all attention projections (`attention_bias`) and MLP (`mlp_bias`);
 - qwen2:   biases on q/k/v only;
 - qwen3:   QK-norm (per-head RMSNorm on q and k), no biases;
-- mistral: a sliding window on every layer.
+- mistral: a sliding window on every layer;
+- mixtral: every layer a mixture of experts with softmax top-k routing renormalised over the k
+  chosen (our `topk_softmax`, or `softmax_topk` with `normalize_topk`), no shared experts, no
+  capacity limit or routing bias; our stacked expert weights are split into Mixtral's per-expert
+  w1 (gate), w3 (up), w2 (down) and back.
 Our RoPE uses HF's rotate-half layout (see model/positions.py), so q/k weights map unpermuted.
-Anything else (MoE, MLA, MTP, post/sandwich norms, softcaps, learned positions, per-layer window
-patterns, rope scaling) raises CheckpointError naming the field that cannot map; key sets are
-checked strictly both ways (a missing or unexpected tensor is an error, never skipped).
+Anything else (other MoE variants, MLA, MTP, post/sandwich norms, softcaps, learned positions,
+per-layer window patterns, rope scaling) raises CheckpointError naming the field that cannot map;
+key sets are checked strictly both ways (a missing or unexpected tensor is an error, never skipped).
 
 Neither direction needs `transformers`; the tests use it as the reference implementation.
 Tokenizer export is the tokenizer stage's job.
@@ -27,9 +31,9 @@ from lmforge.errors import CheckpointError
 from lmforge.io import atomic_dir, read_json
 from lmforge.model.config import ModelConfig
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "mixtral")
 _ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-         "mistral": "MistralForCausalLM"}
+         "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}
 # Per-layer tensors: lmforge name -> HF name (both relative to the layer prefix).
 _LAYER_KEYS = {
     "norm1.weight": "input_layernorm.weight",
@@ -55,10 +59,26 @@ _GLOBAL_KEYS = {"tok_emb.weight": "model.embed_tokens.weight", "norm_f.weight": 
                 "lm_head.weight": "lm_head.weight"}
 
 
+def _moe_unmappable(cfg: ModelConfig) -> list[str]:
+    """Reasons the MoE of `cfg` is not a Mixtral MoE."""
+    m = cfg.moe
+    mixtral_routing = m.routing == "topk_softmax" or (m.routing == "softmax_topk" and m.normalize_topk)
+    checks = [
+        (not mixtral_routing, f"moe.routing = {m.routing!r}, normalize_topk = {m.normalize_topk} (Mixtral: "
+                              "softmax over the top k)"),
+        (m.n_shared_experts > 0, f"moe.n_shared_experts = {m.n_shared_experts}"),
+        (m.route_scale != 1.0, f"moe.route_scale = {m.route_scale}"),
+        (m.capacity_factor is not None, f"moe.capacity_factor = {m.capacity_factor}"),
+        (m.aux_free_bias, "moe.aux_free_bias = true (a routing bias)"),
+        (cfg.n_dense_layers > 0, f"n_dense_layers = {cfg.n_dense_layers}"),
+        (cfg.qk_norm or cfg.qkv_bias or cfg.bias, "qk_norm or biases with moe"),
+    ]
+    return [f"{why} has no HF Mixtral equivalent" for bad, why in checks if bad]
+
+
 def _unmappable(cfg: ModelConfig) -> list[str]:
     """Reasons `cfg` has no HF Llama-family equivalent (empty if it maps)."""
     checks = [
-        (cfg.moe is not None, "moe is set (HF Llama/Qwen2/Qwen3/Mistral have no MoE layers)"),
         (cfg.mla is not None, "mla is set (multi-head latent attention)"),
         (cfg.mtp_depth > 0, f"mtp_depth = {cfg.mtp_depth} (multi-token prediction modules)"),
         (cfg.norm != "rmsnorm", f"norm = {cfg.norm!r} (needs 'rmsnorm')"),
@@ -75,7 +95,7 @@ def _unmappable(cfg: ModelConfig) -> list[str]:
         (cfg.window is not None and (cfg.qk_norm or cfg.qkv_bias),
          "window with qk_norm or biases (only Mistral has a window on every layer)"),
     ]
-    return [why for bad, why in checks if bad]
+    return [why for bad, why in checks if bad] + (_moe_unmappable(cfg) if cfg.moe is not None else [])
 
 
 def family_for(cfg: ModelConfig) -> str:
@@ -84,6 +104,8 @@ def family_for(cfg: ModelConfig) -> str:
     if reasons:
         raise CheckpointError("this model cannot be exported to a HF Llama/Qwen2/Qwen3/Mistral "
                               "checkpoint: " + "; ".join(reasons))
+    if cfg.moe is not None:
+        return "mixtral"
     if cfg.window is not None:
         return "mistral"
     if cfg.qk_norm:
@@ -117,6 +139,10 @@ def to_hf_config(cfg: ModelConfig, family: str | None = None, dtype: torch.dtype
         out.update(attention_bias=False)
     elif family == "mistral":
         out.update(sliding_window=cfg.window)
+    elif family == "mixtral":
+        out.update(sliding_window=cfg.window, num_local_experts=cfg.moe.n_experts,
+                   num_experts_per_tok=cfg.moe.top_k, intermediate_size=cfg.moe.expert_width(cfg.d_model, True),
+                   router_aux_loss_coef=cfg.moe.balance_loss_coef, output_router_logits=False)
     return out
 
 
@@ -126,7 +152,7 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     if family not in FAMILIES:
         raise CheckpointError(f"{source}: model_type {family!r} (architectures {hf.get('architectures')}) "
                               f"cannot be imported; supported: {', '.join(FAMILIES)} "
-                              "(MoE families such as mixtral, qwen2_moe or deepseek_v3 are not)")
+                              "(other MoE families, e.g. qwen2_moe or deepseek_v3, are not)")
 
     def get(key, default=None):
         return hf.get(key, default)
@@ -145,9 +171,15 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
                               "is not supported (lmforge biases all Linears or none)")
     if family in ("qwen3",) and attention_bias:
         raise CheckpointError(f"{source}: qwen3 with attention_bias = true is not supported")
-    window = None
-    if family == "mistral":
+    window, moe = None, None
+    if family in ("mistral", "mixtral"):
         window = get("sliding_window")
+    if family == "mixtral":
+        from lmforge.model.moe import MoEConfig
+
+        moe = MoEConfig(n_experts=get("num_local_experts"), top_k=get("num_experts_per_tok"),
+                        d_expert=get("intermediate_size"), routing="topk_softmax",
+                        balance_loss_coef=get("router_aux_loss_coef", 0.0))
     elif family in ("qwen2", "qwen3") and get("use_sliding_window", False):
         raise CheckpointError(f"{source}: use_sliding_window = true (per-layer windows) is not supported")
     n_heads = get("num_attention_heads")
@@ -159,26 +191,76 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
         norm_eps=get("rms_norm_eps", 1e-6), rope_theta=float(theta),
         bias=attention_bias if family == "llama" else False,
         qkv_bias=attention_bias if family in ("llama", "qwen2") else False,
-        qk_norm=family == "qwen3", window=window,
+        qk_norm=family == "qwen3", window=window, moe=moe,
         tie_embeddings=bool(get("tie_word_embeddings", False)), init_std=get("initializer_range", 0.02))
 
 
-def key_map(cfg: ModelConfig) -> dict[str, str]:
-    """lmforge parameter name -> HF tensor name, for exactly the tensors `cfg`'s model has."""
+def _hf_name(name: str) -> str:
+    """lmforge parameter name -> HF tensor name (dense parameters)."""
+    if name in _GLOBAL_KEYS:
+        return _GLOBAL_KEYS[name]
+    _, layer, rest = name.split(".", 2)  # blocks.<i>.<rest>
+    if rest not in _LAYER_KEYS:
+        raise CheckpointError(f"parameter {name} has no HF equivalent")
+    return f"model.layers.{layer}.{_LAYER_KEYS[rest]}"
+
+
+def to_hf_tensors(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """lmforge parameters -> HF tensors. MoE layers become Mixtral's per-expert w1/w3/w2 and gate."""
+    out = {}
+    for name, t in params.items():
+        if ".mlp.router" in name or ".mlp.w_in" in name or ".mlp.w_out" in name:
+            layer = name.split(".")[1]
+            pre = f"model.layers.{layer}.block_sparse_moe"
+            if name.endswith("router"):
+                out[f"{pre}.gate.weight"] = t
+            elif name.endswith("w_in"):  # [E, d, 2f], gate | up side by side
+                f = t.shape[-1] // 2
+                for e in range(t.shape[0]):
+                    out[f"{pre}.experts.{e}.w1.weight"] = t[e, :, :f].t()
+                    out[f"{pre}.experts.{e}.w3.weight"] = t[e, :, f:].t()
+            else:  # w_out [E, f, d]
+                for e in range(t.shape[0]):
+                    out[f"{pre}.experts.{e}.w2.weight"] = t[e].t()
+        else:
+            out[_hf_name(name)] = t
+    return out
+
+
+def from_hf_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF tensors (already checked against `hf_names(cfg)`) -> lmforge parameters."""
+    state = {}
+    for name in _param_names(cfg):
+        if ".mlp.router" in name or ".mlp.w_in" in name or ".mlp.w_out" in name:
+            pre = f"model.layers.{name.split('.')[1]}.block_sparse_moe"
+            E = cfg.moe.n_experts
+            if name.endswith("router"):
+                state[name] = tensors[f"{pre}.gate.weight"]
+            elif name.endswith("w_in"):
+                state[name] = torch.stack([torch.cat((tensors[f"{pre}.experts.{e}.w1.weight"].t(),
+                                                      tensors[f"{pre}.experts.{e}.w3.weight"].t()), dim=-1)
+                                           for e in range(E)])
+            else:
+                state[name] = torch.stack([tensors[f"{pre}.experts.{e}.w2.weight"].t() for e in range(E)])
+        else:
+            state[name] = tensors[_hf_name(name)]
+    return state
+
+
+def _meta_model(cfg: ModelConfig):
     from lmforge.model.transformer import Transformer
 
     with torch.device("meta"):
-        names = [n for n, _ in Transformer(cfg).named_parameters()]
-    out = {}
-    for name in names:
-        if name in _GLOBAL_KEYS:
-            out[name] = _GLOBAL_KEYS[name]
-            continue
-        _, layer, rest = name.split(".", 2)  # blocks.<i>.<rest>
-        if rest not in _LAYER_KEYS:
-            raise CheckpointError(f"parameter {name} has no HF equivalent")
-        out[name] = f"model.layers.{layer}.{_LAYER_KEYS[rest]}"
-    return out
+        return Transformer(cfg)
+
+
+def _param_names(cfg: ModelConfig) -> list[str]:
+    return [n for n, _ in _meta_model(cfg).named_parameters()]
+
+
+def hf_names(cfg: ModelConfig) -> set[str]:
+    """The exact set of HF tensor names a checkpoint of `cfg` has."""
+    return set(to_hf_tensors(dict(_meta_model(cfg).named_parameters())))
 
 
 def _check_keys(expected: set[str], got: set[str], where: str) -> None:
@@ -194,12 +276,12 @@ def export_hf(model, out_dir: str | Path, family: str | None = None, dtype: torc
     from safetensors.torch import save_file
 
     cfg = model.cfg
-    state = model.state_dict()
-    dtype = dtype or next(iter(state.values())).dtype
+    params = dict(model.named_parameters())
+    dtype = dtype or next(iter(params.values())).dtype
     hf_cfg = to_hf_config(cfg, family, dtype)  # first: says why a model cannot map
-    names = key_map(cfg)
-    _check_keys(set(names), set(state), "lmforge model")
-    tensors = {names[k]: v.detach().to("cpu", dtype).contiguous().clone() for k, v in state.items()}
+    tensors = {k: v.detach().to("cpu", dtype).contiguous().clone()
+               for k, v in to_hf_tensors(params).items()}
+    _check_keys(hf_names(cfg), set(tensors), "lmforge model")
     with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -229,26 +311,31 @@ _DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 def import_hf(path: str | Path, dtype: torch.dtype = torch.float32, attention_backend: str | None = None):
     """Load a HF Llama/Qwen2/Qwen3/Mistral checkpoint directory as an lmforge Transformer."""
-    from lmforge.model.transformer import Transformer
-
     path = Path(path)
     cfg = from_hf_config(read_json(path / "config.json", "HF config"), str(path / "config.json"))
     if attention_backend:
         cfg.attention_backend = attention_backend
     tensors = {k: v for k, v in _read_tensors(path).items() if not k.endswith(_DERIVED_SUFFIXES)}
-    names = key_map(cfg)
     if cfg.tie_embeddings and "lm_head.weight" in tensors:
         # some tied checkpoints also store the head; accept it only if it is the embedding
         if not torch.equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
             raise CheckpointError(f"{path}: tie_word_embeddings = true but lm_head.weight differs "
                                   "from model.embed_tokens.weight")
         del tensors["lm_head.weight"]
-    _check_keys(set(names.values()), set(tensors), str(path))
-    state = {ours: tensors[theirs].to(dtype) for ours, theirs in names.items()}
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    _check_keys(hf_names(cfg), set(tensors), str(path))
     try:
-        model.load_state_dict(state, strict=True, assign=True)
+        state = {k: v.to(dtype) for k, v in from_hf_tensors(tensors, cfg).items()}
+    except RuntimeError as e:  # experts of different shapes
+        raise CheckpointError(f"{path}: tensors do not fit config.json: {e}") from None
+    model = _meta_model(cfg)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatches between config.json and the tensors
         raise CheckpointError(f"{path}: tensors do not fit config.json: {e}") from None
+    buffers = {n for n, _ in model.named_buffers()}
+    assert not unexpected and set(missing) <= buffers, (missing, unexpected)
+    for m in model.modules():  # MoE routing bias / load counters: zero (Mixtral has no bias)
+        for name, buf in m._buffers.items():
+            if buf is not None and buf.is_meta:
+                m._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype)
     return model
