@@ -78,6 +78,10 @@ def choose_impl(op: str, impl: str, *tensors: torch.Tensor, uses_bf16_dot: bool 
     if impl == "torch":
         return "torch"
     reason = triton_unavailable_reason(*tensors, uses_bf16_dot=uses_bf16_dot)
+    if impl == "auto" and reason is None and any(t.device.type != "cuda" for t in tensors):
+        # The interpreter is a test tool, far slower than the torch path: "auto" never picks it, so
+        # a test suite that sets TRITON_INTERPRET for kernel tests does not change other tests.
+        reason = "tensors are not on a GPU (the Triton interpreter runs only with impl='triton')"
     if reason is None:
         return "triton"
     if impl == "triton":
