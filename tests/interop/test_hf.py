@@ -136,3 +136,40 @@ def test_import_rejects_rope_scaling(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="rope type 'llama3'"):
         import_hf(tmp_path)
+
+
+def test_cli_round_trip_through_hf_in_bf16(tmp_path, capsys):
+    from lmforge.cli import main
+    from lmforge.model.checkpoint import load_model, save_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=61, context_length=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48)
+    model = Transformer(cfg)
+    save_model(tmp_path / "ours", model, cfg)
+    assert main(["interop", "export-hf", "--model", str(tmp_path / "ours"), "--out", str(tmp_path / "hf"),
+                 "--dtype", "bf16"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert main(["interop", "import-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    back, back_cfg = load_model(tmp_path / "back")
+    assert back_cfg == cfg
+    for (n, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a.to(torch.bfloat16).float(), b), n  # exactly the bf16 rounding
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_import_sharded_checkpoint(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ref = hf_model("qwen2")
+    ref.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for fname, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(tmp_path / fname), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(import_hf(tmp_path)(x).logits, ref(x).logits, rtol=1e-4, atol=1e-4)
