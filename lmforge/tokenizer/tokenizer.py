@@ -33,6 +33,7 @@ from lmforge.tokenizer import _native
 from lmforge.tokenizer.pretokenize import pattern_name, replace_surrogates, resolve_pattern, special_regex
 
 _CACHE_LIMIT = 200_000
+_NO_MERGE = 1 << 62  # rank of a pair that is not a merge
 
 
 class Tokenizer:
@@ -156,36 +157,42 @@ class Tokenizer:
     # ------------------------------------------------------------------ encoding
 
     def _encode_word(self, word: bytes) -> list[int]:
+        """BPE on one word: repeatedly merge the adjacent pair with the earliest merge.
+
+        Merging one occurrence at a time (the leftmost of the earliest pair) gives the same result as
+        merging all occurrences of that pair left to right, because a pair that involves the new
+        token always comes later in the merge order. Only the two pairs next to a merge are
+        re-ranked, so a word of n bytes costs O(n) rank lookups plus O(n) per merge for the min.
+        """
         ids = [self.byte_ids[b] for b in word]
+        if len(ids) < 2:
+            return ids
         ranks = self.ranks
-        while len(ids) >= 2:
-            best = None
-            for i in range(len(ids) - 1):
-                r = ranks.get((ids[i], ids[i + 1]))
-                if r is not None and (best is None or r[0] < best[0]):
-                    best = r
-            if best is None:
+        none = (_NO_MERGE, -1)
+        pair = [ranks.get((ids[i], ids[i + 1]), none) for i in range(len(ids) - 1)]
+        while pair:
+            i = min(range(len(pair)), key=pair.__getitem__)
+            rank, new = pair[i]
+            if rank == _NO_MERGE:
                 break
-            rank, new = best
-            a, b = self.merges[rank][0], self.merges[rank][1]
-            out, i = [], 0
-            while i < len(ids):
-                if i + 1 < len(ids) and ids[i] == a and ids[i + 1] == b:
-                    out.append(new)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            ids = out
+            ids[i:i + 2] = [new]
+            del pair[i]
+            if i > 0:
+                pair[i - 1] = ranks.get((ids[i - 1], new), none)
+            if i < len(pair):
+                pair[i] = ranks.get((new, ids[i + 1]), none)
         return ids
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Ids of `text` with every special token treated as ordinary text."""
         if self._tiktoken is not None:
             return self._tiktoken.encode_ordinary(text)
+        return self._encode_words(self._split(text))
+
+    def _encode_words(self, words: Iterable[str]) -> list[int]:
         out: list[int] = []
         cache = self._cache
-        for word in self._split(text):
+        for word in words:
             ids = cache.get(word)
             if ids is None:
                 try:
@@ -217,12 +224,7 @@ class Tokenizer:
         TokenizerError; one in neither is encoded as ordinary text."""
         allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
         if disallowed:
-            m = self._allowed_re(frozenset(disallowed)).search(text)
-            if m:
-                raise TokenizerError(
-                    f"text contains the special token {m.group()!r} at character {m.start()}; pass "
-                    f"allowed_special={{{m.group()!r}}} to encode it as a special token, or "
-                    "disallowed_special=() to encode it as ordinary text")
+            self._check_disallowed(self._allowed_re(frozenset(disallowed)), text)
         if not allowed:
             return self.encode_ordinary(text)
         out: list[int] = []
@@ -234,6 +236,15 @@ class Tokenizer:
         out.extend(self.encode_ordinary(text[start:]))
         return out
 
+    @staticmethod
+    def _check_disallowed(disallowed_re, text: str, pos: int = 0) -> None:
+        m = disallowed_re.search(text, pos)
+        if m:
+            raise TokenizerError(
+                f"text contains the special token {m.group()!r} at character {m.start()}; pass "
+                f"allowed_special={{{m.group()!r}}} to encode it as a special token, or "
+                "disallowed_special=() to encode it as ordinary text")
+
     @functools.lru_cache(maxsize=16)  # noqa: B019 (a handful of allowed sets per tokenizer)
     def _allowed_re(self, allowed: frozenset):
         return special_regex(allowed)
@@ -242,41 +253,46 @@ class Tokenizer:
                         disallowed_special: Iterable[str] | str = "all") -> Iterator[int]:
         """Yield the ids of "".join(texts) lazily, holding only a small tail of text in memory.
 
-        Ids equal `encode("".join(texts))`: a chunk is encoded only up to the start of its last two
-        words (whose split may still change with more text) and never through a possible prefix of a
-        special token; the rest is carried into the next chunk.
+        Ids equal `encode("".join(texts))`. Each chunk is appended to the carried tail; text up to the
+        last allowed special token is final; after it, words are split with the whole buffer as
+        context and all but the last two are final (more text can still change how those two
+        split), and nothing from a possible prefix of a special token on is final. The rest is
+        carried into the next chunk.
         """
-        allowed, _ = self._special_sets(allowed_special, disallowed_special)
+        allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
         allowed_re = self._allowed_re(frozenset(allowed)) if allowed else None
+        disallowed_re = self._allowed_re(frozenset(disallowed)) if disallowed else None
         longest = max((len(s) for s in self.special_tokens), default=0)
         carry = ""
         for chunk in texts:
             buf = carry + chunk
-            cut = self._safe_cut(buf, allowed_re, longest)
-            if cut > 0:
-                yield from self.encode(buf[:cut], allowed_special, disallowed_special)
-            carry = buf[cut:]
+            spans = [m.span() for m in allowed_re.finditer(buf)] if allowed_re is not None else []
+            tail = spans[-1][1] if spans else 0
+            if tail:
+                yield from self.encode(buf[:tail], allowed_special, disallowed_special)
+            if disallowed_re is not None:
+                self._check_disallowed(disallowed_re, buf, tail)  # (its offset counts from the carried tail)
+            words = [m.span() for m in self._pat.finditer(buf, tail)]
+            keep = self._held_back(buf, tail, words, longest)
+            yield from self._encode_words(buf[s:e] for s, e in words[:keep])
+            if keep < len(words):
+                carry = buf[words[keep][0]:]
+            else:  # (only custom patterns leave text outside every word)
+                carry = buf[words[-1][1] if words else tail:]
         if carry:
             yield from self.encode(carry, allowed_special, disallowed_special)
 
-    def _safe_cut(self, buf: str, allowed_re, longest: int) -> int:
-        spans = [m.span() for m in allowed_re.finditer(buf)] if allowed_re is not None else []
-        tail = spans[-1][1] if spans else 0
-        starts = [m.start() for m in self._pat.finditer(buf, tail)]
-        cut = starts[-2] if len(starts) >= 2 else tail
+    def _held_back(self, buf: str, tail: int, words: list[tuple[int, int]], longest: int) -> int:
+        """How many of `words` (the buffer's words after `tail`) are final."""
+        cut = words[-2][0] if len(words) >= 2 else tail
         for k in range(min(longest - 1, len(buf) - tail), 0, -1):
-            suffix = buf[-k:]
-            if any(s.startswith(suffix) for s in self.special_tokens):
-                # If the special token completes, the ordinary text ends at its start, which can
-                # change how the words just before it split: keep those words back too.
-                p = len(buf) - k
-                starts = [m.start() for m in self._pat.finditer(buf, tail, p)]
-                cut = min(cut, starts[-2] if len(starts) >= 2 else tail)
+            if any(s.startswith(buf[-k:]) for s in self.special_tokens):
+                # If this special token completes, the ordinary text ends where it starts, which
+                # can change how the words just before it split: hold those back too.
+                alone = [m.start() for m in self._pat.finditer(buf, tail, len(buf) - k)]
+                cut = min(cut, alone[-2] if len(alone) >= 2 else tail)
                 break
-        for s, e in reversed(spans):
-            if s < cut < e:
-                cut = s
-        return cut
+        return sum(1 for _, e in words if e <= cut)
 
     def encode_batch(self, texts: list[str], workers: int | None = None, allowed_special=(),
                      disallowed_special="all") -> list[list[int]]:

@@ -141,3 +141,15 @@ def test_tiktoken_backend_equals_reference(small_tokenizer, code, prose):
         assert fast.encode(text, allowed_special="all") == small_tokenizer.encode(text, allowed_special="all")
     with pytest.raises(TokenizerError):
         fast.encode("<|pad|>")
+
+
+def test_encode_iterable_edge_cases(small_tokenizer):
+    # a disallowed special token split across chunks is still caught
+    with pytest.raises(TokenizerError, match="endoftext"):
+        list(small_tokenizer.encode_iterable(["abc <|endof", "text|> def"]))
+    # the GPT-2 pattern splits "\n\n'll" as "\n", "\n", "'ll": a cut after "\n\n" must not merge them
+    chunks = ["\n\n'", "l", "l"]
+    assert list(small_tokenizer.encode_iterable(chunks)) == small_tokenizer.encode("".join(chunks))
+    # a custom pattern that leaves text outside every word (dropped, as findall drops it)
+    tok = Tokenizer.from_merges([(97, 98)], [], pattern=r"ab|c")
+    assert list(tok.encode_iterable(["xa", "bxc", "a", "b"])) == tok.encode("xabxcab") == [256, 99, 256]
