@@ -19,6 +19,17 @@ from lmforge.model.moe import (
     upcycle_from_dense,
 )
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These shapes are tiny: a second intra-op thread only adds barrier waits (seen 3x slower on
+    the shared 2-core CI machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 D = 24  # d_model: not a power of two, and 24·4 bytes is 16-byte aligned for the grouped-mm path
 
 
@@ -186,7 +197,7 @@ def test_aux_free_bias_moves_skewed_load_toward_uniform(routing):
     torch.manual_seed(3)
     e = 8
     moe = MoE(D, MoEConfig(n_experts=e, top_k=2, d_expert=8, routing=routing, aux_free_bias=True,
-                           bias_update_rate=0.01, balance_loss_coef=0.0), init_std=0.3)
+                           bias_update_rate=0.015, balance_loss_coef=0.0), init_std=0.3)
     with torch.no_grad():
         moe.router[:, 0] = torch.linspace(2.0, -2.0, e)  # input feature 0 (always ~ +1) favours expert 0
     moe.train()
@@ -198,13 +209,13 @@ def test_aux_free_bias_moves_skewed_load_toward_uniform(routing):
 
     loads = []
     with torch.no_grad():
-        for _ in range(200):
+        for _ in range(120):
             loads.append(moe(batch())[2]["expert_load"])
             moe.update_routing_bias()
-    # load relative to uniform (1.0 = balanced); later loads are averaged over 50 batches of 64
+    # load relative to uniform (1.0 = balanced); later loads are averaged over 40 batches of 64
     # tokens, since one batch's 128 assignments alone have sampling noise of about ±25%
     first = loads[0] * e
-    last = torch.stack(loads[-50:]).mean(0) * e
+    last = torch.stack(loads[-40:]).mean(0) * e
     assert first.max() > 3.0
     assert last.max() < 1.2 and last.min() > 0.8
     assert moe.routing_bias[0] < moe.routing_bias[-1]  # over-loaded expert pushed down, starved one up
