@@ -10,7 +10,9 @@ count go to the aspect ratio closest to 64.
 `isoflop_grid(budgets, ...)` lays out a Chinchilla-style sweep: per FLOP budget, model sizes
 log-spaced around a first guess of the optimum (20 tokens/parameter), each trained for the tokens
 its budget buys, counted with `flops_per_token` (matmuls incl. attention and the LM head, forward
-+ backward), in whole optimizer steps.
++ backward), in whole optimizer steps. `hparam_grid(budgets, ...)` lays out a DeepSeek-style
+sweep instead: per budget one shape (at the same first guess) trained with every combination of
+learning rate and batch size from the given lists, each spending the budget.
 """
 
 from __future__ import annotations
@@ -173,4 +175,27 @@ def isoflop_grid(budgets: list[float], template: ModelConfig, *, sizes_per_budge
             if steps < min_steps:
                 continue
             runs.append(GridRun(budget, shape.config, steps, batch_size, seq_len, lr, seed))
+    return runs
+
+
+def hparam_grid(budgets: list[float], template: ModelConfig, *, lrs: list[float], batch_sizes: list[int],
+                seq_len: int, tokens_per_param: float = 20.0, seed: int = 0, min_steps: int = 10,
+                param_kind: str = "non_embedding",
+                aspect_range: tuple[float, float] = (32.0, 128.0)) -> list[GridRun]:
+    """Per budget: the shape nearest N_guess = sqrt(C / (6·tokens_per_param)), trained with every
+    (lr, batch size in sequences) pair for the steps that spend C; pairs under `min_steps` are dropped."""
+    if not budgets or any(not (b > 0) for b in budgets):
+        raise ConfigError(f"sweep budgets must be positive FLOP counts, got {budgets}")
+    if not lrs or not batch_sizes or any(lr <= 0 for lr in lrs) or any(b < 1 for b in batch_sizes):
+        raise ConfigError(f"a hyperparameter sweep needs positive lrs and batch sizes, got {lrs}, {batch_sizes}")
+    runs = []
+    for budget in sorted(budgets):
+        guess = math.sqrt(budget / (6.0 * tokens_per_param))
+        cfg = shape_for_params(guess, template, param_kind=param_kind, aspect_range=aspect_range).config
+        fpt = flops_per_token(cfg, seq_len)["total"]
+        for batch in batch_sizes:
+            steps = round(budget / (fpt * batch * seq_len))
+            if steps < min_steps:
+                continue
+            runs.extend(GridRun(budget, cfg, steps, batch, seq_len, lr, seed) for lr in lrs)
     return runs

@@ -11,9 +11,12 @@ length, checkpoints, metrics.jsonl in `sweep_dir/runs/<run id>/`). After each ru
 - `curves.csv`: each run's training-loss curve (run, params, tokens, flops, loss), the input of
   approach 1.
 
+With `kind = "hparams"` the grid is one shape per budget trained at every (lr, batch size) pair,
+and the same results table feeds `lmforge scaling fit --method hparams`.
+
 Run ids hash everything that decides a result, so a rerun skips finished runs and a changed
-config trains the runs it changes. Runs go one at a time on one device; packing several small
-runs onto one GPU at once is not done here.
+config trains the runs it changes. With `parallel = k`, k runs train at once in separate processes
+on the same device (small runs leave most of a GPU idle); the table is written by the parent.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import write_json, write_text
-from lmforge.scaling.shapes import GridRun, isoflop_grid
+from lmforge.scaling.shapes import GridRun, hparam_grid, isoflop_grid
 
 
 @dataclass
@@ -50,10 +53,19 @@ class SweepConfig:
     aspect_min: float = 32.0  # d_model / n_layers range of the shapes
     aspect_max: float = 128.0
     cpu_threads: int | None = None  # torch threads while training on CPU (1 is fastest on a busy machine)
+    parallel: int = 1  # runs trained at once, each in its own process (several small runs share one GPU)
+    # kind = "hparams": one shape per budget, every (lr, batch size) pair below (DeepSeek-LLM style)
+    kind: str = "isoflop"
+    lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
+    batch_sizes: list[int] = field(default_factory=lambda: [4, 8, 16])
 
     def __post_init__(self) -> None:
         if not self.budgets:
             raise ConfigError("SweepConfig: budgets is empty")
+        if self.parallel < 1:
+            raise ConfigError(f"SweepConfig: parallel = {self.parallel} must be >= 1")
+        if self.kind not in ("isoflop", "hparams"):
+            raise ConfigError(f"SweepConfig: kind = {self.kind!r} must be 'isoflop' or 'hparams'")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError(f"SweepConfig: warmup_fraction = {self.warmup_fraction} must be in [0, 1)")
 
@@ -62,6 +74,10 @@ def build_grid(cfg: SweepConfig, vocab_size: int) -> list[GridRun]:
     from lmforge.model import ModelConfig
 
     template = ModelConfig(vocab_size=vocab_size, context_length=cfg.seq_len)
+    if cfg.kind == "hparams":
+        return hparam_grid(cfg.budgets, template, lrs=cfg.lrs, batch_sizes=cfg.batch_sizes, seq_len=cfg.seq_len,
+                           tokens_per_param=cfg.tokens_per_param, seed=cfg.seed, min_steps=cfg.min_steps,
+                           param_kind=cfg.param_kind, aspect_range=(cfg.aspect_min, cfg.aspect_max))
     return isoflop_grid(cfg.budgets, template, sizes_per_budget=cfg.sizes_per_budget, span=cfg.span,
                         tokens_per_param=cfg.tokens_per_param, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                         lr=cfg.lr, seed=cfg.seed, min_steps=cfg.min_steps, param_kind=cfg.param_kind,
@@ -158,13 +174,26 @@ def run_sweep(cfg: SweepConfig, sweep_dir: str | Path, train_shards: str, val_sh
     todo = [r for r in grid if r.run_id not in done]
     log(f"[sweep] {len(grid)} runs in the grid over {len(cfg.budgets)} budgets; {len(grid) - len(todo)} done, "
         f"{len(todo)} to train -> {sweep_dir}")
-    for i, run in enumerate(todo[:max_runs] if max_runs is not None else todo):
-        c = run.config
-        log(f"[sweep] {i + 1}/{len(todo)} C={run.budget:.3g}: L={c.n_layers} d={c.d_model} "
-            f"N={run.row()['params']:,} steps={run.steps} tokens={run.tokens:,}")
-        row = train_one(run, cfg, sweep_dir / "runs" / run.run_id, train_shards, val_shards)
+    todo = todo[:max_runs] if max_runs is not None else todo
+
+    def record(i: int, run: GridRun, row: dict) -> None:
         curves.extend(row.pop("_curve"))
         rows.append(row)
         _write_tables(sweep_dir, rows, curves)
-        log(f"[sweep]   loss {row['loss']:.4f} ({row['loss_source']}) in {row['seconds']:.1f}s")
+        log(f"[sweep] {i + 1}/{len(todo)} {row['run']} (C={run.budget:.3g}, N={row['params']:,}, "
+            f"steps={run.steps}): loss {row['loss']:.4f} ({row['loss_source']}) in {row['seconds']:.1f}s")
+
+    if cfg.parallel == 1:
+        for i, run in enumerate(todo):
+            record(i, run, train_one(run, cfg, sweep_dir / "runs" / run.run_id, train_shards, val_shards))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn, not fork: a forked child must not inherit an initialised CUDA context
+        with ProcessPoolExecutor(cfg.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(train_one, run, cfg, sweep_dir / "runs" / run.run_id, train_shards,
+                                   val_shards): run for run in todo}
+            for i, fut in enumerate(as_completed(futures)):
+                record(i, futures[fut], fut.result())
     return rows

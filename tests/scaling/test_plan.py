@@ -11,7 +11,7 @@ from lmforge.scaling.hparams import DEEPSEEK, fit_hparams, near_optimal_mask
 from lmforge.scaling.parametric import fit_parametric
 from lmforge.scaling.planner import chinchilla_fit, gpu_hours_to_flops, load_fit, plan, save_fit
 from lmforge.scaling.runs import Runs, load_runs
-from lmforge.scaling.shapes import _make, head_dim_for, isoflop_grid, shape_for_params
+from lmforge.scaling.shapes import _make, head_dim_for, hparam_grid, isoflop_grid, shape_for_params
 
 
 def test_load_runs_formats_aliases_and_derived_columns(tmp_path):
@@ -132,3 +132,18 @@ def test_gpu_hours_to_flops():
 def test_runs_table_from_rows_rejects_mismatched_lengths():
     with pytest.raises(DataError, match="different lengths"):
         Runs({"params": np.ones(3), "loss": np.ones(2)})
+
+
+def test_hparam_grid_one_shape_per_budget_every_pair_spends_it():
+    template = ModelConfig(vocab_size=97, context_length=40)
+    grid = hparam_grid([4e10, 1.2e11], template, lrs=[1e-3, 4e-3], batch_sizes=[2, 5], seq_len=40,
+                       aspect_range=(16, 128))
+    assert len(grid) == 8 and len({r.run_id for r in grid}) == 8
+    for b in (4e10, 1.2e11):
+        runs = [r for r in grid if r.budget == b]
+        assert len({(r.config.n_layers, r.config.d_model) for r in runs}) == 1
+        assert {(r.lr, r.batch_size) for r in runs} == {(1e-3, 2), (4e-3, 2), (1e-3, 5), (4e-3, 5)}
+        for r in runs:
+            assert abs(r.flops - b) <= r.flops_per_token * r.batch_size * 40 / 2 + 1
+    with pytest.raises(ConfigError, match="positive lrs"):
+        hparam_grid([1e9], template, lrs=[], batch_sizes=[2], seq_len=40)

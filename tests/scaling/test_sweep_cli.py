@@ -87,6 +87,19 @@ def test_larger_cpu_sweep_gives_convex_profiles(shards, tmp_path):
     assert mins == sorted(mins, reverse=True)  # more compute, lower best loss
 
 
+@pytest.mark.slow
+def test_parallel_hparam_sweep_feeds_the_hparam_fit(shards, tmp_path):
+    cfg = _tiny_config(kind="hparams", lrs=[1e-3, 1e-2], batch_sizes=[2, 4], parallel=2)
+    rows = run_sweep(cfg, tmp_path / "hp", str(shards / "train"), str(shards / "val"), log=lambda m: None)
+    assert len(rows) == 8 and {r["lr"] for r in rows} == {1e-3, 1e-2}
+    table = load_runs(tmp_path / "hp" / "results.csv")
+    from lmforge.scaling.hparams import fit_hparams
+
+    fit = fit_hparams(table["flops"], table["lr"], table["batch_size"], table["loss"], tol=0.0, n_boot=0)
+    best = {b: min(rows, key=lambda r: r["loss"] if r["budget"] == b else np.inf) for b in cfg.budgets}
+    assert fit.lr.predict(best[3e8]["flops"]) == pytest.approx(best[3e8]["lr"], rel=1e-6)
+
+
 def test_sweep_cli_dry_run_and_bad_override(shards, capsys):
     code = main(["scaling", "sweep", "--train-shards", str(shards / "train"), "--out", "unused", "--dry-run",
                  "budgets=[6e8,2e9]", "sizes_per_budget=3", "seq_len=32", "batch_size=4", "aspect_min=8"])
