@@ -132,29 +132,47 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, attention: str = "causal") -
                                       for i in range(cfg.n_layers)) / forward}
 
 
+def activations_per_token(cfg: ModelConfig, layer: int) -> int:
+    """Numbers one block saves for backward per token (flash-style attention: no T×T matrix)."""
+    d = cfg.d_model
+    n = 3 * d  # block input and the two normed inputs
+    if cfg.mla is None:
+        n += 2 * cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim  # q, k, v, output
+    else:
+        m, h = cfg.mla, cfg.n_heads
+        n += 2 * (m.q_lora_rank or 0) + 2 * (m.kv_lora_rank + m.qk_rope_head_dim)  # low-rank + normed
+        n += 2 * h * m.qk_head_dim + h * (m.qk_nope_head_dim + m.v_head_dim) + h * m.v_head_dim
+    hidden = 4 if cfg.glu else 2  # gate and up outputs, activation, product (plain: up, activation)
+    if cfg.layer_is_moe(layer):
+        moe, f = cfg.moe, cfg.moe.expert_width(d, cfg.glu)
+        n += moe.n_experts + 2 * moe.top_k * d + (moe.top_k + moe.n_shared_experts) * hidden * f
+    else:
+        n += hidden * cfg.d_ff
+    return n
+
+
 def memory_estimate(cfg: ModelConfig, batch_size: int, seq_len: int, *, weight_bytes: int = 4,
                     grad_bytes: int = 4, optimizer_bytes: int = 8, activation_bytes: int = 2,
                     activation_checkpointing: bool = False) -> dict[str, float]:
     """Bytes of GPU memory for one training step (AdamW in fp32 with bf16 autocast by default).
 
     weights/grads/optimizer: per parameter (fp32 master weights, fp32 grads, two AdamW moments).
-    activations: the tensors each block saves for backward, with a flash-style attention kernel
-    (no T×T matrix): the block input and normed inputs (3d), q/k/v and the attention output
-    (2·Hq·D + 2·Hkv·D), the MLP's hidden tensors (4·d_ff gated, 2·d_ff plain), in
-    `activation_bytes` each; plus the logits in 16-bit and the float32 copy the loss takes.
-    With activation checkpointing only each block's input is kept (+ one block recomputed).
-    MoE and MLA layers are estimated like a dense layer of the same d_ff; a rough figure.
+    activations: what each block saves for backward (`activations_per_token`: block input and
+    normed inputs, q/k/v and attention output or MLA's latents, the MLP's or chosen experts'
+    hidden tensors), in `activation_bytes` each, plus the logits in 16-bit and the float32 copy
+    the loss takes. With activation checkpointing only each block's input is kept, plus one
+    block's activations during its recomputation. An estimate: allocator overhead, temporary
+    buffers and fused-kernel savings are not modelled.
     """
     p = count_params(cfg)["total"]
     tokens = batch_size * seq_len
-    hq_d, hkv_d = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    per_layer = 3 * cfg.d_model + 2 * hq_d + 2 * hkv_d + (4 if cfg.glu else 2) * cfg.d_ff
-    n_blocks = cfg.n_layers + cfg.mtp_depth
+    layers = list(range(cfg.n_layers + cfg.mtp_depth))
+    per_layer = [activations_per_token(cfg, i) for i in layers]
     if activation_checkpointing:
-        acts = tokens * (n_blocks * cfg.d_model + per_layer) * activation_bytes
+        acts = tokens * (len(layers) * cfg.d_model + max(per_layer)) * activation_bytes
     else:
-        acts = tokens * n_blocks * per_layer * activation_bytes
-    acts += tokens * cfg.vocab_size * (activation_bytes + 4)
+        acts = tokens * sum(per_layer) * activation_bytes
+    acts += tokens * cfg.vocab_size * (activation_bytes + 4) * (1 + cfg.mtp_depth)
     out = {"weights": p * weight_bytes, "grads": p * grad_bytes, "optimizer": p * optimizer_bytes,
            "activations": acts}
     out["total"] = sum(out.values())

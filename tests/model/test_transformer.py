@@ -269,3 +269,32 @@ def test_fused_loss_equals_unfused_in_value_and_gradient(kw):
         torch.testing.assert_close(b.aux[k], a.aux[k], rtol=1e-5, atol=1e-6)
     for n in ga:
         torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", ["llama", "moe-mla", "gpt2"])
+def test_bf16_autocast_forward_backward_is_close_to_fp32(name):
+    model = make(**VARIANTS[name]).train()
+    with torch.no_grad():  # init-scale weights: bf16 rounding then stays a small relative error
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(0.1)
+    x, t = ids(), ids(seed=8)
+    ref = model(x, t).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t)
+    assert out.logits.dtype == torch.bfloat16 and out.ce_sum.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref, rtol=2e-2, atol=2e-2)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_dropout_only_in_training():
+    model = make(dropout=0.3)
+    x = ids()
+    torch.testing.assert_close(model(x).logits, model(x).logits)  # eval: deterministic
+    model.train()
+    torch.manual_seed(1)
+    a = model(x).logits
+    torch.manual_seed(2)
+    b = model(x).logits
+    assert (a - b).abs().max() > 1e-3
