@@ -28,7 +28,7 @@ TINY_MODEL = dict(vocab_size=4096, context_length=256, d_model=128, n_layers=4, 
 
 # The main job's training defaults beyond TrainConfig's: a time budget keeps it within minutes on a
 # loaded laptop (0 in a preset turns the budget off).
-MAIN_JOB_TRAIN = dict(max_steps=300, time_budget_s=300.0)
+MAIN_JOB_TRAIN = dict(max_steps=300, warmup_steps=10, time_budget_s=300.0)
 
 
 def _tiny_model() -> ModelConfig:

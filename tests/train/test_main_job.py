@@ -10,8 +10,8 @@ import pytest
 from lmforge.cli import main as cli
 
 TINY = ["tokenizer.vocab_size=300", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
-        "model.n_kv_heads=1", "model.context_length=48", "train.batch_size=4", "train.max_steps=12",
-        "train.eval_every=6", "train.eval_batches=2", "train.checkpoint_every=6", "train.warmup_steps=2",
+        "model.n_kv_heads=1", "model.context_length=48", "train.batch_size=4", "train.max_steps=8",
+        "train.eval_every=4", "train.eval_batches=2", "train.checkpoint_every=4", "train.warmup_steps=2",
         "train.progress=false", "train.log_every=2", "data.workers=1", "sample.max_new_tokens=8",
         "sample.prompts=['def ', 'x = ']"]
 
@@ -37,14 +37,14 @@ def test_main_job_end_to_end(tmp_path, corpus, capsys):
     assert cli(args) == 0
     out = capsys.readouterr().out
     for name in ["config.toml", "tokenizer/tokenizer.json", "data/train.bin", "data/val.bin", "metrics.jsonl",
-                 "eval.json", "samples.jsonl", "report.html", "checkpoints/step_000012/model.safetensors"]:
+                 "eval.json", "samples.jsonl", "report.html", "checkpoints/step_000008/model.safetensors"]:
         assert (run / name).exists(), name
     ev = json.loads((run / "eval.json").read_text())
-    assert ev["step"] == 12 and ev["val_bpb"] > 0 and ev["unigram_bpb"] > 0
+    assert ev["step"] == 8 and ev["val_bpb"] > 0 and ev["unigram_bpb"] > 0
     assert "validation bits/byte: model" in out
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "loss" in m] == [2, 4, 6, 8, 10, 12]
-    assert [m["step"] for m in metrics if "val_loss" in m] == [6, 12]
+    assert [m["step"] for m in metrics if "loss" in m] == [2, 4, 6, 8]
+    assert [m["step"] for m in metrics if "val_loss" in m] == [4, 8]
     assert metrics[-1]["val_loss"] == pytest.approx(ev["val_loss"])
     report = (run / "report.html").read_text()
     assert "validation bits per byte" in report and ("<svg" in report or "data:image/png" in report)
@@ -66,9 +66,9 @@ def test_main_job_end_to_end(tmp_path, corpus, capsys):
     assert capsys.readouterr().out.startswith("import ")
     cfg = run / "config.toml"
     assert cli(["train", "--config", str(cfg), "--out", str(run), "--tokenizer", str(run / "tokenizer"),
-                "train.max_steps=14"]) == 0
+                "train.max_steps=10"]) == 0
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "loss" in m][-2:] == [12, 14]
+    assert [m["step"] for m in metrics if "loss" in m][-2:] == [8, 10]
     assert cli(["train", "--config", str(cfg), "--out", str(run), "train.lr=1.0"]) == 2  # not the same run
     assert "train.lr" in capsys.readouterr().err
 

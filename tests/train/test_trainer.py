@@ -76,18 +76,18 @@ def test_tiny_model_overfits_tiny_batch():
     y = torch.randint(0, VOCAB, (2, 17), generator=g)
     model, mcfg = tiny_model(seed=0)
     opt = build_optimizer(model, "adamw", lr=3e-2, weight_decay=0.0, vocab_size=VOCAB)
-    t = Trainer(model, opt, ListBatches(x, y, 2), lm_loss, _cfg(max_steps=80, batch_size=2), model_config=mcfg)
+    t = Trainer(model, opt, ListBatches(x, y, 2), lm_loss, _cfg(max_steps=30, batch_size=2), model_config=mcfg)
     first = t.train_step()["loss"]
     assert first == pytest.approx(math.log(VOCAB), rel=0.1)
-    for _ in range(79):
+    for _ in range(29):
         last = t.train_step()["loss"]
-    assert last < 0.05 * first
+    assert last < 0.01 * first  # memorised (random tokens: nothing to generalise)
 
 
 def _packed_trainer(run_dir, shard_dir, max_steps, optimizer="adamw", hooks=None, **kw):
     model, mcfg = tiny_model(seed=3, dropout=0.1)  # dropout: the RNG state must be restored too
     kw = {**dict(warmup_steps=3), **kw}
-    cfg = _cfg(max_steps=max_steps, batch_size=3, grad_accum=2, checkpoint_every=4, keep_checkpoints=2,
+    cfg = _cfg(max_steps=max_steps, batch_size=3, grad_accum=2, checkpoint_every=2, keep_checkpoints=2,
                optimizer=optimizer, schedule="cosine", grad_clip=1.0, **kw)
     opt = build_optimizer(model, optimizer, lr=cfg.lr, muon_lr=cfg.muon_lr, vocab_size=VOCAB)
     batches = DocumentPacker(TokenStream(shard_dir), cfg.batch_size, 23)
@@ -100,28 +100,28 @@ class _Kill(Exception):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_kill_and_resume_is_bit_exact(tmp_path, shard_dir, optimizer):
-    full = _packed_trainer(tmp_path / "full", shard_dir, 10, optimizer)
+    full = _packed_trainer(tmp_path / "full", shard_dir, 6, optimizer)
     full.train()
     reference = [r["loss"] for r in full.history]
 
-    def kill_at_9(trainer, record):
-        if record["step"] == 9:
+    def kill_at_5(trainer, record):
+        if record["step"] == 5:
             raise _Kill
 
-    t = _packed_trainer(tmp_path / "run", shard_dir, 10, optimizer, hooks=[kill_at_9])
+    t = _packed_trainer(tmp_path / "run", shard_dir, 6, optimizer, hooks=[kill_at_5])
     with pytest.raises(_Kill):
         t.train()
     ckpts = [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")]
-    assert ckpts == ["step_000004", "step_000008"]  # kept the last 2
-    resumed = _packed_trainer(tmp_path / "run", shard_dir, 10, optimizer)
+    assert ckpts == ["step_000002", "step_000004"]  # kept the last 2
+    resumed = _packed_trainer(tmp_path / "run", shard_dir, 6, optimizer)
     resumed.train(resume=True)
-    assert [r["loss"] for r in resumed.history] == reference[8:]  # exactly, not approximately
+    assert [r["loss"] for r in resumed.history] == reference[4:]  # exactly, not approximately
     for a, b in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
     from lmforge.train.metrics import read_metrics
 
     steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
-    assert steps == list(range(1, 11))
+    assert steps == list(range(1, 7))
 
 
 def test_bad_checkpoints_are_refused(tmp_path, shard_dir):
@@ -164,12 +164,10 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, shard_dir):
 
     t = _packed_trainer(tmp_path / "run", shard_dir, 10)
     t.loss_fn = poisoned
-    before = None
     with pytest.raises(TrainingDiverged, match="step 5: loss = nan"):
         t.train()
     ckpts = list_checkpoints(tmp_path / "run" / "checkpoints")
-    assert [p.name for p in ckpts] == ["step_000004"]
+    assert [p.name for p in ckpts] == ["step_000002", "step_000004"]
     good = _packed_trainer(tmp_path / "run", shard_dir, 10)
     assert good.resume() and good.step == 4
     assert all(torch.isfinite(p).all() for p in good.model.parameters())
-    assert before is None
