@@ -6,6 +6,10 @@ When S > T (decoding with a cache) query i sits at key position S - T + i.
 Masking options: `causal`, `window` (a query attends to the last `window` keys, itself included),
 `doc_ids` [B, S] (a query attends only to keys of its own document: packed sequences).
 `softcap` applies cap·tanh(s/cap) to the scores; `scale` defaults to 1/sqrt(D).
+`query_positions` [B, T] (for preallocated caches, where key slot s holds position s): query t of
+row b sits at position query_positions[b, t] instead of S - T + t, and keys at later slots (stale
+or empty) are masked; rows may then have different lengths. Only the reference and SDPA backends
+take it ("triton" and "auto" run SDPA for it).
 
 Backends (registry `BACKENDS`, extend with `register_backend`):
 - "reference": explicit masked softmax, the spec;
@@ -41,18 +45,27 @@ _SDPA_HAS_GQA = _TORCH_VERSION >= (2, 5)
 
 
 def attention_mask(T: int, S: int, *, causal: bool, window: int | None, doc_ids: torch.Tensor | None,
-                   device: torch.device) -> torch.Tensor | None:
+                   device: torch.device, query_positions: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean mask [B or 1, 1, T, S], True where query t may attend to key s; None if all may."""
-    if not causal and window is None and doc_ids is None:
+    if not causal and window is None and doc_ids is None and query_positions is None:
         return None
-    q_pos = torch.arange(S - T, S, device=device).unsqueeze(1)  # [T, 1]
-    k_pos = torch.arange(S, device=device).unsqueeze(0)  # [1, S]
-    mask = torch.ones(T, S, dtype=torch.bool, device=device)
-    if causal:
-        mask &= k_pos <= q_pos
-    if window is not None:
-        mask &= (q_pos - k_pos < window) & (k_pos - q_pos < window)
-    mask = mask[None, None]
+    if query_positions is not None:  # per-row query positions; key slot s holds position s
+        if not causal:
+            raise ConfigError("query_positions needs causal attention (later slots are not keys yet)")
+        q_pos = query_positions[:, None, :, None]  # [B, 1, T, 1]
+        k_pos = torch.arange(S, device=device).view(1, 1, 1, S)
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask &= q_pos - k_pos < window
+    else:
+        q_pos = torch.arange(S - T, S, device=device).unsqueeze(1)  # [T, 1]
+        k_pos = torch.arange(S, device=device).unsqueeze(0)  # [1, S]
+        mask = torch.ones(T, S, dtype=torch.bool, device=device)
+        if causal:
+            mask &= k_pos <= q_pos
+        if window is not None:
+            mask &= (q_pos - k_pos < window) & (k_pos - q_pos < window)
+        mask = mask[None, None]
     if doc_ids is not None:
         if doc_ids.shape[-1] != S:
             raise ConfigError(f"doc_ids has length {doc_ids.shape[-1]}, expected the key length {S}")
@@ -79,7 +92,7 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def reference_attention(q, k, v, *, causal=True, window=None, softcap_value=None, scale=None,
-                        doc_ids=None):
+                        doc_ids=None, query_positions=None):
     """softmax(mask(softcap(q kᵀ · scale))) v, scores in float32: the spec other backends match."""
     _check_shapes(q, k, v)
     n_rep = q.shape[1] // k.shape[1]
@@ -87,7 +100,7 @@ def reference_attention(q, k, v, *, causal=True, window=None, softcap_value=None
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = softcap((upcast(q) @ upcast(k).transpose(-2, -1)) * scale, softcap_value)
     mask = attention_mask(q.shape[2], k.shape[2], causal=causal, window=window, doc_ids=doc_ids,
-                          device=q.device)
+                          device=q.device, query_positions=query_positions)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return (softmax(scores, dim=-1) @ upcast(v)).to(q.dtype)
@@ -96,14 +109,15 @@ def reference_attention(q, k, v, *, causal=True, window=None, softcap_value=None
 _warned: set[str] = set()
 
 
-def sdpa_attention(q, k, v, *, causal=True, window=None, softcap_value=None, scale=None, doc_ids=None):
+def sdpa_attention(q, k, v, *, causal=True, window=None, softcap_value=None, scale=None, doc_ids=None,
+                   query_positions=None):
     """torch.nn.functional.scaled_dot_product_attention with our masking rules."""
     if softcap_value is not None:
         if "softcap" not in _warned:
             _warned.add("softcap")
             log.warning("attention softcap is not supported by SDPA: using the reference backend")
         return reference_attention(q, k, v, causal=causal, window=window, softcap_value=softcap_value,
-                                   scale=scale, doc_ids=doc_ids)
+                                   scale=scale, doc_ids=doc_ids, query_positions=query_positions)
     _check_shapes(q, k, v)
     T, S = q.shape[2], k.shape[2]
     n_rep = q.shape[1] // k.shape[1]
@@ -113,9 +127,10 @@ def sdpa_attention(q, k, v, *, causal=True, window=None, softcap_value=None, sca
             kwargs["enable_gqa"] = True
         else:
             k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
-    if causal and window is None and doc_ids is None and T == S:
+    if causal and window is None and doc_ids is None and T == S and query_positions is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **kwargs)
-    mask = attention_mask(T, S, causal=causal, window=window, doc_ids=doc_ids, device=q.device)
+    mask = attention_mask(T, S, causal=causal, window=window, doc_ids=doc_ids, device=q.device,
+                          query_positions=query_positions)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kwargs)
 
 
@@ -130,6 +145,15 @@ def triton_attention(q, k, v, *, causal=True, window=None, softcap_value=None, s
         raise
     return flash_attention(q, k, v, causal=causal, window=window, softcap=softcap_value, scale=scale,
                            doc_ids=doc_ids)
+
+
+def _positioned(q, k, v, *, causal, window, softcap_value, scale, doc_ids, query_positions):
+    """SDPA for a `query_positions` call, which the Triton kernel does not take (logged once)."""
+    if "query_positions" not in _warned:
+        _warned.add("query_positions")
+        log.info("attention with query_positions (preallocated cache) runs on SDPA")
+    return sdpa_attention(q, k, v, causal=causal, window=window, softcap_value=softcap_value, scale=scale,
+                          doc_ids=doc_ids, query_positions=query_positions)
 
 
 def _triton_importable() -> bool:
@@ -182,12 +206,18 @@ def register_backend(name: str, fn: Callable) -> None:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
            window: int | None = None, softcap: float | None = None, scale: float | None = None,
-           doc_ids: torch.Tensor | None = None, backend: str = "sdpa") -> torch.Tensor:
+           doc_ids: torch.Tensor | None = None, backend: str = "sdpa",
+           query_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention through the chosen backend (see the module docstring)."""
     try:
         fn = BACKENDS[backend]
     except KeyError:
         raise ConfigError(f"attention backend {backend!r} must be one of {sorted(BACKENDS)}") from None
+    if query_positions is not None:
+        if backend not in ("reference", "sdpa"):
+            fn = _positioned
+        return fn(q, k, v, causal=causal, window=window, softcap_value=softcap, scale=scale, doc_ids=doc_ids,
+                  query_positions=query_positions)
     return fn(q, k, v, causal=causal, window=window, softcap_value=softcap, scale=scale, doc_ids=doc_ids)
 
 
@@ -196,7 +226,9 @@ class Attention(nn.Module):
 
     forward(x [B, T, d_model], positions [B, T], doc_ids [B, T] | None, cache) -> [B, T, d_model].
     `cache` is a per-layer cache (cache.LayerCache) that appends this call's keys/values and returns
-    all of them; with a cache, positions must continue from the cached length.
+    all of them; with a cache, positions must continue from the cached length. A cache with
+    `keys_at_positions = True` (inference's preallocated cache) returns its buffers, where slot s
+    holds position s, and attention masks by `positions` per row (`attend(query_positions=...)`).
     """
 
     def __init__(self, cfg, layer: int):
@@ -223,10 +255,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:
             q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
+        qpos = None
         if cache is not None:
             k, v = cache.update(k, v)
+            qpos = positions if getattr(cache, "keys_at_positions", False) else None
         y = attend(q, k, v, causal=True, window=self.window, softcap=self.softcap, doc_ids=doc_ids,
-                   backend=self.backend)
+                   backend=self.backend, query_positions=qpos)
         y = self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         return dropout(y, self.dropout, self.training)
 
