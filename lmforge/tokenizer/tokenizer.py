@@ -263,35 +263,50 @@ class Tokenizer:
         allowed_re = self._allowed_re(frozenset(allowed)) if allowed else None
         disallowed_re = self._allowed_re(frozenset(disallowed)) if disallowed else None
         longest = max((len(s) for s in self.special_tokens), default=0)
-        carry = ""
+        carry = seen = ""  # seen: the last characters before carry, for special tokens that straddle it
         for chunk in texts:
             buf = carry + chunk
-            spans = [m.span() for m in allowed_re.finditer(buf)] if allowed_re is not None else []
-            tail = spans[-1][1] if spans else 0
-            if tail:
-                yield from self.encode(buf[:tail], allowed_special, disallowed_special)
             if disallowed_re is not None:
-                self._check_disallowed(disallowed_re, buf, tail)  # (its offset counts from the carried tail)
+                self._check_disallowed(disallowed_re, seen + buf)
+            # A special token match is final unless more text could make a longer one: only matches
+            # that start before the earliest suffix that is a proper prefix of a special token.
+            partial = self._partial_start(buf, 0, longest)
+            tail = 0
+            if allowed_re is not None:
+                for m in allowed_re.finditer(buf):
+                    if m.start() >= partial:
+                        break
+                    tail = m.end()
             words = [m.span() for m in self._pat.finditer(buf, tail)]
             keep = self._held_back(buf, tail, words, longest)
+            if tail:
+                yield from self.encode(buf[:tail], allowed_special, ())
             yield from self._encode_words(buf[s:e] for s, e in words[:keep])
             if keep < len(words):
-                carry = buf[words[keep][0]:]
+                start = words[keep][0]
             else:  # (only custom patterns leave text outside every word)
-                carry = buf[words[-1][1] if words else tail:]
+                start = words[-1][1] if words else tail
+            seen = (seen + buf[:start])[-longest:] if longest else ""
+            carry = buf[start:]
         if carry:
             yield from self.encode(carry, allowed_special, disallowed_special)
+
+    def _partial_start(self, buf: str, lo: int, longest: int) -> int:
+        """Start of the longest suffix of buf[lo:] that is a proper prefix of a special token, else len."""
+        for k in range(min(longest - 1, len(buf) - lo), 0, -1):
+            if any(s.startswith(buf[-k:]) for s in self.special_tokens):
+                return len(buf) - k
+        return len(buf)
 
     def _held_back(self, buf: str, tail: int, words: list[tuple[int, int]], longest: int) -> int:
         """How many of `words` (the buffer's words after `tail`) are final."""
         cut = words[-2][0] if len(words) >= 2 else tail
-        for k in range(min(longest - 1, len(buf) - tail), 0, -1):
-            if any(s.startswith(buf[-k:]) for s in self.special_tokens):
-                # If this special token completes, the ordinary text ends where it starts, which
-                # can change how the words just before it split: hold those back too.
-                alone = [m.start() for m in self._pat.finditer(buf, tail, len(buf) - k)]
-                cut = min(cut, alone[-2] if len(alone) >= 2 else tail)
-                break
+        partial = self._partial_start(buf, tail, longest)
+        if partial < len(buf):
+            # If this special token completes, the ordinary text ends where it starts, which can
+            # change how the words just before it split: hold those back too.
+            alone = [m.start() for m in self._pat.finditer(buf, tail, partial)]
+            cut = min(cut, alone[-2] if len(alone) >= 2 else tail)
         return sum(1 for _, e in words if e <= cut)
 
     def encode_batch(self, texts: list[str], workers: int | None = None, allowed_special=(),

@@ -85,12 +85,20 @@ def _random_chunks(text: str, rng: random.Random) -> list[str]:
     return [text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])]
 
 
-@settings(max_examples=120, deadline=None)
-@given(st.lists(st.sampled_from(list("ab '\n\t\r1!<|>endoftx") + ["<|endoftext|>", "<|pad|>", "'ll", "  "]),
+@pytest.fixture(scope="module")
+def gpt4_tokenizer(code):
+    from lmforge.tokenizer import train_bpe
+
+    return train_bpe([code, MULTILINGUAL], 400, pattern="gpt4", special_tokens=["<|endoftext|>", "<|pad|>"],
+                     workers=1)
+
+
+@settings(max_examples=250, deadline=None)
+@given(st.lists(st.sampled_from(list("ab '\n\t\r1!<|>endoftxL\u00a0") + ["<|endoftext|>", "<|pad|>", "'ll", "  "]),
                 min_size=2, max_size=40).map("".join), st.integers(0, 1000))
-def test_encode_iterable_equals_encode(small_tokenizer, text, seed):
+def test_encode_iterable_equals_encode(small_tokenizer, gpt4_tokenizer, text, seed):
     chunks = _random_chunks(text, random.Random(seed))
-    for pattern_tok in (small_tokenizer,):
+    for pattern_tok in (small_tokenizer, gpt4_tokenizer):
         expected = pattern_tok.encode(text, allowed_special="all")
         assert list(pattern_tok.encode_iterable(chunks, allowed_special="all")) == expected
         expected = pattern_tok.encode(text, disallowed_special=())
