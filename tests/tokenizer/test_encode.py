@@ -161,3 +161,17 @@ def test_encode_iterable_edge_cases(small_tokenizer):
     # a custom pattern that leaves text outside every word (dropped, as findall drops it)
     tok = Tokenizer.from_merges([(97, 98)], [], pattern=r"ab|c")
     assert list(tok.encode_iterable(["xa", "bxc", "a", "b"])) == tok.encode("xabxcab") == [256, 99, 256]
+
+
+def test_encode_iterable_overlapping_specials():
+    # "<|end" is itself a special token and a prefix of "<|endoftext|>": a complete "<|end" at the end
+    # of a chunk is not final, since the next chunk can complete the longer token.
+    tok = Tokenizer.from_merges([(97, 98)], ["<|endoftext|>", "<|end"], "gpt2")
+    chunks = ["\tt1\r\n<|endo", "ftext|", ">n<|end", "x"]
+    text = "".join(chunks)
+    expected = tok.encode(text, allowed_special="all")
+    assert expected.count(tok.special_tokens["<|endoftext|>"]) == 1
+    assert expected.count(tok.special_tokens["<|end"]) == 1
+    assert list(tok.encode_iterable(chunks, allowed_special="all")) == expected
+    with pytest.raises(TokenizerError, match="<\\|end"):
+        list(tok.encode_iterable(chunks, allowed_special={"<|endoftext|>"}))
