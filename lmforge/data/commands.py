@@ -31,6 +31,7 @@ def register(sub) -> None:
     p.add_argument("--max-docs", type=int, default=0, help="read at most this many documents per side")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--dim", type=int, default=32)
+    p.add_argument("--buckets", type=int, default=1 << 18, help="hash buckets for words and bigrams")
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_quality)
@@ -63,7 +64,7 @@ def cmd_train_quality(args: argparse.Namespace) -> int:
     from lmforge.data.classifier import ClassifierConfig
     from lmforge.data.quality import train_quality
 
-    cfg = ClassifierConfig(epochs=args.epochs, dim=args.dim, lr=args.lr, seed=args.seed)
+    cfg = ClassifierConfig(epochs=args.epochs, dim=args.dim, buckets=args.buckets, lr=args.lr, seed=args.seed)
     report = train_quality(args.positives, args.negatives, args.out, cfg, max_docs=args.max_docs)
     print(json.dumps(report, indent=2))
     print(f"classifier saved to {args.out}")

@@ -1,7 +1,8 @@
 """Exact deduplication (documents, lines) across all tasks, and Bloom-filter streaming dedup.
 
-- `exact_dedup` (global): 64-bit hash of each document's normalised text; the first copy in
-  (task, position) order survives, later copies are dropped with reason `duplicate`.
+- `exact_dedup` (global): 64-bit hash of each document's (optionally normalised) text; the first
+  copy in (task, position) order survives, later copies are dropped with reason `duplicate`. The
+  plan works one hash partition at a time, holding about 1/partitions of the hashes at once.
 - `line_dedup` (global, two passes, the CS336 recipe): pass 1 counts every line's hash across all
   tasks; pass 2 removes every line whose count is ≥ 2, all copies of it (boilerplate that repeats
   is what this is for); a document left with no lines is dropped (`empty_after_line_dedup`).
@@ -100,6 +101,7 @@ class ExactDedup(_DiskState):
     @dataclasses.dataclass
     class Config:
         normalize: bool = False  # hash the normalised text (see `normalize`) instead of the raw text
+        partitions: int = 16  # the plan holds about 1/partitions of all (hash, position) pairs at once
 
     def _key(self, doc: Document) -> int:
         return hash64(normalize(doc.text) if self.cfg.normalize else doc.text)
@@ -112,14 +114,27 @@ class ExactDedup(_DiskState):
         self._save("hashes", rank, np.array(hashes, dtype=np.uint64))
 
     def plan(self, world: int) -> dict[str, int]:
-        hashes = [self._load("hashes", r) for r in range(world)]
-        allh = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
-        keep = np.zeros(len(allh), dtype=bool)
-        keep[np.unique(allh, return_index=True)[1]] = True  # first index of each hash survives
-        start = 0
-        for r, h in enumerate(hashes):
-            self._save("drops", r, np.flatnonzero(~keep[start:start + len(h)]).astype(np.int64))
-            start += len(h)
+        p = self.cfg.partitions
+        if p < 1:
+            raise ConfigError(f"exact_dedup: partitions must be ≥ 1, got {p}")
+        drops: list[list[np.ndarray]] = [[] for _ in range(world)]
+        for part in range(p):
+            hs, ranks, pos = [], [], []
+            for r in range(world):
+                h = np.load(self._path("hashes", r), mmap_mode="r")
+                idx = np.flatnonzero((h % np.uint64(p)) == part)
+                hs.append(np.asarray(h[idx]))
+                ranks.append(np.full(len(idx), r, dtype=np.int64))
+                pos.append(idx)
+            h, rk, ps = np.concatenate(hs), np.concatenate(ranks), np.concatenate(pos)
+            # (rank, position) order is already the concatenation order, so the first index of
+            # each hash in it is the copy that survives.
+            keep = np.zeros(len(h), dtype=bool)
+            keep[np.unique(h, return_index=True)[1]] = True
+            for r in range(world):
+                drops[r].append(ps[(~keep) & (rk == r)])
+        for r in range(world):
+            self._save("drops", r, np.sort(np.concatenate(drops[r])).astype(np.int64))
         return {}
 
     def drops_for(self, rank: int) -> dict[int, str]:

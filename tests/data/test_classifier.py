@@ -101,3 +101,19 @@ def test_profanity_filter():
             Document("Have a nice day, the weather is lovely.", "good")]
     assert [d.id for d in f.run(iter(docs))] == ["good"]
     assert docs[0].meta["profanity_score"] >= 0.9 > docs[1].meta["profanity_score"]
+
+
+def test_cli_train_quality(tmp_path, capsys):
+    from lmforge.cli import main
+
+    rng = random.Random(5)
+    for name, vocab in (("pos.jsonl", SCIENCE), ("neg.jsonl", SPAM)):
+        (tmp_path / name).write_text("".join(json.dumps({"text": sample(rng, vocab)}) + "\n" for _ in range(60)))
+    assert main(["data", "train-quality", "--positives", str(tmp_path / "pos.jsonl"), "--negatives",
+                 str(tmp_path / "neg.jsonl"), "--out", str(tmp_path / "m"), "--dim", "8", "--buckets", "4096"]) == 0
+    report = json.loads(capsys.readouterr().out.split("classifier saved")[0])
+    assert report["positives"] == 60 and report["held_out_accuracy"] >= 0.9
+    assert load_classifier(tmp_path / "m").cfg.buckets == 4096
+    assert main(["data", "train-quality", "--positives", str(tmp_path / "none*.jsonl"), "--negatives",
+                 str(tmp_path / "neg.jsonl"), "--out", str(tmp_path / "m2")]) == 2
+    assert "matches no files" in capsys.readouterr().err

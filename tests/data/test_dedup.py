@@ -37,3 +37,28 @@ def test_normalize_states_each_rule():
     assert normalize("  Héllo,   WORLD!\n Çà  ") == "hello world ca"
     assert normalize("Héllo, World", lowercase=False, accents=False) == "Héllo World"
     assert normalize("a-b", punctuation=True) == "a b"
+
+
+def test_exact_dedup_plan_is_the_same_for_any_partition_count(tmp_path):
+    import random
+
+    from lmforge.data.dedup import ExactDedup
+
+    rng = random.Random(0)
+    tasks = [[Document(f"doc {rng.randrange(40)}", f"{r}-{i}") for i in range(rng.randrange(20, 50))]
+             for r in range(3)]
+    # Reference: first occurrence in (task, position) order survives.
+    seen, expected = set(), []
+    for docs in tasks:
+        keep = []
+        for d in docs:
+            keep.append(d.text not in seen)
+            seen.add(d.text)
+        expected.append({i for i, k in enumerate(keep) if not k})
+    for partitions in (1, 7):
+        step = ExactDedup(ExactDedup.Config(partitions=partitions))
+        step.workdir = tmp_path / f"p{partitions}"
+        for r, docs in enumerate(tasks):
+            assert list(step.observe(iter(docs), r, 3)) == docs  # observe passes documents through
+        step.plan(3)
+        assert [set(step.drops_for(r)) for r in range(3)] == expected
