@@ -68,6 +68,7 @@ class ModelConfig:
     # loss
     z_loss: float = 0.0  # coefficient of mean(log Z²) over target tokens (PaLM uses 1e-4)
     fused_loss: bool = False  # chunked linear+CE kernel: no [B, T, V] logits when targets are given
+    fused_ops: bool = False  # RMSNorm and SwiGLU through lmforge.kernels (Triton on CUDA)
     # embeddings / regularisation / init
     tie_embeddings: bool = False
     dropout: float = 0.0

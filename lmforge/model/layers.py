@@ -72,17 +72,26 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x²) + eps) · g, computed in float32 and cast back (Llama/HF convention)."""
+    """x / sqrt(mean(x²) + eps) · g, computed in float32 and cast back (Llama/HF convention).
+
+    `fused = "auto"` (or "triton" / "torch", the kernels' `impl`) runs lmforge.kernels.rms_norm
+    instead: Triton on CUDA, its torch reference elsewhere; it applies g before the cast back,
+    which differs only in 16-bit rounding."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
+        self.fused: str | None = None
         self.weight = nn.Parameter(torch.empty(dim))
 
     def reset_parameters(self, std: float = 0.0) -> None:
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from lmforge.kernels.rms_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, impl=self.fused)
         xf = upcast(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -157,17 +166,25 @@ class MLP(nn.Module):
     """Position-wise feed-forward: down(act(up(x))), or gated down(act(gate(x)) * up(x)).
 
     Parameter names `gate`, `up`, `down` are an API: MoE upcycling and HF interop map them.
+    `fused = "auto"` (or a kernels `impl`) computes silu(gate)·up with lmforge.kernels.swiglu
+    (SwiGLU only).
     """
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "silu", glu: bool = True,
                  bias: bool = False):
         super().__init__()
+        self.fused: str | None = None
+        self.swiglu = glu and activation == "silu"
         self.act = get_activation(activation)
         self.gate = Linear(d_model, d_ff, bias) if glu else None
         self.up = Linear(d_model, d_ff, bias)
         self.down = Linear(d_ff, d_model, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.swiglu:
+            from lmforge.kernels.swiglu import swiglu
+
+            return self.down(swiglu(self.gate(x), self.up(x), impl=self.fused))
         h = self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x))
         return self.down(h)
 

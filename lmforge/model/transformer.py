@@ -144,6 +144,10 @@ class Transformer(nn.Module):
                        else make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias))
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size)
         self.mtp = nn.ModuleList(MTPModule(cfg, k) for k in range(1, cfg.mtp_depth + 1))
+        if cfg.fused_ops:  # the same functions through lmforge.kernels (see RMSNorm / MLP)
+            for m in self.modules():
+                if isinstance(m, RMSNorm | MLP):
+                    m.fused = "auto"
         if self.tok_emb.weight.device.type != "meta":
             self.init_weights()
 
