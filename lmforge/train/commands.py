@@ -42,12 +42,14 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="pretrain a model on token shards from a config",
-                       description="Pretrain from a run config (TOML) plus dotted overrides; resumes from "
-                                   "the run directory's latest checkpoint unless --fresh.")
+                       description="Pretrain from a run config (TOML) plus dotted overrides; --resume "
+                                   "continues from the run directory's latest checkpoint.")
     p.add_argument("--config", help="run config TOML (default: built-in tiny defaults)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--tokenizer", help="tokenizer dir (enables bits per byte and samples)")
-    p.add_argument("--fresh", action="store_true", help="refuse to resume; fail if checkpoints exist")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run directory's latest checkpoint (bit-exact); without it, a "
+                        "run directory that already holds checkpoints is refused")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="e.g. data.train_shards=runs/x/data/train train.lr=1e-3")
     p.set_defaults(func=cmd_train)
@@ -84,14 +86,15 @@ def cmd_train(args) -> int:
     from lmforge.train.pretrain import load_run_config, pretrain
 
     cfg = load_run_config(args.config, args.overrides)
-    if args.fresh and list_checkpoints(Path(args.out) / "checkpoints"):
-        raise ConfigError(f"--fresh: {args.out}/checkpoints already holds checkpoints")
+    if not args.resume and list_checkpoints(Path(args.out) / "checkpoints"):
+        raise ConfigError(f"{args.out}/checkpoints already holds checkpoints: pass --resume to continue that "
+                          "run, or choose another --out")
     tok = None
     if args.tokenizer:
         from lmforge.tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.tokenizer, backend="auto")
-    summary = pretrain(cfg, args.out, resume=not args.fresh, tokenizer=tok)
+    summary = pretrain(cfg, args.out, resume=args.resume, tokenizer=tok)
     ev = summary["final_eval"]
     print(f"trained {summary['step']} steps, {summary['tokens']} tokens in {summary['seconds']:.0f}s "
           f"({summary['stop']}); " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float)))

@@ -65,11 +65,13 @@ def test_main_job_end_to_end(tmp_path, corpus, capsys):
                 "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("import ")
     cfg = run / "config.toml"
+    assert cli(["train", "--config", str(cfg), "--out", str(run), "train.max_steps=10"]) == 2
+    assert "pass --resume" in capsys.readouterr().err
     assert cli(["train", "--config", str(cfg), "--out", str(run), "--tokenizer", str(run / "tokenizer"),
-                "train.max_steps=10"]) == 0
+                "--resume", "train.max_steps=10"]) == 0
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m][-2:] == [8, 10]
-    assert cli(["train", "--config", str(cfg), "--out", str(run), "train.lr=1.0"]) == 2  # not the same run
+    assert cli(["train", "--config", str(cfg), "--out", str(run), "--resume", "train.lr=1.0"]) == 2
     assert "train.lr" in capsys.readouterr().err
 
 
