@@ -66,6 +66,32 @@ def run_hf(texts, vocab, pattern):
     return tok
 
 
+def compare_paths(texts, vocab, pattern) -> dict:
+    """lmforge's C fast paths vs its pure-Python paths (same input, same merges asserted)."""
+    from lmforge.tokenizer import pretokenize as P
+    from lmforge.tokenizer import train as T
+
+    sample = texts[: max(1, len(texts) // 8)]
+    out = {"sample_mchars": sum(map(len, sample)) / 1e6}
+    start = time.perf_counter()
+    fast = P.count_words(sample, pattern, ["<|endoftext|>"])
+    out["count_c_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    slow = P.count_words_python(sample, pattern, ["<|endoftext|>"])
+    out["count_python_s"] = time.perf_counter() - start
+    assert fast == slow
+    counts = P.count_corpus(texts, pattern, ["<|endoftext|>"], workers=os.cpu_count() or 1)
+    n = vocab - 257
+    start = time.perf_counter()
+    merges_c = T.train_merges(counts, n)
+    out["merge_c_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    merges_py = T.train_merges_incremental(counts, n)
+    out["merge_python_s"] = time.perf_counter() - start
+    assert merges_c == merges_py
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench")
@@ -75,6 +101,8 @@ def main() -> None:
                    help="pretokenization pattern for every trainer (rustbpe's default is gpt4)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--compare-paths", action="store_true",
+                   help="also time lmforge's C paths against its pure-Python paths (first vocab size)")
     args = p.parse_args()
 
     from lmforge.tokenizer import _native
@@ -109,9 +137,16 @@ def main() -> None:
         hf = f"{r['hf_s']:8.2f}" if "hf_s" in r else f"{'-':>8}"
         hr = f"{r['hf_over_lmforge']:11.2f}" if "hf_s" in r else f"{'-':>11}"
         print(f"{r['vocab']:>7} {r['lmforge_s']:10.2f} {r['rustbpe_s']:10.2f} {hf} {r['lmforge_over_rustbpe']:16.2f} {hr}")
+    paths = None
+    if args.compare_paths:
+        paths = compare_paths(texts, args.vocab[0], pattern)
+        print(f"\nword counting, 1 process, {paths['sample_mchars']:.1f}M chars: C {paths['count_c_s']:.2f}s, "
+              f"regex {paths['count_python_s']:.2f}s ({paths['count_python_s'] / paths['count_c_s']:.1f}x); "
+              f"merge loop to {args.vocab[0]}: C {paths['merge_c_s']:.2f}s, Python {paths['merge_python_s']:.2f}s "
+              f"({paths['merge_python_s'] / paths['merge_c_s']:.1f}x); identical results")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tokenizer_train.json"), "w") as f:
-        json.dump({"info": info, "rows": rows}, f, indent=1)
+        json.dump({"info": info, "rows": rows, "paths": paths}, f, indent=1)
 
 
 if __name__ == "__main__":
