@@ -118,6 +118,8 @@ def cmd_fit(args) -> int:
         for m in ("parabola", "argmin"):
             a, b = fit.n_opt[m], fit.d_opt[m]
             print(f"{m:>8}: N_opt ∝ C^{a.params['a']:.3f} {_ci(a, 'a')}, D_opt ∝ C^{b.params['a']:.3f} {_ci(b, 'a')}")
+        cs = [p.flops for p in fit.profiles]
+        _allocation(fit.n_opt["parabola"], fit.d_opt["parabola"], [min(cs), max(cs), 1e21, 1e24])
         if fit.frontier:
             print("frontier L(C) = E + A·C^-alpha:\n" + "\n".join(fit.frontier.describe()))
         if args.plots:
@@ -135,6 +137,7 @@ def cmd_fit(args) -> int:
         print(f"approach 1 over {len(fit.flops)} envelope points, sizes {sorted(set(fit.n_best.tolist()))[:8]}...")
         print(f"N_opt ∝ C^{fit.n_opt.params['a']:.3f} {_ci(fit.n_opt, 'a')}, "
               f"D_opt ∝ C^{fit.d_opt.params['a']:.3f} {_ci(fit.d_opt, 'a')}")
+        _allocation(fit.n_opt, fit.d_opt, [fit.flops.min(), fit.flops.max(), 1e21, 1e24])
         if args.plots:
             print("plot:", plots.plot_optimal(fit.flops, fit.n_best, fit.n_opt, fit.d_opt,
                                               _plot_path(args, "optimal"), "approach 1 (min-loss envelope)"))
@@ -150,6 +153,21 @@ def cmd_fit(args) -> int:
         save_fit(args.out, fit, meta)
         print(f"wrote {args.out}")
     return 0
+
+
+def _allocation(n_law, d_law, budgets) -> None:
+    """Print the compute-optimal N, D and tokens per parameter (with intervals) at some budgets."""
+    import numpy as np
+
+    for c in sorted({float(f"{c:.6g}") for c in budgets}):
+        n, d = float(n_law.predict(c)), float(d_law.predict(c))
+        extra = ""
+        if n_law.samples:
+            ratio = d_law.predict_samples(c) / n_law.predict_samples(c)
+            q = 1 - n_law.level
+            lo, hi = np.quantile(ratio, [q / 2, 1 - q / 2])
+            extra = f" [{lo:.1f}, {hi:.1f}]"
+        print(f"C={c:.3g}: N_opt={n:.3g} D_opt={d:.3g} tokens/param={d / n:.1f}{extra}")
 
 
 def _ci(law, name: str) -> str:

@@ -10,8 +10,8 @@ Minimising L subject to C = 6·N·D gives the compute-optimal allocation in clos
     N_opt(C) = G·(C/6)^a,   D_opt(C) = G^(−1)·(C/6)^b,
     G = (α·A / (β·B))^(1/(α+β)),   a = β/(α+β),   b = α/(α+β).
 
-Intervals come from a bootstrap over runs (each refit starts from the full-data optimum and the
-two best grid points), and every derived quantity (a, b, G, N_opt, predicted loss) is computed per
+Intervals come from a bootstrap over runs (each refit starts L-BFGS from the full-data optimum,
+which keeps a resample in the same basin), and every derived quantity (a, b, G, N_opt, predicted loss) is computed per
 bootstrap sample, so its interval is consistent with the parameters'.
 """
 

@@ -39,6 +39,12 @@ class PurePowerLaw(FitResult):
         p = params or self.params
         return p["k"] * np.asarray(x, float) ** p["a"]
 
+    def predict_samples(self, x: float) -> np.ndarray:
+        """y at one x for every bootstrap sample (empty without samples)."""
+        if not self.samples:
+            return np.empty(0)
+        return self.samples["k"] * float(x) ** self.samples["a"]
+
     def predict_ci(self, x) -> tuple[np.ndarray, np.ndarray]:
         s = self.samples
         if not s:
