@@ -1,0 +1,114 @@
+"""Preallocated KV cache for the inference engine: fixed buffers, one row per sequence slot.
+
+`StaticKVCache.for_model(model, max_batch, max_len)` allocates, per layer, the tensors that layer's
+attention caches: keys and values [max_batch, Hkv, max_len, D] for (GQA/MQA) attention, the latent
+[max_batch, max_len, r] and shared rope key [max_batch, max_len, rope] for multi-head latent
+attention. Key slot s of a row always holds position s, so:
+- rows can have different lengths: attention masks keys by each row's query positions
+  (`attend(query_positions=...)`), so stale or empty slots beyond a row's position are never read;
+- rolling back (speculative decoding) or reusing a row is free: the engine just forgets positions;
+- sliding-window layers use the same mask (window counted in positions); their buffers are full
+  length (a ring buffer that keeps only the window is not implemented).
+
+`cache.view(rows, length, positions)` is what the model gets as `kv_cache`: it writes the call's
+new tensors at `positions` [b, T] into rows `rows` (a slice: views, never copies) and hands the
+attention the first `length` slots. It follows the model's cache contract
+(`layer(i).update(*tensors)`, `length`) plus `keys_at_positions = True`.
+
+This module does not decide which rows are free or what positions are; the engine does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.errors import ConfigError
+
+
+def _layer_shapes(block: nn.Module, max_batch: int, max_len: int) -> list[tuple[int, ...]]:
+    attn = block.attn
+    if hasattr(attn, "n_kv_heads"):  # model/attention.py Attention
+        shape = (max_batch, attn.n_kv_heads, max_len, attn.head_dim)
+        return [shape, shape]
+    if hasattr(attn, "cfg") and hasattr(attn.cfg, "kv_lora_rank"):  # model/mla.py
+        return [(max_batch, max_len, attn.cfg.kv_lora_rank), (max_batch, max_len, attn.cfg.qk_rope_head_dim)]
+    raise ConfigError(f"no preallocated cache layout for attention module {type(attn).__name__}")
+
+
+class StaticKVCache:
+    """Fixed per-layer buffers [max_batch, ..., max_len, ...] (sequence on dim -2)."""
+
+    def __init__(self, buffers: list[list[torch.Tensor]], max_len: int):
+        self.buffers = buffers
+        self.max_batch = buffers[0][0].shape[0]
+        self.max_len = max_len
+
+    @classmethod
+    def for_model(cls, model: nn.Module, max_batch: int, max_len: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> StaticKVCache:
+        if max_batch < 1 or max_len < 1:
+            raise ConfigError(f"cache needs max_batch >= 1 and max_len >= 1, got {max_batch}, {max_len}")
+        ctx = model.cfg.context_length
+        if model.cfg.positions == "learned" and max_len > ctx:
+            raise ConfigError(f"cache max_len = {max_len} exceeds the learned position table ({ctx})")
+        p = next(model.parameters())
+        dtype, device = dtype or p.dtype, device or p.device
+        buffers = [[torch.zeros(s, dtype=dtype, device=device) for s in _layer_shapes(b, max_batch, max_len)]
+                   for b in model.blocks]
+        return cls(buffers, max_len)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.buffers for t in layer)
+
+    def view(self, rows: slice, length: int, positions: torch.Tensor) -> CacheView:
+        """The cache as the model sees it for one forward over `rows` (new tokens at `positions`)."""
+        if not 0 < length <= self.max_len:
+            raise ConfigError(f"cache view length {length} is outside [1, {self.max_len}]")
+        return CacheView(self, rows, length, positions)
+
+    def copy_rows(self, src: int, dsts: list[int], length: int) -> None:
+        """Copy the first `length` slots of row `src` to rows `dsts` (n samples sharing one prefill)."""
+        for layer in self.buffers:
+            for buf in layer:
+                seq = buf.dim() - 2
+                part = buf[src].narrow(seq - 1, 0, length)
+                for d in dsts:
+                    buf[d].narrow(seq - 1, 0, length).copy_(part)
+
+
+class _LayerView:
+    keys_at_positions = True
+
+    def __init__(self, bufs: list[torch.Tensor], view: CacheView):
+        self.bufs, self.view = bufs, view
+
+    def update(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(new) != len(self.bufs):
+            raise ValueError(f"cache layer holds {len(self.bufs)} tensors, update gave {len(new)}")
+        rows, pos, length = self.view.rows, self.view.positions, self.view.length
+        out = []
+        for buf, t in zip(self.bufs, new):
+            part = buf[rows]  # a view
+            B, T = pos.shape
+            idx = pos.view(B, *([1] * (t.dim() - 3)), T, 1).expand(t.shape)
+            part.scatter_(t.dim() - 2, idx, t.to(part.dtype))
+            out.append(part.narrow(t.dim() - 2, 0, length))
+        return tuple(out)
+
+    @property
+    def length(self) -> int:
+        return self.view.length
+
+
+class CacheView:
+    """Rows `rows` of a StaticKVCache, `length` slots visible, new tokens written at `positions`."""
+
+    keys_at_positions = True
+
+    def __init__(self, cache: StaticKVCache, rows: slice, length: int, positions: torch.Tensor):
+        self.rows, self.length, self.positions = rows, length, positions
+        self.layers = [_LayerView(bufs, self) for bufs in cache.buffers]
+
+    def layer(self, i: int) -> _LayerView:
+        return self.layers[i]

@@ -1,0 +1,307 @@
+"""The inference engine: preallocated cache, prefill and decode, continuous batching.
+
+    engine = Engine(model, tokenizer=tok, max_batch=8, max_len=1024)
+    outs = engine.generate([ids_a, ids_b], SamplingParams(max_tokens=50, temperature=0))
+    # or, as a server does: engine.add_request(ids, params); while engine.has_work(): engine.step()
+
+The engine owns a `StaticKVCache` with `max_batch` row slots. Each sequence lives in one slot; key
+slot s of its row holds position s, so rows of different lengths decode together, each at its own
+position (the model masks by per-row positions). `step()` is one scheduler iteration:
+1. admit: waiting requests take free slots while there are enough (a request with n samples needs
+   n); prompts of requests whose slots are adjacent are prefilled in one forward (right-padded;
+   padding writes land beyond the row's length, where the mask never looks); a request with n > 1
+   is prefilled once and its cache row copied to its other slots;
+2. decode: every running sequence advances by one token in one batched forward over the rows
+   0..(highest busy slot);
+3. finished sequences (stop id, stop string, max_tokens, cache full, or aborted) free their slots
+   at once, so waiting requests join at the next step while others keep decoding.
+Tokens reach the host once per step (stop checks and streaming need them), never once per row.
+
+With `compile=True` on CUDA the decode forward runs at a fixed shape (all rows, full cache
+length) through `torch.compile(mode="reduce-overhead")`, i.e. as a CUDA graph.
+
+The engine works in token ids; text (detokenization, stop strings) goes through text.TextStream
+when a tokenizer is given. It does not know about HTTP (server.py) or chat templates.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lmforge.errors import ConfigError
+from lmforge.inference.cache import StaticKVCache
+from lmforge.inference.sampling import Row, SamplingParams, sample
+from lmforge.inference.text import TextStream
+
+
+@dataclass
+class Event:
+    """One step's news for one sequence: a new token (None when it finished without one)."""
+
+    request_id: str
+    index: int  # which of the request's n samples
+    token_id: int | None
+    text: str = ""
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" when this is the last event
+
+
+@dataclass
+class Sequence:
+    request: Request
+    index: int
+    row: Row
+    slot: int | None = None
+    length: int = 0  # tokens in the cache
+    last: int | None = None  # sampled, not yet in the cache
+    text: TextStream | None = None
+    finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sequences: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.sequences)
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+
+
+class Engine:
+    def __init__(self, model: nn.Module, *, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
+                 eos_ids: list[int] | None = None, compile: bool = False):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.max_len = max_len or model.cfg.context_length
+        self.cache = StaticKVCache.for_model(model, max_batch, self.max_len)
+        self.max_batch = max_batch
+        if eos_ids is None:
+            eos_ids = [tokenizer.eot_id] if tokenizer is not None and tokenizer.eot_id is not None else []
+        self.eos_ids = set(eos_ids)
+        self.slots: list[Sequence | None] = [None] * max_batch
+        self.waiting: deque[Request] = deque()
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._pending_events: list[Event] = []
+        self.compiled = compile and self.device.type == "cuda"
+        self._decode_fn = (torch.compile(self._forward_full, mode="reduce-overhead", dynamic=False)
+                           if self.compiled else None)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty (pass at least one token, e.g. BOS)")
+        V = self.model.cfg.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= V:
+            raise ConfigError(f"prompt token ids must be in [0, {V}), got {min(prompt_ids)}..{max(prompt_ids)}")
+        if len(prompt_ids) >= self.max_len:
+            raise ConfigError(f"prompt of {len(prompt_ids)} tokens does not fit the context "
+                              f"({self.max_len} tokens, at least one needed for the reply)")
+        if params.n > self.max_batch:
+            raise ConfigError(f"n = {params.n} samples exceeds the engine's max_batch = {self.max_batch}")
+        if params.stop and self.tokenizer is None:
+            raise ConfigError("stop strings need an engine built with a tokenizer")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ConfigError(f"request id {request_id!r} is already in use")
+        req = Request(request_id, list(prompt_ids), params)
+        for i in range(params.n):
+            row = Row.make(params, prompt_ids, self.device, seed_offset=i)
+            text = TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None
+            req.sequences.append(Sequence(req, i, row, text=text))
+        self.requests[request_id] = req
+        self.waiting.append(req)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now (e.g. its client went away) and free its slots."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        for s in req.sequences:
+            if s.finish_reason is None:
+                self._pending_events.append(self._finish(s, "abort"))
+        self.requests.pop(request_id, None)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.slots) or bool(self._pending_events)
+
+    @property
+    def n_running(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    # -- one scheduler step -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        events, self._pending_events = self._pending_events, []
+        admitted = self._admit()
+        if admitted:
+            events += self._prefill(admitted)
+        running = [s for s in self.slots if s is not None and s.last is not None]
+        if running:
+            events += self._decode(running)
+        for req in [r for r in self.requests.values() if r.finished]:
+            self.requests.pop(req.request_id)
+        return events
+
+    def _admit(self) -> list[Sequence]:
+        admitted = []
+        while self.waiting:
+            free = [i for i, s in enumerate(self.slots) if s is None]
+            req = self.waiting[0]
+            if len(free) < req.params.n:
+                break
+            self.waiting.popleft()
+            for seq, slot in zip(req.sequences, free):
+                seq.slot = slot
+                self.slots[slot] = seq
+            admitted.append(req.sequences[0])  # siblings get a copy of its prefill
+        return admitted
+
+    def _prefill(self, firsts: list[Sequence]) -> list[Event]:
+        events = []
+        firsts.sort(key=lambda s: s.slot)
+        groups, group = [], [firsts[0]]
+        for s in firsts[1:]:
+            if s.slot == group[-1].slot + 1:
+                group.append(s)
+            else:
+                groups.append(group)
+                group = [s]
+        groups.append(group)
+        for group in groups:
+            lengths = [len(s.request.prompt_ids) for s in group]
+            T = max(lengths)
+            ids = torch.zeros(len(group), T, dtype=torch.long)
+            for b, s in enumerate(group):
+                ids[b, :lengths[b]] = torch.tensor(s.request.prompt_ids)
+            ids = ids.to(self.device)
+            pos = torch.arange(T, device=self.device).expand(len(group), T)
+            rows = slice(group[0].slot, group[-1].slot + 1)
+            logits = self._forward(ids, pos, rows, T)
+            last = torch.tensor([n - 1 for n in lengths], device=self.device)
+            logits = logits[torch.arange(len(group), device=self.device), last]  # [b, V]
+            seqs, rows_logits = [], []
+            for b, s in enumerate(group):
+                sibs = s.request.sequences
+                self.cache.copy_rows(s.slot, [t.slot for t in sibs[1:]], lengths[b])
+                for t in sibs:
+                    t.length = lengths[b]
+                    seqs.append(t)
+                    rows_logits.append(logits[b])
+            events += self._accept(seqs, torch.stack(rows_logits))
+        return events
+
+    def _decode(self, running: list[Sequence]) -> list[Event]:
+        nb = max(s.slot for s in running) + 1
+        tokens = torch.zeros(nb, 1, dtype=torch.long)
+        pos = torch.zeros(nb, 1, dtype=torch.long)
+        for s in running:
+            tokens[s.slot, 0], pos[s.slot, 0] = s.last, s.length
+        tokens, pos = tokens.to(self.device), pos.to(self.device)
+        if self.compiled:
+            full_tokens = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
+            full_pos = torch.zeros_like(full_tokens)
+            full_tokens[:nb], full_pos[:nb] = tokens, pos
+            logits = self._decode_fn(full_tokens, full_pos)[:nb, -1]
+        else:
+            length = max(s.length for s in running) + 1
+            logits = self._forward(tokens, pos, slice(0, nb), length)[:, -1]
+        for s in running:
+            s.length += 1
+        idx = torch.tensor([s.slot for s in running], device=self.device)
+        return self._accept(running, logits[idx])
+
+    def _forward(self, ids, pos, rows: slice, length: int) -> torch.Tensor:
+        view = self.cache.view(rows, length, pos)
+        return self.model(ids, positions=pos, kv_cache=view).logits
+
+    def _forward_full(self, ids, pos) -> torch.Tensor:
+        return self._forward(ids, pos, slice(0, self.max_batch), self.max_len)
+
+    # -- sampled tokens -> events -----------------------------------------------------------------
+    def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
+        out = sample(logits, [s.row for s in seqs])
+        tokens = out.tokens.tolist()  # the one host sync of the step
+        lps = out.logprobs.tolist() if out.logprobs is not None else None
+        tops = (out.top_ids.tolist(), out.top_logprobs.tolist()) if out.top_ids is not None else None
+        events = []
+        for b, (s, tok) in enumerate(zip(seqs, tokens)):
+            p = s.request.params
+            if tok in self.eos_ids or tok in p.stop_ids:
+                events.append(self._finish(s, "stop"))
+                continue
+            s.row.output_ids.append(tok)
+            s.last = tok
+            ev = Event(s.request.request_id, s.index, tok)
+            if lps is not None and p.logprobs is not None:
+                ev.logprob = lps[b]
+                ev.top_logprobs = ({i: v for i, v in zip(tops[0][b][:p.logprobs], tops[1][b][:p.logprobs])}
+                                   if tops is not None and p.logprobs else {})
+                s.logprobs.append(ev.logprob)
+                s.top_logprobs.append(ev.top_logprobs)
+            stopped = False
+            if s.text is not None:
+                ev.text, stopped = s.text.push(tok)
+            events.append(ev)
+            if stopped:
+                self._finish(s, "stop", ev)
+            elif len(s.row.output_ids) >= p.max_tokens or s.length + 1 >= self.max_len:
+                self._finish(s, "length", ev)
+        return events
+
+    def _finish(self, s: Sequence, reason: str, ev: Event | None = None) -> Event:
+        s.finish_reason = reason
+        s.last = None
+        if s.slot is not None:
+            self.slots[s.slot] = None
+            s.slot = None
+        if ev is None:
+            ev = Event(s.request.request_id, s.index, None)
+        ev.finish_reason = reason
+        if s.text is not None and reason != "abort":
+            ev.text += s.text.finish()
+        return ev
+
+    # -- convenience ------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[list[Completion]]:
+        """Run prompts to completion (continuous batching when there are more than max_batch):
+        for each prompt, its n completions."""
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        reqs = [self.requests[i] for i in ids]
+        while any(not r.finished for r in reqs):
+            self.step()
+        return [[completion(s) for s in r.sequences] for r in reqs]
+
+
+def completion(s: Sequence) -> Completion:
+    want = s.request.params.logprobs is not None
+    return Completion(list(s.row.output_ids), s.text.text if s.text is not None else None, s.finish_reason,
+                      s.logprobs if want else None, s.top_logprobs if want else None)

@@ -1,0 +1,41 @@
+"""Tiny random models and the naive full-recompute generation the engine is checked against."""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.model import ModelConfig, Transformer
+from lmforge.model.mla import MLAConfig
+
+KINDS = {
+    "gqa": dict(n_heads=4, n_kv_heads=2),
+    "mqa-window": dict(n_heads=3, n_kv_heads=1, window=5, layer_pattern=["local", "global"]),
+    "mla": dict(n_heads=3, mla=MLAConfig(q_lora_rank=None, kv_lora_rank=10, qk_nope_head_dim=6,
+                                          qk_rope_head_dim=4, v_head_dim=5)),
+    "gpt2": dict(n_heads=3, positions="learned", norm="layernorm", activation="gelu", glu=False, bias=True),
+    "softcap": dict(n_heads=2, attn_softcap=5.0, final_softcap=10.0, qk_norm=True, tie_embeddings=True),
+}
+
+
+def tiny_model(kind: str = "gqa", vocab: int = 61, seed: int = 0, dtype=torch.float64, **over) -> Transformer:
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=vocab, context_length=48, d_model=24, n_layers=2, attention_backend="sdpa",
+              init_std=0.2)
+    kw.update(KINDS[kind])
+    kw.update(over)
+    return Transformer(ModelConfig(**kw)).to(dtype).eval()
+
+
+@torch.no_grad()
+def naive_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Re-run the whole sequence for every token (no cache): the spec."""
+    ids = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def prompts(lengths, vocab: int = 61, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]

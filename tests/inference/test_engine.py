@@ -1,0 +1,136 @@
+"""Engine vs naive full-recompute generation: greedy batches with different prompt lengths on every
+cache layout (GQA, MQA + sliding window, MLA latent, learned positions, softcap); continuous
+batching equals one-at-a-time; n samples share a prefill; seeds; stop ids; aborts; errors."""
+
+import pytest
+import torch
+
+from lmforge.errors import ConfigError
+from lmforge.inference import Engine, SamplingParams
+from lmforge.inference.cache import StaticKVCache
+
+from .helpers import KINDS, naive_greedy, prompts, tiny_model
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_greedy_batch_equals_naive(kind):
+    model = tiny_model(kind)
+    ps = prompts([3, 11, 1, 7])
+    engine = Engine(model, max_batch=4, max_len=40)
+    outs = engine.generate(ps, SamplingParams(max_tokens=12, temperature=0))
+    for p, out in zip(ps, outs):
+        assert out[0].token_ids == naive_greedy(model, p, 12)
+        assert out[0].finish_reason == "length"
+
+
+def test_continuous_batching_equals_one_at_a_time():
+    model = tiny_model("gqa")
+    ps = prompts([5, 2, 9, 4, 13, 6, 3])
+    lengths = [3, 9, 5, 12, 2, 7, 4]  # different lengths, so requests leave and join mid-flight
+    params = [SamplingParams(max_tokens=m, temperature=0.9, top_k=20, seed=i) for i, m in enumerate(lengths)]
+    engine = Engine(model, max_batch=3, max_len=40)
+    batched = engine.generate(ps, params)
+    for p, sp, out in zip(ps, params, batched):
+        alone = Engine(model, max_batch=1, max_len=40).generate([p], sp)[0][0]
+        assert out[0].token_ids == alone.token_ids
+        assert len(out[0].token_ids) == sp.max_tokens
+
+
+def test_requests_join_while_others_decode():
+    model = tiny_model("gqa")
+    engine = Engine(model, max_batch=2, max_len=40)
+    a = engine.add_request(prompts([4])[0], SamplingParams(max_tokens=10, temperature=0))
+    seen = {a: []}
+    for ev in engine.step() + engine.step():  # the first step prefills and decodes: 3 tokens
+        seen[a].append(ev.token_id)
+    assert len(seen[a]) == 3
+    b = engine.add_request(prompts([6], seed=3)[0], SamplingParams(max_tokens=3, temperature=0))
+    seen[b] = []
+    while engine.has_work():
+        for ev in engine.step():
+            if ev.token_id is not None:
+                seen[ev.request_id].append(ev.token_id)
+    assert len(seen[b]) == 3 and len(seen[a]) == 10
+    assert engine.n_running == 0 and all(s is None for s in engine.slots)
+
+
+def test_n_samples_share_prefill_and_differ():
+    model = tiny_model("gqa")
+    p = prompts([6])[0]
+    engine = Engine(model, max_batch=4, max_len=40)
+    outs = engine.generate([p], SamplingParams(max_tokens=8, temperature=1.0, n=3, seed=7))[0]
+    assert len(outs) == 3
+    assert len({tuple(o.token_ids) for o in outs}) > 1
+    for i, o in enumerate(outs):  # sample i equals a lone request seeded seed + i
+        alone = Engine(model, max_batch=1, max_len=40).generate(
+            [p], SamplingParams(max_tokens=8, temperature=1.0, seed=7 + i))[0][0]
+        assert o.token_ids == alone.token_ids
+
+
+def test_seed_reproducible_and_stop_ids():
+    model = tiny_model("gqa")
+    p = prompts([5])[0]
+    sp = SamplingParams(max_tokens=15, temperature=1.2, seed=3)
+    a = Engine(model, max_batch=2, max_len=40).generate([p, p], [sp, sp])
+    assert a[0][0].token_ids == a[1][0].token_ids
+    ref = a[0][0].token_ids
+    stop = ref[4]
+    first = ref.index(stop)
+    out = Engine(model, max_batch=2, max_len=40).generate(
+        [p], SamplingParams(max_tokens=15, temperature=1.2, seed=3, stop_ids=[stop]))[0][0]
+    assert out.token_ids == ref[:first] and out.finish_reason == "stop"
+
+
+@torch.no_grad()
+def test_logprobs_match_log_softmax():
+    model = tiny_model("gqa")
+    p = prompts([5])[0]
+    out = Engine(model, max_batch=1, max_len=40).generate(
+        [p], SamplingParams(max_tokens=4, temperature=0, logprobs=3))[0][0]
+    ids = list(p)
+    for tok, lp, top in zip(out.token_ids, out.logprobs, out.top_logprobs):
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+        assert lp == pytest.approx(float(ref[tok]), abs=1e-6)
+        vals, idx = ref.topk(3)
+        assert list(top) == idx.tolist()
+        assert list(top.values()) == pytest.approx(vals.tolist(), abs=1e-6)
+        ids.append(tok)
+
+
+def test_abort_frees_slot_and_cache_full_stops():
+    model = tiny_model("gqa")
+    engine = Engine(model, max_batch=1, max_len=12)
+    rid = engine.add_request(prompts([5])[0], SamplingParams(max_tokens=50, temperature=0))
+    engine.step()
+    engine.abort(rid)
+    evs = engine.step()
+    assert [e.finish_reason for e in evs] == ["abort"] and engine.n_running == 0
+    out = engine.generate([prompts([5])[0]], SamplingParams(max_tokens=50, temperature=0))[0][0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 12 - 5
+
+
+def test_errors():
+    model = tiny_model("gqa")
+    engine = Engine(model, max_batch=2, max_len=10)
+    with pytest.raises(ConfigError, match="does not fit"):
+        engine.add_request(list(range(10)))
+    with pytest.raises(ConfigError, match="empty"):
+        engine.add_request([])
+    with pytest.raises(ConfigError, match=r"\[0, 61\)"):
+        engine.add_request([61])
+    with pytest.raises(ConfigError, match="max_batch"):
+        engine.add_request([1], SamplingParams(n=3))
+    with pytest.raises(ConfigError, match="tokenizer"):
+        engine.add_request([1], SamplingParams(stop=["x"]))
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_cache_layouts_and_bytes():
+    cache = StaticKVCache.for_model(tiny_model("mla"), max_batch=3, max_len=20)
+    assert [tuple(t.shape) for t in cache.buffers[0]] == [(3, 20, 10), (3, 20, 4)]
+    cache = StaticKVCache.for_model(tiny_model("mqa-window"), max_batch=3, max_len=20)
+    assert [tuple(t.shape) for t in cache.buffers[1]] == [(3, 1, 20, 8)] * 2
+    assert cache.nbytes() == 2 * 2 * 3 * 20 * 8 * 8
+    with pytest.raises(ConfigError, match="learned position table"):
+        StaticKVCache.for_model(tiny_model("gpt2"), max_batch=1, max_len=49)
