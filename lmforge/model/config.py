@@ -136,6 +136,10 @@ class ModelConfig:
             raise bad(f"n_dense_layers = {self.n_dense_layers} must be in [0, n_layers = {self.n_layers}]")
         if self.mla is not None and self.attn_softcap is not None:
             raise bad("attn_softcap conflicts with mla (not supported together)")
+        if self.mla is not None and self.qk_norm:
+            raise bad("qk_norm = true conflicts with mla (MLA normalises its latents instead)")
+        if self.parallel_block and self.norm_placement == "sandwich":
+            raise bad("parallel_block = true conflicts with norm_placement = 'sandwich'")
 
     # -- per-layer structure, used by the model and by accounting alike --
     def layer_kind(self, layer: int) -> str:

@@ -83,8 +83,6 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        if cfg.parallel_block and cfg.norm_placement == "sandwich":
-            raise ConfigError("parallel_block = true conflicts with norm_placement = 'sandwich'")
         norm = lambda: make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
         self.placement, self.parallel, self.p_drop = cfg.norm_placement, cfg.parallel_block, cfg.dropout
         self.norm1 = norm()

@@ -206,6 +206,8 @@ def test_derived_config_fields_and_conflicts(tmp_path):
         ModelConfig(norm_bias=True)
     with pytest.raises(ConfigError, match="local layers but window is not set"):
         ModelConfig(layer_pattern=["local", "global"])
+    with pytest.raises(ConfigError, match="parallel_block = true conflicts with norm_placement = 'sandwich'"):
+        ModelConfig(parallel_block=True, norm_placement="sandwich")
     with pytest.raises(ConfigError, match="'sliding'"):
         ModelConfig(window=4, layer_pattern=["sliding"])
     c = ModelConfig(window=4, layer_pattern=["local", "global-nope"], mtp_depth=1)
