@@ -85,7 +85,10 @@ def build_grid(cfg: SweepConfig, vocab_size: int) -> list[GridRun]:
 
 
 def read_results(sweep_dir: str | Path) -> list[dict]:
-    path = Path(sweep_dir) / "results.jsonl"
+    return _read_jsonl(Path(sweep_dir) / "results.jsonl")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     rows = []
@@ -136,7 +139,9 @@ def train_one(run: GridRun, cfg: SweepConfig, run_dir: Path, train_shards: str, 
         summary = pretrain(rc, run_dir, resume=True)
     finally:
         torch.set_num_threads(threads)
-    history = summary["trainer"].history
+    # metrics.jsonl holds every step, also those before a resume (trainer.history starts at the resume)
+    history = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if "loss" in r and "tokens" in r]
+    history = history or summary["trainer"].history
     tail = history[-max(1, len(history) // 20):]
     train_loss = sum(r["loss"] for r in tail) / len(tail)
     row = run.row()
