@@ -29,7 +29,7 @@ def sample(rng, vocab, n=25):
     return " ".join(rng.choice(vocab + COMMON) for _ in range(n))
 
 
-def corpus(seed, n=150):
+def corpus(seed, n=80):
     rng = random.Random(seed)
     return [(sample(rng, SCIENCE), "hq") for _ in range(n)] + [(sample(rng, SPAM), "lq") for _ in range(n)]
 
@@ -52,7 +52,7 @@ def test_forward_matches_hand_computation():
 
 def test_learns_separable_task_and_round_trips(tmp_path):
     model = train_classifier(corpus(0), SMALL)
-    held = corpus(1, n=60)
+    held = corpus(1, n=40)
     p = model.score([t for t, _ in held], "hq")
     acc = np.mean([(s >= 0.5) == (lab == "hq") for s, (_, lab) in zip(p, held)])
     assert acc >= 0.95
@@ -85,7 +85,7 @@ def test_train_quality_and_quality_filter(tmp_path):
 
 
 def test_harmful_classifier_drops_above_threshold(tmp_path):
-    data = [(t, "toxic" if lab == "lq" else "ok") for t, lab in corpus(3)]
+    data = [(t, "toxic" if lab == "lq" else "ok") for t, lab in corpus(3, n=50)]
     train_classifier(data, SMALL).save(tmp_path / "tox")
     rng = random.Random(4)
     f = HarmfulClassifier(HarmfulClassifier.Config(model=str(tmp_path / "tox"), threshold=0.5))
