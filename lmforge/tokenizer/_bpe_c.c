@@ -246,6 +246,46 @@ static PyObject *py_split(PyObject *self, PyObject *args) {
     return out;
 }
 
+/* encode(pattern_id, text, cache, encode_word, limit) -> list[int]: split text into words and
+ * concatenate each word's ids from `cache` (str -> list[int]); a miss calls encode_word(word) and
+ * stores the result (the cache is cleared when it reaches `limit` entries). */
+static PyObject *py_encode(PyObject *self, PyObject *args) {
+    PyObject *text, *cache, *fn;
+    int pid;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "iUO!On", &pid, &text, &PyDict_Type, &cache, &fn, &limit)) return NULL;
+    if (!g_cls) { PyErr_SetString(PyExc_RuntimeError, "set_tables not called"); return NULL; }
+    Py_ssize_t n = PyUnicode_GetLength(text);
+    Py_UCS4 *s = PyUnicode_AsUCS4Copy(text);
+    if (!s) return NULL;
+    PyObject *out = PyList_New(0);
+    Py_ssize_t i = 0;
+    while (out && i < n) {
+        Py_ssize_t j = pid == 2 ? match_gpt4(s, i, n) : match_gpt2(s, i, n);
+        PyObject *w = PyUnicode_Substring(text, i, j);
+        if (!w) { Py_CLEAR(out); break; }
+        PyObject *ids = PyDict_GetItemWithError(cache, w);  /* borrowed */
+        if (ids) Py_INCREF(ids);
+        else if (!PyErr_Occurred()) {
+            ids = PyObject_CallOneArg(fn, w);
+            if (ids && PyDict_GET_SIZE(cache) >= limit) PyDict_Clear(cache);
+            if (ids && PyDict_SetItem(cache, w, ids) < 0) Py_CLEAR(ids);
+        }
+        Py_DECREF(w);
+        if (!ids || !PyList_Check(ids)) {
+            if (ids) PyErr_SetString(PyExc_TypeError, "encode_word must return a list");
+            Py_XDECREF(ids); Py_CLEAR(out); break;
+        }
+        Py_ssize_t m = PyList_GET_SIZE(out);
+        int rc = PyList_SetSlice(out, m, m, ids);
+        Py_DECREF(ids);
+        if (rc < 0) { Py_CLEAR(out); break; }
+        i = j;
+    }
+    PyMem_Free(s);
+    return out;
+}
+
 /* items(table, dict): add every word count in the table to a Python dict {bytes: int}. */
 static PyObject *py_items(PyObject *self, PyObject *args) {
     PyObject *cap, *dict;
@@ -514,6 +554,7 @@ static PyMethodDef methods[] = {
     {"table_new", py_table_new, METH_NOARGS, "a new empty word table"},
     {"count", py_count, METH_VARARGS, "count(table, pattern_id (1 gpt2, 2 gpt4), text)"},
     {"split", py_split, METH_VARARGS, "split(pattern_id, text) -> list of words"},
+    {"encode", py_encode, METH_VARARGS, "encode(pattern_id, text, cache, encode_word, limit) -> ids"},
     {"items", py_items, METH_VARARGS, "items(table, dict): add the table's counts to dict"},
     {"train", py_train, METH_VARARGS, "train(words, counts, n_merges, progress) -> merges"},
     {NULL, NULL, 0, NULL},

@@ -88,3 +88,16 @@ def splitter(pattern: str):
     if ext is None or name is None:
         return None
     return functools.partial(ext.split, {"gpt2": 1, "gpt4": 2}[name])
+
+
+def word_encoder(pattern: str):
+    """A function `encode(text, cache, encode_word, limit) -> list[int]` that splits a text with a
+    built-in pattern and looks each word up in `cache` (calling `encode_word(word)` on a miss), or
+    None when the pattern is custom or the extension is unavailable."""
+    from lmforge.tokenizer.pretokenize import pattern_name
+
+    name = pattern_name(pattern)
+    ext = module()
+    if ext is None or name is None:
+        return None
+    return functools.partial(ext.encode, {"gpt2": 1, "gpt4": 2}[name])

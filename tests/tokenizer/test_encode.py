@@ -175,3 +175,24 @@ def test_encode_iterable_overlapping_specials():
     assert list(tok.encode_iterable(chunks, allowed_special="all")) == expected
     with pytest.raises(TokenizerError, match="<\\|end"):
         list(tok.encode_iterable(chunks, allowed_special={"<|endoftext|>"}))
+
+
+def _pure(tok: Tokenizer) -> Tokenizer:
+    """The same tokenizer on the pure-Python encoding path (regex split, Python word loop)."""
+    pure = Tokenizer(tok.vocab, tok.merges, tok.special_tokens, tok.pattern)
+    pure._split, pure._fast_encode = pure._pat.findall, None
+    return pure
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=50))
+def test_c_word_loop_equals_pure_python(small_tokenizer, gpt4_tokenizer, text):
+    for tok in (small_tokenizer, gpt4_tokenizer):
+        assert tok.encode_ordinary(text) == _pure(tok).encode_ordinary(text)
+
+
+def test_c_word_loop_equals_pure_python_real_text(small_tokenizer, gpt4_tokenizer, code, prose):
+    for tok in (small_tokenizer, gpt4_tokenizer):
+        pure = _pure(tok)
+        for text in (code, prose[:50_000], MULTILINGUAL, "a\ud800b  \n\n"):
+            assert tok.encode_ordinary(text) == pure.encode_ordinary(text)
