@@ -68,6 +68,9 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**MAIN_JOB_TRAIN))
     sample: SampleSection = field(default_factory=SampleSection)
+    # `lmforge run` as a whole: training stops early (with a checkpoint) when continuing would leave
+    # less than a minute for evaluation, sampling and the report. 0 = no limit.
+    job_budget_s: float = 570.0
 
 
 def load_run_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -122,8 +122,15 @@ def run_main_job(cfg: RunConfig, run_dir: str | Path, log=print) -> dict:
     train_path, val_path = stage_shards(cfg, run_dir, stages, tok)
     cfg.data.train_shards, cfg.data.val_shards = str(train_path), str(val_path)
 
-    train_inputs = {"model": to_dict(cfg.model), "train": to_dict(cfg.train), "data": to_dict(cfg.data),
-                    "tokenizer": tok.hash}
+    # time budgets decide when a run stops, not what it computes: they are not inputs
+    train_inputs = {"model": to_dict(cfg.model), "data": to_dict(cfg.data), "tokenizer": tok.hash,
+                    "train": {k: v for k, v in to_dict(cfg.train).items() if k != "time_budget_s"}}
+    if cfg.job_budget_s:
+        left = cfg.job_budget_s - (time.perf_counter() - job_start) - 60.0
+        budget = min(cfg.train.time_budget_s or float("inf"), max(left, 30.0))
+        if budget != (cfg.train.time_budget_s or float("inf")):
+            log(f"[train] time budget {budget:.0f}s (job budget {cfg.job_budget_s:.0f}s)")
+        cfg.train.time_budget_s = budget
     final = list_checkpoints(run_dir / "checkpoints")
     if not stages.done("train", train_inputs, [final[-1]] if final else [run_dir / "missing"]):
         log(f"[train] {cfg.train.max_steps} steps (time budget {cfg.train.time_budget_s}s) -> {run_dir}")

@@ -90,8 +90,12 @@ class Trainer:
                  evaluate: Callable[[nn.Module], dict] | None = None,
                  sample: Callable[[nn.Module], list[dict]] | None = None,
                  flops_per_token: float | None = None, config_record: dict | None = None,
-                 hooks: list[Callable[[Trainer, dict], None]] | None = None):
+                 hooks: list[Callable[[Trainer, dict], None]] | None = None, parallel=None):
         self.cfg = cfg
+        # Data parallelism (lmforge.distributed.DataParallel), or None for one process: gradient sync,
+        # global token totals, global grad norm, rank-0-only output and collective checkpoints.
+        self.parallel = parallel
+        self.is_main = parallel is None or parallel.is_main
         self.device = next(model.parameters()).device
         self.model = model  # the module whose weights are saved (never compiled/wrapped)
         if cfg.activation_checkpointing:
@@ -129,6 +133,8 @@ class Trainer:
         if self.checkpoint_dir is None:
             return None
         path = self.checkpoint_dir / f"step_{self.step:06d}"
+        if self.parallel is not None:
+            return self.parallel.save_checkpoint(self, path)
         save_checkpoint(path, model=self._plain_model(), model_config=self.model_config,
                         optimizer=self.optimizer, step=self.step, tokens=self.tokens,
                         data_state=self.batches.state_dict(), train_config=to_dict(self.cfg),
@@ -146,6 +152,11 @@ class Trainer:
             if not found:
                 return False
             path = found[-1]
+        if self.parallel is not None:
+            meta = self.parallel.load_checkpoint(self, path)
+            self.step, self.tokens = int(meta["step"]), int(meta["tokens"])
+            self.batches.load_state_dict(meta["data"])
+            return True
         meta = load_checkpoint(path, model=self._plain_model(), optimizer=self.optimizer,
                                model_config=self.model_config, train_config=to_dict(self.cfg),
                                device=self.device)
@@ -163,19 +174,24 @@ class Trainer:
         loss_total = torch.zeros((), device=self.device)
         n_total = torch.zeros((), device=self.device, dtype=torch.long)
         metrics: dict[str, float] = {}
-        for _ in range(cfg.grad_accum):
+        for i in range(cfg.grad_accum):
             batch = next(self.batches)
-            with autocast_context(self.device, cfg.precision):
-                loss_sum, n, m = self._loss(batch)
-            loss_sum.backward()
+            last = self.parallel is None or i == cfg.grad_accum - 1
+            with contextlib.nullcontext() if last else self.parallel.no_sync():  # sync once per step
+                with autocast_context(self.device, cfg.precision):
+                    loss_sum, n, m = self._loss(batch)
+                loss_sum.backward()
             loss_total += loss_sum.detach().float()
             n_total += n
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
+        if self.parallel is not None:  # totals over all ranks: divide by the global token count
+            loss_total, n_total = self.parallel.reduce_totals(loss_total, n_total)
         params = [p for p in self.model.parameters() if p.grad is not None]
         # Token-weighted mean over the whole step (see module docstring).
         torch._foreach_div_([p.grad for p in params], n_total.clamp(min=1).to(params[0].grad.dtype))
-        grad_norm = clip_grad_norm(params, cfg.grad_clip)
+        clip = self.parallel.clip_grad_norm if self.parallel is not None else clip_grad_norm
+        grad_norm = clip(params, cfg.grad_clip)
         loss_value, norm_value, n_value = torch.stack(
             [loss_total / n_total.clamp(min=1), grad_norm.float().to(self.device), n_total.float()]).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
@@ -201,10 +217,12 @@ class Trainer:
         resumed = self.resume() if resume else False
         log_path = self.run_dir / "metrics.jsonl" if self.run_dir else None
         tb_dir = self.run_dir / "tensorboard" if (self.run_dir and cfg.tensorboard) else None
+        if not self.is_main:  # rank-0-only logs and progress
+            log_path = tb_dir = None
         self._log = MetricsLog(log_path, resume_step=self.step if resumed else None,
-                               wandb_project=cfg.wandb_project, tensorboard_dir=tb_dir,
-                               config=self.config_record)
-        progress = _progress(cfg.max_steps, self.step, enabled=cfg.progress)
+                               wandb_project=cfg.wandb_project if self.is_main else None,
+                               tensorboard_dir=tb_dir, config=self.config_record)
+        progress = _progress(cfg.max_steps, self.step, enabled=cfg.progress and self.is_main)
         start = time.perf_counter()
         window_t, window_tokens = time.perf_counter(), 0
         stop_reason = "max_steps"
@@ -233,7 +251,10 @@ class Trainer:
                     self.run_samples()
                 if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or last):
                     self.save_checkpoint()
-                if cfg.time_budget_s and time.perf_counter() - start > cfg.time_budget_s:
+                over = bool(cfg.time_budget_s) and time.perf_counter() - start > cfg.time_budget_s
+                if cfg.time_budget_s and self.parallel is not None:
+                    over = self.parallel.any_rank(over)  # every rank stops at the same step
+                if over:
                     stop_reason = "time_budget"
                     self.save_checkpoint()
                     break
@@ -261,7 +282,7 @@ class Trainer:
         self.model.eval()
         samples = self.sample_fn(self.model)
         self.model.train(was_training)
-        if self.run_dir:
+        if self.run_dir and self.is_main:
             import json
 
             with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
