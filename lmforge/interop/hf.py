@@ -13,7 +13,7 @@ MHA/GQA/MQA, tied or untied head; per family:
   w1 (gate), w3 (up), w2 (down) and back.
 Our RoPE uses HF's rotate-half layout (see model/positions.py), so q/k weights map unpermuted.
 Anything else (other MoE variants, MLA, MTP, post/sandwich norms, softcaps, learned positions,
-per-layer window patterns, rope scaling) raises CheckpointError naming the field that cannot map;
+per-layer window patterns, rope scaling other than Llama-3's) raises CheckpointError naming the field that cannot map;
 key sets are checked strictly both ways (a missing or unexpected tensor is an error, never skipped).
 
 Neither direction needs `transformers`; the tests use it as the reference implementation.
@@ -30,6 +30,7 @@ import torch
 from lmforge.errors import CheckpointError
 from lmforge.io import atomic_dir, read_json
 from lmforge.model.config import ModelConfig
+from lmforge.model.positions import RopeScaling
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "mixtral")
 _ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -115,6 +116,15 @@ def family_for(cfg: ModelConfig) -> str:
     return "llama"
 
 
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    if cfg.rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    s = cfg.rope_scaling
+    return {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_context_length}
+
+
 def to_hf_config(cfg: ModelConfig, family: str | None = None, dtype: torch.dtype = torch.float32) -> dict:
     """The `config.json` of `cfg` as HF family `family` (default: `family_for(cfg)`)."""
     auto = family_for(cfg)
@@ -129,7 +139,7 @@ def to_hf_config(cfg: ModelConfig, family: str | None = None, dtype: torch.dtype
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
         "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta, "rope_parameters": _rope_parameters(cfg),
         "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0,
         "initializer_range": cfg.init_std, "use_cache": True, "dtype": str(dtype).removeprefix("torch."),
     }
@@ -159,8 +169,16 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
 
     rope = get("rope_parameters") or get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise CheckpointError(f"{source}: rope type {rope_type!r} (rope scaling) is not supported")
+    scaling = None
+    if rope_type == "llama3":
+        try:
+            scaling = RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+                                  high_freq_factor=float(rope["high_freq_factor"]),
+                                  original_context_length=int(rope["original_max_position_embeddings"]))
+        except KeyError as e:
+            raise CheckpointError(f"{source}: llama3 rope scaling lacks {e}") from None
+    elif rope_type not in ("default", None):
+        raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported (default and llama3 are)")
     theta = rope.get("rope_theta", get("rope_theta", 10000.0))
     if get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{source}: hidden_act {get('hidden_act')!r} is not supported (needs 'silu')")
@@ -188,7 +206,7 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
         d_model=get("hidden_size"), n_layers=get("num_hidden_layers"), n_heads=n_heads,
         n_kv_heads=get("num_key_value_heads") or n_heads,
         head_dim=get("head_dim") or get("hidden_size") // n_heads, d_ff=get("intermediate_size"),
-        norm_eps=get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+        norm_eps=get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
         bias=attention_bias if family == "llama" else False,
         qkv_bias=attention_bias if family in ("llama", "qwen2") else False,
         qk_norm=family == "qwen3", window=window, moe=moe,

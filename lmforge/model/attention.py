@@ -241,6 +241,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.rope_theta = cfg.rope_theta if cfg.layer_uses_rope(layer) else None
+        self.rope_scaling = cfg.rope_scaling
         self.window = cfg.layer_window(layer)
         self.softcap = cfg.attn_softcap
         self.backend = cfg.attention_backend
@@ -254,7 +255,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:
-            q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
+            q = apply_rope(q, positions, self.rope_theta, scaling=self.rope_scaling)
+            k = apply_rope(k, positions, self.rope_theta, scaling=self.rope_scaling)
         qpos = None
         if cache is not None:
             k, v = cache.update(k, v)

@@ -19,6 +19,7 @@ from lmforge.errors import ConfigError
 # MoE and MLA live in their own modules (model/moe.py, model/mla.py); their configs nest here.
 from lmforge.model.mla import MLAConfig
 from lmforge.model.moe import MoEConfig
+from lmforge.model.positions import RopeScaling
 
 Norm = Literal["rmsnorm", "layernorm"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2"]
@@ -58,6 +59,7 @@ class ModelConfig:
     # positions
     positions: Positions = "rope"
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # Llama-3.1 long-context frequency scaling
     # attention
     attention_backend: Backend = "auto"  # auto: SDPA, or the Triton kernel for masks on GPU
     window: int | None = None  # sliding-window size of "local" layers (attends to the last `window` tokens)
@@ -136,6 +138,9 @@ class ModelConfig:
             raise bad(f"n_dense_layers = {self.n_dense_layers} must be in [0, n_layers = {self.n_layers}]")
         if self.mla is not None and self.attn_softcap is not None:
             raise bad("attn_softcap conflicts with mla (not supported together)")
+        if self.rope_scaling is not None and (self.positions != "rope" or self.mla is not None):
+            raise bad(f"rope_scaling needs positions = 'rope' without mla (positions = {self.positions!r}, "
+                      f"mla {'set' if self.mla is not None else 'unset'})")
         if self.mla is not None and self.qk_norm:
             raise bad("qk_norm = true conflicts with mla (MLA normalises its latents instead)")
         if self.parallel_block and self.norm_placement == "sandwich":

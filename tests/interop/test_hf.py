@@ -17,6 +17,9 @@ FAMILIES = {
     "llama": (transformers.LlamaConfig, dict(rope_theta=5000.0)),
     "llama-bias-mha-tied": (transformers.LlamaConfig, dict(attention_bias=True, mlp_bias=True,
                                                            num_key_value_heads=4, tie_word_embeddings=True)),
+    "llama3-rope-scaling": (transformers.LlamaConfig, dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
     "qwen2": (transformers.Qwen2Config, dict(rope_theta=1e6)),
     "qwen3": (transformers.Qwen3Config, dict(head_dim=12, num_key_value_heads=1)),
     "mistral": (transformers.MistralConfig, dict(sliding_window=3)),
@@ -56,10 +59,16 @@ def test_import_matches_transformers_logits(name, tmp_path):
     (dict(qk_norm=True, head_dim=10), "qwen3"),
     (dict(window=4), "mistral"),
     (dict(moe="mixtral"), "mixtral"),
+    (dict(rope="llama3", rope_theta=5e5), "llama"),
 ])
 def test_export_loads_in_transformers_with_equal_logits_and_exact_keys(kw, family, tmp_path):
     from lmforge.model.moe import MoEConfig
 
+    if kw.get("rope") == "llama3":
+        from lmforge.model.positions import RopeScaling
+
+        kw = dict(kw, rope=None, rope_scaling=RopeScaling(factor=4.0, original_context_length=12))
+        kw.pop("rope")
     if kw.get("moe") == "mixtral":
         # transformers' grouped expert matmul needs 16-byte aligned rows: widths multiple of 4
         kw = dict(d_model=32, n_heads=4, n_kv_heads=2,
@@ -132,9 +141,9 @@ def test_import_rejects_missing_and_unexpected_tensors(tmp_path):
 def test_import_rejects_rope_scaling(tmp_path):
     hf_model("llama").save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="rope type 'llama3'"):
+    with pytest.raises(CheckpointError, match="rope type 'yarn'"):
         import_hf(tmp_path)
 
 

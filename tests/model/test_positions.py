@@ -58,3 +58,18 @@ def test_sinusoidal_matches_vaswani_formula():
             angle = p / 10000 ** (2 * i / 12)
             assert math.isclose(pe[p_i, 2 * i].item(), math.sin(angle), abs_tol=1e-5)
             assert math.isclose(pe[p_i, 2 * i + 1].item(), math.cos(angle), abs_tol=1e-5)
+
+
+def test_llama3_rope_scaling_by_hand():
+    """dim 8, theta 5e5: wavelengths 2π·[1, 26.6, 707, 18803]; with original context 16 the
+    first (6.28, between 16/4 and 16/1) is interpolated, the rest (> 16) divided by the factor 8."""
+    from lmforge.model.positions import RopeScaling, rope_inv_freq
+
+    base = rope_inv_freq(8, 5e5, dtype=torch.float64)
+    got = rope_inv_freq(8, 5e5, dtype=torch.float64, scaling=RopeScaling(factor=8.0, original_context_length=16))
+    smooth = (16 / (2 * math.pi) - 1.0) / (4.0 - 1.0)
+    assert math.isclose(got[0].item(), (1 - smooth) * 1.0 / 8 + smooth * 1.0, rel_tol=1e-12)
+    torch.testing.assert_close(got[1:], base[1:] / 8)
+    # with original context 32 the first wavelength (6.28 < 32/4) is untouched
+    short = rope_inv_freq(8, 5e5, dtype=torch.float64, scaling=RopeScaling(factor=8.0, original_context_length=32))
+    assert short[0].item() == 1.0 and math.isclose(short[1].item(), base[1].item() / 8, rel_tol=1e-12)
