@@ -52,7 +52,6 @@ class Tokenizer:
         self._pat = regex.compile(self.pattern)
         self._split = _native.splitter(self.pattern) or self._pat.findall
         self._fast_encode = _native.word_encoder(self.pattern)
-        self._special_re = special_regex(self.special_tokens)
         self._cache: dict[str, list[int]] = {}
         self._tiktoken = None
         self.backend = "reference"
@@ -355,7 +354,6 @@ class Tokenizer:
         state.pop("_pat", None)
         state.pop("_split", None)
         state.pop("_fast_encode", None)
-        state.pop("_special_re", None)
         state["_cache"] = {}
         return state
 
@@ -364,7 +362,6 @@ class Tokenizer:
         self._pat = regex.compile(self.pattern)
         self._split = _native.splitter(self.pattern) or self._pat.findall
         self._fast_encode = _native.word_encoder(self.pattern)
-        self._special_re = special_regex(self.special_tokens)
         if self.backend == "tiktoken":
             self._tiktoken = self.to_tiktoken()
 
