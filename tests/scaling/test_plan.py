@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError, DataError, LMForgeError
 from lmforge.model import ModelConfig, Transformer, count_params, flops_per_token
 from lmforge.scaling.hparams import DEEPSEEK, fit_hparams, near_optimal_mask
 from lmforge.scaling.parametric import fit_parametric
@@ -147,3 +147,17 @@ def test_hparam_grid_one_shape_per_budget_every_pair_spends_it():
             assert abs(r.flops - b) <= r.flops_per_token * r.batch_size * 40 / 2 + 1
     with pytest.raises(ConfigError, match="positive lrs"):
         hparam_grid([1e9], template, lrs=[], batch_sizes=[2], seq_len=40)
+
+
+def test_saved_hparam_fit_drives_the_plan(tmp_path):
+    c, lr, b, loss = _hparam_sweep(tol_grid=9)
+    fit = fit_hparams(c, lr * 2.0, b, loss, tol=0.0, n_boot=5)  # a law twice DeepSeek's LR
+    save_fit(tmp_path / "hp.json", fit)
+    loaded = load_fit(tmp_path / "hp.json")
+    assert loaded.lr.params == pytest.approx(fit.lr.params) and len(loaded.lr.samples["a"]) == 5
+    p = plan(1e21, hparams=loaded, template=ModelConfig(vocab_size=1000, context_length=512))
+    assert p.lr == pytest.approx(2 * 0.3118 * 1e21**-0.125, rel=1e-6)
+    assert p.batch_sequences == round(0.2920 * 1e21**0.3271 / 512)
+    with pytest.raises(LMForgeError, match="not a saved scaling fit"):
+        (tmp_path / "x.json").write_text("[1, 2]")
+        load_fit(tmp_path / "x.json")
