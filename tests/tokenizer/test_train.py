@@ -92,6 +92,14 @@ def test_c_word_counter_on_real_text(code, prose):
         assert count_words(texts, pattern, ["<|endoftext|>"]) == count_words_python(texts, pattern, ["<|endoftext|>"])
 
 
+def test_lone_surrogates_count_as_replacement_character():
+    text = "ab\ud800cd \udfff"
+    for pattern in (GPT2_PATTERN, GPT4_PATTERN):
+        expected = count_words_python([text], pattern)
+        assert expected == count_words_python(["ab\ufffdcd \ufffd"], pattern)
+        assert count_words([text], pattern) == expected
+
+
 def test_chunking_preserves_words(code):
     # Cutting long documents into chunks must not change any word.
     texts = [code, "x" * 10, code[: len(code) // 3]]
