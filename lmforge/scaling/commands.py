@@ -111,6 +111,8 @@ def cmd_fit(args) -> int:
             print("plot:", plots.plot_parametric(fit, _plot_path(args, "parametric"), n, d))
     elif method == "isoflop":
         n, c, loss = runs.require("params", "flops", "loss", what="approach 2")
+        if "budget" in runs.columns:  # a sweep table: group by the nominal budget, not counted C
+            c = runs.columns["budget"]
         fit = isoflop.fit_isoflop(n, c, loss, **common)
         for p in fit.profiles:
             print(f"C={p.flops:.3g}: {len(p.n)} runs, N_opt argmin={p.n_argmin:.3g} parabola={p.n_parabola:.3g}"

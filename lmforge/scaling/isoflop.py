@@ -73,7 +73,10 @@ def _profiles(n, flops, loss, labels) -> list[Profile]:
         m = labels == g
         c = float(np.exp(np.mean(np.log(flops[m]))))
         ln = np.log(n[m])
-        x, lmin, coef = parabola_vertex(ln, loss[m])
+        try:
+            x, lmin, coef = parabola_vertex(ln, loss[m])
+        except LMForgeError as e:
+            raise LMForgeError(f"budget C={c:.3g}: {e}") from None
         order = np.argsort(n[m])
         out.append(Profile(c, n[m][order], loss[m][order], float(n[m][np.argmin(loss[m])]),
                            float(np.exp(x)), lmin, coef, bool(ln.min() <= x <= ln.max())))
