@@ -339,6 +339,7 @@ def test_fused_ops_equal_plain_ops():
     _fused_vs_plain("auto")
 
 
+@pytest.mark.slow  # a fresh interpreter process (~10 s); the kernels' own tests cover the kernels
 def test_fused_ops_triton_kernels_under_interpreter():
     """impl "triton" runs the Triton kernels themselves; TRITON_INTERPRET must be set before triton
     is imported, hence a fresh process."""
