@@ -353,3 +353,16 @@ def test_fused_ops_triton_kernels_under_interpreter():
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3-style", "gemma2-style", "gpt2-small"])
+def test_nested_configs_round_trip_through_toml(preset, tmp_path):
+    from lmforge.model import get_preset
+    from lmforge.model.positions import RopeScaling
+
+    cfg = get_preset(preset)
+    if preset == "gpt2-small":
+        cfg = cfg.replace(positions="rope", rope_scaling=RopeScaling(factor=32.0))
+    save_toml(cfg, tmp_path / "m.toml")
+    assert load(ModelConfig, tmp_path / "m.toml") == cfg
+    assert get_preset(str(tmp_path / "m.toml")) == cfg
