@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -143,7 +144,8 @@ class Worker:
             yield from read_input(path, self.cfg.text_field)
 
     def run_task(self, stage: int, rank: int) -> dict | None:
-        """Run one (stage, task) unless its marker exists; returns its stats or None if skipped."""
+        """Run one (stage, task) unless its marker exists; returns documents in/out, or None if
+        the task was skipped (already complete)."""
         if self.marker(stage, rank).exists():
             return None
         from lmforge.data.writers import JsonlSink
@@ -171,8 +173,10 @@ class Worker:
                 work = JsonlSink(self.out / "work" / f"stage_{stage}" / f"rank_{rank:05d}.jsonl")
             else:
                 docs = step.run(docs, rank, self.cfg.tasks)
+        n_out = 0
         try:
             for doc in docs:
+                n_out += 1
                 if work is not None:
                     work.write(doc)
         except BaseException:
@@ -186,7 +190,7 @@ class Worker:
         stats = {step.label: step.stats.to_dict() for step in active}
         write_json(self.out / "stats" / f"stage_{stage}" / f"rank_{rank:05d}.json", stats)
         write_text(self.marker(stage, rank), "done\n")
-        return stats
+        return {"docs_in": next(iter(stats.values()))["docs_in"] if stats else 0, "docs_out": n_out}
 
     def plan(self, stage: int) -> dict:
         """Run the global step that closes `stage` (once, after all its tasks); idempotent."""
@@ -224,8 +228,9 @@ def split_stages_labels(cfg: PipelineConfig) -> list[str]:
 class LocalExecutor:
     """Tasks in `workers` local processes (inline when workers = 1)."""
 
-    def __init__(self, cfg: PipelineConfig):
+    def __init__(self, cfg: PipelineConfig, progress: bool = True):
         self.cfg = cfg
+        self.progress = progress
 
     def run(self) -> dict[str, StepStats]:
         cfg = self.cfg
@@ -241,10 +246,18 @@ class LocalExecutor:
         write_json(Path(cfg.output_dir) / "stats.json", {k: v.to_dict() for k, v in stats.items()})
         return stats
 
+    def _report(self, stage: int, rank: int, stats: dict | None, n_stages: int) -> None:
+        """One progress line per finished task, on stderr (stdout is left for the stats table)."""
+        if stats is None or not self.progress:
+            return
+        print(f"[{self.cfg.name}] stage {stage + 1}/{n_stages} task {rank + 1}/{self.cfg.tasks}: "
+              f"{stats['docs_in']} docs in, {stats['docs_out']} out", file=sys.stderr, flush=True)
+
     def _run_stage(self, driver: Worker, stage: int, ranks: list[int]) -> None:
+        n = len(driver.stages)
         if self.cfg.workers == 1 or len(ranks) == 1:
             for r in ranks:
-                driver.run_task(stage, r)
+                self._report(stage, r, driver.run_task(stage, r), n)
             return
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -254,8 +267,8 @@ class LocalExecutor:
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         with ProcessPoolExecutor(min(self.cfg.workers, len(ranks)), mp_context=ctx,
                                  initializer=_init_worker, initargs=(self.cfg,)) as pool:
-            for _ in pool.map(_run_in_worker, [(stage, r) for r in ranks]):
-                pass
+            for r, stats in zip(ranks, pool.map(_run_in_worker, [(stage, r) for r in ranks])):
+                self._report(stage, r, stats, n)
 
 
 _WORKER: Worker | None = None
@@ -266,9 +279,9 @@ def _init_worker(cfg: PipelineConfig) -> None:
     _WORKER = Worker(cfg)
 
 
-def _run_in_worker(args: tuple[int, int]) -> None:
+def _run_in_worker(args: tuple[int, int]) -> dict | None:
     assert _WORKER is not None
-    _WORKER.run_task(*args)
+    return _WORKER.run_task(*args)
 
 
 def _to_plain(cfg: PipelineConfig) -> dict:
@@ -280,8 +293,8 @@ def _to_plain(cfg: PipelineConfig) -> dict:
 class RayExecutor(LocalExecutor):
     """The same tasks on Ray actors (`ray.init()` connects to a running cluster, or starts one)."""
 
-    def __init__(self, cfg: PipelineConfig, ray_init: dict | None = None):
-        super().__init__(cfg)
+    def __init__(self, cfg: PipelineConfig, ray_init: dict | None = None, progress: bool = True):
+        super().__init__(cfg, progress)
         self.ray_init = ray_init or {}
 
     def _run_stage(self, driver: Worker, stage: int, ranks: list[int]) -> None:
@@ -295,7 +308,10 @@ class RayExecutor(LocalExecutor):
         actor = ray.remote(_RayWorker)
         actors = [actor.remote(self.cfg) for _ in range(min(self.cfg.workers, len(ranks)))]
         pool = ActorPool(actors)
-        list(pool.map_unordered(lambda a, r: a.run_task.remote(stage, r), ranks))
+        for r, done in zip(ranks, pool.map(lambda a, r: a.run_task.remote(stage, r), ranks)):
+            if done and self.progress:
+                print(f"[{self.cfg.name}] stage {stage + 1}/{len(driver.stages)} task {r + 1}/{self.cfg.tasks} "
+                      "done (ray)", file=sys.stderr, flush=True)
         for a in actors:
             ray.kill(a)
 
@@ -308,6 +324,6 @@ class _RayWorker:
         return self.worker.run_task(stage, rank) is not None
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict[str, StepStats]:
-    executor = RayExecutor(cfg) if cfg.executor == "ray" else LocalExecutor(cfg)
+def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict[str, StepStats]:
+    executor = RayExecutor(cfg, progress=progress) if cfg.executor == "ray" else LocalExecutor(cfg, progress)
     return executor.run()

@@ -68,9 +68,9 @@ def test_learns_separable_task_and_round_trips(tmp_path):
 def test_train_quality_and_quality_filter(tmp_path):
     rng = random.Random(2)
     for name, vocab in (("pos.jsonl", SCIENCE), ("neg.jsonl", SPAM)):
-        (tmp_path / name).write_text("".join(json.dumps({"text": sample(rng, vocab)}) + "\n" for _ in range(120)))
+        (tmp_path / name).write_text("".join(json.dumps({"text": sample(rng, vocab)}) + "\n" for _ in range(70)))
     report = train_quality([str(tmp_path / "pos.jsonl")], [str(tmp_path / "neg.jsonl")], str(tmp_path / "q"), SMALL)
-    assert report["positives"] == report["negatives"] == 120 and report["held_out"] == 24
+    assert report["positives"] == report["negatives"] == 70 and report["held_out"] == 14
     assert report["held_out_accuracy"] >= 0.95
     docs = [Document(sample(rng, SCIENCE), f"s{i}") for i in range(10)] + \
            [Document(sample(rng, SPAM), f"p{i}") for i in range(10)]

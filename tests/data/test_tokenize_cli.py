@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import lmforge.data
 from lmforge.cli import main
@@ -61,7 +62,7 @@ def test_cli_runs_example_pipeline(tmp_path, capsys):
     table = capsys.readouterr().out
     assert table.splitlines()[0].split()[:3] == ["step", "docs", "in"]
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["extract"]["docs_in"] == 67  # 61 modules + 6 mirror pages
+    assert stats["extract"]["docs_in"] == 66  # 60 modules + 6 mirror pages
     assert stats["exact_dedup"]["dropped"] == {"duplicate": 4}
     assert stats["minhash_dedup"]["dropped"] == {"near_duplicate": 2}
     dropped = {}
@@ -80,3 +81,11 @@ def test_cli_runs_example_pipeline(tmp_path, capsys):
     assert "minhash_dedup" in capsys.readouterr().out
     assert main(["data", "run", str(tmp_path / "missing.toml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # renders the 66 pages twice (two fresh interpreters)
+def test_example_input_is_deterministic(tmp_path):
+    from lmforge.data.example import make_example_input
+
+    for a, b in zip(make_example_input(tmp_path / "a"), make_example_input(tmp_path / "b")):
+        assert a.read_bytes() == b.read_bytes(), a.name
