@@ -182,6 +182,8 @@ class Worker:
         except BaseException:
             for sink in list(sinks.values()) + ([work] if work else []):
                 sink.abort()
+            for step in active:
+                step.abort()
             raise
         for step in active:
             step.close()

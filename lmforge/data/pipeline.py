@@ -121,6 +121,9 @@ class PipelineStep:
     def close(self) -> None:
         """Called once after the stream is exhausted (writers finalise files here)."""
 
+    def abort(self) -> None:
+        """Called instead of `close` when the task failed (writers delete temporary files)."""
+
 
 class Filter(PipelineStep):
     """A step that keeps or drops whole documents, counting a reason for every drop."""

@@ -91,6 +91,11 @@ class WriteJsonl(PipelineStep):
             self.sink.commit()
             self.sink = None
 
+    def abort(self) -> None:
+        if self.sink is not None:
+            self.sink.abort()
+            self.sink = None
+
 
 class ByteTokenizer:
     """Bytes as tokens (ids 0-255) plus one document token (256): needs no training or files."""
@@ -166,4 +171,9 @@ class Tokenize(PipelineStep):
         # Shards are finalised only when the whole task succeeded.
         for w in self.pending + ([self.writer] if self.writer else []):
             w.close()
+        self.pending, self.writer = [], None
+
+    def abort(self) -> None:
+        for w in self.pending + ([self.writer] if self.writer else []):
+            w.abort()
         self.pending, self.writer = [], None

@@ -172,3 +172,27 @@ def test_ray_executor_matches_local(inputs, tmp_path):
     for rel in files(tmp_path / "local"):
         if rel.startswith("documents/"):
             assert (tmp_path / "local" / rel).read_bytes() == (tmp_path / "ray" / rel).read_bytes()
+
+
+def test_failing_task_leaves_no_outputs_or_temporary_files(inputs, tmp_path):
+    from lmforge.data.pipeline import STEPS, PipelineStep, register
+    from lmforge.errors import DataError
+
+    @register("fail_on_b")
+    class FailOnB(PipelineStep):
+        def process(self, doc):
+            if doc.id.startswith("b"):
+                raise DataError(f"bad document {doc.id}")
+            return doc
+
+    try:
+        cfg = config(inputs, tmp_path / "out", [("write_jsonl", {}), ("tokenize", {}), ("fail_on_b", {})], tasks=3)
+        with pytest.raises(DataError, match="bad document b0"):
+            run_pipeline(cfg, progress=False)
+    finally:
+        del STEPS["fail_on_b"]
+    out = tmp_path / "out"
+    assert (out / "completions/stage_0/rank_00000").exists()  # task 0 finished before task 1 failed
+    assert not (out / "completions/stage_0/rank_00001").exists()
+    assert sorted(p.name for p in (out / "documents").iterdir()) == ["rank_00000.jsonl.gz"]
+    assert sorted(p.name for p in (out / "tokens").iterdir()) == ["rank_00000.bin", "rank_00000.json"]
