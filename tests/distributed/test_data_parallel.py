@@ -24,9 +24,9 @@ def close(a: dict, b: dict, rtol=1e-5, atol=1e-4):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dp")
-    info = w.spawn("equivalence", out, 2)
+def run(spawned):
+    out, _, infos = spawned
+    info = [i["equivalence"] for i in infos]
 
     def params(name, rank=0):
         return load_file(str(out / f"{name}.rank{rank}.safetensors"))

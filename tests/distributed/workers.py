@@ -212,26 +212,46 @@ def _equivalence(rank: int, world: int, out: Path) -> dict:
     return info
 
 
-def _checkpoint(rank: int, world: int, out: Path, shards: str, kind: str) -> dict:
-    """Trainer + DataParallel: 4 steps with checkpoints; then resume from step 2 on the same ranks."""
+def _checkpoint(rank: int, world: int, out: Path, shards: str) -> dict:
+    """Trainer + DataParallel: 4 steps with checkpoints every 2; then resume from step 2 on the same
+    ranks. For ZeRO-1 (sharded optimizer state) and own DDP."""
     info = {}
-    run = out / f"run_{kind}"
-    trainer = make_trainer(shards, run, kind, per_rank_batch=ROWS_CKPT // world, max_steps=4)
-    trainer.train()
-    info["losses"] = [r["loss"] for r in trainer.history]
-    info["tokens"] = trainer.tokens
-    resumed = make_trainer(shards, None, kind, per_rank_batch=ROWS_CKPT // world, max_steps=4)
-    resumed.resume(run / "checkpoints" / "step_000002")
-    resumed.train()
-    info["resumed_losses"] = [r["loss"] for r in resumed.history]
+    for kind in ("zero1", "ddp"):
+        run = out / f"run_{kind}"
+        trainer = make_trainer(shards, run, kind, per_rank_batch=ROWS_CKPT // world, max_steps=4)
+        trainer.train()
+        info[kind] = {"losses": [r["loss"] for r in trainer.history], "tokens": trainer.tokens}
+        resumed = make_trainer(shards, None, kind, per_rank_batch=ROWS_CKPT // world, max_steps=4)
+        resumed.resume(run / "checkpoints" / "step_000002")
+        resumed.train()
+        info[kind]["resumed_losses"] = [r["loss"] for r in resumed.history]
     return info
+
+
+def _all(rank: int, world: int, out: Path, shards: str) -> dict:
+    """Both scenario sets in one process group (process start-up is the dominant cost)."""
+    return {"equivalence": _equivalence(rank, world, out), "checkpoint": _checkpoint(rank, world, out, shards)}
 
 
 ROWS_CKPT = 4
 SEQ_CKPT = 12
 
 
-def make_trainer(shards, run_dir, kind: str, per_rank_batch: int, max_steps: int):
+def write_shards(directory: Path) -> Path:
+    import numpy as np
+
+    from lmforge.data.shards import ShardWriter
+
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        with ShardWriter(directory / f"train_{i:03d}", vocab_size=VOCAB, tokenizer_hash="test", bos_id=0) as wr:
+            for _ in range(40):
+                wr.write([0, *rng.integers(1, VOCAB, size=int(rng.integers(3, 30))).tolist()], documents=1)
+    return directory
+
+
+def make_trainer(shards, run_dir, kind: str | None, per_rank_batch: int, max_steps: int):
+    """kind None: the plain single-process Trainer (no parallel object)."""
     from lmforge.data.loader import DocumentPacker, TokenStream
     from lmforge.distributed.parallel import DataParallel, RankSlice
     from lmforge.train.config import TrainConfig
@@ -243,8 +263,11 @@ def make_trainer(shards, run_dir, kind: str, per_rank_batch: int, max_steps: int
     cfg = TrainConfig(batch_size=per_rank_batch, max_steps=max_steps, seq_len=SEQ_CKPT, warmup_steps=1,
                       checkpoint_every=2, keep_checkpoints=5, eval_every=0, log_every=1, progress=False,
                       device="cpu", lr=1e-2, optimizer="adamw")
-    parallel = DataParallel(model, adamw(model), kind=kind, bucket_mb=BUCKET_MB)
-    batches = RankSlice(DocumentPacker(TokenStream(shards), per_rank_batch * world, SEQ_CKPT), rank, world)
+    parallel = DataParallel(model, adamw(model), kind=kind, bucket_mb=BUCKET_MB) if kind else None
+    batches = DocumentPacker(TokenStream(shards), per_rank_batch * world, SEQ_CKPT)
+    if kind is None:
+        return Trainer(model, adamw(model), batches, lm_loss, cfg, run_dir=run_dir, model_config=mcfg)
+    batches = RankSlice(batches, rank, world)
     return Trainer(model, parallel.optimizer, batches, lm_loss, cfg, run_dir=run_dir, model_config=mcfg,
                    parallel=parallel)
 
