@@ -236,6 +236,7 @@ class LocalExecutor:
 
     def run(self) -> dict[str, StepStats]:
         cfg = self.cfg
+        _check_same_pipeline(cfg)
         driver = Worker(cfg)
         write_json(Path(cfg.output_dir) / "pipeline.json", _to_plain(cfg))
         for stage in range(len(driver.stages)):
@@ -271,6 +272,22 @@ class LocalExecutor:
                                  initializer=_init_worker, initargs=(self.cfg,)) as pool:
             for r, stats in zip(ranks, pool.map(_run_in_worker, [(stage, r) for r in ranks])):
                 self._report(stage, r, stats, n)
+
+
+def _check_same_pipeline(cfg: PipelineConfig) -> None:
+    """Resuming is only sound for the same pipeline: refuse an output_dir that holds another one
+    (workers and executor may change between runs; they do not change the outputs)."""
+    path = Path(cfg.output_dir) / "pipeline.json"
+    if not path.exists():
+        return
+    old, new = read_json(path, "pipeline record"), json.loads(json.dumps(_to_plain(cfg)))  # tuples → lists
+    for d in (old, new):
+        d.pop("workers", None)
+        d.pop("executor", None)
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ConfigError(f"{cfg.output_dir} holds the outputs of a different pipeline (differs in: "
+                          f"{', '.join(diff)}); resume with the same pipeline, or use a new output_dir")
 
 
 _WORKER: Worker | None = None

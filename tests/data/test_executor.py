@@ -196,3 +196,11 @@ def test_failing_task_leaves_no_outputs_or_temporary_files(inputs, tmp_path):
     assert not (out / "completions/stage_0/rank_00001").exists()
     assert sorted(p.name for p in (out / "documents").iterdir()) == ["rank_00000.jsonl.gz"]
     assert sorted(p.name for p in (out / "tokens").iterdir()) == ["rank_00000.bin", "rank_00000.json"]
+
+
+def test_resuming_with_a_different_pipeline_is_refused(inputs, tmp_path):
+    steps = [("write_jsonl", {})]
+    run_pipeline(config(inputs, tmp_path / "out", steps, tasks=2), progress=False)
+    run_pipeline(config(inputs, tmp_path / "out", steps, tasks=2, workers=2), progress=False)  # fine
+    with pytest.raises(ConfigError, match=r"different pipeline \(differs in: steps, tasks\)"):
+        run_pipeline(config(inputs, tmp_path / "out", [("length", {})] + steps, tasks=3), progress=False)
