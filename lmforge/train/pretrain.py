@@ -177,10 +177,12 @@ def evaluate_lm(model, batches, device, token_bytes: torch.Tensor | None = None,
     return result
 
 
-def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = True, tokenizer=None) -> dict:
+def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = True, tokenizer=None,
+             parallelize=None) -> dict:
     """Train the model of `cfg` on its shards, writing checkpoints, metrics.jsonl and config.toml to
     run_dir. Resumes from the latest checkpoint there when `resume`. Returns the trainer's summary
-    plus the final evaluation."""
+    plus the final evaluation. `parallelize(cfg, model, optimizer, batches) -> (optimizer, batches,
+    parallel)` (from lmforge.distributed.launch) makes the run data-parallel."""
     from lmforge.data.loader import DocumentPacker, Prefetcher, TokenStream
     from lmforge.model import Transformer, flops_per_token
     from lmforge.train.metrics import token_byte_lengths, unigram_log_probs
@@ -203,6 +205,9 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = True, tokenizer
                                 muon_momentum=t.muon_momentum, muon_ns_steps=t.muon_ns_steps,
                                 decay_embeddings=t.decay_embeddings, vocab_size=cfg.model.vocab_size)
     batches = make_batches(cfg, cfg.data.train_shards, seq_len)
+    parallel = None
+    if parallelize is not None:
+        optimizer, batches, parallel = parallelize(cfg, model, optimizer, batches)
     if device.type == "cuda":
         batches = Prefetcher(batches, device)
 
@@ -230,7 +235,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = True, tokenizer
     trainer = Trainer(model, optimizer, batches, lm_loss, t, run_dir=run_dir, model_config=cfg.model,
                       evaluate=evaluate, sample=sample,
                       flops_per_token=flops_per_token(cfg.model, seq_len)["total"],
-                      config_record={"run": to_dict(cfg)})
+                      config_record={"run": to_dict(cfg)}, parallel=parallel)
     summary = trainer.train(resume=resume)
     final = trainer.last_eval
     if evaluate and (final is None or final["step"] != trainer.step):
