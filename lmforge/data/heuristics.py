@@ -249,4 +249,7 @@ class NormalizeWhitespace(PipelineStep):
     def process(self, doc: Document) -> Document:
         lines = [ln.rstrip() for ln in doc.text.split("\n")]
         doc.text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-        return doc if doc.text else None
+        if not doc.text:
+            self.stat("docs_emptied")
+            return None
+        return doc

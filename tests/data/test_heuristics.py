@@ -134,3 +134,13 @@ def test_fineweb_short_lines_duplicates_and_lists():
     lenient = FineWebQuality(FineWebQuality.Config(max_short_line_ratio=1.0))
     assert verdict(lenient, words + "\n" * 9 + "End.") == "keep"  # 9 newlines / 30 words = 0.3
     assert verdict(lenient, words + "\n" * 10 + "End.") == "list_ratio"  # 10 / 30
+
+
+def test_length_and_whitespace_steps():
+    from lmforge.data.heuristics import LengthFilter, NormalizeWhitespace
+
+    f = LengthFilter(LengthFilter.Config(min_chars=3, max_chars=5))
+    assert [verdict(f, t) for t in ("ab", "abc", "abcde", "abcdef")] == ["too_short", "keep", "keep", "too_long"]
+    n = NormalizeWhitespace()
+    assert n.process(Document("a  \n\n\n\nb \n", "x")).text == "a\n\nb"
+    assert n.process(Document(" \n \n", "y")) is None and n.stats.counters == {"docs_emptied": 1}
