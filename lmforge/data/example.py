@@ -49,7 +49,8 @@ _ADDRESS = re.compile(rb"(at(?: |&nbsp;))0x[0-9a-fA-F]+")
 
 def render_isolated(modules: list[str]) -> dict[str, bytes]:
     """Render pages in a fresh `python -I` process, object addresses normalised."""
-    code = ("import json, sys\nfrom lmforge.data.example import render\n"
+    root = str(Path(__file__).resolve().parents[2])  # so `-I` still finds this lmforge checkout
+    code = (f"import json, sys\nsys.path.insert(0, {root!r})\nfrom lmforge.data.example import render\n"
             "json.dump({m: render(m).decode() for m in sys.argv[1:]}, sys.stdout)")
     out = subprocess.run([sys.executable, "-I", "-c", code, *modules], check=True, capture_output=True).stdout
     return {m: _ADDRESS.sub(rb"\g<1>0x0", html.encode()) for m, html in json.loads(out).items()}
