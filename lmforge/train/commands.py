@@ -50,6 +50,11 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the run directory's latest checkpoint (bit-exact); without it, a "
                         "run directory that already holds checkpoints is refused")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="data-parallel processes on this node (starts torchrun; train.batch_size is per process)")
+    p.add_argument("--dp", default="ddp", choices=["ddp", "naive", "zero1", "zero2"],
+                   help="data-parallel method under --nproc/torchrun (default ddp: own bucketed DDP)")
+    p.add_argument("--bucket-mb", type=float, default=25.0, help="DDP gradient bucket size in MB")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="e.g. data.train_shards=runs/x/data/train train.lr=1e-3")
     p.set_defaults(func=cmd_train)
@@ -85,6 +90,13 @@ def cmd_train(args) -> int:
     from lmforge.train.checkpoint import list_checkpoints
     from lmforge.train.pretrain import load_run_config, pretrain
 
+    parallelize = None
+    if args.nproc is not None or _under_torchrun():
+        from lmforge.distributed.launch import pretrain_parallelize, relaunch, under_torchrun
+
+        if not under_torchrun():
+            return relaunch(args.nproc)
+        parallelize = pretrain_parallelize(args.dp, args.bucket_mb)
     cfg = load_run_config(args.config, args.overrides)
     if not args.resume and list_checkpoints(Path(args.out) / "checkpoints"):
         raise ConfigError(f"{args.out}/checkpoints already holds checkpoints: pass --resume to continue that "
@@ -94,11 +106,19 @@ def cmd_train(args) -> int:
         from lmforge.tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.tokenizer, backend="auto")
-    summary = pretrain(cfg, args.out, resume=args.resume, tokenizer=tok)
+    summary = pretrain(cfg, args.out, resume=args.resume, tokenizer=tok, parallelize=parallelize)
+    if not summary["trainer"].is_main:  # rank-0-only output
+        return 0
     ev = summary["final_eval"]
     print(f"trained {summary['step']} steps, {summary['tokens']} tokens in {summary['seconds']:.0f}s "
           f"({summary['stop']}); " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float)))
     return 0
+
+
+def _under_torchrun() -> bool:
+    import os
+
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def cmd_generate(args) -> int:
