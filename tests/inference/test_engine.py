@@ -134,3 +134,14 @@ def test_cache_layouts_and_bytes():
     assert cache.nbytes() == 2 * 2 * 3 * 20 * 8 * 8
     with pytest.raises(ConfigError, match="learned position table"):
         StaticKVCache.for_model(tiny_model("gpt2"), max_batch=1, max_len=49)
+
+
+def test_fixed_shape_decode_path_equals_dynamic():
+    """The CUDA-graph path decodes all rows over the whole cache; run that shape eagerly on CPU."""
+    model = tiny_model("mqa-window")
+    ps = prompts([3, 8, 5])
+    params = [SamplingParams(max_tokens=m, temperature=0) for m in (9, 4, 12)]
+    ref = Engine(model, max_batch=4, max_len=30).generate(ps, params)
+    fixed = Engine(model, max_batch=4, max_len=30)
+    fixed.compiled, fixed._decode_fn = True, fixed._forward_full
+    assert [o[0].token_ids for o in fixed.generate(ps, params)] == [o[0].token_ids for o in ref]
