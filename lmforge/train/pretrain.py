@@ -27,9 +27,10 @@ from lmforge.train.config import TrainConfig
 TINY_MODEL = dict(vocab_size=4096, context_length=128, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2)
 
 
-# The main job's training defaults beyond TrainConfig's: a time budget keeps it within minutes on a
+# The main job's training defaults beyond TrainConfig's: Muon (far fewer tokens to a given loss, see
+# docs/benchmarks.md), and a time budget that keeps it within minutes on a
 # loaded laptop (0 in a preset turns the budget off).
-MAIN_JOB_TRAIN = dict(max_steps=600, warmup_steps=20, time_budget_s=300.0)
+MAIN_JOB_TRAIN = dict(optimizer="muon", max_steps=600, warmup_steps=20, time_budget_s=300.0)
 
 
 def _tiny_model() -> ModelConfig:
