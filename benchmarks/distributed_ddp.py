@@ -1,0 +1,229 @@
+"""Data-parallel weak scaling: own bucketed DDP vs torch DDP vs the naive baseline, ZeRO-1 memory,
+FSDP2 for a ~1B model, and how much all-reduce time hides behind backward. One command, one table.
+
+Run on a 2-GPU machine (written for `nvidia-h100-x2`; not yet run there):
+    python benchmarks/distributed_ddp.py --out bench_ddp.json
+It starts torchrun itself: a 1-process baseline, then 2-process runs of each variant, all in the same
+invocation, with the same model, batch and step count. Per variant it reports tokens/s per GPU,
+scaling efficiency = (tokens/s on N GPUs) / (N x tokens/s on 1 GPU), peak memory, optimizer-state
+bytes per GPU (ZeRO-1 should halve it on 2 ranks), and for own DDP the share of all-reduce kernel
+time that overlaps compute kernels (from a torch.profiler trace of a few steps).
+
+Variants (GPT-2 small shape, vocab 50304, batch 32 x 1024 per GPU, bf16 autocast, own AdamW):
+  single      1 GPU, no communication (the baseline)
+  torch_ddp   torch.nn.parallel.DistributedDataParallel (bucket 25 MB)
+  ddp         lmforge BucketedDDP (bucket 25 MB, hook-launched async all-reduce)
+  naive       lmforge NaiveDDP (one blocking all-reduce per parameter after backward)
+  zero1       lmforge ZeRO-1 around AdamW (+ bucketed DDP)
+and, with --fsdp, the llama-1b preset at seq 1024: single-GPU vs FSDP2 (bf16 params, fp32 reduce).
+
+`--smoke` runs tiny shapes on CPU with gloo to check the script (numbers meaningless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+VARIANTS = ["torch_ddp", "ddp", "naive", "zero1"]
+
+
+def build(preset: str, smoke: bool, device: torch.device):
+    from lmforge.model import ModelConfig, Transformer, get_preset
+
+    if smoke:
+        cfg = ModelConfig(vocab_size=211, context_length=64, d_model=48, n_layers=2, n_heads=3, d_ff=96)
+    else:
+        cfg = get_preset(preset)
+        if preset == "gpt2-small":  # GPT-2's vocab padded to a multiple of 64, as nanoGPT does
+            cfg = dataclasses.replace(cfg, vocab_size=50304)
+    torch.manual_seed(0)
+    return Transformer(cfg).to(device), cfg
+
+
+def overlap_share(prof) -> dict:
+    """Share of communication kernel time (NCCL) during which a compute kernel also runs."""
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    comm = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" in e.name.lower()]
+    comp = sorted((e.time_range.start, e.time_range.end) for e in kernels if "nccl" not in e.name.lower())
+    merged: list[list[float]] = []
+    for s, e in comp:  # union of compute intervals
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    total = sum(e - s for s, e in comm)
+    hidden = 0.0
+    for s, e in comm:
+        for ms, me in merged:
+            hidden += max(0.0, min(e, me) - max(s, ms))
+    return {"comm_us": total, "hidden_us": hidden, "overlap": hidden / total if total else None}
+
+
+def worker(args) -> None:
+    """One process of a torchrun job: train `args.steps` steps of `args.variant`; rank 0 writes JSON."""
+    import torch.distributed as dist
+
+    from lmforge.distributed import apply_ddp, apply_zero, init_distributed
+    from lmforge.train.optim import build_optimizer
+
+    env = init_distributed(device="cpu" if args.smoke else "cuda")
+    device = env.device
+    model, cfg = build(args.preset, args.smoke, device)
+    variant = args.variant
+    reducer, step_model = None, model
+    opt = build_optimizer(model, "adamw", lr=1e-4, vocab_size=cfg.vocab_size)
+    if variant == "fsdp":
+        from lmforge.distributed.fsdp import apply_fsdp
+
+        apply_fsdp(model, param_dtype=None if args.smoke else "bf16")
+        opt = build_optimizer(model, "adamw", lr=1e-4, vocab_size=cfg.vocab_size)
+    elif variant == "torch_ddp":
+        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if args.smoke else [device])
+    elif variant in ("ddp", "naive"):
+        reducer = apply_ddp(model, bucket_mb=args.bucket_mb, naive=variant == "naive")
+    elif variant == "zero1":
+        reducer, opt = apply_zero(model, opt, stage=1, bucket_mb=args.bucket_mb)
+    if args.compile:
+        step_model = torch.compile(step_model)
+    g = torch.Generator(device="cpu").manual_seed(env.rank)
+    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g).to(device)
+    inputs, targets = x[:, :-1], x[:, 1:]
+    autocast = (contextlib.nullcontext() if args.smoke
+                else torch.autocast("cuda", dtype=torch.bfloat16))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = step_model(inputs, targets).loss
+        loss.backward()
+        if reducer is not None:
+            reducer.finish()
+        opt.step()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if env.world_size > 1:
+            dist.barrier()
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    seconds = time.perf_counter() - t0
+    result = {"variant": variant, "world_size": env.world_size, "preset": args.preset,
+              "tokens_per_s_per_gpu": args.batch * args.seq * args.steps / seconds,
+              "step_ms": 1000 * seconds / args.steps,
+              "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
+              "optimizer_state_gb": _state_bytes(opt) / 1e9}
+    if args.profile and device.type == "cuda" and env.world_size > 1:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            sync()
+        result.update(overlap_share(prof))
+    if env.is_main:
+        Path(args.result).write_text(json.dumps(result))
+    if env.world_size > 1:
+        dist.destroy_process_group()
+
+
+def _state_bytes(opt) -> int:
+    if hasattr(opt, "state_bytes"):
+        return opt.state_bytes()
+    total = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                t = v.to_local() if hasattr(v, "to_local") else v
+                total += t.numel() * t.element_size()
+    return total
+
+
+def launch(args, variant: str, nproc: int, preset: str, batch: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               __file__, "--worker", "--variant", variant, "--preset", preset, "--batch", str(batch),
+               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--bucket-mb", str(args.bucket_mb), "--result", str(result)]
+        cmd += ["--smoke"] if args.smoke else []
+        cmd += ["--compile"] if args.compile else []
+        cmd += ["--profile"] if args.profile else []
+        env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.smoke else None
+        subprocess.run(cmd, check=True, env=env)
+        return json.loads(result.read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="single")
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--preset", default="gpt2-small")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32, help="sequences per GPU")
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--bucket-mb", type=float, default=25.0)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--profile", action="store_true", default=True)
+    p.add_argument("--no-profile", dest="profile", action="store_false")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated 2-GPU variants to run")
+    p.add_argument("--fsdp", action="store_true", help="also the llama-1b preset: 1 GPU vs FSDP2")
+    p.add_argument("--fsdp-batch", type=int, default=8)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU/gloo: checks the script only")
+    p.add_argument("--out", default="bench_distributed_ddp.json")
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    if args.smoke:
+        args.batch, args.seq, args.steps, args.warmup, args.profile = 4, 32, 3, 1, False
+        args.fsdp_batch = 4
+    rows = []
+    base = launch(args, "single", 1, args.preset, args.batch)
+    rows.append({**base, "efficiency": 1.0})
+    for v in [v for v in args.variants.split(",") if v]:
+        r = launch(args, v, args.nproc, args.preset, args.batch)
+        r["efficiency"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
+        rows.append(r)
+    if args.fsdp:
+        preset = "llama-1b"
+        base1b = launch(args, "single", 1, preset, args.fsdp_batch)
+        rows.append({**base1b, "efficiency": 1.0})
+        r = launch(args, "fsdp", args.nproc, preset, args.fsdp_batch)
+        r["efficiency"] = r["tokens_per_s_per_gpu"] / base1b["tokens_per_s_per_gpu"]
+        rows.append(r)
+    device = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0)
+    print(f"device: {device}; batch {args.batch} x {args.seq} per GPU, {args.steps} timed steps")
+    print(f"{'preset':<11} {'variant':<10} {'GPUs':>4} {'tok/s/GPU':>11} {'scaling':>8} {'step ms':>8} "
+          f"{'peak GB':>8} {'opt GB':>7} {'overlap':>8}")
+    for r in rows:
+        ov = r.get("overlap")
+        print(f"{r['preset']:<11} {r['variant']:<10} {r['world_size']:>4} {r['tokens_per_s_per_gpu']:>11.0f} "
+              f"{r['efficiency']:>8.1%} {r['step_ms']:>8.1f} {r['peak_mem_gb'] or 0:>8.2f} "
+              f"{r['optimizer_state_gb']:>7.3f} {'' if ov is None else f'{ov:.1%}':>8}")
+    Path(args.out).write_text(json.dumps({"device": device, "args": vars(args), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
