@@ -4,7 +4,8 @@ The Trainer (lmforge.train.trainer) knows nothing about ranks; when given `paral
 - `no_sync()` around the backward of every micro-step but the last (no communication),
 - `reduce_totals(loss_sum, n_tokens)` after the last backward: sums over ranks, so the gradient is
   divided by the GLOBAL token count (the reducers sum gradients: op="sum") and the update equals
-  single-process training on the concatenated batch,
+  single-process training on the concatenated batch; it also sums MoE expert-load counts so the
+  aux-loss-free routing biases stay identical on all ranks,
 - `clip_grad_norm(params, max_norm)`: the global norm (one extra all-reduce when gradients are sharded),
 - `any_rank(flag)`: a stop decision all ranks agree on (time budget),
 - `save_checkpoint(trainer, path)` / `load_checkpoint(trainer, path)` (checkpoint.py), and `is_main`
@@ -99,9 +100,25 @@ class DataParallel:
             self.reducer.finish()  # the naive reducer communicates here; the bucketed one already did
         if self.world_size == 1:
             return loss_sum, n_tokens
+        self._sum_moe_loads()
         both = torch.stack([loss_sum.double(), n_tokens.double()])
         dist.all_reduce(both, group=self.group)
         return both[0].to(loss_sum.dtype), both[1].round().to(n_tokens.dtype)
+
+    @torch.no_grad()
+    def _sum_moe_loads(self) -> None:
+        """Aux-loss-free MoE routing biases are updated from expert load counts after the step: sum
+        the counts over ranks first, so every replica applies the same (global-batch) update."""
+        counts = [m.load_counts for m in getattr(self.model, "moe_layers", lambda: [])()
+                  if hasattr(m, "load_counts")]
+        if not counts:
+            return
+        flat = torch.cat([c.reshape(-1) for c in counts])
+        dist.all_reduce(flat, group=self.group)
+        offset = 0
+        for c in counts:
+            c.copy_(flat[offset:offset + c.numel()].view_as(c))
+            offset += c.numel()
 
     def clip_grad_norm(self, params, max_norm: float | None) -> torch.Tensor:
         if self.kind == "zero2" and self.world_size > 1:

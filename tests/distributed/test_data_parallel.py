@@ -145,3 +145,10 @@ def test_ranks_that_disagree_are_named(run):
     info, _ = run
     for i in info:
         assert "ranks disagree on train config" in i["disagree_error"] and "[[0], [1]]" in i["disagree_error"]
+
+
+def test_moe_load_counts_summed_over_ranks(run):
+    info, _ = run
+    # rank r holds [1,2,3]*(r+1) + layer index: the sum over 2 ranks is [3,6,9] + 2*layer
+    expected = [[3.0 + 2 * i, 6.0 + 2 * i, 9.0 + 2 * i] for i in range(2)]
+    assert info[0]["moe_load_counts"] == info[1]["moe_load_counts"] == expected

@@ -204,6 +204,17 @@ def _equivalence(rank: int, world: int, out: Path) -> dict:
     info["fsdp_bf16_losses"] = train_steps(model, adamw(model), rank, world, None)
     info["fsdp_bf16_master_dtype"] = str(next(model.parameters()).dtype)
 
+    # MoE expert-load counts are summed over ranks before the routing-bias update
+    from lmforge.distributed.parallel import DataParallel
+    from lmforge.model.moe import MoEConfig
+
+    moe_model, _ = tiny_model(seed=0, moe=MoEConfig(n_experts=3, top_k=1, aux_free_bias=True))
+    dp = DataParallel(moe_model, adamw(moe_model), kind="ddp")
+    for i, m in enumerate(moe_model.moe_layers()):
+        m.load_counts.copy_(torch.tensor([1.0, 2.0, 3.0]) * (rank + 1) + i)
+    dp.reduce_totals(torch.zeros(()), torch.zeros((), dtype=torch.long))
+    info["moe_load_counts"] = [m.load_counts.tolist() for m in moe_model.moe_layers()]
+
     try:
         check_same_on_ranks({"lr": 0.1 * (rank + 1)}, "train config")
         info["disagree_error"] = None
