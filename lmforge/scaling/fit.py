@@ -123,7 +123,8 @@ def fit_lse(logx: np.ndarray, logy: np.ndarray, *, constant: bool = True, delta:
 
     `starts` defaults to the Hoffmann grid. With `n_starts` set, all starts are scored first (one
     vectorised pass) and L-BFGS runs from the `n_starts` best; `n_starts=None` runs from every one
-    (4,500 for two terms: the literal procedure, ~100x slower, and in our tests never better).
+    (4,500 for two terms: the literal procedure; 44-180x slower on benchmarks/scaling_fit.py and
+    reaching the same optimum there).
     """
     minimize = require("scipy.optimize", "scaling-law fits", extra="scaling", package="scipy").minimize
     logx = np.asarray(logx, dtype=np.float64)
