@@ -8,8 +8,9 @@ Masking options: `causal`, `window` (a query attends to the last `window` keys, 
 `softcap` applies cap·tanh(s/cap) to the scores; `scale` defaults to 1/sqrt(D).
 `query_positions` [B, T] (for preallocated caches, where key slot s holds position s): query t of
 row b sits at position query_positions[b, t] instead of S - T + t, and keys at later slots (stale
-or empty) are masked; rows may then have different lengths. Only the reference and SDPA backends
-take it ("triton" and "auto" run SDPA for it).
+or empty) are masked; rows may then have different lengths. With it, `key_positions` [B, S] gives
+each key slot's position instead (a ring buffer for sliding-window layers; -1 marks an empty slot).
+Only the reference and SDPA backends take these ("triton" and "auto" run SDPA for them).
 
 Backends (registry `BACKENDS`, extend with `register_backend`):
 - "reference": explicit masked softmax, the spec;
@@ -45,7 +46,8 @@ _SDPA_HAS_GQA = _TORCH_VERSION >= (2, 5)
 
 
 def attention_mask(T: int, S: int, *, causal: bool, window: int | None, doc_ids: torch.Tensor | None,
-                   device: torch.device, query_positions: torch.Tensor | None = None) -> torch.Tensor | None:
+                   device: torch.device, query_positions: torch.Tensor | None = None,
+                   key_positions: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean mask [B or 1, 1, T, S], True where query t may attend to key s; None if all may."""
     if not causal and window is None and doc_ids is None and query_positions is None:
         return None
@@ -53,8 +55,12 @@ def attention_mask(T: int, S: int, *, causal: bool, window: int | None, doc_ids:
         if not causal:
             raise ConfigError("query_positions needs causal attention (later slots are not keys yet)")
         q_pos = query_positions[:, None, :, None]  # [B, 1, T, 1]
-        k_pos = torch.arange(S, device=device).view(1, 1, 1, S)
-        mask = k_pos <= q_pos
+        if key_positions is None:
+            k_pos = torch.arange(S, device=device).view(1, 1, 1, S)
+            mask = k_pos <= q_pos
+        else:
+            k_pos = key_positions[:, None, None, :]  # [B, 1, 1, S]
+            mask = (k_pos <= q_pos) & (k_pos >= 0)
         if window is not None:
             mask &= q_pos - k_pos < window
     else:
@@ -92,7 +98,7 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def reference_attention(q, k, v, *, causal=True, window=None, softcap_value=None, scale=None,
-                        doc_ids=None, query_positions=None):
+                        doc_ids=None, query_positions=None, key_positions=None):
     """softmax(mask(softcap(q kᵀ · scale))) v, scores in float32: the spec other backends match."""
     _check_shapes(q, k, v)
     n_rep = q.shape[1] // k.shape[1]
@@ -100,7 +106,7 @@ def reference_attention(q, k, v, *, causal=True, window=None, softcap_value=None
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = softcap((upcast(q) @ upcast(k).transpose(-2, -1)) * scale, softcap_value)
     mask = attention_mask(q.shape[2], k.shape[2], causal=causal, window=window, doc_ids=doc_ids,
-                          device=q.device, query_positions=query_positions)
+                          device=q.device, query_positions=query_positions, key_positions=key_positions)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return (softmax(scores, dim=-1) @ upcast(v)).to(q.dtype)
@@ -110,14 +116,15 @@ _warned: set[str] = set()
 
 
 def sdpa_attention(q, k, v, *, causal=True, window=None, softcap_value=None, scale=None, doc_ids=None,
-                   query_positions=None):
+                   query_positions=None, key_positions=None):
     """torch.nn.functional.scaled_dot_product_attention with our masking rules."""
     if softcap_value is not None:
         if "softcap" not in _warned:
             _warned.add("softcap")
             log.warning("attention softcap is not supported by SDPA: using the reference backend")
         return reference_attention(q, k, v, causal=causal, window=window, softcap_value=softcap_value,
-                                   scale=scale, doc_ids=doc_ids, query_positions=query_positions)
+                                   scale=scale, doc_ids=doc_ids, query_positions=query_positions,
+                                   key_positions=key_positions)
     _check_shapes(q, k, v)
     T, S = q.shape[2], k.shape[2]
     n_rep = q.shape[1] // k.shape[1]
@@ -130,7 +137,7 @@ def sdpa_attention(q, k, v, *, causal=True, window=None, softcap_value=None, sca
     if causal and window is None and doc_ids is None and T == S and query_positions is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **kwargs)
     mask = attention_mask(T, S, causal=causal, window=window, doc_ids=doc_ids, device=q.device,
-                          query_positions=query_positions)
+                          query_positions=query_positions, key_positions=key_positions)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kwargs)
 
 
@@ -147,13 +154,13 @@ def triton_attention(q, k, v, *, causal=True, window=None, softcap_value=None, s
                            doc_ids=doc_ids)
 
 
-def _positioned(q, k, v, *, causal, window, softcap_value, scale, doc_ids, query_positions):
+def _positioned(q, k, v, *, causal, window, softcap_value, scale, doc_ids, query_positions, key_positions=None):
     """SDPA for a `query_positions` call, which the Triton kernel does not take (logged once)."""
     if "query_positions" not in _warned:
         _warned.add("query_positions")
         log.info("attention with query_positions (preallocated cache) runs on SDPA")
     return sdpa_attention(q, k, v, causal=causal, window=window, softcap_value=softcap_value, scale=scale,
-                          doc_ids=doc_ids, query_positions=query_positions)
+                          doc_ids=doc_ids, query_positions=query_positions, key_positions=key_positions)
 
 
 def _triton_importable() -> bool:
@@ -207,17 +214,21 @@ def register_backend(name: str, fn: Callable) -> None:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
            window: int | None = None, softcap: float | None = None, scale: float | None = None,
            doc_ids: torch.Tensor | None = None, backend: str = "sdpa",
-           query_positions: torch.Tensor | None = None) -> torch.Tensor:
+           query_positions: torch.Tensor | None = None, key_positions: torch.Tensor | None = None
+           ) -> torch.Tensor:
     """Scaled dot-product attention through the chosen backend (see the module docstring)."""
     try:
         fn = BACKENDS[backend]
     except KeyError:
         raise ConfigError(f"attention backend {backend!r} must be one of {sorted(BACKENDS)}") from None
+    if key_positions is not None and query_positions is None:
+        raise ConfigError("attend: key_positions needs query_positions")
     if query_positions is not None:
         if backend not in ("reference", "sdpa"):
             fn = _positioned
+        kw = {} if key_positions is None else {"key_positions": key_positions}
         return fn(q, k, v, causal=causal, window=window, softcap_value=softcap, scale=scale, doc_ids=doc_ids,
-                  query_positions=query_positions)
+                  query_positions=query_positions, **kw)
     return fn(q, k, v, causal=causal, window=window, softcap_value=softcap, scale=scale, doc_ids=doc_ids)
 
 
@@ -228,7 +239,8 @@ class Attention(nn.Module):
     `cache` is a per-layer cache (cache.LayerCache) that appends this call's keys/values and returns
     all of them; with a cache, positions must continue from the cached length. A cache with
     `keys_at_positions = True` (inference's preallocated cache) returns its buffers, where slot s
-    holds position s, and attention masks by `positions` per row (`attend(query_positions=...)`).
+    holds position s (or says where: `key_positions`, a ring buffer), and attention masks by
+    `positions` per row (`attend(query_positions=..., key_positions=...)`).
     """
 
     def __init__(self, cfg, layer: int):
@@ -257,12 +269,13 @@ class Attention(nn.Module):
         if self.rope_theta is not None:
             q = apply_rope(q, positions, self.rope_theta, scaling=self.rope_scaling)
             k = apply_rope(k, positions, self.rope_theta, scaling=self.rope_scaling)
-        qpos = None
+        qpos = kpos = None
         if cache is not None:
             k, v = cache.update(k, v)
-            qpos = positions if getattr(cache, "keys_at_positions", False) else None
+            if getattr(cache, "keys_at_positions", False):
+                qpos, kpos = positions, getattr(cache, "key_positions", None)
         y = attend(q, k, v, causal=True, window=self.window, softcap=self.softcap, doc_ids=doc_ids,
-                   backend=self.backend, query_positions=qpos)
+                   backend=self.backend, query_positions=qpos, key_positions=kpos)
         y = self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         return dropout(y, self.dropout, self.training)
 

@@ -128,10 +128,11 @@ class MultiHeadLatentAttention(nn.Module):
         if self.rope_theta is not None:
             q_rope = apply_rope(q_rope, positions, self.rope_theta)
             k_rope = apply_rope(k_rope, positions, self.rope_theta)  # [B, T, rope]: one key for all heads
-        qpos = None
+        qpos = kpos = None
         if cache is not None:
             latent, k_rope = cache.update(latent, k_rope)  # [B, S, r], [B, S, rope]
-            qpos = positions if getattr(cache, "keys_at_positions", False) else None  # see Attention
+            if getattr(cache, "keys_at_positions", False):  # see Attention
+                qpos, kpos = positions, getattr(cache, "key_positions", None)
         S = latent.shape[1]
         w_uk, w_uv = self._up_weights()
         if absorbed if absorbed is not None else cache is not None:
@@ -139,14 +140,15 @@ class MultiHeadLatentAttention(nn.Module):
             k = torch.cat((latent, k_rope), dim=-1).unsqueeze(1)  # [B, 1, S, r+rope]
             o_latent = attend(torch.cat((q_latent, q_rope), dim=-1), k, latent.unsqueeze(1), causal=True,
                               window=self.window, scale=self.scale, doc_ids=doc_ids, backend=self.backend,
-                              query_positions=qpos)
+                              query_positions=qpos, key_positions=kpos)
             y = torch.einsum("bhtr,hvr->bhtv", o_latent, w_uv)  # [B, H, T, v]
         else:
             kv = self.kv_b_proj(latent).view(B, S, H, c.qk_nope_head_dim + c.v_head_dim).transpose(1, 2)
             k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
             k = torch.cat((k_nope, k_rope.unsqueeze(1).expand(B, H, S, c.qk_rope_head_dim)), dim=-1)
             y = attend(torch.cat((q_nope, q_rope), dim=-1), k, v, causal=True, window=self.window,
-                       scale=self.scale, doc_ids=doc_ids, backend=self.backend, query_positions=qpos)
+                       scale=self.scale, doc_ids=doc_ids, backend=self.backend, query_positions=qpos,
+                       key_positions=kpos)
         y = self.o_proj(y.transpose(1, 2).reshape(B, T, H * c.v_head_dim))
         return dropout(y, self.dropout, self.training)
 
