@@ -1,0 +1,171 @@
+"""Log-likelihood scoring with a model: the one primitive under every likelihood-based metric.
+
+- `score_continuations(model, requests)`: for each (context_ids, continuation_ids) pair, the sum of
+  log p(continuation token | everything before it), the number of tokens, and whether greedy
+  decoding would have produced the continuation (lm-eval-harness's `is_greedy`). Requests that share
+  a context (the choices of one multiple-choice question) are scored together: the context is run
+  once into a KV cache, the cache is broadcast to one row per choice, and all choices go through one
+  batched forward. `shared_prefix=False` instead runs every request as one full right-padded row,
+  many per forward (the plain reference the tests compare against, and the path for models whose
+  attention has no cache support).
+- `rolling_logprobs(model, token_lists)`: per-token log-probs of whole documents longer than the
+  context, by sliding windows (each token is scored once, with at least `context - stride` tokens
+  of context once the document is long enough).
+
+Inputs are token ids; text, templates and metrics live in the task modules. Everything runs under
+`torch.no_grad()` in the model's dtype, with the log-softmax taken in at least float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import ConfigError
+from lmforge.model.cache import KVCache
+
+
+@dataclass
+class Score:
+    logprob: float  # sum over continuation tokens (natural log)
+    n_tokens: int
+    is_greedy: bool
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, T, V], targets [B, T] (any value where unused) -> (log p(target) [B, T], argmax==target)."""
+    # at least float32 (bf16 logits lose too much), float64 kept for the exactness tests
+    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    safe = targets.clamp_min(0)
+    return logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1), logits.argmax(-1) == safe
+
+
+def _fit(context: list[int], continuation: list[int], max_len: int) -> tuple[list[int], list[int]]:
+    """Left-truncate the context so that context + continuation (minus the last token) fits."""
+    if not continuation:
+        raise ConfigError("a continuation must have at least one token")
+    if len(continuation) > max_len:
+        raise ConfigError(f"continuation of {len(continuation)} tokens does not fit the model's context "
+                          f"({max_len} tokens)")
+    if not context:
+        raise ConfigError("a context must have at least one token (e.g. the end-of-text token)")
+    keep = max_len + 1 - len(continuation)
+    return context[-keep:], continuation
+
+
+@torch.no_grad()
+def score_continuations(model, requests: list[tuple[list[int], list[int]]], *, batch_size: int = 32,
+                        shared_prefix: bool = True) -> list[Score]:
+    """Score each (context, continuation) pair; see the module docstring. Order is preserved."""
+    max_len = model.cfg.context_length
+    fitted = [_fit(list(c), list(x), max_len) for c, x in requests]
+    if not shared_prefix:
+        return _score_padded(model, fitted, batch_size)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(fitted):
+        groups.setdefault(tuple(ctx), []).append(i)
+    out: list[Score | None] = [None] * len(fitted)
+    for ctx, idx in groups.items():
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start:start + batch_size]
+            for i, s in zip(chunk, _score_group(model, list(ctx), [fitted[i][1] for i in chunk])):
+                out[i] = s
+    return out  # type: ignore[return-value]
+
+
+def _score_group(model, context: list[int], continuations: list[list[int]]) -> list[Score]:
+    """One context, several continuations: prefill the context once, then all choices in one batch."""
+    dev = _device(model)
+    n, L = len(continuations), max(len(c) for c in continuations)
+    cache = KVCache(model.cfg.n_layers)
+    first = model(torch.tensor([context], device=dev), kv_cache=cache).logits[:, -1:]  # [1, 1, V]
+    # Broadcast the cached context to one row per continuation (expand is a view; the next
+    # update's cat makes the real copy).
+    for layer in cache.layers:
+        layer.tensors = tuple(t.expand(n, *t.shape[1:]) for t in layer.tensors)
+    pad = torch.zeros(n, L, dtype=torch.long, device=dev)
+    for r, c in enumerate(continuations):
+        pad[r, :len(c)] = torch.tensor(c, device=dev)
+    logits = first.expand(n, 1, -1)
+    if L > 1:
+        # Right padding is harmless: causal attention never lets a real token see a later pad.
+        rest = model(pad[:, :-1], kv_cache=cache).logits
+        logits = torch.cat([logits, rest], dim=1)
+    lp, hit = _gather_logprobs(logits, pad)
+    return [_summarise(lp[r], hit[r], len(c)) for r, c in enumerate(continuations)]
+
+
+def _summarise(lp: torch.Tensor, hit: torch.Tensor, n: int) -> Score:
+    return Score(float(lp[:n].sum()), n, bool(hit[:n].all()))
+
+
+def _score_padded(model, fitted: list[tuple[list[int], list[int]]], batch_size: int) -> list[Score]:
+    """Every request as one row [context + continuation][:-1], right-padded, batch_size per forward."""
+    dev = _device(model)
+    out = []
+    for start in range(0, len(fitted), batch_size):
+        chunk = fitted[start:start + batch_size]
+        rows = [c + x for c, x in chunk]
+        T = max(len(r) for r in rows) - 1
+        inp = torch.zeros(len(rows), T, dtype=torch.long, device=dev)
+        tgt = torch.full((len(rows), T), -100, dtype=torch.long, device=dev)
+        for r, ((c, x), row) in enumerate(zip(chunk, rows)):
+            inp[r, :len(row) - 1] = torch.tensor(row[:-1], device=dev)
+            tgt[r, len(c) - 1:len(row) - 1] = torch.tensor(x, device=dev)
+        lp, hit = _gather_logprobs(model(inp).logits, tgt)
+        for r, (c, x) in enumerate(chunk):
+            sl = slice(len(c) - 1, len(c) - 1 + len(x))
+            out.append(Score(float(lp[r, sl].sum()), len(x), bool(hit[r, sl].all())))
+    return out
+
+
+def rolling_windows(n_tokens: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows over a sequence s[0..n_tokens) whose targets are s[1..n_tokens): a list of
+    (begin, end, first_scored) meaning input s[begin:end-1] predicts s[begin+1:end], of which the
+    targets at positions >= first_scored are counted. Every target is counted exactly once."""
+    if not 1 <= stride <= max_len:
+        raise ConfigError(f"stride must be in [1, context_length = {max_len}], got {stride}")
+    windows, scored = [], 1  # position 0 (the BOS/EOT token) is never a target
+    end = 0
+    while scored < n_tokens:
+        end = min(n_tokens, end + stride if windows else max_len + 1)
+        begin = max(0, end - max_len - 1)
+        windows.append((begin, end, scored))
+        scored = end
+    return windows
+
+
+@torch.no_grad()
+def rolling_logprobs(model, token_lists: list[list[int]], *, stride: int | None = None,
+                     batch_size: int = 8) -> list[torch.Tensor]:
+    """For each sequence s (s[0] is the BOS/EOT token that starts a document), log p(s[t] | s[<t])
+    for t >= 1 as a float64 tensor of length len(s) - 1, scored with sliding windows of the model's
+    context length advancing by `stride` tokens (default: half the context)."""
+    max_len = model.cfg.context_length
+    stride = stride or max(1, max_len // 2)
+    dev = _device(model)
+    jobs = []  # (seq index, begin, end, first_scored)
+    for i, s in enumerate(token_lists):
+        jobs += [(i, b, e, f) for b, e, f in rolling_windows(len(s), max_len, stride)]
+    out = [torch.zeros(max(len(s) - 1, 0), dtype=torch.float64) for s in token_lists]
+    # Similar lengths together keep padding small.
+    jobs.sort(key=lambda j: j[2] - j[1])
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        T = max(e - b - 1 for _, b, e, _ in chunk)
+        inp = torch.zeros(len(chunk), T, dtype=torch.long, device=dev)
+        tgt = torch.zeros(len(chunk), T, dtype=torch.long, device=dev)
+        for r, (i, b, e, _) in enumerate(chunk):
+            s = torch.tensor(token_lists[i][b:e], device=dev)
+            inp[r, :e - b - 1], tgt[r, :e - b - 1] = s[:-1], s[1:]
+        lp = _gather_logprobs(model(inp).logits, tgt)[0].double().cpu()
+        for r, (i, b, e, f) in enumerate(chunk):
+            # row position p predicts s[b + 1 + p]; keep targets at >= f
+            out[i][f - 1:e - 1] = lp[r, f - b - 1:e - b - 1]
+    return out
