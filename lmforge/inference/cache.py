@@ -7,12 +7,16 @@ attention. Key slot s of a row always holds position s, so:
 - rows can have different lengths: attention masks keys by each row's query positions
   (`attend(query_positions=...)`), so stale or empty slots beyond a row's position are never read;
 - rolling back (speculative decoding) or reusing a row is free: the engine just forgets positions;
-- sliding-window layers use the same mask (window counted in positions); their buffers are full
-  length (a ring buffer that keeps only the window is not implemented).
+- sliding-window layers keep a ring buffer of `window + slack` slots instead (`ring=True`, the
+  default): position p goes to slot p mod R, and a key-position table [max_batch, R] (-1 = empty)
+  tells attention which position each slot holds (`attend(key_positions=...)`). A call attends to
+  the old ring plus its new tokens, then writes its last min(T, R) tokens into the ring. The
+  `slack` (> tokens per call beyond one, e.g. speculative drafts) guarantees that writes which are
+  later rolled back only overwrite positions already outside every future query's window.
 
 `cache.view(rows, length, positions)` is what the model gets as `kv_cache`: it writes the call's
 new tensors at `positions` [b, T] into rows `rows` (a slice: views, never copies) and hands the
-attention the first `length` slots. It follows the model's cache contract
+attention the first `length` slots (ring layers: the ring plus the new tokens). It follows the model's cache contract
 (`layer(i).update(*tensors)`, `length`) plus `keys_at_positions = True`.
 
 This module does not decide which rows are free or what positions are; the engine does.
@@ -24,6 +28,13 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+
+
+def _ring_size(block: nn.Module, max_len: int, ring: bool, slack: int) -> int | None:
+    window = getattr(block.attn, "window", None)
+    if ring and window is not None and window + slack < max_len:
+        return window + slack
+    return None
 
 
 def _layer_shapes(block: nn.Module, max_batch: int, max_len: int) -> list[tuple[int, ...]]:
@@ -39,14 +50,21 @@ def _layer_shapes(block: nn.Module, max_batch: int, max_len: int) -> list[tuple[
 class StaticKVCache:
     """Fixed per-layer buffers [max_batch, ..., max_len, ...] (sequence on dim -2)."""
 
-    def __init__(self, buffers: list[list[torch.Tensor]], max_len: int):
+    def __init__(self, buffers: list[list[torch.Tensor]], max_len: int,
+                 key_positions: list[torch.Tensor | None] | None = None, slack: int = 0):
         self.buffers = buffers
         self.max_batch = buffers[0][0].shape[0]
         self.max_len = max_len
+        self.key_positions = key_positions or [None] * len(buffers)  # ring layers: [max_batch, R]
+        self.slack = slack
+
+    @property
+    def has_rings(self) -> bool:
+        return any(kp is not None for kp in self.key_positions)
 
     @classmethod
     def for_model(cls, model: nn.Module, max_batch: int, max_len: int, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> StaticKVCache:
+                  device: torch.device | str | None = None, ring: bool = True, slack: int = 16) -> StaticKVCache:
         if max_batch < 1 or max_len < 1:
             raise ConfigError(f"cache needs max_batch >= 1 and max_len >= 1, got {max_batch}, {max_len}")
         ctx = model.cfg.context_length
@@ -54,9 +72,14 @@ class StaticKVCache:
             raise ConfigError(f"cache max_len = {max_len} exceeds the learned position table ({ctx})")
         p = next(model.parameters())
         dtype, device = dtype or p.dtype, device or p.device
-        buffers = [[torch.zeros(s, dtype=dtype, device=device) for s in _layer_shapes(b, max_batch, max_len)]
-                   for b in model.blocks]
-        return cls(buffers, max_len)
+        buffers, key_positions = [], []
+        for b in model.blocks:
+            R = _ring_size(b, max_len, ring, slack)
+            buffers.append([torch.zeros(s, dtype=dtype, device=device)
+                            for s in _layer_shapes(b, max_batch, R or max_len)])
+            key_positions.append(None if R is None else
+                                 torch.full((max_batch, R), -1, dtype=torch.long, device=device))
+        return cls(buffers, max_len, key_positions, slack)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.buffers for t in layer)
@@ -69,23 +92,29 @@ class StaticKVCache:
 
     def copy_rows(self, src: int, dsts: list[int], length: int) -> None:
         """Copy the first `length` slots of row `src` to rows `dsts` (n samples sharing one prefill)."""
-        for layer in self.buffers:
+        for layer, kp in zip(self.buffers, self.key_positions):
             for buf in layer:
                 seq = buf.dim() - 2
-                part = buf[src].narrow(seq - 1, 0, length)
+                n = length if kp is None else buf.shape[seq]  # a ring is copied whole
+                part = buf[src].narrow(seq - 1, 0, n)
                 for d in dsts:
-                    buf[d].narrow(seq - 1, 0, length).copy_(part)
+                    buf[d].narrow(seq - 1, 0, n).copy_(part)
+            for d in dsts if kp is not None else ():
+                kp[d].copy_(kp[src])
 
 
 class _LayerView:
     keys_at_positions = True
 
-    def __init__(self, bufs: list[torch.Tensor], view: CacheView):
-        self.bufs, self.view = bufs, view
+    def __init__(self, bufs: list[torch.Tensor], view: CacheView, ring_positions: torch.Tensor | None):
+        self.bufs, self.view, self.ring_positions = bufs, view, ring_positions
+        self.key_positions = None  # set by a ring layer's update: positions of the returned keys
 
     def update(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(new) != len(self.bufs):
             raise ValueError(f"cache layer holds {len(self.bufs)} tensors, update gave {len(new)}")
+        if self.ring_positions is not None:
+            return self._update_ring(new)
         rows, pos, length = self.view.rows, self.view.positions, self.view.length
         out = []
         for buf, t in zip(self.bufs, new):
@@ -94,6 +123,28 @@ class _LayerView:
             idx = pos.view(B, *([1] * (t.dim() - 3)), T, 1).expand(t.shape)
             part.scatter_(t.dim() - 2, idx, t.to(part.dtype))
             out.append(part.narrow(t.dim() - 2, 0, length))
+        return tuple(out)
+
+    def _update_ring(self, new: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        rows, pos = self.view.rows, self.view.positions
+        kp = self.ring_positions[rows]  # [b, R], a view
+        B, T = pos.shape
+        R = kp.shape[1]
+        # the old ring, then this call's tokens; old entries at or after the first new position are
+        # stale (a rolled-back draft, or an earlier sequence in this row) and are masked
+        stale = kp >= pos[:, :1]
+        self.key_positions = torch.cat((kp.masked_fill(stale, -1), pos), dim=1)
+        n = min(T, R)  # only the last R tokens can be kept
+        tail_pos = pos[:, T - n:]
+        slots = tail_pos % R
+        out = []
+        for buf, t in zip(self.bufs, new):
+            part = buf[rows]
+            seq = t.dim() - 2
+            out.append(torch.cat((part, t.to(part.dtype)), dim=seq))
+            idx = slots.view(B, *([1] * (t.dim() - 3)), n, 1).expand(*t.shape[:seq], n, t.shape[-1])
+            part.scatter_(seq, idx, t.narrow(seq, T - n, n).to(part.dtype))
+        kp.scatter_(1, slots, tail_pos)
         return tuple(out)
 
     @property
@@ -108,7 +159,7 @@ class CacheView:
 
     def __init__(self, cache: StaticKVCache, rows: slice, length: int, positions: torch.Tensor):
         self.rows, self.length, self.positions = rows, length, positions
-        self.layers = [_LayerView(bufs, self) for bufs in cache.buffers]
+        self.layers = [_LayerView(bufs, self, kp) for bufs, kp in zip(cache.buffers, cache.key_positions)]
 
     def layer(self, i: int) -> _LayerView:
         return self.layers[i]

@@ -188,7 +188,8 @@ class Engine:
         firsts.sort(key=lambda s: s.slot)
         groups, group = [], [firsts[0]]
         for s in firsts[1:]:
-            if s.slot == group[-1].slot + 1:
+            # ring buffers keep a row's last tokens, so a right-padded row must be prefilled alone
+            if s.slot == group[-1].slot + 1 and not self.cache.has_rings:
                 group.append(s)
             else:
                 groups.append(group)

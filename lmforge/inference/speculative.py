@@ -139,8 +139,8 @@ def speculative_generate(target: nn.Module, prompt: list[int], params: SamplingP
         raise ConfigError("speculative decoding does not support repetition/presence/frequency penalties")
     if params.n != 1 or params.stop:
         raise ConfigError("speculative decoding takes n = 1 and stop token ids (not stop strings)")
-    if k < 1:
-        raise ConfigError(f"speculative k = {k} must be >= 1")
+    if not 1 <= k < 16:
+        raise ConfigError(f"speculative k = {k} must be in [1, 16) (the cache's ring slack is 16)")
     if not prompt:
         raise ConfigError("the prompt is empty (pass at least one token, e.g. BOS)")
     max_len = max_len or target.cfg.context_length

@@ -145,3 +145,22 @@ def test_fixed_shape_decode_path_equals_dynamic():
     fixed = Engine(model, max_batch=4, max_len=30)
     fixed.compiled, fixed._decode_fn = True, fixed._forward_full
     assert [o[0].token_ids for o in fixed.generate(ps, params)] == [o[0].token_ids for o in ref]
+
+
+@pytest.mark.parametrize("kind", ["mqa-window", "mla"])
+def test_ring_buffer_for_window_layers(kind):
+    """Sliding-window layers keep window + slack slots; prompts longer than the ring, wrap-around
+    in decode and n samples (ring rows copied) still match naive decoding."""
+    model = tiny_model(kind, window=5, layer_pattern=["local", "global"])
+    engine = Engine(model, max_batch=4, max_len=40)
+    engine.cache = StaticKVCache.for_model(model, 4, 40, slack=2)  # ring of 7 slots
+    assert engine.cache.buffers[0][0].shape[-2 if kind == "mqa-window" else 1] == 7
+    assert engine.cache.key_positions[1] is None  # the global layer stays full length
+    ps = prompts([13, 2, 9])
+    outs = engine.generate(ps, [SamplingParams(max_tokens=14, temperature=0, n=n) for n in (1, 1, 2)])
+    for p, out in zip(ps, outs):
+        for o in out:
+            assert o.token_ids == naive_greedy(model, p, 14)
+    ps = prompts([4, 16], seed=9)  # rows reused: the old sequences' ring entries must not leak
+    for p, out in zip(ps, engine.generate(ps, SamplingParams(max_tokens=10, temperature=0))):
+        assert out[0].token_ids == naive_greedy(model, p, 10)

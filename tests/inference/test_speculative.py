@@ -92,7 +92,7 @@ def test_errors():
     target = tiny_model("gqa")
     with pytest.raises(ConfigError, match="penalties"):
         speculative_generate(target, [1], SamplingParams(repetition_penalty=1.2), NGramDrafter())
-    with pytest.raises(ConfigError, match="k = 0"):
+    with pytest.raises(ConfigError, match="k = 0 must be in"):
         speculative_generate(target, [1], SamplingParams(), NGramDrafter(), k=0)
     with pytest.raises(ConfigError, match="n_min"):
         NGramDrafter(1, 2)
