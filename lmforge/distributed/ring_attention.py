@@ -1,0 +1,279 @@
+"""Context parallelism: ring attention over the sequence dimension, forward and backward written here.
+
+Each rank of a context-parallel group holds 1/W of the sequence (queries, keys and values). The
+key/value blocks travel around the ring (rank r sends to r+1, receives from r-1, W-1 hops) while each
+rank attends its queries to the block it holds; partial results are merged with the online-softmax
+rule using each block's log-sum-exp (LSE):
+    lse = logaddexp(lse_a, lse_b);  out = out_a·exp(lse_a − lse) + out_b·exp(lse_b − lse).
+The next block's send/recv is started before the current block is computed, so communication
+overlaps compute.
+
+Causal load balancing (zig-zag): the sequence is cut into 2W chunks and rank r holds chunks r and
+2W−1−r (`zigzag_shard`). Then at every ring step each rank does the same work, half a block:
+- its own block: ordinary causal attention (its two chunks are in increasing order);
+- a block from a lower rank j < r: all local queries × the block's first chunk (the second is later
+  than every local query);
+- a block from a higher rank j > r: the local second chunk × the whole block (the first local chunk
+  is earlier than every key of that block).
+Without causality the plain contiguous split is used and every step is a full block.
+
+Backward (`RingAttention`, an autograd.Function): the keys/values go around the ring again together
+with a dK/dV accumulator; each rank adds its block's dK/dV contribution (flash-attention backward
+from the final output and LSE) and passes it on, so after W hops each rank holds the gradient of its
+own keys/values. dQ stays local.
+
+Scores are computed in float32 per block (O(T_local²) memory per step): this is the readable
+reference of the ring; a fused block kernel (flash attention returning LSE) would be the fast path.
+No window, softcap or doc_ids here: they raise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from lmforge.errors import ConfigError
+
+# ----------------------------------------------------------------------------- sequence layout
+
+def zigzag_indices(seq_len: int, rank: int, world: int) -> torch.Tensor:
+    """Global positions held by `rank`: chunks r and 2W−1−r of 2W equal chunks."""
+    if seq_len % (2 * world):
+        raise ConfigError(f"context parallel zig-zag: sequence length {seq_len} must be a multiple of "
+                          f"2 × cp size = {2 * world}")
+    c = seq_len // (2 * world)
+    first = torch.arange(rank * c, (rank + 1) * c)
+    second = torch.arange((2 * world - 1 - rank) * c, (2 * world - rank) * c)
+    return torch.cat([first, second])
+
+
+def contiguous_indices(seq_len: int, rank: int, world: int) -> torch.Tensor:
+    if seq_len % world:
+        raise ConfigError(f"context parallel: sequence length {seq_len} must be a multiple of cp size {world}")
+    c = seq_len // world
+    return torch.arange(rank * c, (rank + 1) * c)
+
+
+def shard_sequence(x: torch.Tensor, dim: int, rank: int, world: int, causal: bool = True) -> torch.Tensor:
+    """This rank's part of `x` along `dim`: zig-zag chunks for causal attention, contiguous otherwise."""
+    idx = (zigzag_indices if causal else contiguous_indices)(x.shape[dim], rank, world)
+    return x.index_select(dim, idx.to(x.device))
+
+
+def unshard_sequence(parts: list[torch.Tensor], dim: int, causal: bool = True) -> torch.Tensor:
+    """Inverse of `shard_sequence` given every rank's part (e.g. from all_gather)."""
+    world = len(parts)
+    seq_len = sum(p.shape[dim] for p in parts)
+    idx = torch.cat([(zigzag_indices if causal else contiguous_indices)(seq_len, r, world) for r in range(world)])
+    inverse = torch.empty_like(idx)
+    inverse[idx] = torch.arange(seq_len)
+    return torch.cat(parts, dim).index_select(dim, inverse.to(parts[0].device))
+
+
+# ----------------------------------------------------------------------------- one block, exact math
+
+def _expand_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def _reduce_kv(dx: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Sum the gradients of the query heads that shared one kv head (inverse of _expand_kv)."""
+    if n_rep == 1:
+        return dx
+    B, H, S, D = dx.shape
+    return dx.view(B, H // n_rep, n_rep, S, D).sum(2)
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """Float32 for 16/32-bit inputs, float64 stays float64 (exact checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _causal_mask(T: int, S: int, device) -> torch.Tensor:
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+
+
+def block_forward(q, k, v, scale: float, causal: bool):
+    """Attention of q [B,H,T,D] to one kv block (heads already expanded): (out fp32, lse fp32 [B,H,T])."""
+    s = (_up(q) @ _up(k).transpose(-2, -1)) * scale
+    if causal:
+        s = s.masked_fill(~_causal_mask(s.shape[-2], s.shape[-1], s.device), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    return p @ _up(v), lse
+
+
+def block_backward(q, k, v, out, lse, dout, scale: float, causal: bool):
+    """Flash-attention backward of one block, given the FINAL (merged) out and lse of these queries."""
+    qf, kf, vf, do = _up(q), _up(k), _up(v), _up(dout)
+    s = (qf @ kf.transpose(-2, -1)) * scale
+    if causal:
+        s = s.masked_fill(~_causal_mask(s.shape[-2], s.shape[-1], s.device), float("-inf"))
+    p = torch.exp(s - lse.unsqueeze(-1))  # this block's share of the full softmax
+    dv = p.transpose(-2, -1) @ do
+    dp = do @ vf.transpose(-2, -1)
+    delta = (do * out).sum(-1, keepdim=True)  # rowsum(dO ∘ O) = Σ_j P_ij dP_ij over ALL blocks
+    ds = p * (dp - delta)
+    return (ds @ kf) * scale, (ds.transpose(-2, -1) @ qf) * scale, dv
+
+
+def merge(out, lse, blk_out, blk_lse):
+    """Online-softmax merge of a block's partial (out, lse) into the running one."""
+    new = torch.logaddexp(lse, blk_lse)
+    out = out * torch.exp(lse - new).unsqueeze(-1) + blk_out * torch.exp(blk_lse - new).unsqueeze(-1)
+    return out, new
+
+
+# ----------------------------------------------------------------------------- the ring
+
+class _Ring:
+    """Send to rank+1 / receive from rank−1 of the group, asynchronously, tensors of fixed shapes."""
+
+    def __init__(self, group):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        nxt, prv = (self.rank + 1) % self.world, (self.rank - 1) % self.world
+        self.next = dist.get_global_rank(group, nxt) if group is not None else nxt
+        self.prev = dist.get_global_rank(group, prv) if group is not None else prv
+
+    def start(self, tensors: list[torch.Tensor]):
+        """Begin passing `tensors` on; returns (received buffers, requests)."""
+        recv = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in recv]
+        return recv, dist.batch_isend_irecv(ops)
+
+    @staticmethod
+    def wait(reqs) -> None:
+        for r in reqs:
+            r.wait()
+
+
+def _step_slices(rank: int, src: int, T: int, S: int, causal: bool):
+    """(query slice, key slice, causal mask?) for local queries vs the kv block from rank `src`."""
+    full = slice(None)
+    if not causal:
+        return full, full, False
+    if src == rank:
+        return full, full, True
+    if src < rank:
+        return full, slice(0, S // 2), False
+    return slice(T // 2, T), full, False
+
+
+class RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal: bool, scale: float):
+        ring = _Ring(group)
+        n_rep = q.shape[1] // k.shape[1]
+        B, H, T, _ = q.shape
+        out = torch.zeros(B, H, T, v.shape[-1], dtype=_up(q).dtype, device=q.device)
+        lse = torch.full((B, H, T), float("-inf"), dtype=_up(q).dtype, device=q.device)
+        kv = [k, v]
+        for step in range(ring.world):
+            if step < ring.world - 1:
+                nxt, reqs = ring.start(kv)
+            src = (ring.rank - step) % ring.world
+            qs, ks, masked = _step_slices(ring.rank, src, T, k.shape[2], causal)
+            kb, vb = _expand_kv(kv[0][:, :, ks], n_rep), _expand_kv(kv[1][:, :, ks], n_rep)
+            bo, bl = block_forward(q[:, :, qs], kb, vb, scale, masked)
+            out[:, :, qs], lse[:, :, qs] = merge(out[:, :, qs], lse[:, :, qs], bo, bl)
+            if step < ring.world - 1:
+                ring.wait(reqs)
+                kv = nxt
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.causal, ctx.scale = group, causal, scale
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        ring = _Ring(ctx.group)
+        n_rep = q.shape[1] // k.shape[1]
+        T, S = q.shape[2], k.shape[2]
+        dq = torch.zeros_like(_up(q))
+        # kv of rank `src` and the running dK/dV of that block travel together
+        k_cur, v_cur = k, v
+        dk_cur = torch.zeros_like(_up(k))
+        dv_cur = torch.zeros_like(_up(v))
+        for step in range(ring.world):
+            if step < ring.world - 1:
+                (k_nxt, v_nxt), kv_reqs = ring.start([k_cur, v_cur])
+            src = (ring.rank - step) % ring.world
+            qs, ks, masked = _step_slices(ring.rank, src, T, S, ctx.causal)
+            kb, vb = _expand_kv(k_cur[:, :, ks], n_rep), _expand_kv(v_cur[:, :, ks], n_rep)
+            bdq, bdk, bdv = block_backward(q[:, :, qs], kb, vb, out[:, :, qs], lse[:, :, qs],
+                                           dout[:, :, qs], ctx.scale, masked)
+            dq[:, :, qs] += bdq
+            dk_cur[:, :, ks] += _reduce_kv(bdk, n_rep)
+            dv_cur[:, :, ks] += _reduce_kv(bdv, n_rep)
+            # the accumulator follows its block to the next rank; after W hops it is back home
+            (dk_cur, dv_cur), d_reqs = ring.start([dk_cur, dv_cur])
+            ring.wait(d_reqs)
+            if step < ring.world - 1:
+                ring.wait(kv_reqs)
+                k_cur, v_cur = k_nxt, v_nxt
+        return dq.to(q.dtype), dk_cur.to(k.dtype), dv_cur.to(v.dtype), None, None, None
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, causal: bool = True,
+                   scale: float | None = None) -> torch.Tensor:
+    """Attention of this rank's sequence shard to the whole (sharded) sequence of the group.
+
+    q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv]: this rank's part, in the `shard_sequence`
+    layout (zig-zag for causal). Returns this rank's part of the output, same layout. Differentiable.
+    """
+    if q.shape[2] != k.shape[2] or k.shape[2] != v.shape[2]:
+        raise ConfigError(f"ring attention needs equal local q/k/v lengths, got {q.shape[2]}, "
+                          f"{k.shape[2]}, {v.shape[2]} (no kv cache under context parallelism)")
+    if q.shape[1] % k.shape[1]:
+        raise ConfigError(f"query heads {q.shape[1]} must be a multiple of kv heads {k.shape[1]}")
+    if causal and q.shape[2] % 2:
+        raise ConfigError(f"causal ring attention: local length {q.shape[2]} must be even (two zig-zag chunks)")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        out, _ = block_forward(q, _expand_kv(k, q.shape[1] // k.shape[1]),
+                               _expand_kv(v, q.shape[1] // k.shape[1]), scale, causal)
+        return out.to(q.dtype)
+    return RingAttention.apply(q, k, v, group, causal, scale)
+
+
+def ring_backend(group=None):
+    """An `attend` backend (model/attention.py `register_backend`) running ring attention on `group`:
+    lets a Transformer run context-parallel unchanged, given its zig-zag `positions`."""
+
+    def backend(q, k, v, *, causal=True, window=None, softcap_value=None, scale=None, doc_ids=None):
+        if window is not None or softcap_value is not None or doc_ids is not None:
+            raise ConfigError("context parallelism (ring attention) does not support window, softcap or "
+                              f"doc_ids (got window={window}, softcap={softcap_value}, "
+                              f"doc_ids={'set' if doc_ids is not None else None})")
+        return ring_attention(q, k, v, group=group, causal=causal, scale=scale)
+
+    return backend
+
+
+def apply_context_parallel(model: torch.nn.Module, group=None) -> torch.nn.Module:
+    """Run every (GQA) attention layer of `model` as ring attention over `group`; returns the model.
+
+    The caller feeds each rank its `shard_sequence` part of input_ids/targets and the matching global
+    `positions` (so RoPE sees true positions), and sums `ce_sum` / `n_tokens` over the group for the
+    loss (then averages gradients over the group as data parallelism does). Latent attention (MLA) is
+    not supported yet.
+    """
+    from lmforge.model.attention import Attention, register_backend
+
+    name = f"ring:{id(group)}"
+    register_backend(name, ring_backend(group))
+    found = 0
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.backend = name
+            found += 1
+        elif type(m).__name__ == "MultiHeadLatentAttention":
+            raise ConfigError("context parallelism does not support MLA layers yet")
+    if not found:
+        raise ConfigError("apply_context_parallel: the model has no attention layers to parallelize")
+    return model

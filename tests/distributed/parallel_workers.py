@@ -1,0 +1,54 @@
+"""Spawn helper for the model-parallel tests (TP, pipeline, ring attention, EP, mesh).
+
+`run_checks(["module:function", ...], tmp_path, world)` starts `world` gloo processes ONCE and runs
+every named check in each (process start-up dominates on a 2-core machine). A check is
+`fn(rank, world) -> dict` of JSON numbers; the parent gets one dict per rank per check and asserts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def _worker(rank: int, world: int, out: str, checks: list[str]) -> None:
+    torch.set_num_threads(1)
+    out = Path(out)
+    dist.init_process_group("gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for name in checks:
+            module, fn = name.split(":")
+            torch.manual_seed(0)
+            results[name] = getattr(importlib.import_module(module), fn)(rank, world)
+            dist.barrier()
+        (out / f"rank{rank}.json").write_text(json.dumps(results))
+    except BaseException:
+        (out / f"rank{rank}.error").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_checks(checks: list[str], out: Path, world: int = 2) -> dict[str, list[dict]]:
+    import torch.multiprocessing as mp
+
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        mp.start_processes(_worker, args=(world, str(out), checks), nprocs=world, join=True, start_method="spawn")
+    except Exception as e:
+        errors = [p.read_text() for p in sorted(out.glob("rank*.error"))]
+        raise AssertionError(f"worker failed: {e}\n" + "\n".join(errors)) from None
+    per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    return {name: [pr[name] for pr in per_rank] for name in checks}
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().float() - b.detach().float()).abs().max().item()
