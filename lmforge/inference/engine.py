@@ -105,6 +105,10 @@ class Engine:
         self._ids = itertools.count()
         self._pending_events: list[Event] = []
         self.compiled = compile and self.device.type == "cuda"
+        if self.compiled:  # fixed addresses, so the CUDA graph may update the cache in place
+            for t in [b for layer in self.cache.buffers for b in layer] + [
+                    kp for kp in self.cache.key_positions if kp is not None]:
+                torch._dynamo.mark_static_address(t)
         self._decode_fn = (torch.compile(self._forward_full, mode="reduce-overhead", dynamic=False)
                            if self.compiled else None)
 

@@ -1,5 +1,5 @@
 """Engine vs naive full-recompute generation: greedy batches with different prompt lengths on every
-cache layout (GQA, MQA + sliding window, MLA latent, learned positions, softcap); continuous
+cache layout (GQA, MQA + sliding window ring buffers, MLA latent, learned positions, softcap); continuous
 batching equals one-at-a-time; n samples share a prefill; seeds; stop ids; aborts; errors."""
 
 import pytest
