@@ -28,9 +28,10 @@ TINY_MODEL = dict(vocab_size=4096, context_length=128, d_model=128, n_layers=4, 
 
 
 # The main job's training defaults beyond TrainConfig's: Muon (far fewer tokens to a given loss, see
-# docs/benchmarks.md), and a time budget that keeps it within minutes on a
-# loaded laptop (0 in a preset turns the budget off).
-MAIN_JOB_TRAIN = dict(optimizer="muon", max_steps=600, warmup_steps=20, time_budget_s=300.0)
+# docs/benchmarks.md); random windows (the embedded corpus is sorted by path, so walking it in order
+# would feed one kind of file after another; doc_ids/positions still come from the BOS tokens); and a
+# time budget that keeps it within minutes on a loaded laptop (0 in a preset turns the budget off).
+MAIN_JOB_TRAIN = dict(optimizer="muon", sampler="random", max_steps=600, warmup_steps=20, time_budget_s=300.0)
 
 
 def _tiny_model() -> ModelConfig:
