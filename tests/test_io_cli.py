@@ -14,6 +14,20 @@ def test_atomic_file_keeps_old_content_on_error(tmp_path):
     assert [x.name for x in tmp_path.iterdir()] == ["a.json"]
 
 
+def test_atomic_writes_get_umask_permissions_not_mkstemp_0600(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        io.write_text(tmp_path / "f.txt", "x")
+        with io.atomic_dir(tmp_path / "d") as t:
+            (t / "y").write_text("y")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
 def test_atomic_dir_replaces_whole_directory(tmp_path):
     d = tmp_path / "ckpt"
     with io.atomic_dir(d) as t:
