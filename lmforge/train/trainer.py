@@ -256,6 +256,8 @@ class Trainer:
                     over = self.parallel.any_rank(over)  # every rank stops at the same step
                 if over:
                     stop_reason = "time_budget"
+                    if self.step % cfg.log_every:  # the last step is logged even off the cadence
+                        self._log.write(record)
                     self.save_checkpoint()
                     break
         finally:
