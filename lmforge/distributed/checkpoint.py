@@ -14,8 +14,12 @@ so `step_N/` is complete or absent. Differences:
   batch size can resume a DDP checkpoint.
 - The data state is the global batch builder's (see parallel.RankSlice), world-size independent.
 
-Model weights are replicated under DDP/ZeRO, so rank 0 writes them once. The checkpoint directory
-must be on a file system every rank sees (shared storage for multi-node runs).
+Model weights are replicated under DDP/ZeRO, so rank 0 writes them once. Under FSDP the full
+model and optimizer state are gathered to rank 0 (torch's `get_*_state_dict(full_state_dict=True)`,
+a collective) and written in the same unsharded format (optimizer state under the same global
+indices), so FSDP, DDP and single-process runs resume each other's checkpoints; each rank loads the
+full files and keeps its shards. The checkpoint directory must be on a file system every rank sees
+(shared storage for multi-node runs).
 """
 
 from __future__ import annotations
@@ -82,24 +86,86 @@ def _write_rank_files(tmp: Path, parallel, optimizer) -> dict:
     return rest
 
 
+def _fsdp_names(model, optimizer) -> list[str]:
+    """Parameter name of each optimizer index (param_groups order)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def _fsdp_full_state(trainer) -> tuple[dict, dict]:
+    """(full model state dict, full optimizer state dict in index form) on CPU; a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from lmforge.distributed.fsdp import full_state_dict
+
+    model_sd = full_state_dict(trainer.model)
+    osd = get_optimizer_state_dict(trainer.model, trainer.optimizer,
+                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if "state" not in osd:  # with cpu_offload only rank 0 receives the gathered state
+        return model_sd, None
+    index = {n: i for i, n in enumerate(_fsdp_names(trainer.model, trainer.optimizer))}
+    state = {index[n]: st for n, st in osd["state"].items()}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]
+    return model_sd, {"state": state, "param_groups": groups}
+
+
+def _fsdp_load(trainer, path: Path, opt_state: dict) -> None:
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full = load_file(str(path / WEIGHTS))
+    result = set_model_state_dict(trainer.model, full, options=StateDictOptions(full_state_dict=True,
+                                                                                 strict=False))
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{path / WEIGHTS} does not fit this model: missing keys "
+                              f"{sorted(result.missing_keys)[:5]}, unexpected keys {sorted(result.unexpected_keys)[:5]}")
+    names = _fsdp_names(trainer.model, trainer.optimizer)
+    osd = {"state": {names[i]: st for i, st in opt_state["state"].items()},
+           "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt_state["param_groups"]]}
+    set_optimizer_state_dict(trainer.model, trainer.optimizer, osd,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def _save_full_model(tmp: Path, state: dict, model_config) -> None:
+    """model.safetensors + model_config.json from a full state dict (the lmforge.model format)."""
+    from safetensors.torch import save_file
+
+    from lmforge.model.checkpoint import CONFIG
+    from lmforge.model.checkpoint import FORMAT as MODEL_FORMAT
+    from lmforge.model.checkpoint import VERSION as MODEL_VERSION
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS),
+              metadata={"format": MODEL_FORMAT, "version": str(MODEL_VERSION)})
+    write_json(tmp / CONFIG, {"format": MODEL_FORMAT, "version": MODEL_VERSION, "config": to_dict(model_config)})
+
+
 def save_checkpoint(trainer, path, parallel) -> Path:
     """Collective: every rank calls it. Returns the checkpoint path."""
     path = Path(path)
     opt = trainer.optimizer
+    fsdp_state = _fsdp_full_state(trainer) if parallel.fsdp else None
     if parallel.is_main:
         with atomic_dir(path) as tmp:
             _broadcast_path(parallel, str(tmp))
             rest = _write_rank_files(tmp, parallel, opt)
             rests = _gather(parallel, rest)
             parallel.barrier()  # every rank's shard is on disk
-            save_model(tmp, trainer.model, trainer.model_config)
+            if fsdp_state is not None:
+                _save_full_model(tmp, fsdp_state[0], trainer.model_config)
+            else:
+                save_model(tmp, trainer.model, trainer.model_config)
             if parallel.sharded_optimizer:
                 scalars: dict = {}
                 for r in rests:
                     scalars.update(r["scalars"])
                 opt_rest = {"scalars": scalars, "param_groups": rests[0]["param_groups"]}
             else:
-                tensors, opt_rest = split_optimizer_state(opt.state_dict())
+                full_opt = fsdp_state[1] if fsdp_state is not None else opt.state_dict()
+                tensors, opt_rest = split_optimizer_state(full_opt)
                 _save_tensors(tmp / "optimizer.safetensors", tensors)
             rng = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -154,13 +220,15 @@ def load_checkpoint(trainer, path, parallel) -> dict:
         check_compatible(meta, path, trainer.model_config, global_train_config(trainer.cfg, parallel.world_size))
     if not (path / WEIGHTS).exists():
         raise CheckpointError(f"checkpoint {path} is incomplete: {WEIGHTS} is missing")
-    load_weights(path, trainer.model, device=trainer.device)
+    if not parallel.fsdp:
+        load_weights(path, trainer.model, device=trainer.device)
     opt = trainer.optimizer
     wanted = None
     if parallel.sharded_optimizer:
         wanted = {opt.index_of[id(p)] for p in opt.params if opt.owns(p)}
     tensors = _read_optimizer_tensors(path, wanted)
-    tensors = {k: v.to(trainer.device) for k, v in tensors.items()}
+    if not parallel.fsdp:
+        tensors = {k: v.to(trainer.device) for k, v in tensors.items()}
     state = join_optimizer_state(tensors, meta["optimizer"])
     if wanted is not None:
         state["state"] = {i: s for i, s in state["state"].items() if i in wanted}
@@ -169,7 +237,10 @@ def load_checkpoint(trainer, path, parallel) -> dict:
         have = {int(k.split(".", 1)[0]) for k in tensors}
         state["state"] = {i: s for i, s in state["state"].items() if i in have}
     try:
-        opt.load_state_dict(state)
+        if parallel.fsdp:
+            _fsdp_load(trainer, path, state)
+        else:
+            opt.load_state_dict(state)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path}: optimizer state does not fit this optimizer: {e}") from None
     rng = _load_tensors(path / "rng.safetensors")

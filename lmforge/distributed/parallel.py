@@ -11,7 +11,10 @@ The Trainer (lmforge.train.trainer) knows nothing about ranks; when given `paral
 - `save_checkpoint(trainer, path)` / `load_checkpoint(trainer, path)` (checkpoint.py), and `is_main`
   for rank-0-only logs, progress bars, samples and checkpoint files.
 
-Kinds: "ddp" (own bucketed DDP), "naive" (per-parameter all-reduce), "zero1", "zero2" (zero.py).
+Kinds: "ddp" (own bucketed DDP), "naive" (per-parameter all-reduce), "zero1", "zero2" (zero.py),
+"fsdp" (FSDP2, fsdp.py). For "fsdp" pass a function `model -> optimizer` instead of an optimizer: the
+optimizer must be built over the sharded parameters. FSDP reduce-scatters the MEAN of gradients
+(gloo has no pre-multiplied sum), so `reduce_totals` multiplies the local shards by the world size.
 
 `RankSlice(batches, rank, world)` turns a builder of GLOBAL batches (the same on every rank) into this
 rank's rows. Its state is the global builder's, so a run resumes exactly on any number of ranks
@@ -31,7 +34,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError, DataError
 
-KINDS = ("ddp", "naive", "zero1", "zero2")
+KINDS = ("ddp", "naive", "zero1", "zero2", "fsdp")
 
 
 class RankSlice:
@@ -60,8 +63,8 @@ class RankSlice:
 
 
 class DataParallel:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, kind: str = "ddp", *,
-                 bucket_mb: float = 25.0, group=None):
+    def __init__(self, model: nn.Module, optimizer, kind: str = "ddp", *, bucket_mb: float = 25.0,
+                 group=None, fsdp_param_dtype: str | None = None, activation_checkpointing: bool = False):
         if kind not in KINDS:
             raise ConfigError(f"data-parallel kind = {kind!r} must be one of {list(KINDS)}")
         self.kind, self.group, self.model = kind, group, model
@@ -71,7 +74,16 @@ class DataParallel:
         self.reducer = None
         self.optimizer = optimizer
         self.zero = None
-        if self.world_size > 1 or (active and kind.startswith("zero")):
+        if kind == "fsdp":
+            if isinstance(optimizer, torch.optim.Optimizer) or not callable(optimizer):
+                raise ConfigError("DataParallel(kind='fsdp') takes a function model -> optimizer: the "
+                                  "optimizer must be built over the sharded parameters")
+            if active:
+                from lmforge.distributed.fsdp import apply_fsdp
+
+                apply_fsdp(model, param_dtype=fsdp_param_dtype, activation_checkpointing=activation_checkpointing)
+            self.optimizer = optimizer(model)
+        elif self.world_size > 1 or (active and kind.startswith("zero")):
             if kind in ("zero1", "zero2"):
                 from lmforge.distributed.zero import apply_zero
 
@@ -92,7 +104,13 @@ class DataParallel:
     def sharded_optimizer(self) -> bool:
         return self.zero is not None
 
+    @property
+    def fsdp(self) -> bool:
+        return self.kind == "fsdp" and self.world_size > 1
+
     def no_sync(self):
+        if self.fsdp:
+            return _fsdp_no_sync(self.model)
         return self.reducer.no_sync() if self.reducer is not None else contextlib.nullcontext()
 
     def reduce_totals(self, loss_sum: torch.Tensor, n_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +118,9 @@ class DataParallel:
             self.reducer.finish()  # the naive reducer communicates here; the bucketed one already did
         if self.world_size == 1:
             return loss_sum, n_tokens
+        if self.fsdp:  # FSDP averaged over ranks; the Trainer divides the SUM by the global tokens
+            grads = [p.grad.to_local() for p in self.model.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, float(self.world_size))
         self._sum_moe_loads()
         both = torch.stack([loss_sum.double(), n_tokens.double()])
         dist.all_reduce(both, group=self.group)
@@ -121,6 +142,8 @@ class DataParallel:
             offset += c.numel()
 
     def clip_grad_norm(self, params, max_norm: float | None) -> torch.Tensor:
+        if self.fsdp:
+            return _clip_local_shards(self.model, max_norm, self.group)
         if self.kind == "zero2" and self.world_size > 1:
             from lmforge.distributed.zero import clip_grad_norm_sharded
 
@@ -149,6 +172,28 @@ class DataParallel:
         from lmforge.distributed.checkpoint import load_checkpoint
 
         return load_checkpoint(trainer, path, self)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+@torch.no_grad()
+def _clip_local_shards(model, max_norm, group) -> torch.Tensor:
+    """Global grad norm from each rank's DTensor shards (disjoint), clipping them in place."""
+    from lmforge.distributed.zero import clip_grad_norm_sharded
+
+    class _Local:  # clip_grad_norm_sharded reads .grad
+        def __init__(self, g):
+            self.grad = g
+
+    return clip_grad_norm_sharded([_Local(p.grad.to_local()) for p in model.parameters() if p.grad is not None],
+                                  max_norm, group=group)
 
 
 def _comm_device(group) -> torch.device:

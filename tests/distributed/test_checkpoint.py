@@ -1,6 +1,6 @@
 """The Trainer under DataParallel on 2 gloo ranks: same losses as one process on the global batch;
-checkpoints (ZeRO-1 sharded optimizer state, DDP) resume on 2 ranks and on 1 process to the same
-loss sequence.
+checkpoints (ZeRO-1 sharded optimizer state, DDP, FSDP2 gathered) resume on 2 ranks and on 1 process
+to the same loss sequence.
 
 Tolerance: rel 1e-5 on losses (fp32 sums in another order across ranks, see test_data_parallel);
 a resumed run on the same ranks repeats the same arithmetic, so it must match to 1e-6.
@@ -30,7 +30,7 @@ def single(run):
     return [r["loss"] for r in trainer.history], trainer.tokens
 
 
-@pytest.mark.parametrize("kind", ["zero1", "ddp"])
+@pytest.mark.parametrize("kind", ["zero1", "ddp", "fsdp"])
 def test_two_ranks_equal_one_process(run, single, kind):
     _, _, info = run
     losses, tokens = single
@@ -38,17 +38,17 @@ def test_two_ranks_equal_one_process(run, single, kind):
     assert info[kind]["tokens"] == tokens  # global token count (padding targets excluded)
 
 
-@pytest.mark.parametrize("kind", ["zero1", "ddp"])
+@pytest.mark.parametrize("kind", ["zero1", "ddp", "fsdp"])
 def test_resume_on_same_ranks(run, kind):
     _, _, info = run
     assert info[kind]["resumed_losses"] == pytest.approx(info[kind]["losses"][2:], rel=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["zero1", "ddp"])
+@pytest.mark.parametrize("kind", ["zero1", "ddp", "fsdp"])
 def test_resume_on_one_process(run, kind):
     out, shards, info = run
     # one process with the same global batch; a plain Trainer too for the unsharded DDP checkpoint
-    for k in (kind, None) if kind == "ddp" else (kind,):
+    for k in (kind, None) if kind in ("ddp", "fsdp") else (kind,):
         trainer = w.make_trainer(shards, None, k, per_rank_batch=w.ROWS_CKPT, max_steps=4)
         trainer.resume(out / f"run_{kind}" / "checkpoints" / "step_000002")
         assert trainer.step == 2

@@ -227,7 +227,7 @@ def _checkpoint(rank: int, world: int, out: Path, shards: str) -> dict:
     """Trainer + DataParallel: 4 steps with checkpoints every 2; then resume from step 2 on the same
     ranks. For ZeRO-1 (sharded optimizer state) and own DDP."""
     info = {}
-    for kind in ("zero1", "ddp"):
+    for kind in ("zero1", "ddp", "fsdp"):
         run = out / f"run_{kind}"
         trainer = make_trainer(shards, run, kind, per_rank_batch=ROWS_CKPT // world, max_steps=4)
         trainer.train()
@@ -274,7 +274,8 @@ def make_trainer(shards, run_dir, kind: str | None, per_rank_batch: int, max_ste
     cfg = TrainConfig(batch_size=per_rank_batch, max_steps=max_steps, seq_len=SEQ_CKPT, warmup_steps=1,
                       checkpoint_every=2, keep_checkpoints=5, eval_every=0, log_every=1, progress=False,
                       device="cpu", lr=1e-2, optimizer="adamw")
-    parallel = DataParallel(model, adamw(model), kind=kind, bucket_mb=BUCKET_MB) if kind else None
+    make_opt = adamw if kind == "fsdp" else adamw(model)  # FSDP: built over the sharded parameters
+    parallel = DataParallel(model, make_opt, kind=kind, bucket_mb=BUCKET_MB) if kind else None
     batches = DocumentPacker(TokenStream(shards), per_rank_batch * world, SEQ_CKPT)
     if kind is None:
         return Trainer(model, adamw(model), batches, lm_loss, cfg, run_dir=run_dir, model_config=mcfg)
