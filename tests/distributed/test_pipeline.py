@@ -1,0 +1,114 @@
+"""Pipeline parallelism: GPipe and 1F1B over 2 gloo stages equal the single-process step; schedules'
+bubble under the timing model equals (p − 1)/(m + p − 1)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lmforge.distributed.pipeline import (
+    PipelineStage,
+    bubble_formula,
+    one_f_one_b,
+    run_pipeline,
+    simulate,
+    stage_layers,
+)
+from lmforge.errors import ConfigError
+from tests.distributed.parallel_workers import max_err, run_checks
+
+MOD = "tests.distributed.test_pipeline"
+ROWS, T, MICRO = 8, 7, 4
+
+
+def _model(tied: bool, moe: bool = False):
+    from lmforge.model import ModelConfig, Transformer
+
+    extra = {}
+    if moe:
+        from lmforge.model.moe import MoEConfig
+        extra["moe"] = MoEConfig(n_experts=4, top_k=2)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=41, context_length=16, d_model=20, n_layers=3, n_heads=2, d_ff=36,
+                      tie_embeddings=tied, attention_backend="reference", **extra)
+    return Transformer(cfg).double()
+
+
+def _batch():
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 41, (ROWS, T + 1), generator=g)
+    y = ids[:, 1:].clone()
+    y[0, :3] = -100  # ignored targets change the token count
+    return ids[:, :-1], y
+
+
+def check(rank, world, schedule, tied, moe=False):
+    x, y = _batch()
+    ref_model = _model(tied, moe)
+    rows = ROWS // MICRO
+    n = (y != -100).sum()
+    ref_loss = 0.0
+    for i in range(MICRO):  # single-process gradient accumulation over the same micro-batches
+        out = ref_model(x[i * rows:(i + 1) * rows], y[i * rows:(i + 1) * rows])
+        loss = out.ce_sum / n + sum(out.aux.values(), torch.zeros((), dtype=torch.float64)) / MICRO
+        loss.backward()
+        ref_loss += loss.item()
+    ref = {name: p.grad for name, p in ref_model.named_parameters() if p.grad is not None}
+    stage = PipelineStage(_model(tied, moe), rank, world)
+    res = run_pipeline(stage, x, y, MICRO, schedule)
+    grad_err, n_params = 0.0, 0
+    for name, p in stage.named_parameters():
+        grad_err = max(grad_err, max_err(p.grad, ref[stage.reference_name(name)]))
+        n_params += p.numel()
+    total = torch.tensor([n_params])
+    dist.all_reduce(total)
+    return {"loss": abs(res.loss - ref_loss), "grads": grad_err, "params": total.item(),
+            "ref_params": sum(p.numel() for p in ref_model.parameters()) + (ref_model.tok_emb.weight.numel()
+                                                                             if tied else 0),
+            "peak": res.peak_live_micro, "bubble": res.bubble}
+
+
+def gpipe_tied(rank, world):
+    return check(rank, world, "gpipe", tied=True)
+
+
+def f1b_untied(rank, world):
+    return check(rank, world, "1f1b", tied=False)
+
+
+def f1b_moe(rank, world):
+    return check(rank, world, "1f1b", tied=True, moe=True)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_checks([f"{MOD}:gpipe_tied", f"{MOD}:f1b_untied", f"{MOD}:f1b_moe"], tmp_path_factory.mktemp("pp"))
+
+
+@pytest.mark.parametrize("check_name", ["gpipe_tied", "f1b_untied", "f1b_moe"])
+def test_pipeline_step_equals_single_process(results, check_name):
+    for r in results[f"{MOD}:{check_name}"]:
+        assert r["loss"] < 1e-8 and r["grads"] < 1e-10, r  # MoE aux terms are float32 sums
+        # every parameter lives on exactly one stage (the tied embedding on the first and the last)
+        assert r["params"] == r["ref_params"], r
+        assert 0.0 <= r["bubble"] < 1.0
+
+
+def test_1f1b_keeps_fewer_activations(results):
+    assert [r["peak"] for r in results[f"{MOD}:gpipe_tied"]] == [MICRO, MICRO]
+    assert [r["peak"] for r in results[f"{MOD}:f1b_untied"]] == [2, 1]  # p − s micro-batches alive
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_simulated_bubble_equals_formula(schedule):
+    for p, m in [(2, 1), (2, 5), (3, 4), (4, 7), (5, 3)]:
+        for t_f, t_b in [(1.0, 1.0), (1.0, 2.0)]:
+            for b in simulate(schedule, p, m, t_f, t_b):
+                assert b == pytest.approx(bubble_formula(p, m)), (schedule, p, m, t_f, t_b)
+
+
+def test_schedules_and_split():
+    assert one_f_one_b(0, 3, 4) == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("F", 3), ("B", 1), ("B", 2), ("B", 3)]
+    assert one_f_one_b(2, 3, 2) == [("F", 0), ("B", 0), ("F", 1), ("B", 1)]
+    assert [list(stage_layers(7, 3, s)) for s in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
+    with pytest.raises(ConfigError, match="4 stages for 3 layers"):
+        stage_layers(3, 4, 0)
