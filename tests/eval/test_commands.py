@@ -1,0 +1,82 @@
+"""`lmforge eval RUN_DIR --tasks ...`: results JSON equal to the library calls, the printed table,
+the report section (replaced, not duplicated, on a second run) and clear errors for bad specs."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.data.sources import Corpus
+from lmforge.errors import ConfigError
+from lmforge.eval.generative import evaluate_generative, load_gsm8k
+from lmforge.eval.intrinsic import evaluate_corpus
+from lmforge.eval.run import parse_task
+from lmforge.eval.tasks import evaluate_mc, load_mc
+from lmforge.inference import Engine
+from lmforge.model.checkpoint import save_model
+from lmforge.tokenizer import save_tokenizer
+
+from .helpers import byte_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    model = tiny_model(context=40, dtype=torch.float32)
+    ck = d / "checkpoints" / "step_000005"
+    save_model(ck, model, model.cfg)
+    (ck / "trainer.json").write_text(json.dumps({"step": 5}))
+    save_tokenizer(byte_tokenizer(), d / "tokenizer")
+    (d / "report.html").write_text("<!doctype html><html><body><h1>run</h1></body></html>")
+    with open(d / "mmlu.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["Q1?", "a", "b", "c", "d", "A"], ["Q2?", "e", "f", "g", "h", "C"],
+                                 ["Q3?", "i", "j", "k", "l", "D"]])
+    (d / "gsm.jsonl").write_text("\n".join(json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"})
+                                           for i in range(3)))
+    (d / "corpus.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in
+                                              ["hello world " * 9, "short one", "über straße"]))
+    return d, model
+
+
+def test_eval_cli(run_dir, capsys):
+    d, model = run_dir
+    argv = ["eval", str(d), "--device", "cpu", "--tasks", "bpb", f"mmlu:tiny={d / 'mmlu.csv'}",
+            f"gsm8k={d / 'gsm.jsonl'}", "--corpus", str(d / "corpus.jsonl"), "--split", "all",
+            "--max-tokens", "5", "--stride", "7"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((d / "eval" / "results.json").read_text())
+    assert res["checkpoint"].endswith("step_000005") and set(res["tasks"]) == {"bpb", "tiny", "gsm8k"}
+    tok = byte_tokenizer()
+    bpb = evaluate_corpus(model, tok, Corpus([str(d / "corpus.jsonl")]), stride=7)
+    assert res["tasks"]["bpb"]["bits_per_byte"] == pytest.approx(bpb["bits_per_byte"], rel=1e-5)
+    assert res["tasks"]["bpb"]["by_group"][str(d / "corpus.jsonl")]["documents"] == 3
+    mc = evaluate_mc(model, tok, load_mc(d / "mmlu.csv", "mmlu"), fmt="mmlu")
+    assert res["tasks"]["tiny"]["acc"] == mc["acc"] and res["tasks"]["tiny"]["acc_norm"] == mc["acc_norm"]
+    items = json.loads((d / "eval" / "tiny.items.json").read_text())
+    flat = [x for i in items for x in i["loglikelihoods"]]
+    assert flat == pytest.approx([x for i in mc["items"] for x in i["loglikelihoods"]], rel=1e-5)
+    gen = evaluate_generative(Engine(model, tokenizer=tok, max_batch=8), tok, load_gsm8k(d / "gsm.jsonl"),
+                              max_tokens=5, stop=["Question:", "\n\n"])
+    gi = json.loads((d / "eval" / "gsm8k.items.json").read_text())
+    assert [x["texts"] for x in gi] == [x["texts"] for x in gen["items"]]
+    assert res["tasks"]["gsm8k"]["accuracy"] == gen["accuracy"]
+    rows = [line.split() for line in printed.splitlines()]
+    assert ["tiny", "acc", f"{mc['acc']:.4f}", "3"] in rows
+    assert ["bpb", "bits_per_byte", f"{bpb['bits_per_byte']:.4f}", "3"] in rows
+    # a second run replaces the report's section and merges results
+    assert main(["eval", str(d), "--device", "cpu", "--tasks", f"mmlu={d / 'mmlu.csv'}"]) == 0
+    page = (d / "report.html").read_text()
+    assert page.count("<h2>Evaluation</h2>") == 1 and page.startswith("<!doctype html><html><body><h1>run</h1>")
+    assert "mmlu" in page and "tiny" in page and page.rstrip().endswith("</body></html>")
+    assert set(json.loads((d / "eval" / "results.json").read_text())["tasks"]) == {"bpb", "tiny", "gsm8k", "mmlu"}
+
+
+def test_bad_task_specs():
+    with pytest.raises(ConfigError, match="unknown kind 'squad'"):
+        parse_task("squad=x.jsonl")
+    with pytest.raises(ConfigError, match="mmlu=PATH"):
+        parse_task("mmlu")
+    assert parse_task("mmlu:alg=a.csv").name == "alg"
