@@ -6,8 +6,10 @@ drawn uniformly (seeded). Both policies use one `Engine` with `--max-batch` slot
               sequences leave at once (the engine's scheduler)
   static      requests wait until the whole running batch has finished, then up to max-batch
               of them start together (what a server without continuous batching does)
+  chunked     continuous, with prefill limited to --prefill-chunk tokens per step
 Reported: time to first token (TTFT, from arrival), inter-token latency (ITL, mean gap between a
-request's tokens), and throughput (generated tokens / wall time), measured in one process.
+request's tokens), and throughput (generated tokens / wall time), measured in one process; each
+policy runs --rounds times in rotating order and the medians are reported.
 
   python benchmarks/inference_serving.py                 # CPU, tiny model
   python benchmarks/inference_serving.py --shape gpt2s --requests 256 --rate 50 --max-batch 64
@@ -89,6 +91,8 @@ def main() -> int:
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prefill-chunk", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3, help="runs per policy (medians reported)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -100,13 +104,20 @@ def main() -> int:
     reqs = workload(args, model.cfg.vocab_size)
     max_len = args.max_prompt + args.max_new + 1
     Engine(model, max_batch=args.max_batch, max_len=max_len).generate([reqs[0][1]], SamplingParams(max_tokens=4))
-    rows = [serve(Engine(model, max_batch=args.max_batch, max_len=max_len, eos_ids=[]), reqs, p)
-            for p in ("static", "continuous")]
+    policies = ["static", "continuous", "chunked"]
+    runs: dict[str, list[dict]] = {p: [] for p in policies}
+    for r in range(args.rounds):  # rotate the order: the shared machine's load drifts
+        for name in policies[r % 3:] + policies[:r % 3]:
+            chunk = args.prefill_chunk if name == "chunked" else None
+            eng = Engine(model, max_batch=args.max_batch, max_len=max_len, eos_ids=[], prefill_chunk=chunk)
+            runs[name].append(dict(serve(eng, reqs, "static" if name == "static" else "continuous"), policy=name))
+    rows = [{k: (statistics.median(x[k] for x in runs[p]) if k != "policy" else p) for k in runs[p][0]}
+            for p in policies]
     print(f"{'policy':<11} {'tok/s':>8} {'TTFT mean':>10} {'TTFT p90':>9} {'ITL mean':>9}")
     for r in rows:
         print(f"{r['policy']:<11} {r['throughput_tok_s']:>8.1f} {r['ttft_mean_s']:>9.3f}s {r['ttft_p90_s']:>8.3f}s "
               f"{r['itl_mean_s'] * 1e3:>7.1f}ms")
-    s, c = rows
+    s, c = rows[:2]
     print(f"continuous / static: throughput x{c['throughput_tok_s'] / s['throughput_tok_s']:.2f}, "
           f"mean TTFT x{c['ttft_mean_s'] / s['ttft_mean_s']:.2f}")
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"

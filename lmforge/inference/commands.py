@@ -24,6 +24,8 @@ def _add_model_args(p) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache rows)")
     p.add_argument("--max-len", type=int, default=None, help="cache length (default: the model's context)")
     p.add_argument("--compile", action="store_true", help="CUDA-graph the decode step (CUDA only)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens prefilled per step (bounds the stall of running streams)")
 
 
 def _cuda() -> bool:
@@ -102,7 +104,8 @@ def _engine(args):
         from lmforge.inference.quantize import quantize_model
 
         quantize_model(model, args.quantize)
-    engine = Engine(model, tokenizer=tok, max_batch=args.max_batch, max_len=args.max_len, compile=args.compile)
+    engine = Engine(model, tokenizer=tok, max_batch=args.max_batch, max_len=args.max_len, compile=args.compile,
+                    prefill_chunk=args.prefill_chunk)
     return engine, tok, name
 
 

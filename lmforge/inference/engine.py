@@ -15,6 +15,8 @@ position (the model masks by per-row positions). `step()` is one scheduler itera
    0..(highest busy slot);
 3. finished sequences (stop id, stop string, max_tokens, cache full, or aborted) free their slots
    at once, so waiting requests join at the next step while others keep decoding.
+With `prefill_chunk=N`, step 1 feeds at most N prompt tokens per step (chunked prefill), so a
+long prompt joining does not stall the running sequences for its whole prefill.
 Tokens reach the host once per step (stop checks and streaming need them), never once per row.
 
 With `compile=True` on CUDA the decode forward runs at a fixed shape (all rows, full cache
@@ -89,13 +91,17 @@ class Completion:
 
 class Engine:
     def __init__(self, model: nn.Module, *, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
-                 eos_ids: list[int] | None = None, compile: bool = False):
+                 eos_ids: list[int] | None = None, compile: bool = False, prefill_chunk: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_len = max_len or model.cfg.context_length
         self.cache = StaticKVCache.for_model(model, max_batch, self.max_len)
         self.max_batch = max_batch
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk = {prefill_chunk} must be >= 1 (or None: whole prompts)")
+        self.prefill_chunk = prefill_chunk
+        self.prefilling: list[Sequence] = []  # chunked prefill in progress, oldest first
         if eos_ids is None:
             eos_ids = [tokenizer.eot_id] if tokenizer is not None and tokenizer.eot_id is not None else []
         self.eos_ids = set(eos_ids)
@@ -147,6 +153,7 @@ class Engine:
             return
         if req in self.waiting:
             self.waiting.remove(req)
+        self.prefilling = [s for s in self.prefilling if s.request is not req]
         for s in req.sequences:
             if s.finish_reason is None:
                 self._pending_events.append(self._finish(s, "abort"))
@@ -164,7 +171,10 @@ class Engine:
     def step(self) -> list[Event]:
         events, self._pending_events = self._pending_events, []
         admitted = self._admit()
-        if admitted:
+        if self.prefill_chunk is not None:
+            self.prefilling += admitted
+            events += self._prefill_chunked()
+        elif admitted:
             events += self._prefill(admitted)
         running = [s for s in self.slots if s is not None and s.last is not None]
         if running:
@@ -220,6 +230,28 @@ class Engine:
                     seqs.append(t)
                     rows_logits.append(logits[b])
             events += self._accept(seqs, torch.stack(rows_logits))
+        return events
+
+    def _prefill_chunked(self) -> list[Event]:
+        """Feed at most `prefill_chunk` prompt tokens this step (one sequence per forward), so a
+        long prompt delays the running sequences' next token by a bounded amount."""
+        events, budget = [], self.prefill_chunk
+        while self.prefilling and budget > 0:
+            s = self.prefilling[0]
+            prompt = s.request.prompt_ids
+            n = min(budget, len(prompt) - s.length)
+            ids = torch.tensor([prompt[s.length:s.length + n]], device=self.device)
+            pos = torch.arange(s.length, s.length + n, device=self.device)[None]
+            logits = self._forward(ids, pos, slice(s.slot, s.slot + 1), s.length + n)[0, -1]
+            s.length += n
+            budget -= n
+            if s.length == len(prompt):
+                self.prefilling.pop(0)
+                sibs = s.request.sequences
+                self.cache.copy_rows(s.slot, [t.slot for t in sibs[1:]], s.length)
+                for t in sibs[1:]:
+                    t.length = s.length
+                events += self._accept(sibs, logits.expand(len(sibs), -1))
         return events
 
     def _decode(self, running: list[Sequence]) -> list[Event]:

@@ -164,3 +164,19 @@ def test_ring_buffer_for_window_layers(kind):
     ps = prompts([4, 16], seed=9)  # rows reused: the old sequences' ring entries must not leak
     for p, out in zip(ps, engine.generate(ps, SamplingParams(max_tokens=10, temperature=0))):
         assert out[0].token_ids == naive_greedy(model, p, 10)
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mqa-window"])
+def test_chunked_prefill_equals_whole_prompts(kind):
+    model = tiny_model(kind)
+    ps = prompts([17, 3, 11, 26])
+    params = [SamplingParams(max_tokens=8, temperature=0, n=n) for n in (1, 2, 1, 1)]
+    ref = Engine(model, max_batch=3, max_len=40).generate(ps, params)
+    chunked = Engine(model, max_batch=3, max_len=40, prefill_chunk=5)
+    rid = chunked.add_request(ps[3], SamplingParams(max_tokens=8))
+    chunked.step()
+    chunked.abort(rid)  # aborted mid-prefill: leaves the queue and frees its slot
+    chunked.step()
+    assert not chunked.prefilling and chunked.n_running == 0
+    out = chunked.generate(ps, params)
+    assert [[o.token_ids for o in r] for r in out] == [[o.token_ids for o in r] for r in ref]

@@ -51,7 +51,7 @@ def test_verify_by_hand():
 
 @torch.no_grad()
 def test_sampled_output_follows_target_distribution():
-    V, N = 5, 1500
+    V, N = 5, 1000
     target = tiny_model("gqa", vocab=V, seed=0, dtype=torch.float32, n_layers=1, d_model=16, init_std=0.6)
     draft = tiny_model("gqa", vocab=V, seed=3, dtype=torch.float32, n_layers=1, d_model=16, init_std=0.6)
     prompt = [2]
