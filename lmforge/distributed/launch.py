@@ -7,7 +7,9 @@
 - `pretrain_parallelize(kind, bucket_mb)`: the hook `lmforge.train.pretrain.pretrain` calls inside
   each process: joins the process group, checks that all ranks hold the same config and shards,
   builds the GLOBAL batch builder (per-rank batch x world size) and gives each rank its rows
-  (parallel.RankSlice), and makes the model data-parallel (parallel.DataParallel).
+  (parallel.RankSlice), and makes the model data-parallel (parallel.DataParallel). With "fsdp" the
+  optimizer is rebuilt over the sharded parameters (AdamW only), params compute in bf16 on GPUs
+  (fp32 master weights and reductions), and activation checkpointing is applied before sharding.
 
 Under torchrun every process runs the same command; only rank 0 prints, logs and writes checkpoint
 metadata (see Trainer).
@@ -64,6 +66,22 @@ def _shard_fingerprint(spec) -> list:
     return [(f.name, f.stat().st_size) for f in files]
 
 
+def _fsdp_optimizer_factory(cfg, env):
+    """FSDP needs the optimizer built over the sharded parameters: the same build as pretrain's."""
+    from lmforge.train.optim import build_optimizer
+
+    t = cfg.train
+    if t.optimizer != "adamw":
+        raise ConfigError(f"--dp fsdp supports train.optimizer = 'adamw' (got {t.optimizer!r}): Muon "
+                          "orthogonalises whole matrices; use --dp zero1, which shards by whole parameters")
+
+    def make(model):
+        return build_optimizer(model, t.optimizer, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
+                               eps=t.eps, decay_embeddings=t.decay_embeddings, vocab_size=cfg.model.vocab_size)
+
+    return make
+
+
 def pretrain_parallelize(kind: str = "ddp", bucket_mb: float = 25.0, device: str = "auto"):
     """The `parallelize` hook for lmforge.train.pretrain.pretrain (see the module docstring)."""
 
@@ -79,7 +97,13 @@ def pretrain_parallelize(kind: str = "ddp", bucket_mb: float = 25.0, device: str
         global_cfg = replace(cfg, train=replace(cfg.train, batch_size=cfg.train.batch_size * env.world_size))
         batches = RankSlice(make_batches(global_cfg, cfg.data.train_shards, seq_len_of(cfg)), env.rank,
                             env.world_size)
-        parallel = DataParallel(model, optimizer, kind=kind, bucket_mb=bucket_mb)
+        if kind == "fsdp":
+            optimizer = _fsdp_optimizer_factory(cfg, env)
+        t = cfg.train
+        bf16 = env.device.type == "cuda" and t.precision in ("auto", "bf16")
+        parallel = DataParallel(model, optimizer, kind=kind, bucket_mb=bucket_mb,
+                                fsdp_param_dtype="bf16" if bf16 else None,
+                                activation_checkpointing=kind == "fsdp" and t.activation_checkpointing)
         return parallel.optimizer, batches, parallel
 
     return parallelize

@@ -52,7 +52,7 @@ def register(sub) -> None:
                         "run directory that already holds checkpoints is refused")
     p.add_argument("--nproc", type=int, default=None,
                    help="data-parallel processes on this node (starts torchrun; train.batch_size is per process)")
-    p.add_argument("--dp", default="ddp", choices=["ddp", "naive", "zero1", "zero2"],
+    p.add_argument("--dp", default="ddp", choices=["ddp", "naive", "zero1", "zero2", "fsdp"],
                    help="data-parallel method under --nproc/torchrun (default ddp: own bucketed DDP)")
     p.add_argument("--bucket-mb", type=float, default=25.0, help="DDP gradient bucket size in MB")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
