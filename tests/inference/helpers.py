@@ -6,6 +6,7 @@ import torch
 
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.mla import MLAConfig
+from lmforge.model.moe import MoEConfig
 
 KINDS = {
     "gqa": dict(n_heads=4, n_kv_heads=2),
@@ -14,6 +15,7 @@ KINDS = {
                                           qk_rope_head_dim=4, v_head_dim=5)),
     "gpt2": dict(n_heads=3, positions="learned", norm="layernorm", activation="gelu", glu=False, bias=True),
     "softcap": dict(n_heads=2, attn_softcap=5.0, final_softcap=10.0, qk_norm=True, tie_embeddings=True),
+    "moe": dict(n_heads=4, n_kv_heads=2, moe=MoEConfig(n_experts=4, top_k=2, d_expert=16), n_dense_layers=1),
 }
 
 

@@ -1,6 +1,7 @@
 """Engine vs naive full-recompute generation: greedy batches with different prompt lengths on every
-cache layout (GQA, MQA + sliding window ring buffers, MLA latent, learned positions, softcap); continuous
-batching equals one-at-a-time; n samples share a prefill; seeds; stop ids; aborts; errors."""
+cache layout (GQA, MQA + sliding-window ring buffers, MLA latent, learned positions, softcap, MoE);
+continuous batching equals one-at-a-time; chunked prefill; n samples share a prefill; seeds; stop
+ids; aborts; errors."""
 
 import pytest
 import torch
