@@ -1,0 +1,67 @@
+"""Tensor parallelism (+ sequence parallelism) on 2 gloo ranks equals the single-process model:
+logits, loss and every parameter's gradient (compared on this rank's shard)."""
+
+import pytest
+import torch
+
+from lmforge.distributed.tensor_parallel import apply_tp, sync_tp_grads, tp_reference_shard
+from tests.distributed.parallel_workers import max_err, run_checks
+
+MOD = "tests.distributed.test_tp"
+
+
+def _model(**kw):
+    from lmforge.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**dict(vocab_size=43, context_length=16, d_model=20, n_layers=2, n_heads=4,
+                                n_kv_heads=2, head_dim=6, d_ff=30, qk_norm=True, qkv_bias=True, bias=True,
+                                attention_backend="reference"), **kw})
+    return Transformer(cfg).double()
+
+
+def check(rank, world, sp, **kw):
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, 43, (3, 11), generator=g)
+    x, y = ids[:, :-1], ids[:, 1:]
+    ref_model = _model(**kw)
+    ref = ref_model(x, y)
+    ref.loss.backward()
+    ref_grads = {n: p.grad for n, p in ref_model.named_parameters()}
+    model = apply_tp(_model(**kw), sequence_parallel=sp)
+    out = model(x, y)
+    out.loss.backward()
+    sync_tp_grads(model)
+    grad_err, names = 0.0, 0
+    for name, p in model.named_parameters():
+        shard = tp_reference_shard(name, ref_grads[name], model, rank, world)
+        assert shard.shape == p.shape, (name, shard.shape, p.shape)
+        grad_err = max(grad_err, max_err(p.grad, shard))
+        names += 1
+    return {"logits": max_err(out.logits, ref.logits), "loss": abs(out.loss.item() - ref.loss.item()),
+            "grads": grad_err, "params": names, "ref_params": len(ref_grads)}
+
+
+def tp_sp(rank, world):
+    return check(rank, world, True)
+
+
+def tp_plain(rank, world):
+    return check(rank, world, False)
+
+
+def tp_sp_sandwich_gelu(rank, world):  # extra norms between the regions, a non-gated MLP, MHA
+    return check(rank, world, True, norm_placement="sandwich", glu=False, activation="gelu", n_kv_heads=4,
+                 qk_norm=False, bias=False)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_checks([f"{MOD}:tp_sp", f"{MOD}:tp_plain", f"{MOD}:tp_sp_sandwich_gelu"], tmp_path_factory.mktemp("tp"))
+
+
+@pytest.mark.parametrize("check_name", ["tp_sp", "tp_plain", "tp_sp_sandwich_gelu"])
+def test_tp_equals_single_process(results, check_name):
+    for r in results[f"{MOD}:{check_name}"]:
+        assert r["params"] == r["ref_params"]
+        assert r["logits"] < 1e-10 and r["loss"] < 1e-10 and r["grads"] < 1e-10, r
