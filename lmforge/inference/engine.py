@@ -261,14 +261,22 @@ class Engine:
         for s in running:
             tokens[s.slot, 0], pos[s.slot, 0] = s.last, s.length
         tokens, pos = tokens.to(self.device), pos.to(self.device)
-        if self.compiled:
+        # rows that hold a sequence still being prefilled (chunked) must not get the dummy write
+        # that idle rows get (token 0 at position 0): decode around them in runs
+        busy = [s.slot for s in self.slots if s is not None and s.last is None and s.slot < nb]
+        if self.compiled and not busy:
             full_tokens = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
             full_pos = torch.zeros_like(full_tokens)
             full_tokens[:nb], full_pos[:nb] = tokens, pos
             logits = self._decode_fn(full_tokens, full_pos)[:nb, -1]
         else:
             length = max(s.length for s in running) + 1
-            logits = self._forward(tokens, pos, slice(0, nb), length)[:, -1]
+            logits = torch.zeros(nb, self.model.cfg.vocab_size, device=self.device)
+            bounds = [-1] + sorted(busy) + [nb]
+            for lo, hi in zip(bounds, bounds[1:]):
+                if hi - lo > 1:
+                    rows = slice(lo + 1, hi)
+                    logits[rows] = self._forward(tokens[rows], pos[rows], rows, length)[:, -1].float()
         for s in running:
             s.length += 1
         idx = torch.tensor([s.slot for s in running], device=self.device)

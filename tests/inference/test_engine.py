@@ -181,3 +181,28 @@ def test_chunked_prefill_equals_whole_prompts(kind):
     assert not chunked.prefilling and chunked.n_running == 0
     out = chunked.generate(ps, params)
     assert [[o.token_ids for o in r] for r in out] == [[o.token_ids for o in r] for r in ref]
+
+
+def test_chunked_prefill_row_below_running_rows_is_not_overwritten():
+    """A prompt being prefilled in slot 0 while slot 1 decodes must not receive the idle-row write."""
+    model = tiny_model("gqa")
+    engine = Engine(model, max_batch=2, max_len=40, prefill_chunk=4)
+    pa, pb, pc = prompts([3, 3, 21], seed=4)
+    engine.add_request(pa, SamplingParams(max_tokens=1, temperature=0))  # slot 0, done in step 1
+    b = engine.add_request(pb, SamplingParams(max_tokens=30, temperature=0))  # slot 1, keeps decoding
+    engine.step()
+    engine.step()
+    c = engine.add_request(pc, SamplingParams(max_tokens=6, temperature=0, logprobs=0))
+    assert engine.requests[b].sequences[0].slot == 1
+    out, lps = {b: [], c: []}, []
+    while engine.has_work():
+        for ev in engine.step():
+            if ev.token_id is not None and ev.request_id in out:
+                out[ev.request_id].append(ev.token_id)
+                if ev.request_id == c:
+                    lps.append(ev.logprob)
+    assert out[c] == naive_greedy(model, pc, 6)
+    with torch.no_grad():  # log-probs are sensitive where greedy tokens might not be
+        ref = torch.log_softmax(model(torch.tensor([pc + out[c]])).logits[0, len(pc) - 1:-1], -1)
+    assert lps == pytest.approx(ref.gather(-1, torch.tensor(out[c])[:, None]).squeeze(-1).tolist(), abs=1e-6)
+    assert engine.requests == {} and len(out[b]) == 28
