@@ -5,9 +5,10 @@
   decoding would have produced the continuation (lm-eval-harness's `is_greedy`). Requests that share
   a context (the choices of one multiple-choice question) are scored together: the context is run
   once into a KV cache, the cache is broadcast to one row per choice, and all choices go through one
-  batched forward. `shared_prefix=False` instead runs every request as one full right-padded row,
-  many per forward (the plain reference the tests compare against, and the path for models whose
-  attention has no cache support).
+  batched forward. When every choice of a question is one token (MMLU's " A".." D"), one forward
+  of the context scores them all, and `batch_size` such contexts share a forward.
+  `shared_prefix=False` instead runs every request as one full right-padded row, many per forward
+  (the plain reference the tests compare against).
 - `rolling_logprobs(model, token_lists)`: per-token log-probs of whole documents longer than the
   context, by sliding windows (each token is scored once, with at least `context - stride` tokens
   of context once the document is long enough).
@@ -71,12 +72,32 @@ def score_continuations(model, requests: list[tuple[list[int], list[int]]], *, b
     for i, (ctx, _) in enumerate(fitted):
         groups.setdefault(tuple(ctx), []).append(i)
     out: list[Score | None] = [None] * len(fitted)
+    single = [ctx for ctx, idx in groups.items() if all(len(fitted[i][1]) == 1 for i in idx)]
+    for start in range(0, len(single), batch_size):
+        chunk = single[start:start + batch_size]
+        for ctx, lp, best in zip(chunk, *_last_logprobs(model, [list(c) for c in chunk])):
+            for i in groups.pop(ctx):
+                tok = fitted[i][1][0]
+                out[i] = Score(float(lp[tok]), 1, tok == best)
     for ctx, idx in groups.items():
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
             for i, s in zip(chunk, _score_group(model, list(ctx), [fitted[i][1] for i in chunk])):
                 out[i] = s
     return out  # type: ignore[return-value]
+
+
+def _last_logprobs(model, contexts: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+    """Next-token log-probs after each context, many contexts per forward (right-padded; each row's
+    own last position is read): (log-probs [n, V] on the CPU, argmax ids)."""
+    dev = _device(model)
+    lengths = torch.tensor([len(c) for c in contexts], device=dev)
+    inp = torch.zeros(len(contexts), int(lengths.max()), dtype=torch.long, device=dev)
+    for r, c in enumerate(contexts):
+        inp[r, :len(c)] = torch.tensor(c, device=dev)
+    logits = model(inp).logits[torch.arange(len(contexts), device=dev), lengths - 1]
+    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return logp.cpu(), logits.argmax(-1).tolist()
 
 
 def _score_group(model, context: list[int], continuations: list[list[int]]) -> list[Score]:

@@ -36,6 +36,22 @@ def test_continuations_equal_brute_force(shared_prefix):
         assert s.logprob == pytest.approx(sum(ref), rel=1e-9, abs=1e-9)
 
 
+def test_single_token_choices_share_one_forward():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(5)
+    ctxs = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (4, 9, 17, 2, 30)]
+    reqs = [(c, [t]) for c in ctxs for t in (65, 66, 67, 68)]
+    calls = []
+    hook = model.register_forward_hook(lambda m, a, o: calls.append(a[0].shape))
+    scores = score_continuations(model, reqs, batch_size=3)
+    hook.remove()
+    assert len(calls) == 2  # 5 contexts, 3 per forward
+    for (c, x), s in zip(reqs, scores):
+        row = (c + x)[-24:]
+        assert s.logprob == pytest.approx(brute_logprob(model, row, len(row) - 1)[0], rel=1e-9)
+        assert s.n_tokens == 1
+
+
 def test_is_greedy_flag():
     model = tiny_model()
     ctx = [256, 10, 20]
