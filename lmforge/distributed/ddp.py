@@ -198,8 +198,10 @@ class BucketedDDP(_Base):
     @torch.no_grad()
     def _slot_in(self, bucket: _Bucket, i: int, grad: torch.Tensor | None) -> None:
         if bucket.buffer is None:
-            bucket.buffer = torch.zeros(bucket.numel + len(bucket.params), dtype=bucket.dtype,
+            # every slot is written before the bucket launches; only the flags need a start value
+            bucket.buffer = torch.empty(bucket.numel + len(bucket.params), dtype=bucket.dtype,
                                         device=bucket.device)
+            bucket.buffer[bucket.numel:].zero_()
         p, start = bucket.params[i], bucket.offsets[i]
         slot = bucket.buffer[start:start + p.numel()]
         if grad is None:
@@ -235,10 +237,18 @@ class BucketedDDP(_Base):
         self._launch_ready()
         for bucket in self.buckets:
             bucket.work.wait()
+        kept = [b for b in self.buckets if b.owner is None or b.owner == self.rank]
+        # one device-to-host copy for all "used by some rank" flags (a single sync per step)
+        flags = torch.cat([b.buffer[b.numel:] for b in kept]).tolist() if kept else []
+        pos = 0
+        for bucket in self.buckets:
             keep = bucket.owner is None or bucket.owner == self.rank
-            flags = bucket.buffer[bucket.numel:].tolist() if keep else None
             for i, p in enumerate(bucket.params):
-                if not keep or flags[i] == 0:
+                if not keep:
+                    p.grad = None
+                    continue
+                used, pos = flags[pos], pos + 1
+                if used == 0:
                     p.grad = None
                     continue
                 start = bucket.offsets[i]
