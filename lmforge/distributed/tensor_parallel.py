@@ -245,15 +245,18 @@ def apply_tp(model: nn.Module, group=None, sequence_parallel: bool = True) -> nn
 
         first.register_forward_pre_hook(split)
         last.register_forward_hook(gather)
-    model._tp_group = group
+    # kept by name: FSDP2 replaces the Parameter objects (and their attributes), not the names
+    model._tp_partial_names = {n for n, p in model.named_parameters() if getattr(p, "_tp_partial_grad", False)}
     return model
 
 
 def sync_tp_grads(model: nn.Module, group=None) -> None:
     """Sum the partial gradients of replicated parameters over the tensor-parallel group."""
-    for p in model.parameters():
-        if getattr(p, "_tp_partial_grad", False) and p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
+    partial = getattr(model, "_tp_partial_names", set())
+    for name, p in model.named_parameters():
+        if name in partial and p.grad is not None:
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2's DTensor shard
+            dist.all_reduce(grad, group=group)
 
 
 def tp_reference_shard(name: str, full: torch.Tensor, model: nn.Module, rank: int, world: int) -> torch.Tensor:
