@@ -9,7 +9,8 @@
   characters; duplicated 5..10-grams cover ≤ 0.15, 0.14, 0.13, 0.12, 0.11, 0.10.
 - `c4`: Raffel et al. 2020 (C4): keep lines that end in terminal punctuation, have ≥ 3 words and no
   word longer than 1000 characters, and don't mention javascript or cookie/privacy/terms policies;
-  then drop documents with < 5 sentences, 'lorem ipsum', or a curly bracket.
+  then drop documents with < 5 sentences, 'lorem ipsum', a curly bracket, or (given a word list
+  file, as C4 used LDNOOBW's, which is not bundled) any listed word.
 - `fineweb`: Penedo et al. 2024 (FineWeb's extra rules): ≥ 12% of lines end in punctuation, ≤ 67%
   of lines are ≤ 30 characters, ≤ 1% of characters are in duplicated lines, newlines/words ≤ 0.3.
 
@@ -25,6 +26,7 @@ from collections import Counter
 
 from lmforge.data.pipeline import Filter, PipelineStep, register
 from lmforge.data.sources import Document
+from lmforge.errors import DataError
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("•", "-", "*", "‣", "◦", "–")
@@ -169,6 +171,27 @@ class C4Quality(Filter):
         drop_policy_lines: bool = True
         drop_lorem_ipsum: bool = True
         drop_curly_bracket: bool = True
+        # C4 dropped pages containing any word of the LDNOOBW English list. The list is not bundled:
+        # give a UTF-8 file with one word or phrase per line to apply the rule.
+        bad_words_file: str | None = None
+
+    _bad_words: re.Pattern | None = None
+
+    def bad_words(self) -> re.Pattern | None:
+        """Whole-word, case-insensitive matcher for the configured bad-words list (read once)."""
+        path = self.cfg.bad_words_file
+        if path is None:
+            return None
+        if self._bad_words is None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    words = sorted({w.strip().lower() for w in f if w.strip()}, key=len, reverse=True)
+            except (OSError, UnicodeDecodeError) as e:
+                raise DataError(f"c4.bad_words_file {path}: cannot read a UTF-8 word list: {e}") from None
+            if not words:
+                raise DataError(f"c4.bad_words_file {path}: the word list is empty")
+            self._bad_words = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, words)) + r")(?!\w)")
+        return self._bad_words
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         c = self.cfg
@@ -176,6 +199,9 @@ class C4Quality(Filter):
             return False, "lorem_ipsum"
         if c.drop_curly_bracket and "{" in doc.text:
             return False, "curly_bracket"
+        bad = self.bad_words()
+        if bad is not None and bad.search(doc.text.lower()):
+            return False, "bad_words"
         kept = []
         for line in doc.text.split("\n"):
             line = line.strip()

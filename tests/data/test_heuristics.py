@@ -144,3 +144,19 @@ def test_length_and_whitespace_steps():
     n = NormalizeWhitespace()
     assert n.process(Document("a  \n\n\n\nb \n", "x")).text == "a\n\nb"
     assert n.process(Document(" \n \n", "y")) is None and n.stats.counters == {"docs_emptied": 1}
+
+
+def test_c4_bad_words_list_whole_words_case_insensitive(tmp_path):
+    from lmforge.errors import DataError
+
+    words = tmp_path / "bad.txt"
+    words.write_text("darn\nheck off\n\n")
+    keep = [sentence(i) for i in range(5)]
+    c4 = C4Quality(C4Quality.Config(bad_words_file=str(words)))
+    assert verdict(c4, "\n".join(keep) + "\nWell, DARN it all.") == "bad_words"
+    assert verdict(c4, "\n".join(keep) + "\nThey said heck off, loudly.") == "bad_words"
+    # Whole words only: 'darning' and 'heck' alone are not on the list.
+    assert verdict(c4, "\n".join(keep) + "\nShe was darning socks, heck.") == "keep"
+    assert verdict(C4Quality(), "\n".join(keep) + "\nWell, darn it all.") == "keep"  # no list: rule off
+    with pytest.raises(DataError, match="missing.txt"):
+        C4Quality(C4Quality.Config(bad_words_file=str(tmp_path / "missing.txt"))).filter(Document("x.", "d"))
