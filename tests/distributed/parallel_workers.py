@@ -52,3 +52,29 @@ def run_checks(checks: list[str], out: Path, world: int = 2) -> dict[str, list[d
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+# Every default (2-rank) check of the model-parallel test modules, run in ONE spawn per pytest
+# session whichever module asks first: gloo start-up is most of the cost on this machine.
+DEFAULT_CHECKS = [
+    "tests.distributed.test_ring_attention:ring_causal_gqa",
+    "tests.distributed.test_ring_attention:ring_full_mha",
+    "tests.distributed.test_ring_attention:ring_transformer",
+    "tests.distributed.test_pipeline:gpipe_tied",
+    "tests.distributed.test_pipeline:f1b_untied",
+    "tests.distributed.test_pipeline:f1b_moe",
+    "tests.distributed.test_tp:tp_sp",
+    "tests.distributed.test_tp:tp_plain",
+    "tests.distributed.test_tp:tp_sp_sandwich_gelu",
+    "tests.distributed.test_expert_parallel:ep_no_drop",
+    "tests.distributed.test_expert_parallel:ep_capacity",
+    "tests.distributed.test_expert_parallel:ep_model",
+    "tests.distributed.test_mesh:dp_ep",
+]
+_shared: dict[str, list[dict]] = {}
+
+
+def shared_results(tmp_path_factory) -> dict[str, list[dict]]:
+    if not _shared:
+        _shared.update(run_checks(DEFAULT_CHECKS, tmp_path_factory.mktemp("parallel")))
+    return _shared

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from lmforge.distributed.expert_parallel import ExpertParallelMoE, apply_ep, expert_major
 from lmforge.errors import ConfigError
 from lmforge.model.moe import MoE, MoEConfig
-from tests.distributed.parallel_workers import max_err, run_checks
+from tests.distributed.parallel_workers import max_err, shared_results
 
 MOD = "tests.distributed.test_expert_parallel"
 
@@ -83,7 +83,7 @@ def ep_model(rank, world):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return run_checks([f"{MOD}:ep_no_drop", f"{MOD}:ep_capacity", f"{MOD}:ep_model"], tmp_path_factory.mktemp("ep"))
+    return shared_results(tmp_path_factory)
 
 
 @pytest.mark.parametrize("check_name", ["ep_no_drop", "ep_capacity"])

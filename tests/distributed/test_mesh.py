@@ -9,7 +9,7 @@ from lmforge.distributed.mesh import ParallelConfig, build_mesh, check_parallel,
 from lmforge.errors import ConfigError
 from lmforge.model import ModelConfig
 from lmforge.model.moe import MoEConfig
-from tests.distributed.parallel_workers import max_err, run_checks
+from tests.distributed.parallel_workers import max_err, run_checks, shared_results
 
 MOD = "tests.distributed.test_mesh"
 
@@ -78,7 +78,7 @@ def fsdp_tp(rank, world):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return run_checks([f"{MOD}:dp_ep"], tmp_path_factory.mktemp("mesh"))
+    return shared_results(tmp_path_factory)
 
 
 def test_dp_ep_step_equals_single_process(results):

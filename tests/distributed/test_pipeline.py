@@ -14,7 +14,7 @@ from lmforge.distributed.pipeline import (
     stage_layers,
 )
 from lmforge.errors import ConfigError
-from tests.distributed.parallel_workers import max_err, run_checks
+from tests.distributed.parallel_workers import max_err, shared_results
 
 MOD = "tests.distributed.test_pipeline"
 ROWS, T, MICRO = 8, 7, 4
@@ -81,7 +81,7 @@ def f1b_moe(rank, world):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return run_checks([f"{MOD}:gpipe_tied", f"{MOD}:f1b_untied", f"{MOD}:f1b_moe"], tmp_path_factory.mktemp("pp"))
+    return shared_results(tmp_path_factory)
 
 
 @pytest.mark.parametrize("check_name", ["gpipe_tied", "f1b_untied", "f1b_moe"])

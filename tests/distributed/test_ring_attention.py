@@ -14,7 +14,7 @@ from lmforge.distributed.ring_attention import (
 )
 from lmforge.errors import ConfigError
 from lmforge.model.attention import reference_attention
-from tests.distributed.parallel_workers import max_err, run_checks
+from tests.distributed.parallel_workers import max_err, shared_results
 
 MOD = "tests.distributed.test_ring_attention"
 
@@ -82,8 +82,7 @@ def ring_transformer(rank, world):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return run_checks([f"{MOD}:ring_causal_gqa", f"{MOD}:ring_full_mha", f"{MOD}:ring_transformer"],
-                      tmp_path_factory.mktemp("ring"))
+    return shared_results(tmp_path_factory)
 
 
 @pytest.mark.parametrize("check", ["ring_causal_gqa", "ring_full_mha"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lmforge.distributed.tensor_parallel import apply_tp, sync_tp_grads, tp_reference_shard
-from tests.distributed.parallel_workers import max_err, run_checks
+from tests.distributed.parallel_workers import max_err, shared_results
 
 MOD = "tests.distributed.test_tp"
 
@@ -57,7 +57,7 @@ def tp_sp_sandwich_gelu(rank, world):  # extra norms between the regions, a non-
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return run_checks([f"{MOD}:tp_sp", f"{MOD}:tp_plain", f"{MOD}:tp_sp_sandwich_gelu"], tmp_path_factory.mktemp("tp"))
+    return shared_results(tmp_path_factory)
 
 
 @pytest.mark.parametrize("check_name", ["tp_sp", "tp_plain", "tp_sp_sandwich_gelu"])
