@@ -16,8 +16,9 @@ prompts follow lm-evaluation-harness's default tasks:
 - mc: the generic form: context (or question), choices (list), gold (index).
 
 Metrics per question (lm-eval-harness definitions): `acc` picks the choice with the highest total
-log-likelihood; `acc_norm` divides it by the choice's length in characters; we also report
-`acc_token` (mean per token) and `acc_byte` (per UTF-8 byte). Every context starts with the
+log-likelihood; `acc_norm` divides it by the choice's length in characters (without the " "
+delimiter, as the harness counts); we also report `acc_token` (mean per token) and `acc_byte` (per
+UTF-8 byte of the same text). Every context starts with the
 tokenizer's end-of-text token (how lmforge models see a document start). Context and continuation
 are encoded as the harness does: trailing spaces of the context move into the continuation, the pair
 is encoded as one string and split at the context's token count.
@@ -182,6 +183,11 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return [tokenizer.eot_id] + ctx, whole[len(ctx):]
 
 
+def _without_delimiter(choice: str) -> str:
+    """The choice as the harness measures it for acc_norm: without the leading target delimiter."""
+    return choice[1:] if choice.startswith(" ") else choice
+
+
 def evaluate_mc(model, tokenizer, items: list[MCItem], *, fmt: str = "mc", num_fewshot: int = 0,
                 fewshot_items: list[MCItem] | None = None, seed: int = 1234, batch_size: int = 32,
                 shared_prefix: bool = True, limit: int | None = None) -> dict:
@@ -209,9 +215,10 @@ def evaluate_mc(model, tokenizer, items: list[MCItem], *, fmt: str = "mc", num_f
     for item, (start, n) in zip(items, spans):
         sc = scores[start:start + n]
         ll = [s.logprob for s in sc]
-        norms = {"acc": ll, "acc_norm": [x / len(c) for x, c in zip(ll, item.choices)],
+        texts = [_without_delimiter(c) for c in item.choices]
+        norms = {"acc": ll, "acc_norm": [x / max(1, len(c)) for x, c in zip(ll, texts)],
                  "acc_token": [s.logprob / s.n_tokens for s in sc],
-                 "acc_byte": [x / len(c.encode("utf-8")) for x, c in zip(ll, item.choices)]}
+                 "acc_byte": [x / max(1, len(c.encode("utf-8"))) for x, c in zip(ll, texts)]}
         picks = {name: max(range(n), key=v.__getitem__) for name, v in norms.items()}
         for name in names:
             correct[name] += picks[name] == item.gold

@@ -94,9 +94,10 @@ def test_accuracies_equal_brute_force(tmp_path, num_fewshot):
             ntok.append(len(xi))
         assert d["loglikelihoods"] == pytest.approx(ll, rel=1e-9)
         assert dp["loglikelihoods"] == pytest.approx(ll, rel=1e-9)
-        for name, v in (("acc", ll), ("acc_norm", [x / len(c) for x, c in zip(ll, it.choices)]),
+        texts = [c[1:] for c in it.choices]  # without the delimiter, as lm-eval-harness counts
+        for name, v in (("acc", ll), ("acc_norm", [x / len(c) for x, c in zip(ll, texts)]),
                         ("acc_token", [x / n for x, n in zip(ll, ntok)]),
-                        ("acc_byte", [x / len(c.encode()) for x, c in zip(ll, it.choices)])):
+                        ("acc_byte", [x / len(c.encode()) for x, c in zip(ll, texts)])):
             correct[name] += max(range(4), key=v.__getitem__) == it.gold
     for name, c in correct.items():
         assert res[name] == pytest.approx(c / len(items)) == res_padded[name]
