@@ -8,7 +8,8 @@ same process, same threads:
   hf_static    transformers `generate` with cache_implementation="static" (no compile on CPU)
   engine       lmforge.inference.Engine (preallocated cache, batched decode)
   engine_int8  the engine on the int8 weight-only quantized model
-Tokens/s counts generated tokens over all rows. Greedy outputs are compared with HF's (the fraction
+Tokens/s counts generated tokens over all rows; each variant's best of --repeats rounds, the
+variants interleaved in rotating order within each round. Greedy outputs are compared with HF's (the fraction
 of rows whose tokens are identical is printed; float round-off can flip near-ties).
 
   python benchmarks/inference_decode.py                      # CPU, tiny shape, batch 1 and 8
@@ -49,16 +50,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats):
-    fn()  # warm-up
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+def timed(fn, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
 
 
 def run_batch(B, prompts, model, qmodel, hf, args, device) -> list[dict]:
@@ -86,10 +83,15 @@ def run_batch(B, prompts, model, qmodel, hf, args, device) -> list[dict]:
         if name not in args.skip and m is not None:
             engine = Engine(m, max_batch=B, max_len=max_len, eos_ids=[])
             variants[name] = lambda engine=engine: [c[0].token_ids for c in engine.generate(prompts.tolist(), sp)]
-    outs, rows = {}, []
-    for name, fn in variants.items():
-        secs, outs[name] = timed(fn, device, args.repeats)
-        rows.append({"batch": B, "variant": name, "seconds": secs, "tokens_per_s": B * args.new / secs})
+    outs, best = {}, {}
+    for fn in variants.values():
+        fn()  # warm-up
+    names = list(variants)
+    for r in range(args.repeats):  # interleaved, rotating order: the shared machine's load drifts
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            secs, outs[name] = timed(variants[name], device)
+            best[name] = min(best.get(name, float("inf")), secs)
+    rows = [{"batch": B, "variant": n, "seconds": best[n], "tokens_per_s": B * args.new / best[n]} for n in names]
     speed = {r["variant"]: r["tokens_per_s"] for r in rows}
     ref = outs.get("hf")
     for r in rows:
@@ -105,7 +107,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=4, help="timed rounds (best kept)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     ap.add_argument("--skip", nargs="*", default=[], help="variants to skip")
     ap.add_argument("--out", default=None)

@@ -269,6 +269,9 @@ class Engine:
             full_pos = torch.zeros_like(full_tokens)
             full_tokens[:nb], full_pos[:nb] = tokens, pos
             logits = self._decode_fn(full_tokens, full_pos)[:nb, -1]
+        elif not busy:
+            length = max(s.length for s in running) + 1
+            logits = self._forward(tokens, pos, slice(0, nb), length)[:, -1]
         else:
             length = max(s.length for s in running) + 1
             logits = torch.zeros(nb, self.model.cfg.vocab_size, device=self.device)
