@@ -111,6 +111,13 @@ def test_bucket_boundaries(run):
     assert info[0]["bucket_numels"] == [sum(sizes[n] for n in b) for b in expected]
 
 
+def test_buckets_launch_during_backward(run):
+    info, _ = run
+    launched = info[0]["launched_before_last"]
+    # every bucket but the one holding the embedding (the last, launched at the end) was in flight
+    assert launched[:-1] == [True] * (len(launched) - 1) and launched[-1] is False
+
+
 def test_no_sync_skips_communication(run):
     info, _ = run
     assert info[0]["no_sync_grads_differ"]

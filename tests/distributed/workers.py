@@ -135,11 +135,18 @@ def _equivalence(rank: int, world: int, out: Path) -> dict:
     info: dict = {}
     # own bucketed DDP; ranks start from different weights: the broadcast must fix that
     model, _ = tiny_model(seed=rank)
+    # overlap: when the embedding's gradient (the last one backward produces) arrives, the earlier
+    # buckets' all-reduces must already be in flight (this hook is registered before DDP's, so it
+    # sees the state just before the embedding's own bucket launches)
+    launched_before_last: list = []
+    model.tok_emb.weight.register_post_accumulate_grad_hook(
+        lambda p: launched_before_last.append([b.work is not None for b in ddp.buckets]))
     ddp = BucketedDDP(model, bucket_mb=BUCKET_MB)
     info["buckets"] = ddp.bucket_names()
     info["bucket_numels"] = [b.numel for b in ddp.buckets]
     g: dict = {}
     info["bucketed_losses"] = train_steps(model, adamw(model), rank, world, ddp, grads=g)
+    info["launched_before_last"] = launched_before_last[0]
     save(out, "bucketed", rank, params_of(model))
     save(out, "bucketed_grad", rank, g)
 
