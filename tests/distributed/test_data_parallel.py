@@ -159,3 +159,12 @@ def test_moe_load_counts_summed_over_ranks(run):
     # rank r holds [1,2,3]*(r+1) + layer index: the sum over 2 ranks is [3,6,9] + 2*layer
     expected = [[3.0 + 2 * i, 6.0 + 2 * i, 9.0 + 2 * i] for i in range(2)]
     assert info[0]["moe_load_counts"] == info[1]["moe_load_counts"] == expected
+
+
+@pytest.mark.slow
+def test_four_ranks_equal_single_process(tmp_path, reference):
+    w.spawn("four", tmp_path, 4)
+    for name in ("bucketed", "naive", "accum", "zero1_adamw", "zero2_adamw"):
+        got = [load_file(str(tmp_path / f"{name}.rank{r}.safetensors")) for r in range(4)]
+        assert all(torch.equal(got[0][k], g[k]) for g in got[1:] for k in got[0])
+        close(got[0], reference["adamw"])

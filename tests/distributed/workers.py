@@ -246,6 +246,24 @@ def _checkpoint(rank: int, world: int, out: Path, shards: str) -> dict:
     return info
 
 
+def _four(rank: int, world: int, out: Path) -> dict:
+    """The data-parallel equivalences on 4 ranks (2 rows each): slow test."""
+    from lmforge.distributed.ddp import BucketedDDP, NaiveDDP
+    from lmforge.distributed.zero import apply_zero
+
+    for name, accum in (("bucketed", 1), ("naive", 1), ("accum", 2)):
+        model, _ = tiny_model(seed=rank)
+        reducer = NaiveDDP(model) if name == "naive" else BucketedDDP(model, bucket_mb=BUCKET_MB)
+        train_steps(model, adamw(model), rank, world, reducer, accum=accum)
+        save(out, name, rank, params_of(model))
+    for name, stage in (("zero1_adamw", 1), ("zero2_adamw", 2)):
+        model, _ = tiny_model(seed=rank)
+        reducer, zero = apply_zero(model, adamw(model), stage=stage, bucket_mb=BUCKET_MB)
+        train_steps(model, zero, rank, world, reducer)
+        save(out, name, rank, params_of(model))
+    return {}
+
+
 def _all(rank: int, world: int, out: Path, shards: str) -> dict:
     """Both scenario sets in one process group (process start-up is the dominant cost)."""
     return {"equivalence": _equivalence(rank, world, out), "checkpoint": _checkpoint(rank, world, out, shards)}
