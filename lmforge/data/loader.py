@@ -7,7 +7,8 @@ data-parallel ranks (rank r of W reads only its own part):
   shards (nanoGPT style). Batch k of rank r comes from a generator seeded by (seed, rank, k), so the
   state is just k and resuming needs no replay.
 - `DocumentPacker`: walks the token stream in order (rank r owns the r-th of W equal contiguous
-  slices) and packs it into rows that always start with the document token (BOS). A document that
+  slices), or with `shuffle` its documents in a new random order each epoch (rank r takes every W-th),
+  and packs it into rows that always start with the document token (BOS). A document that
   does not fit in the rest of a row is cut; its remainder starts the next row after a fresh BOS, so
   no token is dropped. Each batch carries `doc_ids` (segment index per position, a new segment at
   every BOS) and `positions` (restarting at 0 in every segment), so attention can be kept inside a
@@ -132,22 +133,45 @@ class RandomWindowSampler:
 
 
 class DocumentPacker:
-    """Sequential BOS-aligned packing of this rank's slice of the stream; wraps around at its end."""
+    """BOS-aligned packing of this rank's part of the stream; wraps around at its end.
+
+    In order (default): rank r walks the r-th contiguous slice. With `shuffle`, documents (found by
+    their BOS token) are visited in a new random order each epoch (seeded by (seed, epoch)), and rank
+    r takes every W-th document of that order; use it for corpora stored in a meaningful order.
+    """
 
     def __init__(self, stream: TokenStream, batch_size: int, seq_len: int, rank: int = 0,
-                 world_size: int = 1, loop: bool = True):
+                 world_size: int = 1, loop: bool = True, shuffle: bool = False, seed: int = 0):
         _check_split(rank, world_size)
         if stream.bos_id is None:
             raise DataError("the document packer needs a BOS id (shard header 'bos_id' is missing)")
         self.stream, self.batch_size, self.seq_len = stream, batch_size, seq_len
         self.rank, self.world_size, self.loop = rank, world_size, loop
+        self.shuffle, self.seed = shuffle, seed
         self.begin = stream.total * rank // world_size
         self.end = stream.total * (rank + 1) // world_size
-        if self.end - self.begin < seq_len + 1:
-            raise DataError(f"rank {rank}'s slice holds {self.end - self.begin} tokens, fewer than one row "
+        if shuffle:
+            starts = [np.flatnonzero(np.asarray(a) == stream.bos_id) + int(o)
+                      for a, o in zip(stream.arrays, stream.starts[:-1])]
+            starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
+            if len(starts) == 0 or starts[0] != 0:
+                starts = np.concatenate([[0], starts])
+            self.doc_starts = starts.astype(np.int64)
+            self.doc_ends = np.concatenate([starts[1:], [stream.total]]).astype(np.int64)
+        self.epoch, self.segment, self.offset = 0, 0, 0
+        self._segments = self._epoch_segments()
+        mine = int((self._segments[1] - self._segments[0]).sum())
+        if mine < seq_len + 1:
+            raise DataError(f"rank {rank}'s part of the stream holds {mine} tokens, fewer than one row "
                             f"of {seq_len + 1}")
-        self.cursor = self.begin
-        self.epoch = 0
+
+    def _epoch_segments(self) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, ends) of the token ranges this rank walks in this epoch, in order."""
+        if not self.shuffle:
+            return np.array([self.begin]), np.array([self.end])
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.doc_starts))
+        mine = order[self.rank::self.world_size]
+        return self.doc_starts[mine], self.doc_ends[mine]
 
     def __iter__(self) -> Iterator[Batch]:
         return self
@@ -155,17 +179,25 @@ class DocumentPacker:
     def _row(self) -> np.ndarray:
         bos = self.stream.bos_id
         n = self.seq_len + 1
-        if self.cursor >= self.end:
+        starts, ends = self._segments
+        if self.segment >= len(starts):
             if not self.loop:
                 raise StopIteration
-            self.cursor, self.epoch = self.begin, self.epoch + 1
-        first = int(self.stream.read(self.cursor, 1)[0])
-        prefix = [] if first == bos else [bos]  # a cut document continues after a fresh BOS
-        take = min(n - len(prefix), self.end - self.cursor)
-        tokens = self.stream.read(self.cursor, take)
-        self.cursor += take
-        row = np.concatenate([np.array(prefix, dtype=np.int64), tokens])
-        if len(row) < n:  # end of the slice: pad targets with -100 (ignored)
+            self.epoch, self.segment, self.offset = self.epoch + 1, 0, 0
+            self._segments = starts, ends = self._epoch_segments()
+        first = int(self.stream.read(int(starts[self.segment]) + self.offset, 1)[0])
+        parts = [np.array([] if first == bos else [bos], dtype=np.int64)]  # a cut document continues
+        space = n - len(parts[0])                                            # after a fresh BOS
+        while space > 0 and self.segment < len(starts):
+            pos = int(starts[self.segment]) + self.offset
+            take = min(space, int(ends[self.segment]) - pos)
+            parts.append(self.stream.read(pos, take))
+            space -= take
+            self.offset += take
+            if pos + take == int(ends[self.segment]):
+                self.segment, self.offset = self.segment + 1, 0
+        row = np.concatenate(parts)
+        if len(row) < n:  # end of this rank's part: pad targets with -100 (ignored)
             row = np.concatenate([row, np.full(n - len(row), -100, dtype=np.int64)])
         return row
 
@@ -187,13 +219,15 @@ class DocumentPacker:
         return {"input_ids": input_ids, "targets": targets, "doc_ids": doc_ids, "positions": positions}
 
     def state_dict(self) -> dict:
-        return {"kind": "packed", "cursor": self.cursor, "epoch": self.epoch, "rank": self.rank,
-                "world_size": self.world_size, "total": self.stream.total}
+        return {"kind": "packed", "epoch": self.epoch, "segment": self.segment, "offset": self.offset,
+                "rank": self.rank, "world_size": self.world_size, "total": self.stream.total,
+                "shuffle": self.shuffle, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         _check_state(state, {"kind": "packed", "rank": self.rank, "world_size": self.world_size,
-                             "total": self.stream.total})
-        self.cursor, self.epoch = int(state["cursor"]), int(state["epoch"])
+                             "total": self.stream.total, "shuffle": self.shuffle, "seed": self.seed})
+        self.epoch, self.segment, self.offset = int(state["epoch"]), int(state["segment"]), int(state["offset"])
+        self._segments = self._epoch_segments()
 
 
 def _check_state(state: dict, expected: dict) -> None:

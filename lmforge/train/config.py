@@ -22,6 +22,7 @@ class TrainConfig:
     max_steps: int = 600
     time_budget_s: float | None = None  # stop early (with a checkpoint) after this many seconds; 0 = none
     sampler: Literal["random", "packed"] = "packed"
+    shuffle_documents: bool = False  # packed: visit documents in a new random order each epoch
     document_mask: bool = True  # pass doc_ids/positions so attention stays inside documents
     # optimizer
     optimizer: Literal["adamw", "muon"] = "adamw"

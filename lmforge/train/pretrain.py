@@ -119,7 +119,8 @@ def make_batches(cfg: RunConfig, shards, seq_len: int, rank: int = 0, world_size
     if t.sampler == "random":
         return RandomWindowSampler(stream, t.batch_size, seq_len, seed=t.seed, rank=rank,
                                    world_size=world_size, document_mask=t.document_mask)
-    packer = DocumentPacker(stream, t.batch_size, seq_len, rank=rank, world_size=world_size)
+    packer = DocumentPacker(stream, t.batch_size, seq_len, rank=rank, world_size=world_size,
+                            shuffle=t.shuffle_documents, seed=t.seed)
     if t.document_mask:
         return packer
     return _DropKeys(packer, ("doc_ids", "positions"))

@@ -104,3 +104,38 @@ def test_prefetcher_state_counts_consumed_batches(shard_dir):
     q.load_state_dict(state)
     assert torch.equal(next(q)["input_ids"], b1["input_ids"])
     assert not torch.equal(b0["input_ids"], b1["input_ids"])
+
+
+def test_shuffled_packer_covers_every_token_once(tmp_path):
+    """Over one epoch the ranks together emit every non-BOS token of the stream exactly once (as a
+    multiset; BOS tokens are also inserted before continuations), in an order unlike the stream's."""
+    docs = random_docs(25, seed=5, lo=2, hi=12)
+    write_docs(tmp_path / "s", docs)
+    stream = TokenStream(tmp_path / "s")
+    emitted = []
+    firsts = []
+    for rank in range(2):
+        p = DocumentPacker(stream, batch_size=2, seq_len=17, rank=rank, world_size=2, loop=False,
+                           shuffle=True, seed=3)
+        for batch in p:
+            for x, y in zip(batch["input_ids"], batch["targets"]):
+                row = torch.cat([x[:1], y[y != -100]]).tolist()
+                firsts.append(row)
+                emitted += [t for t in row if t != BOS]
+    assert sorted(emitted) == sorted(t for d in docs for t in d)
+    in_order = [t for d in docs for t in [BOS, *d]][:18]
+    assert firsts[0] != in_order
+
+
+def test_shuffled_packer_resumes_across_epochs(shard_dir):
+    stream = TokenStream(shard_dir)
+    p = DocumentPacker(stream, 3, 13, shuffle=True, seed=1)
+    [next(p) for _ in range(5)]
+    state = p.state_dict()
+    after = [next(p) for _ in range(80)]  # crosses into the next epoch (a new order)
+    assert p.epoch >= 1
+    q = DocumentPacker(stream, 3, 13, shuffle=True, seed=1)
+    q.load_state_dict(state)
+    assert all(torch.equal(a["input_ids"], next(q)["input_ids"]) for a in after)
+    with pytest.raises(DataError, match="seed"):
+        DocumentPacker(stream, 3, 13, shuffle=True, seed=2).load_state_dict(state)
