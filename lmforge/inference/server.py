@@ -117,6 +117,7 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
 
 
 def _params(body: dict, default_max: int) -> SamplingParams:
+    body = {k: v for k, v in body.items() if v is not None}  # JSON null means "the default"
     stop = body.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]

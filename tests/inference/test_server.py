@@ -123,6 +123,13 @@ def test_bad_requests_get_openai_style_400(client, body, match):
     assert match in err["message"] and err["type"] == "invalid_request_error"
 
 
+def test_nulls_mean_defaults(client):
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "temperature": None, "n": None,
+                                             "top_p": None, "stop": None, "seed": None})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1
+
+
 def test_bad_chat_and_json(client):
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]})
     assert r.status_code == 400 and "messages[0]" in r.json()["error"]["message"]
