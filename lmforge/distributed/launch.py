@@ -59,6 +59,19 @@ def relaunch(nproc: int, argv: list[str] | None = None) -> int:
     return subprocess.call(torchrun_argv(nproc, argv))
 
 
+def checkpoint_kind(run_dir) -> str | None:
+    """The data-parallel kind that wrote the latest checkpoint in `run_dir` (None: single process).
+    A one-process resume of a sharded (ZeRO) checkpoint needs the distributed loader."""
+    from lmforge.io import read_json
+    from lmforge.train.checkpoint import list_checkpoints
+
+    found = list_checkpoints(Path(run_dir) / "checkpoints")
+    if not found:
+        return None
+    meta = read_json(found[-1] / "trainer.json", what="checkpoint trainer state")
+    return (meta.get("distributed") or {}).get("kind")
+
+
 def _shard_fingerprint(spec) -> list:
     """Names and sizes of the shard files (data + header) behind `spec`."""
     p = Path(spec)

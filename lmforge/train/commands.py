@@ -97,6 +97,12 @@ def cmd_train(args) -> int:
         if not under_torchrun():
             return relaunch(args.nproc)
         parallelize = pretrain_parallelize(args.dp, args.bucket_mb)
+    elif args.resume:  # one process continuing a data-parallel run: its checkpoint may be sharded
+        from lmforge.distributed.launch import checkpoint_kind, pretrain_parallelize
+
+        kind = checkpoint_kind(args.out)
+        if kind is not None:
+            parallelize = pretrain_parallelize(kind, args.bucket_mb)
     cfg = load_run_config(args.config, args.overrides)
     if not args.resume and list_checkpoints(Path(args.out) / "checkpoints"):
         raise ConfigError(f"{args.out}/checkpoints already holds checkpoints: pass --resume to continue that "

@@ -52,3 +52,12 @@ def test_cli_two_ranks_then_resume_on_one(tmp_path):
     lines = (tmp_path / "run1" / "metrics.jsonl").read_text().splitlines()
     resumed = [json.loads(x)["loss"] for x in lines]
     assert resumed == pytest.approx(first, rel=1e-5)
+    # and without --nproc: a plain `lmforge train --resume` reads the sharded optimizer state too
+    shutil.copytree(tmp_path / "run", tmp_path / "run2")
+    shutil.rmtree(tmp_path / "run2" / "checkpoints" / "step_000004")
+    cmd = ["lmforge", "train", "--out", str(tmp_path / "run2"), "--resume", f"data.train_shards={shards}",
+           "train.batch_size=4", "train.max_steps=4", *TINY]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in lines] == pytest.approx(first, rel=1e-5)
