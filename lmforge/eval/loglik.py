@@ -1,14 +1,18 @@
 """Log-likelihood scoring with a model: the one primitive under every likelihood-based metric.
 
-- `score_continuations(model, requests)`: for each (context_ids, continuation_ids) pair, the sum of
-  log p(continuation token | everything before it), the number of tokens, and whether greedy
-  decoding would have produced the continuation (lm-eval-harness's `is_greedy`). Requests that share
-  a context (the choices of one multiple-choice question) are scored together: the context is run
-  once into a KV cache, the cache is broadcast to one row per choice, and all choices go through one
-  batched forward. When every choice of a question is one token (MMLU's " A".." D"), one forward
-  of the context scores them all, and `batch_size` such contexts share a forward.
-  `shared_prefix=False` instead runs every request as one full right-padded row, many per forward
-  (the plain reference the tests compare against).
+- `score_continuations(model, requests, strategy=...)`: for each (context_ids, continuation_ids)
+  pair, the sum of log p(continuation token | everything before it), the number of tokens, and
+  whether greedy decoding would have produced the continuation (lm-eval-harness's `is_greedy`).
+  Strategies (all give the same numbers; tests check them against brute force):
+  - "padded": every request as one full right-padded row, `batch_size` rows per forward (the
+    plain reference, and the harness's HF-backend strategy);
+  - "auto" (default): requests that share a context and whose continuations are all one token
+    (MMLU's " A".." D") are scored from one forward of the context, `batch_size` contexts per
+    forward; the rest go "padded";
+  - "cache": like "auto", but a question with longer choices runs its context once into a KV cache,
+    broadcasts it to one row per choice and scores all choices in one batched forward. It computes
+    each context once instead of once per choice, but it is two small forwards per question;
+    benchmarks/eval_scoring.py measures when that pays (on a loaded 2-core CPU it did not).
 - `rolling_logprobs(model, token_lists)`: per-token log-probs of whole documents longer than the
   context, by sliding windows (each token is scored once, with at least `context - stride` tokens
   of context once the document is long enough).
@@ -60,13 +64,18 @@ def _fit(context: list[int], continuation: list[int], max_len: int) -> tuple[lis
     return context[-keep:], continuation
 
 
+STRATEGIES = ("auto", "cache", "padded")
+
+
 @torch.no_grad()
 def score_continuations(model, requests: list[tuple[list[int], list[int]]], *, batch_size: int = 32,
-                        shared_prefix: bool = True) -> list[Score]:
+                        strategy: str = "auto") -> list[Score]:
     """Score each (context, continuation) pair; see the module docstring. Order is preserved."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown scoring strategy {strategy!r} (expected one of {STRATEGIES})")
     max_len = model.cfg.context_length
     fitted = [_fit(list(c), list(x), max_len) for c, x in requests]
-    if not shared_prefix:
+    if strategy == "padded":
         return _score_padded(model, fitted, batch_size)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, _) in enumerate(fitted):
@@ -79,6 +88,11 @@ def score_continuations(model, requests: list[tuple[list[int], list[int]]], *, b
             for i in groups.pop(ctx):
                 tok = fitted[i][1][0]
                 out[i] = Score(float(lp[tok]), 1, tok == best)
+    if strategy == "auto":
+        rest = [i for idx in groups.values() for i in idx]
+        for i, sc in zip(rest, _score_padded(model, [fitted[i] for i in rest], batch_size)):
+            out[i] = sc
+        return out  # type: ignore[return-value]
     for ctx, idx in groups.items():
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]

@@ -190,7 +190,7 @@ def _without_delimiter(choice: str) -> str:
 
 def evaluate_mc(model, tokenizer, items: list[MCItem], *, fmt: str = "mc", num_fewshot: int = 0,
                 fewshot_items: list[MCItem] | None = None, seed: int = 1234, batch_size: int = 32,
-                shared_prefix: bool = True, limit: int | None = None) -> dict:
+                strategy: str = "auto", limit: int | None = None) -> dict:
     """Accuracy of `model` on `items` under the four normalisations (see the module docstring).
     Few-shot examples come from `fewshot_items` (a dev split) or else from the other items, drawn
     with a seeded generator. Returns the metrics and, under "items", each question's scores."""
@@ -208,7 +208,7 @@ def evaluate_mc(model, tokenizer, items: list[MCItem], *, fmt: str = "mc", num_f
         prompt = fewshot_prompt(item, shots, fmt)
         spans.append((len(requests), len(item.choices)))
         requests += [encode_pair(tokenizer, prompt, c) for c in item.choices]
-    scores = score_continuations(model, requests, batch_size=batch_size, shared_prefix=shared_prefix)
+    scores = score_continuations(model, requests, batch_size=batch_size, strategy=strategy)
     names = ("acc", "acc_norm", "acc_token", "acc_byte")
     correct = dict.fromkeys(names, 0)
     details = []

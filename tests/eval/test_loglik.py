@@ -24,11 +24,11 @@ def _requests(seed=3):
     return reqs
 
 
-@pytest.mark.parametrize("shared_prefix", [True, False])
-def test_continuations_equal_brute_force(shared_prefix):
+@pytest.mark.parametrize("strategy", ["auto", "cache", "padded"])
+def test_continuations_equal_brute_force(strategy):
     model = tiny_model()
     reqs = _requests()
-    scores = score_continuations(model, reqs, batch_size=4, shared_prefix=shared_prefix)
+    scores = score_continuations(model, reqs, batch_size=4, strategy=strategy)
     for (c, x), s in zip(reqs, scores):
         row = (c + x)[-(model.cfg.context_length + 1):]  # too long: the context is left-truncated
         ref = brute_logprob(model, row, len(row) - len(x))
@@ -60,8 +60,8 @@ def test_is_greedy_flag():
         for _ in range(4):
             greedy.append(int(model(torch.tensor([ctx + greedy])).logits[0, -1].argmax()))
     other = greedy[:3] + [(greedy[3] + 1) % 257]
-    for sp in (True, False):
-        a, b = score_continuations(model, [(ctx, greedy), (ctx, other)], shared_prefix=sp)
+    for strategy in ("auto", "cache", "padded"):
+        a, b = score_continuations(model, [(ctx, greedy), (ctx, other)], strategy=strategy)
         assert a.is_greedy and not b.is_greedy
 
 
@@ -69,6 +69,8 @@ def test_bad_requests():
     model = tiny_model()
     with pytest.raises(ConfigError, match="continuation"):
         score_continuations(model, [([1], [])])
+    with pytest.raises(ConfigError, match="strategy"):
+        score_continuations(model, [([1], [2])], strategy="tree")
     with pytest.raises(ConfigError, match="does not fit"):
         score_continuations(model, [([1], [2] * 24)])
 

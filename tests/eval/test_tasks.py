@@ -79,11 +79,11 @@ def test_accuracies_equal_brute_force(tmp_path, num_fewshot):
     for k, it in enumerate(items):
         it.choices = [" A", " Bb", " Cccc", " D" + "d" * k]
     res = evaluate_mc(model, tok, items, fmt="mmlu", num_fewshot=num_fewshot, seed=7, batch_size=3)
-    res_padded = evaluate_mc(model, tok, items, fmt="mmlu", num_fewshot=num_fewshot, seed=7, shared_prefix=False)
+    res_cache = evaluate_mc(model, tok, items, fmt="mmlu", num_fewshot=num_fewshot, seed=7, strategy="cache")
     correct = dict(acc=0, acc_norm=0, acc_token=0, acc_byte=0)
 
     rng = random.Random(7)
-    for it, d, dp in zip(items, res["items"], res_padded["items"]):
+    for it, d, dp in zip(items, res["items"], res_cache["items"]):
         shots = rng.sample([s for s in items if s is not it], num_fewshot) if num_fewshot else []
         prompt = fewshot_prompt(it, shots, "mmlu")
         ll, ntok = [], []
@@ -100,4 +100,4 @@ def test_accuracies_equal_brute_force(tmp_path, num_fewshot):
                         ("acc_byte", [x / len(c.encode()) for x, c in zip(ll, texts)])):
             correct[name] += max(range(4), key=v.__getitem__) == it.gold
     for name, c in correct.items():
-        assert res[name] == pytest.approx(c / len(items)) == res_padded[name]
+        assert res[name] == pytest.approx(c / len(items)) == res_cache[name]
