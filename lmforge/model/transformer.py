@@ -191,9 +191,10 @@ class Transformer(nn.Module):
         return dropout(x, self.cfg.dropout, self.training)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Normed hidden states [.., d] -> logits [.., V] (tied or own weight, final soft-cap)."""
-        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return softcap(x @ w.t(), self.cfg.final_softcap)
+        """Normed hidden states [.., d] -> logits [.., V] (tied or own weight, final soft-cap).
+        An untied head is called as a module, so inference can swap in a quantized linear."""
+        logits = x @ self.tok_emb.weight.t() if self.lm_head is None else self.lm_head(x)
+        return softcap(logits, self.cfg.final_softcap)
 
     def moe_layers(self) -> list[nn.Module]:
         """The MoE feed-forward modules (for the trainer's routing-bias updates and load logging)."""
