@@ -9,7 +9,8 @@ win rate of model A is their mean, with a percentile-bootstrap confidence interv
 two verdicts agreed, which show how much bias the swap removed.
 
 Verdicts are read as MT-bench formats them: "[[A]]", "[[B]]" or "[[C]]" (tie); failing that, a
-lone "A"/"B" at the start of the reply. This module does not generate the answers being compared.
+lone "A"/"B" at the start of the reply. `answer_with_engine` produces a model's answers through
+the chat template (what `lmforge eval PATH --tasks judge=FILE` compares against FILE's answers).
 """
 
 from __future__ import annotations
@@ -114,3 +115,17 @@ def pairwise_compare(items: list[PairItem], judge: Callable[[str, str, str], str
             "wins": int((s == 1).sum()), "ties": int((s == 0.5).sum()), "losses": int((s == 0).sum()),
             "first_position_rate": first_picked / (2 * n), "consistency": agree / n,
             "invalid_verdicts": invalid, "n": n, "items": details}
+
+
+def answer_with_engine(engine, tokenizer, questions: list[str], max_tokens: int = 256) -> list[str]:
+    """Greedy chat replies of the engine's model to each question."""
+    from lmforge.inference.chat import apply_chat_template
+    from lmforge.inference.sampling import SamplingParams
+
+    prompts, params = [], []
+    for q in questions:
+        cp = apply_chat_template([{"role": "user", "content": q}], tokenizer)
+        prompts.append(cp.ids)
+        budget = max(1, min(max_tokens, engine.max_len - len(cp.ids)))
+        params.append(SamplingParams(max_tokens=budget, temperature=0, stop=cp.stop, stop_ids=cp.stop_ids))
+    return [out[0].text for out in engine.generate(prompts, params)]

@@ -4,7 +4,10 @@ and a section appended to the run's report.html.
 Task specs (what `lmforge eval PATH --tasks ...` takes):
 - `bpb`: loss / perplexity / bits-per-byte over a corpus (given separately, e.g. the validation split);
 - `mmlu=FILE`, `hellaswag=FILE`, `arc=FILE`, `mc=FILE`: multiple-choice (tasks.py);
-- `gsm8k=FILE`: generative math with answer extraction (generative.py).
+- `gsm8k=FILE`: generative math with answer extraction (generative.py);
+- `judge=FILE`: the model answers FILE's questions (chat template, greedy) and a judge behind an
+  OpenAI-compatible endpoint compares them with FILE's `answer` (the baseline), position-swapped
+  (judge.py); FILE is JSONL/Parquet with question, answer.
 A spec may carry a name: `mmlu:algebra=data/algebra.csv`.
 
 Results go to `<out>/results.json` (every task, with per-item details in `<out>/<task>.items.json`)
@@ -24,7 +27,7 @@ from lmforge.errors import ConfigError
 from lmforge.io import read_json, write_json, write_text
 
 MC_FORMATS = ("mmlu", "hellaswag", "arc", "mc")
-KINDS = ("bpb",) + MC_FORMATS + ("gsm8k",)
+KINDS = ("bpb",) + MC_FORMATS + ("gsm8k", "judge")
 
 
 @dataclass
@@ -45,7 +48,8 @@ def parse_task(spec: str) -> TaskSpec:
 
 
 # The headline metrics of each kind, in table order.
-HEADLINE = {"bpb": ("bits_per_byte", "loss", "perplexity"), "gsm8k": ("accuracy", "pass@1", "maj@")}
+HEADLINE = {"bpb": ("bits_per_byte", "loss", "perplexity"), "gsm8k": ("accuracy", "pass@1", "maj@"),
+            "judge": ("win_rate", "ci_low", "ci_high", "consistency")}
 for _fmt in MC_FORMATS:
     HEADLINE[_fmt] = ("acc", "acc_norm", "acc_token", "acc_byte")
 
@@ -107,7 +111,7 @@ def append_to_report(report: str | Path, results_json: str | Path) -> None:
 def run_tasks(model, tokenizer, specs: list[TaskSpec], *, corpus=None, engine_factory=None, num_fewshot: int = 0,
               limit: int | None = None, batch_size: int = 32, stride: int | None = None,
               max_documents: int | None = None, n_samples: int = 1, temperature: float = 0.0,
-              max_tokens: int = 256, seed: int = 0, log=print) -> dict[str, dict]:
+              max_tokens: int = 256, seed: int = 0, judge=None, log=print) -> dict[str, dict]:
     """Evaluate each task; returns {name: result dict with 'kind' and 'seconds'}."""
     from lmforge.eval.generative import GSM8K_STOP, evaluate_generative, load_gsm8k
     from lmforge.eval.intrinsic import evaluate_corpus
@@ -125,6 +129,8 @@ def run_tasks(model, tokenizer, specs: list[TaskSpec], *, corpus=None, engine_fa
             items = load_mc(spec.path, spec.kind)
             res = evaluate_mc(model, tokenizer, items, fmt=spec.kind, num_fewshot=num_fewshot, limit=limit,
                               batch_size=batch_size, seed=seed)
+        elif spec.kind == "judge":
+            res = _judge_task(spec, tokenizer, engine := engine or engine_factory(), judge, limit, max_tokens, seed)
         else:
             items = load_gsm8k(spec.path, num_fewshot=num_fewshot)[:limit]
             engine = engine or engine_factory()
@@ -137,3 +143,20 @@ def run_tasks(model, tokenizer, specs: list[TaskSpec], *, corpus=None, engine_fa
         log(f"{spec.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in headline(spec.kind, res))
             + f" ({res['seconds']:.1f} s)")
     return results
+
+
+def _judge_task(spec: TaskSpec, tokenizer, engine, judge, limit, max_tokens, seed) -> dict:
+    from lmforge.eval.judge import PairItem, answer_with_engine, pairwise_compare
+    from lmforge.eval.tasks import read_records
+
+    if judge is None:
+        raise ConfigError("task 'judge' needs a judge endpoint (--judge-url and --judge-model)")
+    rows = read_records(spec.path)[:limit]
+    for i, r in enumerate(rows):
+        if "question" not in r or "answer" not in r:
+            raise ConfigError(f"{spec.path}: row {i} needs 'question' and 'answer' (the baseline's answer)")
+    ours = answer_with_engine(engine, tokenizer, [r["question"] for r in rows], max_tokens)
+    res = pairwise_compare([PairItem(r["question"], a, r["answer"]) for r, a in zip(rows, ours)], judge, seed=seed)
+    for d, a in zip(res["items"], ours):
+        d["answer"] = a
+    return res

@@ -80,3 +80,25 @@ def test_bad_task_specs():
     with pytest.raises(ConfigError, match="mmlu=PATH"):
         parse_task("mmlu")
     assert parse_task("mmlu:alg=a.csv").name == "alg"
+
+
+def test_judge_task_with_scripted_judge(run_dir):
+    from lmforge.eval.judge import answer_with_engine
+    from lmforge.eval.run import run_tasks
+
+    d, model = run_dir
+    tok = byte_tokenizer()
+    rows = [{"question": "hi?", "answer": "x" * 40}, {"question": "yo?", "answer": ""}]
+    (d / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+
+    def judge(q, a, b):  # longer answer wins
+        return "[[A]]" if len(a) > len(b) else "[[B]]" if len(b) > len(a) else "[[C]]"
+
+    res = run_tasks(model, tok, [parse_task(f"judge={d / 'pairs.jsonl'}")], judge=judge, max_tokens=6,
+                    engine_factory=lambda: Engine(model, tokenizer=tok, max_batch=2), log=lambda *_: None)["judge"]
+    ours = answer_with_engine(Engine(model, tokenizer=tok, max_batch=2), tok, ["hi?", "yo?"], max_tokens=6)
+    assert [i["answer"] for i in res["items"]] == ours
+    want = [1.0 if len(a) > len(r["answer"]) else 0.0 if len(a) < len(r["answer"]) else 0.5 for a, r in zip(ours, rows)]
+    assert res["win_rate"] == pytest.approx(sum(want) / 2) and res["consistency"] == 1.0
+    with pytest.raises(ConfigError, match="judge endpoint"):
+        run_tasks(model, tok, [parse_task(f"judge={d / 'pairs.jsonl'}")], engine_factory=lambda: None)
