@@ -14,11 +14,10 @@ so `step_N/` is complete or absent. Differences:
   batch size can resume a DDP checkpoint.
 - The data state is the global batch builder's (see parallel.RankSlice), world-size independent.
 
-Model weights are replicated under DDP/ZeRO, so rank 0 writes them once. Under FSDP the full
-model and optimizer state are gathered to rank 0 (torch's `get_*_state_dict(full_state_dict=True)`,
-a collective) and written in the same unsharded format (optimizer state under the same global
-indices), so FSDP, DDP and single-process runs resume each other's checkpoints; each rank loads the
-full files and keeps its shards. The checkpoint directory must be on a file system every rank sees
+Model weights are replicated under DDP/ZeRO, so rank 0 writes them once. Under FSDP nothing is
+gathered: each rank writes its rows of the model and optimizer state (fsdp_checkpoint.py), and any
+rank count (FSDP, DDP/ZeRO or one process through this loader) reads back the rows it needs. An
+FSDP run can also resume an unsharded (DDP / single-process) checkpoint. The checkpoint directory must be on a file system every rank sees
 (shared storage for multi-node runs).
 """
 
@@ -77,7 +76,12 @@ def _gather(parallel, obj) -> list:
     return out
 
 
-def _write_rank_files(tmp: Path, parallel, optimizer) -> dict:
+def _write_rank_files(tmp: Path, parallel, optimizer, trainer) -> dict:
+    if parallel.fsdp:
+        from lmforge.distributed.fsdp_checkpoint import write_shards
+
+        shapes, rest = write_shards(tmp, trainer, parallel)
+        return {**rest, "shapes": shapes}
     if not parallel.sharded_optimizer:
         return {}
     tensors, rest = split_optimizer_state(optimizer.state_dict())
@@ -90,23 +94,6 @@ def _fsdp_names(model, optimizer) -> list[str]:
     """Parameter name of each optimizer index (param_groups order)."""
     names = {id(p): n for n, p in model.named_parameters()}
     return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-
-
-def _fsdp_full_state(trainer) -> tuple[dict, dict]:
-    """(full model state dict, full optimizer state dict in index form) on CPU; a collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    from lmforge.distributed.fsdp import full_state_dict
-
-    model_sd = full_state_dict(trainer.model)
-    osd = get_optimizer_state_dict(trainer.model, trainer.optimizer,
-                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if "state" not in osd:  # with cpu_offload only rank 0 receives the gathered state
-        return model_sd, None
-    index = {n: i for i, n in enumerate(_fsdp_names(trainer.model, trainer.optimizer))}
-    state = {index[n]: st for n, st in osd["state"].items()}
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]
-    return model_sd, {"state": state, "param_groups": groups}
 
 
 def _fsdp_load(trainer, path: Path, opt_state: dict) -> None:
@@ -130,42 +117,36 @@ def _fsdp_load(trainer, path: Path, opt_state: dict) -> None:
                              options=StateDictOptions(full_state_dict=True))
 
 
-def _save_full_model(tmp: Path, state: dict, model_config) -> None:
-    """model.safetensors + model_config.json from a full state dict (the lmforge.model format)."""
-    from safetensors.torch import save_file
-
-    from lmforge.model.checkpoint import CONFIG
-    from lmforge.model.checkpoint import FORMAT as MODEL_FORMAT
-    from lmforge.model.checkpoint import VERSION as MODEL_VERSION
-
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS),
-              metadata={"format": MODEL_FORMAT, "version": str(MODEL_VERSION)})
-    write_json(tmp / CONFIG, {"format": MODEL_FORMAT, "version": MODEL_VERSION, "config": to_dict(model_config)})
-
-
 def save_checkpoint(trainer, path, parallel) -> Path:
     """Collective: every rank calls it. Returns the checkpoint path."""
     path = Path(path)
     opt = trainer.optimizer
-    fsdp_state = _fsdp_full_state(trainer) if parallel.fsdp else None
+    sharded_keys = [k for k, v in trainer.model.state_dict().items() if hasattr(v, "to_local")]
     if parallel.is_main:
         with atomic_dir(path) as tmp:
             _broadcast_path(parallel, str(tmp))
-            rest = _write_rank_files(tmp, parallel, opt)
+            rest = _write_rank_files(tmp, parallel, opt, trainer)
             rests = _gather(parallel, rest)
             parallel.barrier()  # every rank's shard is on disk
-            if fsdp_state is not None:
-                _save_full_model(tmp, fsdp_state[0], trainer.model_config)
-            else:
+            distributed = {"world_size": parallel.world_size, "kind": parallel.kind}
+            if parallel.fsdp:  # every rank wrote its rows of the model and optimizer state
+                from lmforge.model.checkpoint import CONFIG
+                from lmforge.model.checkpoint import FORMAT as MODEL_FORMAT
+                from lmforge.model.checkpoint import VERSION as MODEL_VERSION
+
+                write_json(tmp / CONFIG, {"format": MODEL_FORMAT, "version": MODEL_VERSION,
+                                          "config": to_dict(trainer.model_config)})
+                opt_rest = {"scalars": rest["scalars"], "param_groups": rest["param_groups"]}
+                distributed.update(shapes=rest["shapes"], sharded=sharded_keys)
+            elif parallel.sharded_optimizer:
                 save_model(tmp, trainer.model, trainer.model_config)
-            if parallel.sharded_optimizer:
                 scalars: dict = {}
                 for r in rests:
                     scalars.update(r["scalars"])
                 opt_rest = {"scalars": scalars, "param_groups": rests[0]["param_groups"]}
             else:
-                full_opt = fsdp_state[1] if fsdp_state is not None else opt.state_dict()
-                tensors, opt_rest = split_optimizer_state(full_opt)
+                save_model(tmp, trainer.model, trainer.model_config)
+                tensors, opt_rest = split_optimizer_state(opt.state_dict())
                 _save_tensors(tmp / "optimizer.safetensors", tensors)
             rng = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -178,12 +159,12 @@ def save_checkpoint(trainer, path, parallel) -> Path:
                 "data": trainer.batches.state_dict(), "optimizer": opt_rest,
                 "train_config": global_train_config(trainer.cfg, parallel.world_size),
                 "extra": trainer.config_record, "files": manifest,
-                "distributed": {"world_size": parallel.world_size, "kind": parallel.kind},
+                "distributed": distributed,
             })
         prune_checkpoints(path.parent, trainer.cfg.keep_checkpoints)
     else:
         tmp = Path(_broadcast_path(parallel, None))
-        rest = _write_rank_files(tmp, parallel, opt)
+        rest = _write_rank_files(tmp, parallel, opt, trainer)
         _gather(parallel, rest)
         parallel.barrier()
     parallel.barrier()  # the directory is in place before anyone goes on
@@ -218,14 +199,26 @@ def load_checkpoint(trainer, path, parallel) -> dict:
     meta = read_trainer_state(path)
     if trainer.model_config is not None:  # batch sizes are compared as global batches
         check_compatible(meta, path, trainer.model_config, global_train_config(trainer.cfg, parallel.world_size))
-    if not (path / WEIGHTS).exists():
-        raise CheckpointError(f"checkpoint {path} is incomplete: {WEIGHTS} is missing")
-    if not parallel.fsdp:
-        load_weights(path, trainer.model, device=trainer.device)
     opt = trainer.optimizer
     wanted = None
     if parallel.sharded_optimizer:
         wanted = {opt.index_of[id(p)] for p in opt.params if opt.owns(p)}
+    if (meta.get("distributed") or {}).get("shapes"):  # written sharded by an FSDP run
+        from lmforge.distributed.fsdp_checkpoint import load_shards
+
+        state = load_shards(path, meta, trainer, parallel, wanted)
+        if wanted is not None:
+            state["state"] = {i: s for i, s in state["state"].items() if i in wanted}
+        try:
+            opt.load_state_dict(state)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {path}: optimizer state does not fit this optimizer: {e}") from None
+        _load_rng(path)
+        return meta
+    if not (path / WEIGHTS).exists():
+        raise CheckpointError(f"checkpoint {path} is incomplete: {WEIGHTS} is missing")
+    if not parallel.fsdp:
+        load_weights(path, trainer.model, device=trainer.device)
     tensors = _read_optimizer_tensors(path, wanted)
     if not parallel.fsdp:
         tensors = {k: v.to(trainer.device) for k, v in tensors.items()}
@@ -243,8 +236,12 @@ def load_checkpoint(trainer, path, parallel) -> dict:
             opt.load_state_dict(state)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path}: optimizer state does not fit this optimizer: {e}") from None
+    _load_rng(path)
+    return meta
+
+
+def _load_rng(path: Path) -> None:
     rng = _load_tensors(path / "rng.safetensors")
     torch.set_rng_state(rng["cpu"])
     if "cuda.0" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda.0"])
-    return meta

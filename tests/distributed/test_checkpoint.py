@@ -1,6 +1,6 @@
 """The Trainer under DataParallel on 2 gloo ranks: same losses as one process on the global batch;
-checkpoints (ZeRO-1 sharded optimizer state, DDP, FSDP2 gathered) resume on 2 ranks and on 1 process
-to the same loss sequence.
+checkpoints (ZeRO-1 sharded optimizer state, DDP, FSDP2 sharded model + state) resume on 2 ranks and
+on 1 process to the same loss sequence.
 
 Tolerance: rel 1e-5 on losses (fp32 sums in another order across ranks, see test_data_parallel);
 a resumed run on the same ranks repeats the same arithmetic, so it must match to 1e-6.
@@ -48,12 +48,18 @@ def test_resume_on_same_ranks(run, kind):
 def test_resume_on_one_process(run, kind):
     out, shards, info = run
     # one process with the same global batch; a plain Trainer too for the unsharded DDP checkpoint
-    for k in (kind, None) if kind in ("ddp", "fsdp") else (kind,):
+    for k in (kind, None) if kind == "ddp" else (kind,):
         trainer = w.make_trainer(shards, None, k, per_rank_batch=w.ROWS_CKPT, max_steps=4)
         trainer.resume(out / f"run_{kind}" / "checkpoints" / "step_000002")
         assert trainer.step == 2
         trainer.train()
         assert [r["loss"] for r in trainer.history] == pytest.approx(info[kind]["losses"][2:], rel=1e-5)
+
+
+def test_fsdp_and_ddp_resume_each_other(run):
+    _, _, info = run
+    assert info["fsdp_from_ddp"] == pytest.approx(info["ddp"]["losses"][2:], rel=1e-5)
+    assert info["ddp_from_fsdp"] == pytest.approx(info["fsdp"]["losses"][2:], rel=1e-5)
 
 
 def test_checkpoint_layout(run):
@@ -65,6 +71,11 @@ def test_checkpoint_layout(run):
     meta = json.loads((zero / "trainer.json").read_text())
     assert meta["distributed"] == {"world_size": 2, "kind": "zero1"}
     assert meta["train_config"]["batch_size"] == w.ROWS_CKPT  # the global batch
+    fsdp = out / "run_fsdp" / "checkpoints" / "step_000004"
+    assert sorted(p.name for p in fsdp.iterdir()) == [
+        "model.rank-00000-of-00002.safetensors", "model.rank-00001-of-00002.safetensors", "model_config.json",
+        "optimizer.rank-00000-of-00002.safetensors", "optimizer.rank-00001-of-00002.safetensors",
+        "rng.safetensors", "trainer.json"]
     ddp = out / "run_ddp" / "checkpoints" / "step_000004"
     assert (ddp / "optimizer.safetensors").exists()
     lines = (out / "run_zero1" / "metrics.jsonl").read_text().splitlines()

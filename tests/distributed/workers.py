@@ -243,6 +243,12 @@ def _checkpoint(rank: int, world: int, out: Path, shards: str) -> dict:
         resumed.resume(run / "checkpoints" / "step_000002")
         resumed.train()
         info[kind]["resumed_losses"] = [r["loss"] for r in resumed.history]
+    # FSDP continues a DDP (unsharded) checkpoint, and DDP an FSDP (row-sharded) one
+    for kind, source in (("fsdp", "ddp"), ("ddp", "fsdp")):
+        cross = make_trainer(shards, None, kind, per_rank_batch=ROWS_CKPT // world, max_steps=4)
+        cross.resume(out / f"run_{source}" / "checkpoints" / "step_000002")
+        cross.train()
+        info[f"{kind}_from_{source}"] = [r["loss"] for r in cross.history]
     return info
 
 
