@@ -107,7 +107,8 @@ def test_rank_layout_tp_innermost():
     (ParallelConfig(dp=3, ep=2), 3, {"moe": MoEConfig(n_experts=4)}, "ep = 2 must divide dp × cp = 3"),
     (ParallelConfig(tp=3), 3, {}, "tp = 3 must divide n_heads = 4"),
     (ParallelConfig(tp=2), 2, {"moe": MoEConfig(n_experts=4)}, "use ep for the experts"),
-    (ParallelConfig(pp=2, tp=2), 4, {}, "pp > 1 together with tp"),
+    (ParallelConfig(pp=2, tp=2), 4, {}, "pp > 1 together with dp, tp"),
+    (ParallelConfig(pp=2, dp=2, dp_kind="ddp"), 4, {}, "pp > 1 together with dp"),
     (ParallelConfig(pp=3), 3, {}, "pp = 3 stages need at least as many layers"),
     (ParallelConfig(cp=3), 3, {}, "context_length = 16 must be a multiple of 2 × cp"),
     (ParallelConfig(cp=2), 2, {"window": 4}, "sliding windows"),
@@ -122,5 +123,5 @@ def test_refusals(pc, world, cfg_kw, message):
 def test_valid_combinations_pass():
     check_parallel(ParallelConfig(dp=2, tp=2), 4, _cfg())
     check_parallel(ParallelConfig(dp=2, ep=2, dp_kind="ddp"), 2, _cfg(moe=MoEConfig(n_experts=4)))
-    check_parallel(ParallelConfig(pp=2, dp=2, dp_kind="ddp"), 4, _cfg())
+    check_parallel(ParallelConfig(pp=2), 2, _cfg())
     assert not dist.is_initialized()
