@@ -9,9 +9,10 @@ model's dtype.
 - int4, per group of `group_size` input columns, symmetric: scale_og = max |W_o,g| / 7, q in
   [-8, 7], two values packed per byte (low nibble = even column); dequantized as q * scale.
 
-`quantize_model(model, "int8")` replaces every `Linear` in place except those whose `.weight` the
-model reads directly (the untied output head `lm_head`, MLA's `kv_b_proj`), and the embedding and
-MoE expert stacks, which are not `Linear`s. `model.quantization` records what was done, so a
+`quantize_model(model, "int8")` replaces every `Linear` in place (the untied output head too)
+except MLA's `kv_b_proj`, whose weight the model reads directly; the embedding (and a head tied to
+it) and MoE expert stacks are not `Linear`s and stay as they are. A quantized model computes logits
+but not the fused training loss (`fused_loss` reads `lm_head.weight`). `model.quantization` records what was done, so a
 server can report it. The fast path on GPU is torch.compile fusing the dequantize into the matmul;
 this module holds the readable reference form. It does not calibrate (no GPTQ/AWQ).
 """
@@ -24,7 +25,7 @@ from torch import nn
 from lmforge.errors import ConfigError
 from lmforge.model.layers import Linear
 
-SKIP = ("lm_head", "kv_b_proj")
+SKIP = ("kv_b_proj",)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

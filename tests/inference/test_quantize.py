@@ -63,8 +63,8 @@ def test_engine_on_quantized_model_and_memory():
     model = tiny_model("gqa", dtype=torch.float32, d_model=32, n_heads=4)
     before = weight_bytes(model)
     quantize_model(model, "int8")
-    assert model.quantization["layers"] == 2 * 7  # q k v o gate up down per layer
-    assert isinstance(model.blocks[0].attn.q, Int8Linear) and isinstance(model.lm_head, Linear)
+    assert model.quantization["layers"] == 2 * 7 + 1  # q k v o gate up down per layer, and the head
+    assert isinstance(model.blocks[0].attn.q, Int8Linear) and isinstance(model.lm_head, Int8Linear)
     assert weight_bytes(model) < before
     p = prompts([6])[0]
     out = Engine(model, max_batch=1, max_len=40).generate([p], SamplingParams(max_tokens=10, temperature=0))
