@@ -141,11 +141,18 @@ def _summarise(lp: torch.Tensor, hit: torch.Tensor, n: int) -> Score:
 
 
 def _score_padded(model, fitted: list[tuple[list[int], list[int]]], batch_size: int) -> list[Score]:
-    """Every request as one row [context + continuation][:-1], right-padded, batch_size per forward."""
+    """Every request as one row [context + continuation][:-1], right-padded, batch_size per forward
+    (rows sorted by length; results in the input order)."""
     dev = _device(model)
-    out = []
-    for start in range(0, len(fitted), batch_size):
-        chunk = fitted[start:start + batch_size]
+    out: list[Score | None] = [None] * len(fitted)
+    # Longest first, so each batch holds rows of similar length (little padding), as the harness
+    # does; ties by content, so the same requests in any order form the same batches (and give
+    # bit-identical numbers).
+    order = sorted(range(len(fitted)), key=lambda i: (-(len(fitted[i][0]) + len(fitted[i][1])),
+                                                      fitted[i][0] + fitted[i][1], len(fitted[i][0])))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        chunk = [fitted[i] for i in idx]
         rows = [c + x for c, x in chunk]
         T = max(len(r) for r in rows) - 1
         inp = torch.zeros(len(rows), T, dtype=torch.long, device=dev)
@@ -154,10 +161,10 @@ def _score_padded(model, fitted: list[tuple[list[int], list[int]]], batch_size: 
             inp[r, :len(row) - 1] = torch.tensor(row[:-1], device=dev)
             tgt[r, len(c) - 1:len(row) - 1] = torch.tensor(x, device=dev)
         lp, hit = _gather_logprobs(model(inp).logits, tgt)
-        for r, (c, x) in enumerate(chunk):
+        for r, (i, (c, x)) in enumerate(zip(idx, chunk)):
             sl = slice(len(c) - 1, len(c) - 1 + len(x))
-            out.append(Score(float(lp[r, sl].sum()), len(x), bool(hit[r, sl].all())))
-    return out
+            out[i] = Score(float(lp[r, sl].sum()), len(x), bool(hit[r, sl].all()))
+    return out  # type: ignore[return-value]
 
 
 def rolling_windows(n_tokens: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
