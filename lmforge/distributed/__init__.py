@@ -2,10 +2,19 @@
 Trainer hooks (parallel.py), collective checkpoints (checkpoint.py) and torchrun launch (launch.py).
 The model never knows: each `apply_*` works on a plain nn.Module and keeps its parameter names."""
 
-from lmforge.distributed.ddp import BucketedDDP, NaiveDDP, apply_ddp, broadcast_parameters
-from lmforge.distributed.env import DistEnv, check_same_on_ranks, init_distributed
-from lmforge.distributed.parallel import DataParallel, RankSlice
-from lmforge.distributed.zero import ZeroOptimizer, apply_zero
+from lmforge.lazy import lazy_exports
 
-__all__ = ["BucketedDDP", "NaiveDDP", "apply_ddp", "broadcast_parameters", "DistEnv", "check_same_on_ranks",
-           "init_distributed", "DataParallel", "RankSlice", "ZeroOptimizer", "apply_zero"]
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "BucketedDDP": "ddp",
+    "NaiveDDP": "ddp",
+    "apply_ddp": "ddp",
+    "broadcast_parameters": "ddp",
+    "DistEnv": "env",
+    "check_same_on_ranks": "env",
+    "init_distributed": "env",
+    "DataParallel": "parallel",
+    "RankSlice": "parallel",
+    "ZeroOptimizer": "zero",
+    "apply_zero": "zero",
+})
+__all__ = ["BucketedDDP", "NaiveDDP", "apply_ddp", "broadcast_parameters", "DistEnv", "check_same_on_ranks", "init_distributed", "DataParallel", "RankSlice", "ZeroOptimizer", "apply_zero"]

@@ -7,8 +7,13 @@ See engine.py (scheduler), cache.py (preallocated cache), sampling.py, speculati
 quantize.py, server.py. Imports only model, kernels and tokenizer (DESIGN.md).
 """
 
-from lmforge.inference.cache import StaticKVCache
-from lmforge.inference.engine import Completion, Engine, Event
-from lmforge.inference.sampling import SamplingParams
+from lmforge.lazy import lazy_exports
 
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "Engine": "engine",
+    "Event": "engine",
+    "Completion": "engine",
+    "SamplingParams": "sampling",
+    "StaticKVCache": "cache",
+})
 __all__ = ["Engine", "Event", "Completion", "SamplingParams", "StaticKVCache"]

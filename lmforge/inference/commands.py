@@ -17,7 +17,7 @@ from lmforge.errors import ConfigError
 def _add_model_args(p) -> None:
     p.add_argument("path", help="run directory, model/checkpoint directory, or HF export directory")
     p.add_argument("--tokenizer", help="tokenizer directory or file (default: found next to the model)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights/cache dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of linear layers")
@@ -99,7 +99,8 @@ def load_for_inference(path, tokenizer=None, device="cpu", dtype=None):
 def _engine(args):
     from lmforge.inference.engine import Engine
 
-    model, tok, name = load_for_inference(args.path, args.tokenizer, args.device, args.dtype)
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    model, tok, name = load_for_inference(args.path, args.tokenizer, device, args.dtype)
     if args.quantize:
         from lmforge.inference.quantize import quantize_model
 

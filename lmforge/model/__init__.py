@@ -6,11 +6,18 @@ See config.py (every switch), transformer.py (the model), attention.py (the `att
 accounting.py (parameters, FLOPs, memory). HF checkpoints: lmforge.interop.
 """
 
-from lmforge.model.accounting import count_params, flops_per_token, memory_estimate
-from lmforge.model.cache import KVCache
-from lmforge.model.config import ModelConfig
-from lmforge.model.presets import PRESETS, get_preset
-from lmforge.model.transformer import Block, ModelOutput, Transformer
+from lmforge.lazy import lazy_exports
 
-__all__ = ["ModelConfig", "Transformer", "ModelOutput", "Block", "KVCache", "get_preset", "PRESETS",
-           "count_params", "flops_per_token", "memory_estimate"]
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "ModelConfig": "config",
+    "Transformer": "transformer",
+    "ModelOutput": "transformer",
+    "Block": "transformer",
+    "KVCache": "cache",
+    "get_preset": "presets",
+    "PRESETS": "presets",
+    "count_params": "accounting",
+    "flops_per_token": "accounting",
+    "memory_estimate": "accounting",
+})
+__all__ = ["ModelConfig", "Transformer", "ModelOutput", "Block", "KVCache", "get_preset", "PRESETS", "count_params", "flops_per_token", "memory_estimate"]
