@@ -131,9 +131,11 @@ def evaluate_generative(engine, tokenizer, items: list[GenItem], *, extractor: s
         raise ConfigError("n > 1 samples with temperature 0 would all be the same; set temperature > 0")
     extract = EXTRACTORS[extractor]
     encode = getattr(tokenizer, "encode_ordinary", tokenizer.encode)
-    prompts = [[tokenizer.eot_id] + encode(it.prompt) for it in items]
-    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n,
-                             stop=list(stop or []), seed=seed + i) for i in range(len(items))]
+    # A prompt too long for the cache keeps its end (the question), leaving room for the answer.
+    keep = engine.max_len - min(max_tokens, engine.max_len // 2)
+    prompts = [([tokenizer.eot_id] + encode(it.prompt))[-keep:] for it in items]
+    params = [SamplingParams(max_tokens=max(1, min(max_tokens, engine.max_len - len(p))), temperature=temperature,
+                             top_p=top_p, n=n, stop=list(stop or []), seed=seed + i) for i, p in enumerate(prompts)]
     outs = engine.generate(prompts, params)
     ks = sorted({k for k in (ks or [1, n]) if 1 <= k <= n})
     first = majority = 0

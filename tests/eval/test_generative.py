@@ -113,3 +113,9 @@ def test_generative_end_to_end():
     assert [d["texts"] for d in again["items"]] == [d["texts"] for d in res["items"]]  # seeded
     with pytest.raises(ConfigError, match="temperature"):
         evaluate_generative(engine, tok, items, n=2)
+    # a prompt longer than the engine's cache keeps its end and still gets an answer
+    long = evaluate_generative(engine, tok, [GenItem("x" * 100 + prompts[0], golds[0])], extractor="exact",
+                               max_tokens=12, stop=["7"])
+    ref = engine.generate([([256] + list(("x" * 100 + prompts[0]).encode()))[-28:]],
+                          SamplingParams(max_tokens=12, temperature=0, stop=["7"]))[0][0]
+    assert long["items"][0]["texts"] == [ref.text]
