@@ -63,6 +63,9 @@ def test_is_greedy_flag():
     for strategy in ("auto", "cache", "padded"):
         a, b = score_continuations(model, [(ctx, greedy), (ctx, other)], strategy=strategy)
         assert a.is_greedy and not b.is_greedy
+        # single-token choices (the batched-context path of auto/cache)
+        a, b = score_continuations(model, [(ctx, greedy[:1]), (ctx, [(greedy[0] + 1) % 257])], strategy=strategy)
+        assert a.is_greedy and not b.is_greedy
 
 
 def test_bad_requests():
