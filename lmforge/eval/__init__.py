@@ -1,15 +1,20 @@
 """Evaluation: intrinsic metrics (loss, perplexity, bits-per-byte), multiple-choice and generative
-tasks, LM-as-a-judge, and the lm-evaluation-harness bridge. See docs/eval.md.
+tasks, LM-as-a-judge, and the lm-evaluation-harness bridge (eval/harness.py, imported on demand).
+See docs/eval.md.
 
 `eval` imports `train`, `inference`, `model`, `tokenizer` and `data`; nothing below it imports `eval`.
+Exports are lazy, so building the CLI does not import torch.
 """
 
-from lmforge.eval.generative import GenItem, evaluate_generative, extract_number, load_gsm8k, pass_at_k
-from lmforge.eval.intrinsic import evaluate_corpus
-from lmforge.eval.judge import ChatJudge, PairItem, pairwise_compare
-from lmforge.eval.loglik import Score, rolling_logprobs, score_continuations
-from lmforge.eval.tasks import MCItem, evaluate_mc, load_mc
+from lmforge.lazy import lazy_exports
 
-__all__ = ["ChatJudge", "GenItem", "MCItem", "PairItem", "Score", "evaluate_corpus", "evaluate_generative",
-           "evaluate_mc", "extract_number", "load_gsm8k", "load_mc", "pairwise_compare", "pass_at_k",
-           "rolling_logprobs", "score_continuations"]
+_EXPORTS = {
+    "ChatJudge": "judge", "PairItem": "judge", "pairwise_compare": "judge",
+    "GenItem": "generative", "evaluate_generative": "generative", "extract_number": "generative",
+    "load_gsm8k": "generative", "pass_at_k": "generative",
+    "evaluate_corpus": "intrinsic",
+    "Score": "loglik", "rolling_logprobs": "loglik", "score_continuations": "loglik",
+    "MCItem": "tasks", "evaluate_mc": "tasks", "load_mc": "tasks",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
