@@ -143,3 +143,25 @@ def test_bits_per_byte_by_hand():
     r = evaluate_corpus(uniform, tok, docs[:1])
     assert r["bits_per_byte"] == pytest.approx(math.log2(257), rel=1e-9)
     assert r["perplexity"] == pytest.approx(257, rel=1e-9)
+
+
+def test_bpb_agrees_with_the_trainers_evaluation():
+    """For documents that fit the context, eval's bits-per-byte equals the trainer's evaluate_lm
+    (same CE, bytes from token byte lengths) on the same [EOT] + document rows."""
+    from lmforge.train.metrics import token_byte_lengths
+    from lmforge.train.pretrain import evaluate_lm
+
+    model, tok = tiny_model(context=40), byte_tokenizer()
+    texts = ["naïve café, 12 €", "def f(x):\n    return x"]
+    docs = [Document(t, str(i), source="s") for i, t in enumerate(texts)]
+    batches = []
+    for t in texts:
+        ids = torch.tensor([[256] + list(t.encode())])
+        batches.append({"input_ids": ids[:, :-1], "targets": ids[:, 1:]})
+    with torch.no_grad():
+        ref = evaluate_lm(model, batches, "cpu", token_bytes=token_byte_lengths(tok, 257))
+    ours = evaluate_corpus(model, tok, docs)
+    assert ours["tokens"] == ref["val_tokens"] and ours["bytes"] == ref["val_bytes"]
+    # the trainer sums its CE in float32
+    assert ours["loss"] == pytest.approx(ref["val_loss"], rel=1e-6)
+    assert ours["bits_per_byte"] == pytest.approx(ref["val_bpb"], rel=1e-6)
