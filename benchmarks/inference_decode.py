@@ -8,6 +8,7 @@ same process, same threads:
   hf_static    transformers `generate` with cache_implementation="static" (no compile on CPU)
   engine       lmforge.inference.Engine (preallocated cache, batched decode)
   engine_int8  the engine on the int8 weight-only quantized model
+  engine_compiled  (CUDA only) the engine with its decode step compiled into a CUDA graph
 Tokens/s counts generated tokens over all rows; each variant's best of --repeats rounds, the
 variants interleaved in rotating order within each round. Greedy outputs are compared with HF's (the fraction
 of rows whose tokens are identical is printed; float round-off can flip near-ties).
@@ -79,9 +80,12 @@ def run_batch(B, prompts, model, qmodel, hf, args, device) -> list[dict]:
         variants["hf_static"] = lambda: hf_gen(cache_implementation="static")
     max_len = args.prompt + args.new
     sp = SamplingParams(max_tokens=args.new, temperature=0)
-    for name, m in (("engine", model), ("engine_int8", qmodel)):
+    engines = [("engine", model, False), ("engine_int8", qmodel, False)]
+    if device.type == "cuda":  # the decode step captured as a CUDA graph (torch.compile reduce-overhead)
+        engines.append(("engine_compiled", model, True))
+    for name, m, compiled in engines:
         if name not in args.skip and m is not None:
-            engine = Engine(m, max_batch=B, max_len=max_len, eos_ids=[])
+            engine = Engine(m, max_batch=B, max_len=max_len, eos_ids=[], compile=compiled)
             variants[name] = lambda engine=engine: [c[0].token_ids for c in engine.generate(prompts.tolist(), sp)]
     outs, best = {}, {}
     for fn in variants.values():
