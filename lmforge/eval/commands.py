@@ -19,7 +19,7 @@ def register(sub) -> None:
                        description="Evaluate a run/model directory on tasks and record the results.")
     p.add_argument("path", help="run directory, model/checkpoint directory, or HF export directory")
     p.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
-                   help="bpb | mmlu=FILE | hellaswag=FILE | arc=FILE | mc=FILE | gsm8k=FILE | judge=FILE "
+                   help="bpb | mmlu=FILE | hellaswag=FILE | arc=FILE | mc=FILE | gsm8k=FILE | gen=FILE | judge=FILE "
                         "(optionally named: mmlu:algebra=FILE)")
     p.add_argument("--tokenizer", help="tokenizer directory or file (default: found next to the model)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -34,6 +34,9 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="generative: tokens per answer")
     p.add_argument("--max-batch", type=int, default=8, help="generative: sequences decoded together")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--extractor", choices=["number", "letter", "exact"], default="exact",
+                   help="gen task: how answers are read and compared")
+    p.add_argument("--stop", nargs="*", default=None, help="gen task: stop strings (default: a blank line)")
     p.add_argument("--judge-url", default=None, help="judge task: OpenAI-compatible base URL (…/v1)")
     p.add_argument("--judge-model", default=None, help="judge task: model name at that endpoint")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY",
@@ -72,7 +75,7 @@ def cmd_eval(args) -> int:
                         num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
                         stride=args.stride, max_documents=args.max_documents, n_samples=args.n_samples,
                         temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
-                        judge=judge)
+                        judge=judge, extractor=args.extractor, stop=args.stop)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "checkpoint": _checkpoint(path),
             "device": str(device), "num_fewshot": args.num_fewshot}
     out = write_results(Path(args.out) if args.out else path / "eval", name, results, meta)

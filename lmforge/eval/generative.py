@@ -119,6 +119,22 @@ def load_gsm8k(path: str | Path, num_fewshot: int = 0, fewshot_path: str | Path 
 GSM8K_STOP = ["Question:", "\n\n"]
 
 
+def load_gen(path: str | Path, extractor: str) -> list[GenItem]:
+    """Generic generative task rows {prompt, answer}; the gold answer is put in the extractor's form."""
+    if extractor not in EXTRACTORS:
+        raise ConfigError(f"unknown extractor {extractor!r} (expected one of {sorted(EXTRACTORS)})")
+    items = []
+    for i, r in enumerate(read_records(path)):
+        if "prompt" not in r or "answer" not in r:
+            raise DataError(f"{path}: row {i} needs 'prompt' and 'answer'")
+        gold = str(r["answer"])
+        gold = gold if extractor == "exact" else EXTRACTORS[extractor](gold)  # exact: normalised later
+        if gold is None:
+            raise DataError(f"{path}: row {i}: no {extractor} answer in {r['answer']!r}")
+        items.append(GenItem(str(r["prompt"]), gold))
+    return items
+
+
 def evaluate_generative(engine, tokenizer, items: list[GenItem], *, extractor: str = "number", n: int = 1,
                         temperature: float = 0.0, top_p: float | None = None, max_tokens: int = 256,
                         stop: list[str] | None = None, seed: int = 0, ks: list[int] | None = None) -> dict:

@@ -5,6 +5,8 @@ Task specs (what `lmforge eval PATH --tasks ...` takes):
 - `bpb`: loss / perplexity / bits-per-byte over a corpus (given separately, e.g. the validation split);
 - `mmlu=FILE`, `hellaswag=FILE`, `arc=FILE`, `mc=FILE`: multiple-choice (tasks.py);
 - `gsm8k=FILE`: generative math with answer extraction (generative.py);
+- `gen=FILE`: generic generation, rows {prompt, answer}, checked with `extractor` (number, letter
+  or exact match after normalisation) and stopped at `stop`;
 - `judge=FILE`: the model answers FILE's questions (chat template, greedy) and a judge behind an
   OpenAI-compatible endpoint compares them with FILE's `answer` (the baseline), position-swapped
   (judge.py); FILE is JSONL/Parquet with question, answer.
@@ -27,7 +29,7 @@ from lmforge.errors import ConfigError
 from lmforge.io import read_json, write_json, write_text
 
 MC_FORMATS = ("mmlu", "hellaswag", "arc", "mc")
-KINDS = ("bpb",) + MC_FORMATS + ("gsm8k", "judge")
+KINDS = ("bpb",) + MC_FORMATS + ("gsm8k", "gen", "judge")
 
 
 @dataclass
@@ -49,6 +51,7 @@ def parse_task(spec: str) -> TaskSpec:
 
 # The headline metrics of each kind, in table order.
 HEADLINE = {"bpb": ("bits_per_byte", "loss", "perplexity"), "gsm8k": ("accuracy", "pass@1", "maj@"),
+            "gen": ("accuracy", "pass@1", "maj@"),
             "judge": ("win_rate", "ci_low", "ci_high", "consistency")}
 for _fmt in MC_FORMATS:
     HEADLINE[_fmt] = ("acc", "acc_norm", "acc_token", "acc_byte")
@@ -111,9 +114,10 @@ def append_to_report(report: str | Path, results_json: str | Path) -> None:
 def run_tasks(model, tokenizer, specs: list[TaskSpec], *, corpus=None, engine_factory=None, num_fewshot: int = 0,
               limit: int | None = None, batch_size: int = 32, stride: int | None = None,
               max_documents: int | None = None, n_samples: int = 1, temperature: float = 0.0,
-              max_tokens: int = 256, seed: int = 0, judge=None, log=print) -> dict[str, dict]:
+              max_tokens: int = 256, seed: int = 0, judge=None, extractor: str = "exact",
+              stop: list[str] | None = None, log=print) -> dict[str, dict]:
     """Evaluate each task; returns {name: result dict with 'kind' and 'seconds'}."""
-    from lmforge.eval.generative import GSM8K_STOP, evaluate_generative, load_gsm8k
+    from lmforge.eval.generative import GSM8K_STOP, evaluate_generative, load_gen, load_gsm8k
     from lmforge.eval.intrinsic import evaluate_corpus
     from lmforge.eval.tasks import evaluate_mc, load_mc
 
@@ -132,10 +136,13 @@ def run_tasks(model, tokenizer, specs: list[TaskSpec], *, corpus=None, engine_fa
         elif spec.kind == "judge":
             res = _judge_task(spec, tokenizer, engine := engine or engine_factory(), judge, limit, max_tokens, seed)
         else:
-            items = load_gsm8k(spec.path, num_fewshot=num_fewshot)[:limit]
+            if spec.kind == "gsm8k":
+                items, ex, st = load_gsm8k(spec.path, num_fewshot=num_fewshot)[:limit], "number", GSM8K_STOP
+            else:
+                items, ex, st = load_gen(spec.path, extractor)[:limit], extractor, (stop or ["\n\n"])
             engine = engine or engine_factory()
-            res = evaluate_generative(engine, tokenizer, items, n=n_samples, temperature=temperature,
-                                      max_tokens=max_tokens, stop=GSM8K_STOP, seed=seed)
+            res = evaluate_generative(engine, tokenizer, items, extractor=ex, n=n_samples, temperature=temperature,
+                                      max_tokens=max_tokens, stop=st, seed=seed)
         res["kind"], res["seconds"] = spec.kind, time.perf_counter() - t0
         if spec.path:
             res["path"] = str(spec.path)

@@ -9,7 +9,7 @@ import torch
 
 from lmforge.cli import main
 from lmforge.data.sources import Corpus
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, DataError
 from lmforge.eval.generative import evaluate_generative, load_gsm8k
 from lmforge.eval.intrinsic import evaluate_corpus
 from lmforge.eval.run import parse_task
@@ -102,3 +102,26 @@ def test_judge_task_with_scripted_judge(run_dir):
     assert res["win_rate"] == pytest.approx(sum(want) / 2) and res["consistency"] == 1.0
     with pytest.raises(ConfigError, match="judge endpoint"):
         run_tasks(model, tok, [parse_task(f"judge={d / 'pairs.jsonl'}")], engine_factory=lambda: None)
+
+
+def test_gen_task_cli(run_dir, capsys):
+    from lmforge.eval.generative import load_gen
+
+    d, model = run_dir
+    (d / "gen.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "Pick: A or B?", "answer": "The answer is (B)"}, {"prompt": "Pick one", "answer": "A"}]))
+    assert main(["eval", str(d), "--device", "cpu", "--tasks", f"gen={d / 'gen.jsonl'}", "--extractor", "letter",
+                 "--max-tokens", "6", "--stop", "\n", "--out", str(d / "gen_out")]) == 0
+    capsys.readouterr()
+    items = load_gen(d / "gen.jsonl", "letter")
+    assert [i.answer for i in items] == ["B", "A"]
+    tok = byte_tokenizer()
+    ref = evaluate_generative(Engine(model, tokenizer=tok, max_batch=8), tok, items, extractor="letter",
+                              max_tokens=6, stop=["\n"])
+    got = json.loads((d / "gen_out" / "results.json").read_text())["tasks"]["gen"]
+    assert got["accuracy"] == ref["accuracy"]
+    assert [x["texts"] for x in json.loads((d / "gen_out" / "gen.items.json").read_text())] == \
+        [x["texts"] for x in ref["items"]]
+    (d / "bad.jsonl").write_text(json.dumps({"prompt": "p", "answer": "no letter here"}))
+    with pytest.raises(DataError, match="no letter answer"):
+        load_gen(d / "bad.jsonl", "letter")
