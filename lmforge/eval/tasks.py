@@ -72,7 +72,7 @@ def read_records(path: str | Path) -> list[dict]:
         if not rows:
             return []
         head = [h.strip() for h in rows[0]]
-        if "question" in head or "context" in head:
+        if {"question", "context", "prompt"} & set(head):
             return [dict(zip(head, r)) for r in rows[1:]]
         return [dict(enumerate(r)) for r in rows]
     if suffix == ".parquet":
