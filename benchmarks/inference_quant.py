@@ -22,8 +22,7 @@ import torch
 from lmforge.data.shards import open_shard
 from lmforge.inference.quantize import quantize_model, weight_bytes
 from lmforge.io import write_json
-from lmforge.model.checkpoint import load_model
-from lmforge.train.checkpoint import list_checkpoints
+from lmforge.model.checkpoint import list_checkpoints, load_model
 
 
 @torch.no_grad()

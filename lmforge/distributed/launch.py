@@ -63,7 +63,7 @@ def checkpoint_kind(run_dir) -> str | None:
     """The data-parallel kind that wrote the latest checkpoint in `run_dir` (None: single process).
     A one-process resume of a sharded (ZeRO) checkpoint needs the distributed loader."""
     from lmforge.io import read_json
-    from lmforge.train.checkpoint import list_checkpoints
+    from lmforge.model.checkpoint import list_checkpoints
 
     found = list_checkpoints(Path(run_dir) / "checkpoints")
     if not found:

@@ -89,7 +89,7 @@ def cmd_eval(args) -> int:
 
 def _checkpoint(path: Path) -> str:
     if (path / "checkpoints").is_dir():
-        from lmforge.train.checkpoint import list_checkpoints
+        from lmforge.model.checkpoint import list_checkpoints
 
         ckpts = list_checkpoints(path / "checkpoints")
         return str(ckpts[-1]) if ckpts else str(path)

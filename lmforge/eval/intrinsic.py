@@ -6,9 +6,9 @@ document separator, as in training, and nothing leaks from the previous document
 than the model's context are scored with sliding windows (loglik.rolling_logprobs), so every token
 is counted exactly once with up to a context of history.
 
-Bits-per-byte = total nats / (ln 2 · UTF-8 bytes of the texts), via the trainer's
-`lmforge.train.metrics.bits_per_byte`: it does not depend on the tokenizer, so models with
-different vocabularies compare. Tokenization uses `encode_ordinary` (a special-token string in a
+Bits-per-byte = total nats / (ln 2 · UTF-8 bytes of the texts), the same definition as the
+trainer's validation metric (eval does not import train, per DESIGN.md's stage order): it does not
+depend on the tokenizer, so models with different vocabularies compare. Tokenization uses `encode_ordinary` (a special-token string in a
 document is ordinary text), so the token bytes add up to the text's bytes.
 
 Per-domain breakdown groups documents by `Document.source` (the file they came from) or by a
@@ -23,7 +23,6 @@ from collections.abc import Iterable
 from lmforge.data.sources import Document
 from lmforge.errors import ConfigError
 from lmforge.eval.loglik import rolling_logprobs
-from lmforge.train.metrics import bits_per_byte
 
 
 def encode_document(tokenizer, text: str) -> list[int]:
@@ -47,7 +46,7 @@ def _summary(nats: float, tokens: int, n_bytes: int, documents: int) -> dict:
     loss = nats / tokens if tokens else float("nan")
     return {"documents": documents, "tokens": tokens, "bytes": n_bytes, "nats": nats, "loss": loss,
             "perplexity": math.exp(loss) if tokens else float("nan"),
-            "bits_per_byte": bits_per_byte(nats, n_bytes)}
+            "bits_per_byte": nats / (math.log(2) * n_bytes) if n_bytes else float("nan")}
 
 
 def evaluate_corpus(model, tokenizer, documents: Iterable[Document], *, stride: int | None = None,

@@ -67,7 +67,7 @@ def load_for_inference(path, tokenizer=None, device="cpu", dtype=None):
         raise ConfigError(f"{path}: not a directory (expected a run, model or HF export directory)")
     tok_path = Path(tokenizer) if tokenizer else None
     if (path / "checkpoints").is_dir():
-        from lmforge.train.checkpoint import list_checkpoints
+        from lmforge.model.checkpoint import list_checkpoints
 
         ckpts = list_checkpoints(path / "checkpoints")
         if not ckpts:

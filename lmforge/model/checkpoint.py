@@ -14,6 +14,7 @@ optimizer or trainer state (train/checkpoint.py does).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -26,6 +27,8 @@ FORMAT = "lmforge.model"
 VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "model_config.json"
+# A training run keeps checkpoints as run_dir/checkpoints/step_N/ (model files + trainer state).
+_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -101,3 +104,16 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     model = Transformer(cfg)
     load_weights(directory, model, device="cpu")
     return model.to(device), cfg
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (step_N dirs with trainer.json) under `directory`, oldest first.
+
+    Lives here, with the model format, because training, inference and evaluation all locate a
+    run's checkpoints; trainer.json is written last, so its presence marks a complete checkpoint.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / "trainer.json").exists()]

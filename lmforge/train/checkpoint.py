@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -26,11 +25,10 @@ from torch import nn
 
 from lmforge.errors import CheckpointError, LMForgeError
 from lmforge.io import atomic_dir, read_json, write_json
-from lmforge.model.checkpoint import WEIGHTS, load_weights, save_model
+from lmforge.model.checkpoint import WEIGHTS, list_checkpoints, load_weights, save_model
 
 FORMAT = "lmforge.train_checkpoint"
 VERSION = 1
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 # Train-config fields that may differ on resume: they do not change the loss trajectory.
 RESUMABLE_CHANGES = {"max_steps", "time_budget_s", "eval_every", "eval_batches", "log_every",
                      "sample_every", "checkpoint_every", "keep_checkpoints", "progress", "wandb_project",
@@ -105,15 +103,6 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, model_config, 
             "optimizer": opt_rest, "train_config": train_config, "extra": extra or {}, "files": manifest,
         })
     return path
-
-
-def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints (those with trainer.json) under `directory`, oldest first."""
-    d = Path(directory)
-    if not d.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / "trainer.json").exists()]
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
