@@ -60,10 +60,10 @@ def check_parallel(pc: ParallelConfig, world_size: int | None = None, model_cfg=
                         f"equal the number of processes {world_size}")
     if (pc.dp * pc.cp) % pc.ep:
         problems.append(f"ep = {pc.ep} must divide dp × cp = {pc.dp * pc.cp} (experts spread over data/context ranks)")
-    if pc.pp > 1 and max(pc.dp, pc.tp, pc.cp, pc.ep) > 1:
-        # run_pipeline runs one backward per micro-batch: a DP reducer would need no_sync around
-        # all but the last, which it does not do yet
-        problems.append("pp > 1 together with dp, tp, cp or ep > 1 is not supported yet")
+    if pc.pp > 1 and max(pc.tp, pc.cp, pc.ep) > 1:
+        problems.append("pp > 1 together with tp, cp or ep > 1 is not supported yet (pp × dp is)")
+    if pc.pp > 1 and pc.dp > 1 and pc.dp_kind == "fsdp":
+        problems.append("pp > 1 with dp_kind = 'fsdp' is not supported yet: use dp_kind = 'ddp'")
     if pc.cp > 1 and pc.tp > 1:
         problems.append("cp > 1 together with tp > 1 is not supported yet")
     if max(pc.cp, pc.ep) > 1 and pc.dp * pc.cp > 1 and pc.dp_kind == "fsdp":
@@ -137,6 +137,12 @@ def build_mesh(pc: ParallelConfig, device: str = "cpu", model_cfg=None) -> Paral
     # the dp × cp ranks of each (pp, tp) coordinate see different tokens with the same parameters
     # ("batch"); ep groups are consecutive runs of `ep` of them, and the ranks holding the same
     # experts ("ep_replica": same ep coordinate) average those experts' gradients
+    if pc.pp > 1:  # first and last stage of each pipeline (tied embeddings)
+        ends = grid.permute(1, 2, 3, 0).reshape(-1, pc.pp)[:, [0, -1]]
+        for pair in ends.tolist():
+            group = dist.new_group(pair)
+            if rank in pair:
+                mesh.groups["pp_ends"] = group
     flat = grid.permute(0, 3, 1, 2).reshape(pc.pp * pc.tp, pc.dp * pc.cp)
     for row in flat:  # every rank creates every group, in the same order
         ranks = row.tolist()
@@ -185,7 +191,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh) -> tuple[nn.Module, object
     """Apply the parallelisms of `mesh` to a Transformer in the documented order.
 
     Returns (module to train, data-parallel handle or None). The module is a `PipelineStage` when
-    pp > 1 (drive it with `pipeline.run_pipeline`); the handle is the DDP reducer (call its
+    pp > 1 (drive it with `pipeline.run_pipeline(..., reducer=handle)`); the handle is the DDP reducer (call its
     `finish()` after backward) when dp_kind = "ddp". With tp > 1 call `tensor_parallel.sync_tp_grads`
     after backward; with cp > 1 feed `ring_attention.shard_sequence` parts and sum the loss terms.
     """
@@ -194,7 +200,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh) -> tuple[nn.Module, object
     if pc.pp > 1:
         from lmforge.distributed.pipeline import PipelineStage
 
-        model = PipelineStage(model, mesh.coords["pp"], pc.pp, group=g["pp"])
+        model = PipelineStage(model, mesh.coords["pp"], pc.pp, group=g["pp"], tied_group=g.get("pp_ends"))
     if pc.tp > 1:
         from lmforge.distributed.tensor_parallel import apply_tp
 
@@ -216,7 +222,10 @@ def parallelize(model: nn.Module, mesh: ParallelMesh) -> tuple[nn.Module, object
 
             apply_fsdp(model, mesh=mesh.device_mesh["dp"])
         else:
-            from lmforge.distributed.ddp import apply_ddp
+            from lmforge.distributed.ddp import apply_ddp, broadcast_parameters
 
-            handle = apply_ddp(model, group=g["dp"])
+            # apply_ddp's own broadcast uses global rank 0 as the source, which is not in every dp
+            # group of a mesh: broadcast from the group's first rank instead
+            handle = apply_ddp(model, group=g["dp"], broadcast=False)
+            broadcast_parameters(model, src=dist.get_global_rank(g["dp"], 0), group=g["dp"])
     return model, handle

@@ -23,11 +23,14 @@ direction per pair, so messages match in order.
 
 Tied embeddings: the first and last stage both hold the embedding matrix (input table, output head);
 it is made equal at construction and its gradient summed over those two stages after each step.
-Not here: interleaved (virtual-stage) schedules, zero-bubble schedules, MTP heads, doc_ids.
+Data parallelism over stage replicas: pass the DDP handle as `reducer` (it syncs on the last
+backward only). Not here: interleaved (virtual-stage) schedules, zero-bubble schedules, MTP heads,
+doc_ids.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -101,7 +104,10 @@ def simulate(name: str, n_stages: int, n_micro: int, t_f: float = 1.0, t_b: floa
 class PipelineStage(nn.Module):
     """One stage of a Transformer: its blocks, plus embedding (first) or norm/head/loss (last)."""
 
-    def __init__(self, model: nn.Module, stage: int, n_stages: int, group=None):
+    def __init__(self, model: nn.Module, stage: int, n_stages: int, group=None, tied_group=None):
+        """`tied_group`: the group of this pipeline's first and last stage ranks, needed for tied
+        embeddings when several pipelines run side by side (new_group must be entered by every
+        process with the same ranks, so the mesh builds these pairs for all pipelines)."""
         super().__init__()
         cfg = model.cfg
         if getattr(cfg, "mtp_depth", 0):
@@ -124,8 +130,12 @@ class PipelineStage(nn.Module):
         self._sum_tied, self._tied_group = False, None
         if self.tied and n_stages > 1:
             ranks = [self._global(0), self._global(n_stages - 1)]
-            # new_group must be entered by every process; the pair sums the tied embedding's gradient
-            pair = dist.new_group(ranks) if dist.get_world_size() > 2 else group
+            pair = tied_group
+            if pair is None:
+                if dist.get_world_size() != n_stages:
+                    raise ConfigError("pipeline with tied embeddings and several pipelines: pass tied_group "
+                                      "(the first and last stage ranks; mesh.build_mesh makes it)")
+                pair = dist.new_group(ranks) if n_stages > 2 else group
             if self.first or self.last:
                 self._sum_tied, self._tied_group = True, pair
                 dist.broadcast(model.tok_emb.weight.data, ranks[0], group=pair)
@@ -174,11 +184,13 @@ class PipelineResult:
 
 
 def run_pipeline(stage: PipelineStage, inputs: torch.Tensor, targets: torch.Tensor, n_micro: int,
-                 schedule: str = "1f1b") -> PipelineResult:
+                 schedule: str = "1f1b", reducer=None) -> PipelineResult:
     """Forward + backward of one step over `n_micro` micro-batches (gradients accumulate in the stage).
 
     Every stage is given the same whole-batch `inputs` / `targets` [B, T] (only the first stage reads
     the ids, only the last the targets; all use the shape and the total token count).
+    `reducer`: a data-parallel handle over this stage's replicas (ddp.py: `no_sync()`, `finish()`);
+    it communicates only during the stage's last backward, then `finish()` is called.
     """
     B, T = inputs.shape
     if B % n_micro:
@@ -194,11 +206,12 @@ def run_pipeline(stage: PipelineStage, inputs: torch.Tensor, targets: torch.Tens
     prev = stage._global(s - 1) if s > 0 else None
     nxt = stage._global(s + 1) if s < p - 1 else None
 
+    last_backward = max(j for j, (kind, _) in enumerate(actions) if kind == "B")
     saved: dict[int, tuple] = {}  # micro -> (stage input, output, aux) kept for the backward
     sends, ce_total, aux_total = [], 0.0, 0.0
     busy, peak, timeline = 0.0, 0, []
     t0 = time.perf_counter()
-    for kind, i in actions:
+    for j, (kind, i) in enumerate(actions):
         mb = slice(i * rows, (i + 1) * rows)
         if kind == "F":
             if stage.first:
@@ -230,13 +243,17 @@ def run_pipeline(stage: PipelineStage, inputs: torch.Tensor, targets: torch.Tens
             if aux.requires_grad:
                 outs.append(aux / n_micro)
                 grads.append(None)
-            torch.autograd.backward(outs, grads)
+            sync = reducer is None or j == last_backward
+            with contextlib.nullcontext() if sync else reducer.no_sync():
+                torch.autograd.backward(outs, grads)
             busy += time.perf_counter() - start
             timeline.append(("B", i, start - t0, time.perf_counter() - t0))
             if prev is not None:
                 sends.append(dist.isend(x_in.grad.contiguous(), prev, group=stage.group))
     for req in sends:
         req.wait()
+    if reducer is not None:
+        reducer.finish()
     if stage._sum_tied:
         dist.all_reduce(stage.model.tok_emb.weight.grad, group=stage._tied_group)
     wall = time.perf_counter() - t0
