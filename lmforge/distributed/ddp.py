@@ -55,16 +55,18 @@ def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @torch.no_grad()
 def broadcast_parameters(model: nn.Module, src: int = 0, group=None) -> None:
-    """Make every rank start from rank `src`'s parameters and buffers (one flat buffer per dtype)."""
+    """Make every rank start from the parameters and buffers of the group's rank `src` (one flat
+    buffer per dtype). `src` is a rank within `group`, so a subgroup without global rank 0 works."""
     if dist.get_world_size(group) == 1:
         return
+    global_src = dist.get_global_rank(group, src) if group is not None else src
     tensors = list({id(t): t for t in list(model.parameters()) + list(model.buffers())}.values())
     by_dtype: dict[tuple, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault((t.dtype, t.device), []).append(t)
     for group_tensors in by_dtype.values():
         flat = torch.cat([t.detach().reshape(-1) for t in group_tensors])
-        dist.broadcast(flat, src=src, group=group)
+        dist.broadcast(flat, src=global_src, group=group)
         offset = 0
         for t in group_tensors:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))

@@ -222,10 +222,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh) -> tuple[nn.Module, object
 
             apply_fsdp(model, mesh=mesh.device_mesh["dp"])
         else:
-            from lmforge.distributed.ddp import apply_ddp, broadcast_parameters
+            from lmforge.distributed.ddp import apply_ddp
 
-            # apply_ddp's own broadcast uses global rank 0 as the source, which is not in every dp
-            # group of a mesh: broadcast from the group's first rank instead
-            handle = apply_ddp(model, group=g["dp"], broadcast=False)
-            broadcast_parameters(model, src=dist.get_global_rank(g["dp"], 0), group=g["dp"])
+            handle = apply_ddp(model, group=g["dp"])  # broadcasts from the dp group's first rank
     return model, handle
