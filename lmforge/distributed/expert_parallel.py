@@ -31,19 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lmforge.errors import ConfigError
-from lmforge.model.moe import (
-    MoE,
-    _Combine,
-    _Dispatch,
-    _sort_assignments,
-    _within_capacity,
-    balance_loss,
-    capacity,
-    expert_counts,
-    route,
-    router_z_loss,
-    seq_balance_loss,
-)
+from lmforge.model.moe import MoE, _Combine, _Dispatch
 
 
 class _AllToAll(torch.autograd.Function):
@@ -100,22 +88,11 @@ class ExpertParallelMoE(MoE):
     def forward(self, x: torch.Tensor):
         cfg, (b, t, d) = self.cfg, x.shape
         flat = x.reshape(-1, d)
-        n, k, w, el = flat.shape[0], cfg.top_k, self.ep_size, self.n_local
-        r = route(self.router_logits(flat), cfg, self.routing_bias if cfg.aux_free_bias else None)
-        flat_e = r.expert_idx.reshape(-1)
-        order = _sort_assignments(flat_e, r.gates.reshape(-1), cfg)
-        counts = expert_counts(flat_e, cfg.n_experts)
-        kept = counts
-        cap = capacity(cfg, n)
-        if cap is not None:
-            order = _within_capacity(order, flat_e, counts, cap)
-            kept = counts.clamp(max=cap)
-        m = order.numel()
-        source = torch.full((n * k,), m, dtype=torch.long, device=x.device)
-        source[order] = torch.arange(m, device=x.device)
-        token = order // k
+        k, w, el = cfg.top_k, self.ep_size, self.n_local
+        p = self.plan(flat)
+        token, source, kept = p.token, p.source, p.kept_counts
         x_sorted = _Dispatch.apply(flat, token, source, k)
-        g_sorted = r.gates.reshape(-1).index_select(0, order)
+        g_sorted = p.gates_sorted
 
         # dispatch: experts are contiguous per rank, so sorted rows split by destination as they are
         recv_counts = torch.empty_like(kept)
@@ -135,24 +112,11 @@ class ExpertParallelMoE(MoE):
         if self.shared_in is not None:
             y = y + self.shared(flat)
 
-        aux: dict[str, torch.Tensor] = {}
-        if cfg.balance_loss_coef > 0:
-            aux["moe_balance"] = cfg.balance_loss_coef * balance_loss(r.probs, r.expert_idx, cfg.n_experts)
-        if cfg.seq_balance_loss_coef > 0:
-            aux["moe_seq_balance"] = cfg.seq_balance_loss_coef * seq_balance_loss(
-                r.probs, r.expert_idx, cfg.n_experts, b)
-        if cfg.router_z_loss_coef > 0:
-            aux["router_z"] = cfg.router_z_loss_coef * router_z_loss(r.logits)
-        if self.training and cfg.aux_free_bias:
-            self.load_counts += counts.to(self.load_counts.dtype)
-        stats = torch.cat([counts, kept.view(w, el).sum(1)]).float()
+        aux, metrics = self.losses_and_metrics(p, b)
+        stats = torch.cat([p.counts, kept.view(w, el).sum(1)]).float()
         dist.all_reduce(stats, group=self.group)
-        metrics = {
-            "expert_load": (counts.float() / (n * k)).detach(),
-            "dropped_fraction": (1.0 - kept.sum().float() / (n * k)).detach(),
-            "expert_load_global": (stats[:cfg.n_experts] / stats[:cfg.n_experts].sum()).detach(),
-            "rank_load": (stats[cfg.n_experts:] / stats[cfg.n_experts:].sum().clamp_min(1)).detach(),
-        }
+        metrics["expert_load_global"] = (stats[:cfg.n_experts] / stats[:cfg.n_experts].sum()).detach()
+        metrics["rank_load"] = (stats[cfg.n_experts:] / stats[cfg.n_experts:].sum().clamp_min(1)).detach()
         return y.view(b, t, d), aux, metrics
 
 

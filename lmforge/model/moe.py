@@ -138,6 +138,22 @@ def route(logits: torch.Tensor, cfg: MoEConfig, bias: torch.Tensor | None = None
     return RouterOutput(expert_idx, gates, probs, logits)
 
 
+@dataclass
+class DispatchPlan:
+    """Where each (token, slot) assignment goes: the routing, the expert-sorted order of kept
+    assignments, per-expert counts before and after capacity, and the row maps for gather/scatter.
+    `source[slot]` is the sorted row of that assignment, or M (a zero row) if it was dropped, so a
+    dropped token gets nothing from that expert and only the residual carries it."""
+
+    route: RouterOutput
+    order: torch.Tensor         # [M] assignment indices (token * k + slot), grouped by expert
+    counts: torch.Tensor        # [E] assignments per expert before capacity
+    kept_counts: torch.Tensor   # [E] after capacity
+    source: torch.Tensor        # [N * k] sorted row of each assignment, M if dropped
+    token: torch.Tensor         # [M] token of each sorted row
+    gates_sorted: torch.Tensor  # [M] gate of each sorted row
+
+
 def balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Switch-style loss E · Σ_i f_i · P_i, with f_i the fraction of the N·k assignments that chose
     expert i and P_i the mean normalised score of expert i. Equals 1 under perfect balance."""
@@ -378,47 +394,54 @@ class MoE(nn.Module):
             return F.linear(x.float(), self.router.float())
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """x [B, T, D] -> (y [B, T, D], aux losses (weighted), metrics (detached))."""
-        cfg, (b, t, d) = self.cfg, x.shape
-        flat = x.reshape(-1, d)
-        n, k = flat.shape[0], cfg.top_k
+    def plan(self, flat: torch.Tensor) -> DispatchPlan:
+        """Route tokens [N, D] and plan the expert-sorted dispatch (capacity applied)."""
+        cfg, k = self.cfg, self.cfg.top_k
         r = route(self.router_logits(flat), cfg, self.routing_bias if cfg.aux_free_bias else None)
-
-        flat_e = r.expert_idx.reshape(-1)
-        order = _sort_assignments(flat_e, r.gates.reshape(-1), cfg)
+        flat_e, flat_g = r.expert_idx.reshape(-1), r.gates.reshape(-1)
+        order = _sort_assignments(flat_e, flat_g, cfg)
         counts = expert_counts(flat_e, cfg.n_experts)
         kept_counts = counts
-        cap = capacity(cfg, n)
+        cap = capacity(cfg, flat.shape[0])
         if cap is not None:
             order = _within_capacity(order, flat_e, counts, cap)
             kept_counts = counts.clamp(max=cap)
-        # source[slot] = the sorted row of that (token, slot) assignment; M (a zero row) if dropped,
-        # so a dropped token gets nothing from that expert and only the residual carries it
         m = order.numel()
-        source = torch.full((n * k,), m, dtype=torch.long, device=x.device)
-        source[order] = torch.arange(m, device=x.device)
-        token = order // k
-        x_sorted = _Dispatch.apply(flat, token, source, k)
-        y_sorted = self.experts(x_sorted, kept_counts, r.gates.reshape(-1).index_select(0, order))
-        y = _Combine.apply(y_sorted, token, source, k)
-        if self.shared_in is not None:
-            y = y + self.shared(flat)
+        source = torch.full((flat_e.numel(),), m, dtype=torch.long, device=flat.device)
+        source[order] = torch.arange(m, device=flat.device)
+        return DispatchPlan(r, order, counts, kept_counts, source, order // k, flat_g.index_select(0, order))
 
+    def losses_and_metrics(self, plan: DispatchPlan, batch: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """Weighted aux losses and detached load metrics of one forward; counts load for the bias."""
+        cfg, r = self.cfg, plan.route
+        n_assign = plan.source.numel()
         aux: dict[str, torch.Tensor] = {}
         if cfg.balance_loss_coef > 0:
             aux["moe_balance"] = cfg.balance_loss_coef * balance_loss(r.probs, r.expert_idx, cfg.n_experts)
         if cfg.seq_balance_loss_coef > 0:
             aux["moe_seq_balance"] = cfg.seq_balance_loss_coef * seq_balance_loss(
-                r.probs, r.expert_idx, cfg.n_experts, b)
+                r.probs, r.expert_idx, cfg.n_experts, batch)
         if cfg.router_z_loss_coef > 0:
             aux["router_z"] = cfg.router_z_loss_coef * router_z_loss(r.logits)
         if self.training and cfg.aux_free_bias:
-            self.load_counts += counts.to(self.load_counts.dtype)
+            self.load_counts += plan.counts.to(self.load_counts.dtype)
         metrics = {
-            "expert_load": (counts.float() / (n * k)).detach(),
-            "dropped_fraction": (1.0 - kept_counts.sum().float() / (n * k)).detach(),
+            "expert_load": (plan.counts.float() / n_assign).detach(),
+            "dropped_fraction": (1.0 - plan.kept_counts.sum().float() / n_assign).detach(),
         }
+        return aux, metrics
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """x [B, T, D] -> (y [B, T, D], aux losses (weighted), metrics (detached))."""
+        (b, t, d), k = x.shape, self.cfg.top_k
+        flat = x.reshape(-1, d)
+        p = self.plan(flat)
+        x_sorted = _Dispatch.apply(flat, p.token, p.source, k)
+        y_sorted = self.experts(x_sorted, p.kept_counts, p.gates_sorted)
+        y = _Combine.apply(y_sorted, p.token, p.source, k)
+        if self.shared_in is not None:
+            y = y + self.shared(flat)
+        aux, metrics = self.losses_and_metrics(p, b)
         return y.view(b, t, d), aux, metrics
 
     @torch.no_grad()
