@@ -25,9 +25,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import time
 
 import torch
+from common import timed
 
 from lmforge.eval.loglik import score_continuations
 from lmforge.io import write_json
@@ -54,14 +54,6 @@ def make_requests(task: str, n: int, vocab: int, seed: int) -> list[tuple[list[i
     return reqs
 
 
-def timed(fn, device) -> tuple[float, list]:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, out
 
 
 def main() -> None:

@@ -27,10 +27,10 @@ import datetime
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from common import timed
 
 from lmforge.inference import Engine, SamplingParams
 from lmforge.inference.quantize import quantize_model
@@ -46,17 +46,8 @@ SHAPES = {
 }
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
-def timed(fn, device):
-    _sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return time.perf_counter() - t0, out
 
 
 def run_batch(B, prompts, model, qmodel, hf, args, device) -> list[dict]:

@@ -18,34 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import median_ms
 
 from lmforge.model.attention import attend
-
-
-def timer(fn, device, warmup: int, iters: int) -> float:
-    """Median milliseconds of fn() (events on CUDA, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def make_doc_ids(B, T, device, seed=0):
@@ -139,8 +119,8 @@ def main(argv=None) -> int:
                     q.grad = k.grad = v.grad = None
                     run().backward(dout)
 
-                row["fwd_ms"] = timer(lambda: run(), device, warmup, iters)
-                row["fwd_bwd_ms"] = timer(step, device, warmup, iters)
+                row["fwd_ms"] = median_ms(lambda: run(), device, iters=iters, warmup=warmup)
+                row["fwd_bwd_ms"] = median_ms(step, device, iters=iters, warmup=warmup)
             except Exception as e:  # a backend that cannot run a case is reported, not hidden
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             results.append(row)

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from common import median_ms
 
 from lmforge.io import write_json
 from lmforge.model.layers import MLP
@@ -40,24 +39,6 @@ SHAPES = {
 }
 
 
-def timer(fn, device: torch.device, iters: int, warmup: int) -> float:
-    """Median milliseconds of fn() over `iters` runs (device events on CUDA)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:  # process CPU time (one thread, see main): stable on a shared, loaded machine
-            t0 = time.process_time()
-            fn()
-            times.append((time.process_time() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -117,13 +98,13 @@ def bench_shape(d, e, k, f, n, device, dtype, iters, warmup, profile=False) -> d
 
     dense_params, moe_params = list(dense.parameters()), list(moe.parameters())
     ms = {}
-    ms["dense"] = timer(fwd_bwd(dense, inputs, grads, dense_params, False), device, iters, warmup)
-    ms["moe"] = timer(fwd_bwd(moe, inputs, grads, moe_params, True), device, iters, warmup)
+    ms["dense"] = median_ms(fwd_bwd(dense, inputs, grads, dense_params, False), device, iters=iters, warmup=warmup, cpu_clock="process")
+    ms["moe"] = median_ms(fwd_bwd(moe, inputs, grads, moe_params, True), device, iters=iters, warmup=warmup, cpu_clock="process")
     with torch.no_grad():
-        ms["dense_fwd"] = timer(fwd_bwd(dense, inputs, grads, dense_params, False, False), device, iters, warmup)
-        ms["moe_fwd"] = timer(fwd_bwd(moe, inputs, grads, moe_params, True, False), device, iters, warmup)
+        ms["dense_fwd"] = median_ms(fwd_bwd(dense, inputs, grads, dense_params, False, False), device, iters=iters, warmup=warmup, cpu_clock="process")
+        ms["moe_fwd"] = median_ms(fwd_bwd(moe, inputs, grads, moe_params, True, False), device, iters=iters, warmup=warmup, cpu_clock="process")
     moe.cfg.dispatch = "loop"
-    ms["moe_loop"] = timer(fwd_bwd(moe, inputs, grads, moe_params, True), device, max(3, iters // 4), 1)
+    ms["moe_loop"] = median_ms(fwd_bwd(moe, inputs, grads, moe_params, True), device, iters=max(3, iters // 4), warmup=1, cpu_clock="process")
     moe.cfg.dispatch = "auto"
 
     # the expert FFN alone, on tokens already sorted by expert with this batch's real routing
@@ -142,7 +123,7 @@ def bench_shape(d, e, k, f, n, device, dtype, iters, warmup, profile=False) -> d
         xs.grad = None
         moe.experts(xs, counts, gates).backward(gs)
 
-    ms["experts_only"] = timer(experts_only, device, iters, warmup)
+    ms["experts_only"] = median_ms(experts_only, device, iters=iters, warmup=warmup, cpu_clock="process")
     if profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
