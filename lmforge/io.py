@@ -115,3 +115,23 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise LMForgeError(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LMForgeError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "JSONL file") -> list[Any]:
+    """All records of a JSON-lines file (blank lines skipped); a bad line raises an LMForgeError
+    naming the file and line number."""
+    from lmforge.errors import LMForgeError
+
+    path = Path(path)
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise LMForgeError(f"{what} not found: {path}") from None
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise LMForgeError(f"{what} {path}:{i}: not valid JSON ({e.msg})") from None
+    return rows

@@ -33,8 +33,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError, DataError, LMForgeError
 from lmforge.eval.loglik import score_continuations
+from lmforge.io import read_jsonl
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -55,14 +56,10 @@ def read_records(path: str | Path) -> list[dict]:
         raise DataError(f"{path}: task file not found")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
-        return rows
+        try:
+            return read_jsonl(path, what="task file")
+        except LMForgeError as e:
+            raise DataError(str(e)) from None
     if suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
         return data if isinstance(data, list) else data.get("data", [])

@@ -28,8 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.errors import ConfigError, DataError
-from lmforge.io import write_json, write_text
+from lmforge.errors import ConfigError, DataError, LMForgeError
+from lmforge.io import read_jsonl, write_json, write_text
 from lmforge.scaling.shapes import GridRun, hparam_grid, isoflop_grid
 
 
@@ -91,14 +91,10 @@ def read_results(sweep_dir: str | Path) -> list[dict]:
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {i + 1} is not JSON ({e}); fix or remove it to resume") from None
-    return rows
+    try:
+        return read_jsonl(path, what="sweep table")
+    except LMForgeError as e:
+        raise DataError(f"{e}; fix or remove it to resume") from None
 
 
 def _csv(rows: list[dict]) -> str:

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmforge.io import read_jsonl
+
 # Dense bf16 peak FLOP/s by device-name substring (first match wins; order matters: 'H100 PCIe'
 # before 'H100'). Sources: NVIDIA/AMD data sheets.
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
@@ -147,4 +149,4 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(path, what="metrics file")
