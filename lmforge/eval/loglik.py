@@ -9,10 +9,12 @@
   - "auto" (default): requests that share a context and whose continuations are all one token
     (MMLU's " A".." D") are scored from one forward of the context, `batch_size` contexts per
     forward; the rest go "padded";
-  - "cache": like "auto", but a question with longer choices runs its context once into a KV cache,
-    broadcasts it to one row per choice and scores all choices in one batched forward. It computes
-    each context once instead of once per choice, but it is two small forwards per question;
-    benchmarks/eval_scoring.py measures when that pays (on a loaded 2-core CPU it did not).
+  - "cache": like "auto", but questions with longer choices share their context: several
+    questions' contexts are packed as right-padded rows into one forward that fills a KV cache,
+    the cache is fanned out to one row per choice, and all those choices run in one batched
+    forward against it (per-row positions; padded context slots and padded choice tokens are
+    masked out). Each context is computed once instead of once per choice, `batch_size` choice
+    rows per pair of forwards; benchmarks/eval_scoring.py measures when that pays.
 - `rolling_logprobs(model, token_lists)`: per-token log-probs of whole documents longer than the
   context, by sliding windows (each token is scored once, with at least `context - stride` tokens
   of context once the document is long enough).
@@ -29,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import ConfigError
-from lmforge.model.cache import KVCache
 
 
 @dataclass
@@ -93,12 +94,48 @@ def score_continuations(model, requests: list[tuple[list[int], list[int]]], *, b
         for i, sc in zip(rest, _score_padded(model, [fitted[i] for i in rest], batch_size)):
             out[i] = sc
         return out  # type: ignore[return-value]
-    for ctx, idx in groups.items():
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start:start + batch_size]
-            for i, s in zip(chunk, _score_group(model, list(ctx), [fitted[i][1] for i in chunk])):
-                out[i] = s
+    # Whole questions (one with more than batch_size choices in chunks), longest contexts first so
+    # that a batch's contexts have similar lengths (little padding in the prefill).
+    jobs = sorted(((list(ctx), idx[s:s + batch_size]) for ctx, idx in groups.items()
+                   for s in range(0, len(idx), batch_size)), key=lambda j: (-len(j[0]), j[0]))
+    for batch in _pack(jobs, batch_size):
+        scores = _score_shared_prefix(model, [(ctx, [fitted[i][1] for i in idx]) for ctx, idx in batch])
+        for i, sc in zip((i for _, idx in batch for i in idx), scores):
+            out[i] = sc
     return out  # type: ignore[return-value]
+
+
+def _pack(jobs: list[tuple[list[int], list[int]]], rows: int):
+    """Consecutive (context, request indices) jobs grouped so that each group has at most `rows`
+    indices in all (a job is never split; each has at most `rows`)."""
+    batch, n = [], 0
+    for job in jobs:
+        if batch and n + len(job[1]) > rows:
+            yield batch
+            batch, n = [], 0
+        batch.append(job)
+        n += len(job[1])
+    if batch:
+        yield batch
+
+
+def _pad(rows: list[list[int]], width: int, fill: int, device: torch.device) -> torch.Tensor:
+    """Right-padded [len(rows), width] long tensor, built on the CPU and moved in one copy."""
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for r, x in enumerate(rows):
+        out[r, :len(x)] = torch.tensor(x, dtype=torch.long)
+    return out.to(device)
+
+
+def _row_scores(logits: torch.Tensor, targets: torch.Tensor) -> list[Score]:
+    """One Score per row from logits [B, T, V] and targets [B, T] (-100 where not scored), with a
+    single device-to-host transfer for the whole batch."""
+    lp, hit = _gather_logprobs(logits, targets)
+    scored = targets >= 0
+    sums = torch.where(scored, lp, torch.zeros_like(lp)).sum(-1)
+    greedy = (hit | ~scored).all(-1)
+    return [Score(float(a), int(n), bool(g))
+            for a, n, g in zip(sums.tolist(), scored.sum(-1).tolist(), greedy.tolist())]
 
 
 def _last_logprobs(model, contexts: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
@@ -106,38 +143,87 @@ def _last_logprobs(model, contexts: list[list[int]]) -> tuple[torch.Tensor, list
     own last position is read): (log-probs [n, V] on the CPU, argmax ids)."""
     dev = _device(model)
     lengths = torch.tensor([len(c) for c in contexts], device=dev)
-    inp = torch.zeros(len(contexts), int(lengths.max()), dtype=torch.long, device=dev)
-    for r, c in enumerate(contexts):
-        inp[r, :len(c)] = torch.tensor(c, device=dev)
+    inp = _pad(contexts, max(len(c) for c in contexts), 0, dev)
     logits = model(inp).logits[torch.arange(len(contexts), device=dev), lengths - 1]
     logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     return logp.cpu(), logits.argmax(-1).tolist()
 
 
-def _score_group(model, context: list[int], continuations: list[list[int]]) -> list[Score]:
-    """One context, several continuations: prefill the context once, then all choices in one batch."""
+class _PrefixLayer:
+    """One layer's cache for `_score_shared_prefix` (the model's cache contract: `update`,
+    `length`). The first update (the packed contexts) is plain causal attention. After `fan_out`,
+    it holds one row per choice and `key_positions` [rows, cached + new] for the next call: each
+    cached or new key's position, -1 for padding, so attention masks keys by position per row."""
+
+    def __init__(self) -> None:
+        self.tensors: tuple[torch.Tensor, ...] | None = None
+        self.key_positions: torch.Tensor | None = None
+
+    @property
+    def keys_at_positions(self) -> bool:
+        return self.key_positions is not None
+
+    def update(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.tensors is None:
+            self.tensors = new
+        else:
+            self.tensors = tuple(torch.cat((old, t), dim=-2) for old, t in zip(self.tensors, new))
+        return self.tensors
+
+    @property
+    def length(self) -> int:
+        return 0 if self.tensors is None else self.tensors[0].shape[-2]
+
+
+class _PrefixCache:
+    def __init__(self, n_layers: int) -> None:
+        self.layers = [_PrefixLayer() for _ in range(n_layers)]
+
+    def layer(self, i: int) -> _PrefixLayer:
+        return self.layers[i]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def fan_out(self, rows: torch.Tensor, key_positions: torch.Tensor) -> None:
+        """Row r becomes a copy of cached row rows[r]; key_positions covers cached + next keys."""
+        for layer in self.layers:
+            layer.tensors = tuple(t.index_select(0, rows) for t in layer.tensors)
+            layer.key_positions = key_positions
+
+
+def _score_shared_prefix(model, questions: list[tuple[list[int], list[list[int]]]]) -> list[Score]:
+    """Several (context, continuations) questions in two forwards: the contexts packed as
+    right-padded rows into a KV cache, then every continuation of every question as one row
+    against its own context's cached keys. Scores in the order of the questions' continuations."""
     dev = _device(model)
-    n, L = len(continuations), max(len(c) for c in continuations)
-    cache = KVCache(model.cfg.n_layers)
-    first = model(torch.tensor([context], device=dev), kv_cache=cache).logits[:, -1:]  # [1, 1, V]
-    # Broadcast the cached context to one row per continuation (expand is a view; the next
-    # update's cat makes the real copy).
-    for layer in cache.layers:
-        layer.tensors = tuple(t.expand(n, *t.shape[1:]) for t in layer.tensors)
-    pad = torch.zeros(n, L, dtype=torch.long, device=dev)
-    for r, c in enumerate(continuations):
-        pad[r, :len(c)] = torch.tensor(c, device=dev)
-    logits = first.expand(n, 1, -1)
-    if L > 1:
-        # Right padding is harmless: causal attention never lets a real token see a later pad.
-        rest = model(pad[:, :-1], kv_cache=cache).logits
-        logits = torch.cat([logits, rest], dim=1)
-    lp, hit = _gather_logprobs(logits, pad)
-    return [_summarise(lp[r], hit[r], len(c)) for r, c in enumerate(continuations)]
-
-
-def _summarise(lp: torch.Tensor, hit: torch.Tensor, n: int) -> Score:
-    return Score(float(lp[:n].sum()), n, bool(hit[:n].all()))
+    ctx_lens = [len(c) for c, _ in questions]
+    S = max(ctx_lens)
+    cache = _PrefixCache(model.cfg.n_layers)
+    # Right padding is harmless in the prefill: causal attention never lets a real token see a
+    # later pad; the pad slots are masked out below.
+    logits = model(_pad([c for c, _ in questions], S, 0, dev), kv_cache=cache).logits
+    owner = [q for q, (_, conts) in enumerate(questions) for _ in conts]
+    conts = [x for _, xs in questions for x in xs]
+    rows = torch.tensor(owner, device=dev)
+    lens = torch.tensor([ctx_lens[q] for q in owner], device=dev)
+    first = logits[torch.arange(len(questions), device=dev), torch.tensor(ctx_lens, device=dev) - 1]
+    first = first.index_select(0, rows).unsqueeze(1)  # [R, 1, V]: predicts each first choice token
+    targets = _pad(conts, max(len(x) for x in conts), -100, dev)
+    T = targets.shape[1] - 1  # choice tokens fed as input (all but the last)
+    if T == 0:
+        return _row_scores(first, targets)
+    # Choice token t of row r sits at position len(context) + t. Inputs that predict nothing (the
+    # padding, and a shorter choice's last token) get position 0 as a query and -1 as a key, so no
+    # scored token attends to them and no position runs past the context length.
+    real = targets[:, 1:] >= 0
+    pos = torch.where(real, lens[:, None] + torch.arange(T, device=dev), 0)
+    cached = torch.arange(S, device=dev).expand(len(conts), S)
+    key_pos = torch.cat((torch.where(cached < lens[:, None], cached, -1), torch.where(real, pos, -1)), 1)
+    cache.fan_out(rows, key_pos)
+    rest = model(targets[:, :-1].clamp_min(0), positions=pos, kv_cache=cache).logits
+    return _row_scores(torch.cat((first, rest), dim=1), targets)
 
 
 def _score_padded(model, fitted: list[tuple[list[int], list[int]]], batch_size: int) -> list[Score]:
@@ -153,17 +239,11 @@ def _score_padded(model, fitted: list[tuple[list[int], list[int]]], batch_size: 
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         chunk = [fitted[i] for i in idx]
-        rows = [c + x for c, x in chunk]
-        T = max(len(r) for r in rows) - 1
-        inp = torch.zeros(len(rows), T, dtype=torch.long, device=dev)
-        tgt = torch.full((len(rows), T), -100, dtype=torch.long, device=dev)
-        for r, ((c, x), row) in enumerate(zip(chunk, rows)):
-            inp[r, :len(row) - 1] = torch.tensor(row[:-1], device=dev)
-            tgt[r, len(c) - 1:len(row) - 1] = torch.tensor(x, device=dev)
-        lp, hit = _gather_logprobs(model(inp).logits, tgt)
-        for r, (i, (c, x)) in enumerate(zip(idx, chunk)):
-            sl = slice(len(c) - 1, len(c) - 1 + len(x))
-            out[i] = Score(float(lp[r, sl].sum()), len(x), bool(hit[r, sl].all()))
+        inp = _pad([(c + x)[:-1] for c, x in chunk], max(len(c) + len(x) for c, x in chunk) - 1, 0, dev)
+        # target of input position p is token p + 1: the continuation starts at len(c) - 1
+        tgt = _pad([[-100] * (len(c) - 1) + x for c, x in chunk], inp.shape[1], -100, dev)
+        for i, sc in zip(idx, _row_scores(model(inp).logits, tgt)):
+            out[i] = sc
     return out  # type: ignore[return-value]
 
 

@@ -9,6 +9,7 @@ from lmforge.data.sources import Document
 from lmforge.errors import ConfigError
 from lmforge.eval.intrinsic import evaluate_corpus
 from lmforge.eval.loglik import rolling_logprobs, rolling_windows, score_continuations
+from lmforge.model.mla import MLAConfig
 
 from .helpers import brute_logprob, byte_tokenizer, tiny_model
 
@@ -34,6 +35,45 @@ def test_continuations_equal_brute_force(strategy):
         ref = brute_logprob(model, row, len(row) - len(x))
         assert s.n_tokens == len(x)
         assert s.logprob == pytest.approx(sum(ref), rel=1e-9, abs=1e-9)
+
+
+ARCHITECTURES = {
+    "rope-gqa": {},
+    "learned": dict(positions="learned"),
+    "window-nope": dict(window=5, layer_pattern=["local", "global-nope"]),
+    "mla": dict(mla=MLAConfig(kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=6)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_cache_batches_questions_and_equals_brute_force(arch):
+    """The shared-prefix path packs several questions per pair of forwards (contexts of different
+    lengths in one prefill, choices of different lengths in one batch, contexts left-truncated so
+    that the longest choice ends at the last position) and still equals brute force per token."""
+    model = tiny_model(**ARCHITECTURES[arch])
+    L = model.cfg.context_length
+    g = torch.Generator().manual_seed(11)
+    reqs = []
+    for n_ctx, lens in [(7, (2, 5, 1)), (3, (4, 4)), (13, (9, 2, 3, 6)), (12, (2, 7, 3)), (1, (3, 1, 5)),
+                        (L + 1 - 6, (6, 2, 1)), (30, (3,))]:
+        ctx = torch.randint(0, 257, (n_ctx,), generator=g).tolist()
+        reqs += [(ctx, torch.randint(0, 257, (m,), generator=g).tolist()) for m in lens]
+    calls = []
+    hook = model.register_forward_hook(lambda m, a, o: calls.append(tuple(a[0].shape)))
+    scores = score_continuations(model, reqs, batch_size=7, strategy="cache")
+    hook.remove()
+    # 7 questions (contexts of 21 after truncation, 18, 13, 12, 7, 3, 1 tokens; 1, 3, 4, 3, 3, 2, 3
+    # choices) packed longest first into at most 7 choice rows: 4 batches of two forwards each
+    assert calls[::2] == [(2, 21), (2, 13), (2, 7), (1, 1)]
+    assert calls[1::2] == [(4, 5), (7, 8), (5, 4), (3, 4)]
+    for (c, x), s in zip(reqs, scores):
+        row = (c + x)[-(L + 1):]
+        ref = brute_logprob(model, row, len(row) - len(x))
+        assert s.n_tokens == len(x)
+        assert s.logprob == pytest.approx(sum(ref), rel=1e-9, abs=1e-9)
+        assert s.is_greedy == all(
+            int(model(torch.tensor([row[max(0, t - L):t]])).logits[0, -1].argmax()) == row[t]
+            for t in range(len(row) - len(x), len(row)))
 
 
 def test_single_token_choices_share_one_forward():
