@@ -4,17 +4,34 @@ One Llama-shape model with random weights (seeded), exported through lmforge.int
 very same weights. Greedy decoding of `--new` tokens after a `--prompt`-token prompt, timed in the
 same process, same threads:
   naive        lmforge.train.generate.generate: re-runs the whole context per token (batch 1)
-  hf           transformers `generate` (default dynamic cache)
-  hf_static    transformers `generate` with cache_implementation="static" (no compile on CPU)
-  engine       lmforge.inference.Engine (preallocated cache, batched decode)
+  hf           transformers `generate` (default dynamic cache, eager)
+  hf_static    transformers `generate`, cache_implementation="static", eager (disable_compile=True:
+               on CUDA recent transformers would otherwise auto-compile a static-cache decode)
+  hf_compile   (CUDA only) HF at its best, as its docs describe: static cache and
+               `model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)`
+               (on a second copy of the model; generate's own auto-compile is disabled so the
+               forward is compiled once, not wrapped twice)
+  engine       lmforge.inference.Engine (preallocated cache, batched decode), eager
   engine_int8  the engine on the int8 weight-only quantized model
   engine_compiled  (CUDA only) the engine with its decode step compiled into a CUDA graph
+Compiled variants get two untimed warm-up calls (compilation, CUDA-graph capture), the others one.
 Tokens/s counts generated tokens over all rows; each variant's best of --repeats rounds, the
 variants interleaved in rotating order within each round. Greedy outputs are compared with HF's (the fraction
 of rows whose tokens are identical is printed; float round-off can flip near-ties).
 
+At batch 1 the table also gives the achieved memory bandwidth: bytes a decode step must read
+(every weight once, except that the input embedding reads one row, plus the KV cache at the mean
+length prompt + new/2) times steps per second (new / seconds; the time includes the prefill, so
+this is a slight underestimate), and its fraction of the card's peak (H100 SXM 3.35 TB/s, H100 PCIe
+2.0, H200 4.8, from the device name; --peak-tbs overrides; none on CPU).
+
   python benchmarks/inference_decode.py                      # CPU, tiny shape, batch 1 and 8
-  python benchmarks/inference_decode.py --shape gpt2s --batch 1 64   # GPU-sized (lent GPU)
+  python benchmarks/inference_decode.py --shape llama124m --batch 1 64   # lent GPU
+  python benchmarks/inference_decode.py --shape llama1b --batch 1        # lent GPU: roofline
+
+Shapes: llama124m (alias gpt2s): Llama layout (RMSNorm, SwiGLU, RoPE, untied head), d 768,
+12 layers, 12 heads, vocab 32000; llama1b: the TinyLlama 1.1B shape (22 layers, d 2048, GQA 32/4,
+d_ff 5632, vocab 32000).
 
 Prints a table and writes JSON (--out, default runs/bench/inference_decode_<device>.json).
 """
@@ -38,19 +55,42 @@ from lmforge.io import write_json
 from lmforge.model import ModelConfig, Transformer
 from lmforge.train.generate import generate as naive_generate
 
+LLAMA124M = dict(vocab_size=32000, context_length=2048, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12)
 SHAPES = {
     "tiny": dict(vocab_size=4096, context_length=512, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2),
-    "gpt2s": dict(vocab_size=32000, context_length=2048, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12),
-    "1b": dict(vocab_size=32000, context_length=2048, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
-               d_ff=5632),
+    "llama124m": LLAMA124M,
+    "gpt2s": LLAMA124M,  # the name used for the first GPU numbers in docs/benchmarks.md
+    "llama1b": dict(vocab_size=32000, context_length=2048, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                    d_ff=5632),
 }
+PEAK_TBS = [("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35)]  # first match in the device name wins
+COMPILED = ("hf_compile", "engine_compiled")
 
 
+def peak_tbs(device: torch.device, override: float | None) -> float | None:
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tbs for key, tbs in PEAK_TBS if key in name), None)
 
 
+def step_bytes(model: torch.nn.Module, length: int) -> int:
+    """Bytes one batch-1 decode step must read: all weights (the input embedding: one row) + the
+    KV cache of `length` tokens."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    emb = model.tok_emb.weight
+    cfg = model.cfg
+    if not cfg.tie_embeddings:  # a tied table is read whole by the head
+        weights -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
+    elt = emb.element_size()
+    kv = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * length * elt
+    return weights + kv
 
 
-def run_batch(B, prompts, model, qmodel, hf, args, device) -> list[dict]:
+def run_batch(B, prompts, model, qmodel, hf, hf_c, args, device) -> list[dict]:
     """Time every variant at batch B; one row per variant."""
     cfg = model.cfg
     variants = {}
@@ -59,16 +99,18 @@ def run_batch(B, prompts, model, qmodel, hf, args, device) -> list[dict]:
                                                     context_length=cfg.context_length, temperature=0)]
     hf_in = prompts.to(device)
 
-    def hf_gen(**kw):
+    def hf_gen(m, **kw):
         with torch.no_grad():
-            out = hf.generate(hf_in, attention_mask=torch.ones_like(hf_in), max_new_tokens=args.new,
-                              min_new_tokens=args.new, do_sample=False, pad_token_id=0, **kw)
+            out = m.generate(hf_in, attention_mask=torch.ones_like(hf_in), max_new_tokens=args.new,
+                             min_new_tokens=args.new, do_sample=False, pad_token_id=0, **kw)
         return out[:, args.prompt:].tolist()
 
     if "hf" not in args.skip:
-        variants["hf"] = hf_gen
+        variants["hf"] = lambda: hf_gen(hf)
     if "hf_static" not in args.skip:
-        variants["hf_static"] = lambda: hf_gen(cache_implementation="static")
+        variants["hf_static"] = lambda: hf_gen(hf, cache_implementation="static", disable_compile=True)
+    if hf_c is not None:  # cache_implementation="static" is set on its generation_config
+        variants["hf_compile"] = lambda: hf_gen(hf_c, disable_compile=True)
     max_len = args.prompt + args.new
     sp = SamplingParams(max_tokens=args.new, temperature=0)
     engines = [("engine", model, False), ("engine_int8", qmodel, False)]
@@ -79,8 +121,9 @@ def run_batch(B, prompts, model, qmodel, hf, args, device) -> list[dict]:
             engine = Engine(m, max_batch=B, max_len=max_len, eos_ids=[], compile=compiled)
             variants[name] = lambda engine=engine: [c[0].token_ids for c in engine.generate(prompts.tolist(), sp)]
     outs, best = {}, {}
-    for fn in variants.values():
-        fn()  # warm-up
+    for name, fn in variants.items():
+        for _ in range(2 if name in COMPILED else 1):  # warm-up (compiled: compile, then capture)
+            fn()
     names = list(variants)
     for r in range(args.repeats):  # interleaved, rotating order: the shared machine's load drifts
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -89,12 +132,19 @@ def run_batch(B, prompts, model, qmodel, hf, args, device) -> list[dict]:
     rows = [{"batch": B, "variant": n, "seconds": best[n], "tokens_per_s": B * args.new / best[n]} for n in names]
     speed = {r["variant"]: r["tokens_per_s"] for r in rows}
     ref = outs.get("hf")
+    peak = peak_tbs(device, args.peak_tbs)
+    mean_len = args.prompt + args.new // 2
     for r in rows:
         r["same_as_hf"] = sum(a == b for a, b in zip(outs[r["variant"]], ref)) / len(ref) if ref else None
         r["vs_hf"] = speed[r["variant"]] / speed["hf"] if "hf" in speed else None
         r["vs_naive"] = speed[r["variant"]] / speed["naive"] if "naive" in speed else None
+        r["bandwidth_tbs"] = r["bandwidth_frac"] = None
+        if B == 1 and r["variant"] != "naive":  # naive re-reads the whole context: not a decode step
+            m = qmodel if r["variant"] == "engine_int8" else model
+            r["step_bytes"] = step_bytes(m, mean_len)
+            r["bandwidth_tbs"] = r["step_bytes"] * (args.new / r["seconds"]) / 1e12
+            r["bandwidth_frac"] = r["bandwidth_tbs"] / peak if peak else None
     return rows
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -105,6 +155,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=4, help="timed rounds (best kept)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     ap.add_argument("--skip", nargs="*", default=[], help="variants to skip")
+    ap.add_argument("--peak-tbs", type=float, default=None, help="the card's peak memory bandwidth, TB/s")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -122,24 +173,31 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(model, Path(tmp) / "hf")
         hf = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=dtype).to(device).eval()
+        hf_c = None
+        if device.type == "cuda" and "hf_compile" not in args.skip:  # HF's documented recipe
+            hf_c = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=dtype).to(device).eval()
+            hf_c.generation_config.cache_implementation = "static"
+            hf_c.forward = torch.compile(hf_c.forward, mode="reduce-overhead", fullgraph=True)
 
     qmodel = quantize_model(copy.deepcopy(model), "int8") if "engine_int8" not in args.skip else None
     g = torch.Generator().manual_seed(1)
     rows = []
     for B in args.batch:
         prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt), generator=g)
-        rows += run_batch(B, prompts, model, qmodel, hf, args, device)
+        rows += run_batch(B, prompts, model, qmodel, hf, hf_c, args, device)
 
-    print(f"{'batch':>5} {'variant':<12} {'tok/s':>10} {'x hf':>7} {'x naive':>8} {'same as hf':>10}")
+    print(f"{'batch':>5} {'variant':<16} {'tok/s':>10} {'x hf':>7} {'x naive':>8} {'same as hf':>10} "
+          f"{'TB/s':>7} {'of peak':>7}")
     for r in rows:
-        f = lambda v, spec: format(v, spec) if v is not None else "-"
-        print(f"{r['batch']:>5} {r['variant']:<12} {r['tokens_per_s']:>10.1f} {f(r['vs_hf'], '>7.2f')} "
-              f"{f(r['vs_naive'], '>8.2f')} {f(r['same_as_hf'], '>10.2f')}")
+        f = lambda v, spec: format(v, spec) if v is not None else format("-", spec.split(".")[0])
+        print(f"{r['batch']:>5} {r['variant']:<16} {r['tokens_per_s']:>10.1f} {f(r['vs_hf'], '>7.2f')} "
+              f"{f(r['vs_naive'], '>8.2f')} {f(r['same_as_hf'], '>10.2f')} {f(r['bandwidth_tbs'], '>7.3f')} "
+              f"{f(r['bandwidth_frac'], '>7.1%')}")
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     out = Path(args.out or f"runs/bench/inference_decode_{device.type}.json")
     write_json(out, {"device": dev_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "shape": args.shape, "prompt": args.prompt,
-                     "new": args.new, "command": " ".join(sys.argv),
+                     "new": args.new, "peak_tbs": peak_tbs(device, args.peak_tbs), "command": " ".join(sys.argv),
                      "date": datetime.date.today().isoformat(), "results": rows})
     print(f"wrote {out}")
     return 0

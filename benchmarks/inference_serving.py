@@ -9,10 +9,14 @@ drawn uniformly (seeded). Both policies use one `Engine` with `--max-batch` slot
   chunked     continuous, with prefill limited to --prefill-chunk tokens per step
 Reported: time to first token (TTFT, from arrival), inter-token latency (ITL, mean gap between a
 request's tokens), and throughput (generated tokens / wall time), measured in one process; each
-policy runs --rounds times in rotating order and the medians are reported.
+policy runs --rounds times in rotating order and the medians are reported. All policies drive the
+same Engine object (built and warmed up once), so with --compile (CUDA only: the decode step as a
+CUDA graph) they share one compilation. The clients are simulated in the engine's own loop (no
+threads, no HTTP): this measures scheduling, not the server's JSON/SSE overhead.
 
   python benchmarks/inference_serving.py                 # CPU, tiny model
-  python benchmarks/inference_serving.py --shape gpt2s --requests 256 --rate 50 --max-batch 64
+  python benchmarks/inference_serving.py --shape gpt2s --requests 256 --rate 50 --max-batch 64 \
+      --max-prompt 256 --max-new 128 --compile         # lent GPU
 
 Prints a table and writes JSON (--out, default runs/bench/inference_serving_<device>.json).
 """
@@ -37,6 +41,7 @@ SHAPES = {
     "tiny": dict(vocab_size=4096, context_length=512, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2),
     "gpt2s": dict(vocab_size=32000, context_length=2048, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12),
 }
+SHAPES["llama124m"] = SHAPES["gpt2s"]  # the same Llama-layout shape as in inference_decode.py
 
 
 def workload(args, vocab: int):
@@ -93,6 +98,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prefill-chunk", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3, help="runs per policy (medians reported)")
+    ap.add_argument("--compile", action="store_true", help="CUDA-graph decode step (ignored on CPU)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -103,13 +109,16 @@ def main() -> int:
     model = Transformer(ModelConfig(**SHAPES[args.shape], attention_backend="sdpa")).to(device, dtype).eval()
     reqs = workload(args, model.cfg.vocab_size)
     max_len = args.max_prompt + args.max_new + 1
-    Engine(model, max_batch=args.max_batch, max_len=max_len).generate([reqs[0][1]], SamplingParams(max_tokens=4))
+    eng = Engine(model, max_batch=args.max_batch, max_len=max_len, eos_ids=[],
+                 compile=args.compile and device.type == "cuda")
+    warm = [ids for _, ids, _ in reqs[:args.max_batch]]
+    for _ in range(2):  # warm-up: allocator, kernels; compiled: compilation, then graph capture
+        eng.generate(warm, SamplingParams(max_tokens=8, temperature=0))
     policies = ["static", "continuous", "chunked"]
     runs: dict[str, list[dict]] = {p: [] for p in policies}
     for r in range(args.rounds):  # rotate the order: the shared machine's load drifts
         for name in policies[r % 3:] + policies[:r % 3]:
-            chunk = args.prefill_chunk if name == "chunked" else None
-            eng = Engine(model, max_batch=args.max_batch, max_len=max_len, eos_ids=[], prefill_chunk=chunk)
+            eng.prefill_chunk = args.prefill_chunk if name == "chunked" else None
             runs[name].append(dict(serve(eng, reqs, "static" if name == "static" else "continuous"), policy=name))
     rows = [{k: (statistics.median(x[k] for x in runs[p]) if k != "policy" else p) for k in runs[p][0]}
             for p in policies]
@@ -123,7 +132,7 @@ def main() -> int:
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     out = Path(args.out or f"runs/bench/inference_serving_{device.type}.json")
     write_json(out, {"device": dev_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                     "args": vars(args), "command": " ".join(sys.argv),
+                     "compiled": eng.compiled, "args": vars(args), "command": " ".join(sys.argv),
                      "date": datetime.date.today().isoformat(), "results": rows})
     print(f"wrote {out}")
     return 0
