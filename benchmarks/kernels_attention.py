@@ -6,6 +6,12 @@ then times causal forward and forward+backward against SDPA's flash and cuDNN ba
 run (median of do_bench), and prints a table with the ratio to the best SDPA backend.
 
     python benchmarks/kernels_attention.py --out runs/bench   # writes kernels_attention.json
+    python benchmarks/kernels_attention.py --sweep --skip-check   # also writes kernels_attention_sweep.json
+
+`--sweep` times each Triton kernel (forward, dK/dV, dQ, and dK/dV with atomic dQ) under every
+config of a wide candidate list per shape, prints the winner per kernel and shape, then times the
+winning combination fwd+bwd (deterministic and atomic dQ) next to SDPA. Compilation of all
+candidates runs first in parallel worker processes (filling Triton's on-disk cache).
 """
 
 # ruff: noqa: B023  (the lambdas are timed inside the loop iteration that defines them)
@@ -103,10 +109,150 @@ def time_shapes(device, shapes):
     return rows
 
 
+def _cfg(m, n, warps, stages):
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+
+
+SWEEP = {  # kernel -> candidate configs (BLOCK_M = query tile, BLOCK_N = key tile)
+    "fwd": [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 4),
+            _cfg(128, 128, 8, 2), _cfg(128, 64, 8, 4), _cfg(128, 128, 8, 4), _cfg(64, 64, 4, 3),
+            _cfg(64, 128, 4, 3), _cfg(128, 32, 4, 4)],
+    "dkdv": [_cfg(64, 128, 8, 3), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 4),
+             _cfg(64, 128, 8, 2), _cfg(32, 128, 4, 5), _cfg(64, 128, 4, 3), _cfg(32, 128, 8, 3),
+             _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 5)],
+    "dq": [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 4),
+           _cfg(128, 64, 8, 2), _cfg(128, 32, 4, 5), _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 2),
+           _cfg(64, 64, 4, 5)],
+}
+SWEEP["dkdv_atomic"] = SWEEP["dkdv"]
+
+
+def _sweep_call(kernel, cfg, q, k, v, do, fwd_out=None):
+    """One timed call of `kernel` forced to `cfg` (the other backward kernel runs its default)."""
+    from lmforge.kernels import flash_attention_triton as fa
+
+    opts = dict(causal=True, window=None, softcap=None, scale=None, doc_ids=None)
+    out, lse = fwd_out
+    tunable = {"fwd": fa.FWD, "dq": fa.DQ}.get(kernel, fa.DKDV)
+
+    def call():
+        with tunable.force(cfg):
+            if kernel == "fwd":
+                return fa.forward(q, k, v, **opts)
+            return fa.backward(q, k, v, out, lse, do, deterministic=kernel != "dkdv_atomic", **opts)
+    return call
+
+
+def _compile_worker(jobs):
+    """Compile (by running once on a small input of the same specialisation) each (kernel, cfg, D)."""
+    import torch
+
+    from lmforge.kernels import flash_attention_triton as fa
+
+    done = 0
+    for kernel, cfg, D in jobs:
+        q, k, v, do = (torch.randn(1, 2, 256, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        fwd_out = fa.forward(q, k, v, causal=True, window=None, softcap=None, scale=None, doc_ids=None)
+        try:
+            _sweep_call(kernel, cfg, q, k, v, do, fwd_out)()
+            done += 1
+        except Exception as e:  # out of shared memory etc.: the timing pass reports it
+            print(f"  compile {kernel} {cfg} D={D}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+    torch.cuda.synchronize()
+    return done
+
+
+def precompile(head_dims, workers):
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    jobs = [(kern, cfg, D) for D in head_dims for kern, cfgs in SWEEP.items() for cfg in cfgs]
+    jobs += [("dq", None, D) for D in head_dims]  # the defaults the other sweeps run beside
+    chunks = [jobs[i::workers] for i in range(workers)]
+    t0 = time.perf_counter()
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        n = sum(ex.map(_compile_worker, chunks))
+    print(f"precompiled {n}/{len(jobs)} kernels in {time.perf_counter() - t0:.0f} s ({workers} workers)", flush=True)
+
+
+def sweep_shapes(device, shapes, deadline):
+    """Per shape: ms of every candidate config of each kernel, the winners, and the winners' fwd+bwd."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lmforge.kernels import flash_attention_triton as fa
+    from lmforge.kernels.flash_attention import flash_attention
+
+    results = []
+    for B, H, T, D in shapes:
+        q, k, v, do = (torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16) for _ in range(4))
+        flops_fwd = 4 * B * H * T * T * D / 2
+        fwd_out = fa.forward(q, k, v, causal=True, window=None, softcap=None, scale=None, doc_ids=None)
+        res = {"shape": [B, H, T, D], "ms": {}, "best": {}}
+        for kernel, cfgs in SWEEP.items():
+            times = []
+            for cfg in cfgs:
+                if time.perf_counter() > deadline:
+                    break
+                try:
+                    times.append((bench(_sweep_call(kernel, cfg, q, k, v, do, fwd_out)), cfg))
+                except Exception as e:
+                    print(f"  {kernel} {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+            res["ms"][kernel] = [[round(t, 4), c] for t, c in times]
+            if times:
+                t, c = min(times, key=lambda x: x[0])
+                res["best"][kernel] = c
+                print(f"{str((B, H, T, D)):22s} {kernel:12s} best {t:8.3f} ms  {c}   (worst "
+                      f"{max(x[0] for x in times):.3f}, {len(times)} configs)", flush=True)
+        for t in (q, k, v):
+            t.requires_grad_()
+        best = res["best"]
+        combos = {}
+        for name, det, dk_name in (("triton_det", True, "dkdv"), ("triton_atomic", False, "dkdv_atomic")):
+            if "fwd" not in best or dk_name not in best or (det and "dq" not in best):
+                continue
+            def run(det=det, dk_name=dk_name):
+                with fa.FWD.force(best["fwd"]), fa.DKDV.force(best[dk_name]), fa.DQ.force(best.get("dq")):
+                    out = flash_attention(q, k, v, causal=True, deterministic=det, impl="triton")
+                    return torch.autograd.grad(out, (q, k, v), do)
+            combos[name] = run
+        for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def run(backend=backend):
+                with sdpa_kernel(backend):
+                    return torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), do)
+            def fwd_only(backend=backend):
+                with sdpa_kernel(backend), torch.no_grad():
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            combos[name] = run
+            try:
+                res[f"{name}_fwd_tflops"] = round(flops_fwd / bench(fwd_only) / 1e9, 1)
+            except Exception as e:
+                print(f"  {name} fwd failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
+        if "fwd" in best:
+            res["triton_fwd_tflops"] = round(flops_fwd / min(t for t, _ in res["ms"]["fwd"]) / 1e9, 1)
+        grads = {}
+        for name, f in combos.items():
+            try:
+                grads[name] = f()
+                res[f"{name}_fwdbwd_tflops"] = round(3.5 * flops_fwd / bench(f) / 1e9, 1)
+            except Exception as e:
+                print(f"  {name} failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
+        if "sdpa_flash" in grads:  # the winning configs must still compute the right gradients
+            for name in ("triton_det", "triton_atomic"):
+                if name in grads:
+                    res[f"{name}_grad_rel_err_vs_flash"] = [f"{rel(a, b):.1e}" for a, b in zip(grads[name], grads["sdpa_flash"])]
+        results.append(res)
+        print(json.dumps({k: v for k, v in res.items() if k != "ms"}), flush=True)
+    return results
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="time a wide config space per kernel (see module doc)")
+    p.add_argument("--sweep-shapes", default="4,16,4096,128;8,16,2048,128;1,16,16384,128;16,32,1024,64")
+    p.add_argument("--workers", type=int, default=12, help="processes compiling the sweep's kernels")
+    p.add_argument("--budget-s", type=float, default=150, help="stop sweeping configs after this long")
     p.add_argument("--shapes", default="8,16,2048,128;4,16,4096,128;2,16,8192,128;1,16,16384,128;16,32,1024,64;8,32,2048,64")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -122,6 +268,26 @@ def main(argv=None):
     os.environ["LMFORGE_KERNEL_TUNE"] = "0"  # checks: one config each, so no autotuning per option set
     checks = [] if args.skip_check else check_cases(device)
     os.environ["LMFORGE_KERNEL_TUNE"] = info["tune"]
+    if args.sweep:
+        os.environ["LMFORGE_KERNEL_TUNE"] = "0"  # kernels not being swept run their default config
+        t0 = time.perf_counter()
+        sweep_shapes_ = [tuple(int(x) for x in s.split(",")) for s in args.sweep_shapes.split(";") if s]
+        if args.workers > 1:
+            precompile(sorted({s[3] for s in sweep_shapes_}), args.workers)
+        swept = sweep_shapes(device, sweep_shapes_, t0 + args.budget_s)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "kernels_attention_sweep.json"), "w") as f:
+            json.dump({"info": info, "sweep": swept}, f, indent=1)
+        print(f"\n{'shape':22s} {'triton det':>10} {'atomic':>8} {'flash':>8} {'cudnn':>8} | {'fwd':>6} "
+              f"{'cudnn fwd':>9}  (TFLOP/s fwd+bwd, causal bf16; winners per kernel)")
+        for r in swept:
+            g = lambda k: r.get(k, 0)
+            print(f"{str(tuple(r['shape'])):22s} {g('triton_det_fwdbwd_tflops'):>10} {g('triton_atomic_fwdbwd_tflops'):>8} "
+                  f"{g('sdpa_flash_fwdbwd_tflops'):>8} {g('sdpa_cudnn_fwdbwd_tflops'):>8} | "
+                  f"{g('triton_fwd_tflops'):>6} {g('sdpa_cudnn_fwd_tflops'):>9}")
+            for kern, c in r["best"].items():
+                print(f"    {kern:12s} {c}")
+        return 0
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s]
     timings = time_shapes(device, shapes)
     from lmforge.kernels import flash_attention_triton as fa

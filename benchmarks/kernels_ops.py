@@ -76,7 +76,19 @@ def swiglu_rows(device):
 
 
 def ce_rows(device, n_tokens, hidden):
+    from lmforge.kernels import linear_cross_entropy as lce
     from lmforge.kernels.linear_cross_entropy import linear_cross_entropy
+
+    def variant(align, budget):
+        """The fused loss with other padding / chunk settings (module constants restored after)."""
+        def run():
+            saved = lce.VOCAB_ALIGN, lce.CHUNK_BUDGET
+            lce.VOCAB_ALIGN, lce.CHUNK_BUDGET = align, budget
+            try:
+                return linear_cross_entropy(h, w, t, impl="triton").loss_sum
+            finally:
+                lce.VOCAB_ALIGN, lce.CHUNK_BUDGET = saved
+        return run
 
     def torch_loss(h, w, t):
         return F.cross_entropy((h @ w.T).float(), t, ignore_index=-100, reduction="sum")
@@ -89,7 +101,10 @@ def ce_rows(device, n_tokens, hidden):
         t = torch.randint(0, vocab, (n_tokens,), device=device)
         t[::17] = -100
         impls = {"fused_triton": lambda: linear_cross_entropy(h, w, t, impl="triton").loss_sum,
-                 "eager": lambda: torch_loss(h, w, t), "compiled": lambda: compiled(h, w, t)}
+                 "eager": lambda: torch_loss(h, w, t), "compiled": lambda: compiled(h, w, t),
+                 "fused_chunk2^27": variant(lce.VOCAB_ALIGN, 1 << 27)}
+        if vocab % lce.VOCAB_ALIGN:
+            impls["fused_unpadded"] = variant(1, lce.CHUNK_BUDGET)
         hf, wf = (x.detach().float().requires_grad_() for x in (h, w))
         ref_loss = torch_loss(hf, wf, t)
         ref = (ref_loss, *torch.autograd.grad(ref_loss, (hf, wf)))
@@ -141,6 +156,9 @@ def main(argv=None):
             print(f"{'':20s} peak extra MiB: fused {r['fused_triton_peak_extra_MiB']}, eager {r['eager_peak_extra_MiB']}"
                   f", compiled {r['compiled_peak_extra_MiB']} -> eager/fused "
                   f"{r['eager_peak_extra_MiB'] / max(1, r['fused_triton_peak_extra_MiB']):.1f}x")
+            for name in ("fused_chunk2^27", "fused_unpadded"):
+                if f"{name}_fwdbwd_ms" in r:
+                    print(f"{'':20s} {name}: {r[f'{name}_fwdbwd_ms']:.3f} ms, peak extra {r[f'{name}_peak_extra_MiB']} MiB")
     return 0
 
 

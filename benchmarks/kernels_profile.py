@@ -29,9 +29,15 @@ def profile_training(preset: str, overrides: list[str], *, steps: int, warmup: i
                      device: str, out: str, top: int = 25) -> list[dict]:
     from lmforge.model import Transformer, get_preset
 
+    t_start = time.perf_counter()
+
+    def progress(what):  # flushed at once: a run cut off by a time limit still shows where it was
+        print(f"[{time.perf_counter() - t_start:6.1f} s] {what}", flush=True)
+
     cfg = get_preset(preset, overrides)
     torch.manual_seed(0)
     model = Transformer(cfg).to(device)
+    progress(f"built {preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) on {device}")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext())
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
@@ -43,8 +49,11 @@ def profile_training(preset: str, overrides: list[str], *, steps: int, warmup: i
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
+    for i in range(warmup):
         step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        progress(f"warm-up step {i + 1}/{warmup} done (the first compiles/autotunes kernels)")
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -56,8 +65,10 @@ def profile_training(preset: str, overrides: list[str], *, steps: int, warmup: i
         if device == "cuda":
             torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    progress(f"profiled {steps} steps ({wall / steps * 1e3:.1f} ms/step)")
     os.makedirs(out, exist_ok=True)
     prof.export_chrome_trace(os.path.join(out, "trace.json"))
+    progress(f"wrote {os.path.join(out, 'trace.json')}")
 
     on_gpu = device == "cuda"
     events = prof.key_averages()
@@ -78,7 +89,7 @@ def profile_training(preset: str, overrides: list[str], *, steps: int, warmup: i
             "timed": "self device time" if on_gpu else "self CPU time"}
     with open(os.path.join(out, "top_kernels.json"), "w") as f:
         json.dump({"info": info, "top": table}, f, indent=1)
-    print(json.dumps(info))
+    print(json.dumps(info), flush=True)
     print(f"{'share':>7} {'ms/step':>9} {'calls':>6}  kernel / op ({info['timed']})")
     for r in table:
         print(f"{100 * r['share']:6.1f}% {r['time_ms_per_step']:9.3f} {r['calls_per_step']:6.0f}  {r['name'][:90]}")

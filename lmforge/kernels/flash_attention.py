@@ -28,14 +28,14 @@ class FlashAttentionTriton(torch.autograd.Function):
     """The Triton kernels as an autograd op (forward saves O and the base-2 LSE)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, window, softcap, scale, doc_ids):
+    def forward(ctx, q, k, v, causal, window, softcap, scale, doc_ids, deterministic):
         from lmforge.kernels import flash_attention_triton as fa
 
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         opts = dict(causal=causal, window=window, softcap=softcap, scale=scale, doc_ids=doc_ids)
         out, lse = fa.forward(q, k, v, **opts)
         ctx.save_for_backward(q, k, v, out, lse, doc_ids)
-        ctx.opts = opts
+        ctx.opts, ctx.deterministic = opts, deterministic
         return out
 
     @staticmethod
@@ -44,8 +44,8 @@ class FlashAttentionTriton(torch.autograd.Function):
 
         q, k, v, out, lse, doc_ids = ctx.saved_tensors
         opts = dict(ctx.opts, doc_ids=doc_ids)
-        dq, dk, dv = fa.backward(q, k, v, out, lse, dout.contiguous(), **opts)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = fa.backward(q, k, v, out, lse, dout.contiguous(), deterministic=ctx.deterministic, **opts)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def _check(q, k, v, causal, window, softcap, scale, doc_ids):
@@ -83,16 +83,20 @@ def _check(q, k, v, causal, window, softcap, scale, doc_ids):
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     window: int | None = None, softcap: float | None = None, scale: float | None = None,
-                    doc_ids: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+                    doc_ids: torch.Tensor | None = None, deterministic: bool = True,
+                    impl: str = "auto") -> torch.Tensor:
     """Attention of q [B,Hq,T,D] over k [B,Hkv,S,D], v [B,Hkv,S,Dv] -> [B,Hq,T,Dv].
 
     When S > T the queries are the last T key positions. `impl`: "auto" (Triton when it can run,
     else the tiled torch path with a logged reason), "triton" (raise if it cannot run) or "torch".
+    `deterministic=False` lets the Triton backward add dQ with atomics (fewer matmuls, run-to-run
+    differences in the last bits); the torch path is deterministic either way.
     """
     _check(q, k, v, causal, window, softcap, scale, doc_ids)
     if doc_ids is not None:
         doc_ids = doc_ids.to(torch.int32).contiguous()
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
     path = choose_impl("flash_attention", impl, q, k, v, uses_bf16_dot=True)
-    fn = FlashAttentionTriton if path == "triton" else TiledAttention
-    return fn.apply(q, k, v, causal, window, softcap, scale, doc_ids)
+    if path == "torch":
+        return TiledAttention.apply(q, k, v, causal, window, softcap, scale, doc_ids)
+    return FlashAttentionTriton.apply(q, k, v, causal, window, softcap, scale, doc_ids, bool(deterministic))

@@ -4,11 +4,13 @@ The algorithm is the one `flash_attention_torch.tiled_forward/tiled_backward` sp
 ops; the masking rules are documented there. Scores are kept in log2 units (scaled by log2(e)) so
 the kernels can use exp2; the saved LSE is therefore base 2 and private to these kernels.
 
-Work split (no atomics, so results are deterministic):
+Work split (no atomics by default, so results are deterministic):
 - forward: one program per (query tile, batch x query head), looping over the visible key tiles;
 - dK/dV: one program per (key tile, batch x KV head), looping over the query heads of its group and
   their visible query tiles, so GQA/MQA never materialise repeated K/V;
-- dQ: one program per (query tile, batch x query head), looping over visible key tiles.
+- dQ: one program per (query tile, batch x query head), looping over visible key tiles; or, with
+  deterministic=False, no dQ kernel: the dK/dV kernel adds dS K into an fp32 dQ with atomics.
+Query-tile programs run the heaviest (last, under a causal mask) tiles first.
 Each loop is split into masked edge tiles and unmasked interior tiles so that only the tiles on
 the causal diagonal, the window edge or the sequence end pay for masking.
 
@@ -171,8 +173,10 @@ def _fwd_kernel(Q, K, V, O, LSE, DOC, sqb, sqh, sqt, skb, skh, skt, svb, svh, sv
                 CAUSAL: tl.constexpr, WINDOW_ON: tl.constexpr, HAS_DOC: tl.constexpr,
                 SOFTCAP_ON: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    # Last query tiles first: under a causal mask they have the most key tiles, so the lightest
+    # programs form the final wave (less idle tail). Programs launch with axis 0 fastest.
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP
@@ -227,11 +231,11 @@ def _bwd_preprocess(O, DO, DELTA, n_rows, DV: tl.constexpr, BLOCK_DV: tl.constex
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, doc_ptr, kpos, start, end, T, S,
-                window, sm_scale, softcap, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sqt, doc_ptr, kpos, start, end,
+                T, S, window, sm_scale, softcap, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
                 CAUSAL: tl.constexpr, WINDOW_ON: tl.constexpr, HAS_DOC: tl.constexpr,
-                SOFTCAP_ON: tl.constexpr, PRECISION: tl.constexpr):
+                SOFTCAP_ON: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for m in range(start, end, BLOCK_M):
@@ -261,18 +265,24 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, doc_pt
         if SOFTCAP_ON:
             dsT = dsT * (1.0 - capT * capT)
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
+        if ATOMIC_DQ:  # dQ += dS K here (k is pre-scaled; the launcher rescales), no second pass
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PRECISION)
+            dq_mask = offs_d[None, :] < D
+            if MASKED:
+                dq_mask &= offs_m[:, None] < T
+            tl.atomic_add(dq_base + offs_m[:, None] * D + offs_d[None, :], dq, mask=dq_mask, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DOC, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb,
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DQACC, DOC, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb,
                  sm_scale, softcap, window, T, S, HQ, HKV, GROUP,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  CAUSAL: tl.constexpr, WINDOW_ON: tl.constexpr, HAS_DOC: tl.constexpr,
-                 SOFTCAP_ON: tl.constexpr, PRECISION: tl.constexpr,
+                 SOFTCAP_ON: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)  # key tiles in order: under a causal mask the first ones have most work
     b = pid_bh // HKV
     hk = pid_bh % HKV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -297,15 +307,16 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DOC, sqb, sqh, sqt, skb, skh,
         do_base = DO + row0 * DV
         lse_base = LSE + row0
         delta_base = DELTA + row0
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, doc_ptr, offs_n, lo,
-                             pre, T, S, window, sm_scale, softcap, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, True,
-                             CAUSAL, WINDOW_ON, HAS_DOC, SOFTCAP_ON, PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, doc_ptr, offs_n, pre,
-                             full, T, S, window, sm_scale, softcap, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, False,
-                             CAUSAL, WINDOW_ON, HAS_DOC, SOFTCAP_ON, PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, doc_ptr, offs_n, full,
-                             hi, T, S, window, sm_scale, softcap, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, True,
-                             CAUSAL, WINDOW_ON, HAS_DOC, SOFTCAP_ON, PRECISION)
+        dq_base = DQACC + row0 * D
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sqt, doc_ptr, offs_n,
+                             lo, pre, T, S, window, sm_scale, softcap, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, True,
+                             CAUSAL, WINDOW_ON, HAS_DOC, SOFTCAP_ON, PRECISION, ATOMIC_DQ)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sqt, doc_ptr, offs_n,
+                             pre, full, T, S, window, sm_scale, softcap, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, False,
+                             CAUSAL, WINDOW_ON, HAS_DOC, SOFTCAP_ON, PRECISION, ATOMIC_DQ)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sqt, doc_ptr, offs_n,
+                             full, hi, T, S, window, sm_scale, softcap, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, True,
+                             CAUSAL, WINDOW_ON, HAS_DOC, SOFTCAP_ON, PRECISION, ATOMIC_DQ)
     row = pid_bh.to(tl.int64) * S + offs_n
     nmask = offs_n[:, None] < S
     tl.store(DK + row[:, None] * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
@@ -351,8 +362,8 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, sqb, sqh, sqt, skb, skh, skt, s
                CAUSAL: tl.constexpr, WINDOW_ON: tl.constexpr, HAS_DOC: tl.constexpr,
                SOFTCAP_ON: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest tiles first, as in _fwd_kernel
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP
@@ -397,12 +408,14 @@ def _cfg(m, n, warps, stages):
 
 
 # Candidates for Hopper (first = the default when tuning is off); autotuned per shape key on GPU.
+# `benchmarks/kernels_attention.py --sweep` times a wider space per kernel and shape.
 _KEY = ["T", "S", "D", "DV", "CAUSAL", "WINDOW_ON", "HAS_DOC", "SOFTCAP_ON"]
 _FIXED = dict(BLOCK_M=16, BLOCK_N=16)  # under the interpreter: tiny tiles keep CPU tests fast
 FWD = Tunable(_fwd_kernel, [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3),
                             _cfg(128, 64, 4, 4), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 2)], _KEY, _FIXED)
 DKDV = Tunable(_dkdv_kernel, [_cfg(64, 128, 8, 3), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3),
-                              _cfg(32, 64, 4, 4), _cfg(64, 128, 8, 2)], _KEY, _FIXED)
+                              _cfg(32, 64, 4, 4), _cfg(64, 128, 8, 2)], _KEY + ["ATOMIC_DQ"], _FIXED,
+               reset_to_zero=["DQACC"])
 DQ = Tunable(_dq_kernel, [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3),
                           _cfg(64, 32, 4, 4), _cfg(128, 64, 8, 2)], _KEY, _FIXED)
 
@@ -427,24 +440,35 @@ def forward(q, k, v, *, causal, window, softcap, scale, doc_ids):
     meta["CAUSAL"] = causal
     out = torch.empty(B, HQ, T, DV, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
-    grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * HQ)
+    grid = lambda m: (B * HQ, triton.cdiv(T, m["BLOCK_M"]))
     FWD[grid](q, k, v, out, lse, doc, *strides, *scalars, HQ, HQ // HKV, **meta)
     return out, lse
 
 
-def backward(q, k, v, out, lse, dout, *, causal, window, softcap, scale, doc_ids):
-    """Returns (dq, dk, dv); `out` and `dout` must be contiguous [B,Hq,T,Dv]."""
+def backward(q, k, v, out, lse, dout, *, causal, window, softcap, scale, doc_ids, deterministic=True):
+    """Returns (dq, dk, dv); `out` and `dout` must be contiguous [B,Hq,T,Dv].
+
+    deterministic=False adds dQ into an fp32 buffer with atomics inside the dK/dV kernel (5 matmuls
+    per tile pair instead of 7, but the summation order, hence the last bits, vary run to run).
+    """
     B, HQ, HKV, T, S, D, DV, doc, meta, scalars, strides = _common(q, k, v, softcap, scale, window, doc_ids)
     meta["CAUSAL"] = causal
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     rows, block = B * HQ * T, 64
     _bwd_preprocess[(triton.cdiv(rows, block),)](out, dout, delta, rows, DV=DV, BLOCK_DV=meta["BLOCK_DV"],
                                                  BLOCK_M=block)
-    dq = torch.empty(B, HQ, T, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, HKV, S, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, HKV, S, DV, device=q.device, dtype=v.dtype)
-    grid_kv = lambda m: (triton.cdiv(S, m["BLOCK_N"]), B * HKV)
-    DKDV[grid_kv](q, k, v, dout, lse, delta, dk, dv, doc, *strides, *scalars, HQ, HKV, HQ // HKV, **meta)
-    grid_q = lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * HQ)
+    atomic = not deterministic
+    dq_acc = torch.zeros(B, HQ, T, D, device=q.device, dtype=torch.float32) if atomic else dk.new_empty(1)
+    grid_kv = lambda m: (B * HKV, triton.cdiv(S, m["BLOCK_N"]))
+    DKDV[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, doc, *strides, *scalars, HQ, HKV, HQ // HKV,
+                  ATOMIC_DQ=atomic, **meta)
+    if atomic:
+        # dq_acc holds dS @ K', K' = K * scale * log2(e) as the kernel pre-scaled it (K itself with a softcap)
+        factor = scalars[0] if softcap is not None else 1.0 / LOG2E
+        return (dq_acc * factor).to(q.dtype), dk, dv
+    dq = torch.empty(B, HQ, T, D, device=q.device, dtype=q.dtype)
+    grid_q = lambda m: (B * HQ, triton.cdiv(T, m["BLOCK_M"]))
     DQ[grid_q](q, k, v, dout, lse, delta, dq, doc, *strides, *scalars, HQ, HQ // HKV, **meta)
     return dq, dk, dv

@@ -6,7 +6,8 @@ never holds more than one chunk of logits: for each chunk of rows it computes th
 matmul, the loss and d(loss)/d(logits) in place (Triton kernel `linear_cross_entropy_triton`, or the
 torch twin `ce_chunk_reference`), then immediately dhidden = g @ W and dW += g^T @ h. The gradients
 are thus computed in the forward (as in Liger-Kernel) and only scaled by the incoming gradient in
-backward: 3 matmuls in total, like the unfused loss, with peak memory ~ one chunk of logits plus dW.
+backward: 3 matmuls in total, like the unfused loss, with peak memory ~ one chunk of logits plus dW
+(plus a zero-padded copy of the weight when the vocabulary is not a multiple of VOCAB_ALIGN).
 
 `linear_cross_entropy_reference` is the spec (full logits, fp32 softmax). dW is accumulated in fp32
 across chunks and returned in the weight's dtype.
@@ -65,12 +66,18 @@ def ce_chunk_reference(logits, targets, ignore_index, softcap, z_loss):
     return ce, z
 
 
-def default_chunk_rows(n: int, v: int, budget: int = 1 << 27) -> int:
-    """Rows per chunk: a power of two with about `budget` logits per chunk (256 MiB in bf16).
+# Vocab sizes are padded to a multiple of this inside the loss (a zero-padded copy of the weight):
+# cuBLAS runs bf16 matmuls with an odd vocabulary dimension (GPT-2's 50257) on much slower kernels.
+VOCAB_ALIGN = 128
+CHUNK_BUDGET = 1 << 28  # logits per chunk (512 MiB in bf16)
+
+
+def default_chunk_rows(n: int, v: int, budget: int | None = None) -> int:
+    """Rows per chunk: a power of two with about `budget` logits per chunk.
 
     Each chunk costs one read-modify-write of dW, so chunks should be large; the budget bounds memory.
     """
-    rows = max(1, budget // v)
+    rows = max(1, (budget or CHUNK_BUDGET) // v)
     return min(n, 1 << (rows.bit_length() - 1))
 
 
@@ -79,28 +86,30 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, ignore_index, softcap, z_loss, chunk_rows, path):
         n, v = hidden.shape[0], weight.shape[0]
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        vp = -(-v // VOCAB_ALIGN) * VOCAB_ALIGN
+        # Zero rows: their logits are 0 and never read by the loss, and they add 0 to dhidden.
+        w = weight if vp == v else torch.nn.functional.pad(weight, (0, 0, 0, vp - v))
         dh = torch.empty_like(hidden) if need_dh else None
         # dW accumulates in the weight's dtype through cuBLAS (fp32 inside each matmul, one rounding
         # per chunk): a separate fp32 accumulator would cost a full extra pass over dW per chunk.
-        dw = torch.zeros_like(weight) if need_dw else None
+        dw = torch.zeros_like(w) if need_dw else None
         ce = torch.empty(n, device=hidden.device, dtype=torch.float32)
         z = torch.empty(n, device=hidden.device, dtype=torch.float32)
-        # Rows padded to a multiple of 64 so matmuls on an odd vocab (50257) stay on aligned kernels.
-        buf = torch.empty(min(chunk_rows, n), -(-v // 64) * 64, device=hidden.device, dtype=hidden.dtype)
+        buf = torch.empty(min(chunk_rows, n), vp, device=hidden.device, dtype=hidden.dtype)
         if path == "triton":
             from lmforge.kernels import linear_cross_entropy_triton as kt
         chunk_ce = kt.ce_chunk if path == "triton" else ce_chunk_reference
         for r0 in range(0, n, chunk_rows):
             h = hidden[r0:r0 + chunk_rows]
-            logits = buf[:len(h), :v]  # becomes d(loss)/d(logits) in place
-            torch.mm(h, weight.T, out=logits)
-            ce[r0:r0 + len(h)], z[r0:r0 + len(h)] = chunk_ce(logits, targets[r0:r0 + chunk_rows], ignore_index,
-                                                             softcap, z_loss)
+            logits = buf[:len(h)]  # becomes d(loss)/d(logits) in place
+            torch.mm(h, w.T, out=logits)
+            ce[r0:r0 + len(h)], z[r0:r0 + len(h)] = chunk_ce(logits[:, :v], targets[r0:r0 + chunk_rows],
+                                                             ignore_index, softcap, z_loss)
             if need_dh:
-                torch.mm(logits, weight, out=dh[r0:r0 + len(h)])
+                torch.mm(logits, w, out=dh[r0:r0 + len(h)])
             if need_dw:
                 dw.addmm_(logits.T, h)
-        ctx.save_for_backward(dh, dw)
+        ctx.save_for_backward(dh, dw[:v] if need_dw else None)
         ce_sum, z_sum = ce.sum(), z.sum()
         n_tokens = (targets != ignore_index).sum()
         ctx.mark_non_differentiable(ce_sum, z_sum, n_tokens)

@@ -1,8 +1,10 @@
 """Cross-entropy over one chunk of logits, in place (math in `linear_cross_entropy`). Requires triton.
 
 One program per row: pass 1 walks the vocab in tiles with an online max/sum to get the
-log-sum-exp; pass 2 overwrites the logits with the gradient
+log-sum-exp (one exp2 per logit: each tile is rescaled by a scalar, not per element); pass 2
+overwrites the logits with the gradient
   (softmax * (1 + 2 z_loss lse) - onehot(target)) * (1 - tanh^2 if softcapped).
+Only the first V columns of each row are read or written (the chunk buffer may be wider).
 """
 
 from __future__ import annotations
@@ -22,24 +24,25 @@ def _tanh(x):
 @triton.jit
 def _ce_kernel(LOGITS, TARGETS, CE, Z, V, stride, ignore_index, softcap, z_loss,
                SOFTCAP_ON: tl.constexpr, BLOCK: tl.constexpr):
+    LOG2E: tl.constexpr = 1.4426950408889634
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride
     target = tl.load(TARGETS + row)
     valid = target != ignore_index
     cols = tl.arange(0, BLOCK)
-    m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    s = tl.zeros([BLOCK], dtype=tl.float32)
+    m = tl.full([], float("-inf"), dtype=tl.float32)  # running max and sum, in log2 units
+    s = tl.full([], 0.0, dtype=tl.float32)
     for v0 in range(0, V, BLOCK):
         mask = v0 + cols < V
         x = tl.load(base + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
         if SOFTCAP_ON:
             x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
-        m_new = tl.maximum(m, x)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+        x = x * LOG2E
+        m_new = tl.maximum(m, tl.max(x, 0))  # finite: every tile has at least one real column
+        s = s * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(x - m_new), 0)
         m = m_new
-    m_all = tl.max(m, 0)
-    lse = m_all + tl.log(tl.sum(s * tl.exp(m - m_all), 0))
+    lse2 = m + tl.math.log2(s)
+    lse = lse2 / LOG2E
     x_t = tl.load(base + tl.where(valid, target, 0)).to(tl.float32)
     if SOFTCAP_ON:
         x_t = softcap * _tanh(x_t / softcap)
@@ -54,7 +57,7 @@ def _ce_kernel(LOGITS, TARGETS, CE, Z, V, stride, ignore_index, softcap, z_loss,
         if SOFTCAP_ON:
             t = _tanh(x / softcap)
             x = softcap * t
-        g = tl.exp(x - lse) * scale - tl.where((idx == target) & valid, 1.0, 0.0)
+        g = tl.math.exp2(x * LOG2E - lse2) * scale - tl.where((idx == target) & valid, 1.0, 0.0)
         if SOFTCAP_ON:
             g = g * (1.0 - t * t)
         tl.store(base + idx, g.to(LOGITS.dtype.element_ty), mask=mask)

@@ -11,6 +11,7 @@ It does not import triton at module import time beyond a guarded check, so lmfor
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -97,13 +98,18 @@ class Tunable:
 
     `configs` are dicts of meta-parameters (block sizes) plus optional "num_warps"/"num_stages";
     `key` names the kernel arguments whose values select a cached choice; `fixed` is the config
-    used under the interpreter (small blocks keep CPU tests fast). LMFORGE_KERNEL_TUNE=0 skips tuning
-on GPU and runs the first config. Index like a kernel:
-    `tunable[grid](*args)`, where grid may be a function of the chosen meta-parameters.
+    used under the interpreter (small blocks keep CPU tests fast); `reset_to_zero` names output
+    arguments that the kernel accumulates into (zeroed before each timed candidate).
+    LMFORGE_KERNEL_TUNE=0 skips tuning on GPU and runs the first config; `forced` (set by the
+    `force` context manager) runs one given config, for benchmarks that time candidates themselves.
+    Index like a kernel: `tunable[grid](*args)`, where grid may be a function of the meta-parameters.
     """
 
-    def __init__(self, kernel, configs: list[dict], key: list[str], fixed: dict):
+    def __init__(self, kernel, configs: list[dict], key: list[str], fixed: dict,
+                 reset_to_zero: list[str] | None = None):
         self.kernel, self.configs, self.key, self.fixed = kernel, configs, key, fixed
+        self.reset_to_zero = reset_to_zero
+        self.forced: dict | None = None
         self._autotuned = None
 
     def _tuned(self):
@@ -115,17 +121,29 @@ on GPU and runs the first config. Index like a kernel:
                 meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
                 cfgs.append(triton.Config(meta, num_warps=c.get("num_warps", 4),
                                           num_stages=c.get("num_stages", 2)))
-            self._autotuned = triton.autotune(configs=cfgs, key=self.key)(self.kernel)
+            self._autotuned = triton.autotune(configs=cfgs, key=self.key,
+                                              reset_to_zero=self.reset_to_zero)(self.kernel)
         return self._autotuned
 
     def __getitem__(self, grid):
         if interpreting():
             fixed = {k: v for k, v in self.fixed.items() if k not in ("num_warps", "num_stages")}
             return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **fixed)
+        if self.forced is not None:
+            return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **self.forced)
         if os.environ.get("LMFORGE_KERNEL_TUNE", "1") == "0":  # skip tuning: the first config
             first = self.configs[0]
             return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **first)
         return self._tuned()[grid]
+
+    @contextlib.contextmanager
+    def force(self, config: dict | None):
+        """Within the block, every launch uses `config` (None: the normal choice)."""
+        previous, self.forced = self.forced, config
+        try:
+            yield
+        finally:
+            self.forced = previous
 
     def best_configs(self) -> dict:
         """The cached choice per shape key (for benchmark reports); empty before any GPU launch."""

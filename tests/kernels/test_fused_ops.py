@@ -75,9 +75,11 @@ def ce_case(seed=0, n=29, h=24, v=301, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-@pytest.mark.parametrize("softcap, z_loss, chunk", [(None, 0.0, 7), (4.0, 1e-3, 5), (None, 1e-2, 64)])
-def test_linear_cross_entropy(impl, softcap, z_loss, chunk):
-    hidden, weight, targets = ce_case()
+@pytest.mark.parametrize("softcap, z_loss, chunk, v", [(None, 0.0, 7, 301), (4.0, 1e-3, 5, 301),
+                                                       (None, 1e-2, 64, 301), (None, 0.0, 11, 256)])
+def test_linear_cross_entropy(impl, softcap, z_loss, chunk, v):
+    """v=301 runs on the zero-padded weight (VOCAB_ALIGN), v=256 on the weight itself."""
+    hidden, weight, targets = ce_case(v=v)
     res = linear_cross_entropy(hidden, weight, targets, softcap=softcap, z_loss=z_loss, chunk_rows=chunk,
                                impl=impl)
     got = [res.loss_sum, *torch.autograd.grad(res.loss_sum * 1.5, (hidden, weight))]
