@@ -22,6 +22,11 @@ Tokens reach the host once per step (stop checks and streaming need them), never
 With `compile=True` on CUDA the decode forward runs at a fixed shape (all rows, full cache
 length) through `torch.compile(mode="reduce-overhead")`, i.e. as a CUDA graph.
 
+With `drafter=DraftModel(small) | NGramDrafter(n)` step 2 is a round of exact speculative decoding
+instead (speculative.py): every running row gets up to `spec_k` drafts, the target scores all rows'
+[pending, drafts] in one forward, each row keeps its accepted drafts plus one token and forgets the
+rest of its cache (eager: the speculative forward is not CUDA-graphed).
+
 The engine works in token ids; text (detokenization, stop strings) goes through text.TextStream
 when a tokenizer is given. It does not know about HTTP (server.py) or chat templates.
 """
@@ -38,6 +43,7 @@ from torch import nn
 from lmforge.errors import ConfigError
 from lmforge.inference.cache import StaticKVCache
 from lmforge.inference.sampling import Row, SamplingParams, sample
+from lmforge.inference.speculative import row_probs, row_random, verify_batch
 from lmforge.inference.text import TextStream
 
 
@@ -66,6 +72,9 @@ class Sequence:
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    rounds: int = 0  # speculative rounds, drafted and accepted tokens
+    drafted: int = 0
+    accepted: int = 0
 
 
 @dataclass
@@ -91,7 +100,8 @@ class Completion:
 
 class Engine:
     def __init__(self, model: nn.Module, *, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
-                 eos_ids: list[int] | None = None, compile: bool = False, prefill_chunk: int | None = None):
+                 eos_ids: list[int] | None = None, compile: bool = False, prefill_chunk: int | None = None,
+                 drafter=None, spec_k: int = 4):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -117,6 +127,11 @@ class Engine:
                 torch._dynamo.mark_static_address(t)
         self._decode_fn = (torch.compile(self._forward_full, mode="reduce-overhead", dynamic=False)
                            if self.compiled else None)
+        self.drafter, self.spec_k = drafter, spec_k
+        if drafter is not None:
+            if not 1 <= spec_k < self.cache.slack:  # rolled-back writes must stay within the ring's slack
+                raise ConfigError(f"spec_k = {spec_k} must be in [1, {self.cache.slack})")
+            drafter.start(model, max_batch, self.max_len)
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
@@ -178,7 +193,7 @@ class Engine:
             events += self._prefill(admitted)
         running = [s for s in self.slots if s is not None and s.last is not None]
         if running:
-            events += self._decode(running)
+            events += self._speculate(running) if self.drafter is not None else self._decode(running)
         for req in [r for r in self.requests.values() if r.finished]:
             self.requests.pop(req.request_id)
         return events
@@ -261,29 +276,84 @@ class Engine:
         for s in running:
             tokens[s.slot, 0], pos[s.slot, 0] = s.last, s.length
         tokens, pos = tokens.to(self.device), pos.to(self.device)
-        # rows that hold a sequence still being prefilled (chunked) must not get the dummy write
-        # that idle rows get (token 0 at position 0): decode around them in runs
-        busy = [s.slot for s in self.slots if s is not None and s.last is None and s.slot < nb]
-        if self.compiled and not busy:
+        if self.compiled and not self._busy(nb):
             full_tokens = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
             full_pos = torch.zeros_like(full_tokens)
             full_tokens[:nb], full_pos[:nb] = tokens, pos
             logits = self._decode_fn(full_tokens, full_pos)[:nb, -1]
-        elif not busy:
-            length = max(s.length for s in running) + 1
-            logits = self._forward(tokens, pos, slice(0, nb), length)[:, -1]
         else:
-            length = max(s.length for s in running) + 1
-            logits = torch.zeros(nb, self.model.cfg.vocab_size, device=self.device)
-            bounds = [-1] + sorted(busy) + [nb]
-            for lo, hi in zip(bounds, bounds[1:]):
-                if hi - lo > 1:
-                    rows = slice(lo + 1, hi)
-                    logits[rows] = self._forward(tokens[rows], pos[rows], rows, length)[:, -1].float()
+            logits = self._forward_rows(tokens, pos, max(s.length for s in running) + 1)[:, -1]
         for s in running:
             s.length += 1
         idx = torch.tensor([s.slot for s in running], device=self.device)
         return self._accept(running, logits[idx])
+
+    def _speculate(self, running: list[Sequence]) -> list[Event]:
+        """One round of speculative decoding for every running row (see speculative.py)."""
+        # k drafts fit every row's cache (so do the unused drafts, which act as padding)
+        k = min(self.spec_k, min(self.max_len - s.length - 1 for s in running))
+        drafts, found, q = self.drafter.propose(running, k)
+        n_draft = [0 if s.request.params.penalised else
+                   min(k, s.request.params.max_tokens - len(s.row.output_ids) - 1, found[b] if found is not None else k)
+                   for b, s in enumerate(running)]
+        nb = max(s.slot for s in running) + 1
+        slots = torch.tensor([s.slot for s in running], device=self.device)
+        tokens = torch.zeros(nb, k + 1, dtype=torch.long, device=self.device)
+        tokens[slots] = torch.cat((torch.tensor([[s.last] for s in running], device=self.device), drafts), 1)
+        pos = torch.arange(k + 1, device=self.device).repeat(nb, 1)  # idle rows: junk in free rows
+        pos[slots] += torch.tensor([s.length for s in running], device=self.device)[:, None]
+        logits = self._forward_rows(tokens, pos, max(s.length for s in running) + k + 1)[slots].float()
+        rows = [s.row for s in running]
+        V = logits.shape[-1]
+        out, n_acc = verify_batch(drafts, torch.tensor(n_draft, device=self.device), q, row_probs(logits, rows),
+                                  row_random(rows, (k,), self.device, "uniform"),
+                                  row_random(rows, (V,), self.device, "exponential"))
+        want_lp = any(s.request.params.logprobs is not None for s in running)
+        lp = torch.log_softmax(logits, -1) if want_lp else None
+        out_l, n_acc_l = out.tolist(), n_acc.tolist()  # the one host sync of the step
+        lps, tops = self._spec_logprobs(lp, out, running)
+        events = []
+        for b, s in enumerate(running):
+            s.rounds, s.drafted, s.accepted = s.rounds + 1, s.drafted + n_draft[b], s.accepted + n_acc_l[b]
+            start = s.length
+            for j in range(n_acc_l[b] + 1):  # the accepted drafts are in the cache; the last token is pending
+                s.length = start + 1 + j
+                top = None if tops is None else dict(zip(tops[0][b][j], tops[1][b][j]))
+                events.append(self._emit(s, out_l[b][j], lps[b][j] if lps else None, top))
+                if s.finish_reason is not None:
+                    break
+            if s.finish_reason is None:
+                self.drafter.rollback(s, s.length)
+        return events
+
+    def _spec_logprobs(self, lp, out, running):
+        if lp is None:
+            return None, None
+        lps = lp.gather(-1, out[..., None]).squeeze(-1).tolist()
+        k = max(s.request.params.logprobs or 0 for s in running)
+        if not k:
+            return lps, None
+        vals, ids = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+        return lps, (ids.tolist(), vals.tolist())
+
+    def _busy(self, nb: int) -> list[int]:
+        """Rows below nb that hold a sequence still being prefilled (chunked)."""
+        return [s.slot for s in self.slots if s is not None and s.last is None and s.slot < nb]
+
+    def _forward_rows(self, tokens, pos, length: int) -> torch.Tensor:
+        """Logits for rows 0..nb (tokens, pos [nb, T]); rows still being prefilled (chunked) must
+        not get the junk writes that idle rows get, so the forward runs around them."""
+        nb = tokens.shape[0]
+        busy = self._busy(nb)
+        if not busy:
+            return self._forward(tokens, pos, slice(0, nb), length)
+        logits = torch.zeros(nb, tokens.shape[1], self.model.cfg.vocab_size, device=self.device)
+        bounds = [-1] + sorted(busy) + [nb]
+        for lo, hi in zip(bounds, bounds[1:]):
+            if hi - lo > 1:
+                rows = slice(lo + 1, hi)
+                logits[rows] = self._forward(tokens[rows], pos[rows], rows, length).float()
+        return logits
 
     def _forward(self, ids, pos, rows: slice, length: int) -> torch.Tensor:
         view = self.cache.view(rows, length, pos)
@@ -298,30 +368,30 @@ class Engine:
         tokens = out.tokens.tolist()  # the one host sync of the step
         lps = out.logprobs.tolist() if out.logprobs is not None else None
         tops = (out.top_ids.tolist(), out.top_logprobs.tolist()) if out.top_ids is not None else None
-        events = []
-        for b, (s, tok) in enumerate(zip(seqs, tokens)):
-            p = s.request.params
-            if tok in self.eos_ids or tok in p.stop_ids:
-                events.append(self._finish(s, "stop"))
-                continue
-            s.row.output_ids.append(tok)
-            s.last = tok
-            ev = Event(s.request.request_id, s.index, tok)
-            if lps is not None and p.logprobs is not None:
-                ev.logprob = lps[b]
-                ev.top_logprobs = ({i: v for i, v in zip(tops[0][b][:p.logprobs], tops[1][b][:p.logprobs])}
-                                   if tops is not None and p.logprobs else {})
-                s.logprobs.append(ev.logprob)
-                s.top_logprobs.append(ev.top_logprobs)
-            stopped = False
-            if s.text is not None:
-                ev.text, stopped = s.text.push(tok)
-            events.append(ev)
-            if stopped:
-                self._finish(s, "stop", ev)
-            elif len(s.row.output_ids) >= p.max_tokens or s.length + 1 >= self.max_len:
-                self._finish(s, "length", ev)
-        return events
+        return [self._emit(s, tok, lps[b] if lps else None, dict(zip(tops[0][b], tops[1][b])) if tops else None)
+                for b, (s, tok) in enumerate(zip(seqs, tokens))]
+
+    def _emit(self, s: Sequence, tok: int, logprob: float | None, top: dict[int, float] | None) -> Event:
+        """Sequence s produced token tok (its cache holds s.length tokens before it)."""
+        p = s.request.params
+        if tok in self.eos_ids or tok in p.stop_ids:
+            return self._finish(s, "stop")
+        s.row.output_ids.append(tok)
+        s.last = tok
+        ev = Event(s.request.request_id, s.index, tok)
+        if logprob is not None and p.logprobs is not None:
+            ev.logprob = logprob
+            ev.top_logprobs = dict(list((top or {}).items())[:p.logprobs])
+            s.logprobs.append(ev.logprob)
+            s.top_logprobs.append(ev.top_logprobs)
+        stopped = False
+        if s.text is not None:
+            ev.text, stopped = s.text.push(tok)
+        if stopped:
+            self._finish(s, "stop", ev)
+        elif len(s.row.output_ids) >= p.max_tokens or s.length + 1 >= self.max_len:
+            self._finish(s, "length", ev)
+        return ev
 
     def _finish(self, s: Sequence, reason: str, ev: Event | None = None) -> Event:
         s.finish_reason = reason

@@ -1,21 +1,27 @@
-"""Exact speculative decoding (Leviathan et al. 2023; Chen et al. 2023) for one sequence.
+"""Exact speculative decoding (Leviathan et al. 2023; Chen et al. 2023), batched, inside the engine.
 
-Each round a drafter proposes k tokens d_1..d_k with distributions q_1..q_k; the target model scores
-[pending, d_1..d_k] in ONE forward, giving p_0..p_k. Token d_i is accepted with probability
-min(1, p_{i-1}(d_i) / q_i(d_i)); at the first rejection a token is drawn from
-norm(max(0, p_{i-1} - q_i)) and the round ends; if all k are accepted a bonus token is drawn from
-p_k. Every emitted token then has exactly the target's (processed) distribution. Greedy decoding
-is the special case of one-hot p and q, so its output is token-identical to plain greedy decoding.
+Each round a drafter proposes k tokens d_1..d_k with distributions q_1..q_k for every running
+row; the target model scores [pending, d_1..d_k] of all rows in ONE forward, giving p_0..p_k.
+Token d_i is accepted with probability min(1, p_{i-1}(d_i) / q_i(d_i)); at a row's first rejection
+a token is drawn from norm(max(0, p_{i-1} - q_i)) and that row's round ends; if all its drafts are
+accepted a bonus token is drawn from p_k. Every emitted token then has exactly the target's
+(processed) distribution. Greedy decoding is the case of one-hot p and q, so its output is
+token-identical to plain greedy decoding. Rows accept different numbers of tokens; each row's KV
+cache is rolled back on its own (key slot = position, so rolling back is forgetting positions).
 
-Drafters:
-- `DraftModel(model)`: any smaller lmforge model with the same vocabulary, with its own cache;
-- `NGramDrafter`: prompt lookup: find the latest earlier occurrence of the last n tokens and
+`verify` is the readable one-row rule; `verify_batch` does all rows at once on the device (a
+test checks that they agree given the same random numbers). `Engine(model, drafter=..., spec_k=k)`
+runs the rounds (engine.py `_speculate`); `speculative_generate` is one prompt through such an
+engine, with acceptance statistics.
+
+Drafters (batched over the engine's rows):
+- `DraftModel(model)`: any smaller lmforge model with the same vocabulary, with its own cache of
+  the engine's shape; it remembers how many tokens of each row's sequence its cache holds;
+- `NGramDrafter(n)`: prompt lookup: find the latest earlier occurrence of the last n tokens and
   propose what followed it (q is one-hot, so acceptance is p(d) and the residual is p without d).
-Both caches are preallocated with key slot = position, so rolling back after a rejection is just
-forgetting the rejected positions.
 
-Penalties (repetition/presence/frequency) change p with the sequence, so they are not supported
-here (a clear error). Batched speculative decoding is not implemented.
+Rows with repetition/presence/frequency penalties get no drafts (their p changes with every
+token) and advance one token per round, sampled exactly as in plain decoding.
 """
 
 from __future__ import annotations
@@ -27,51 +33,156 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.inference.cache import StaticKVCache
-from lmforge.inference.sampling import SamplingParams, draw, probs
+from lmforge.inference.sampling import Row, SamplingParams, apply_penalties, probs
 
 
-class _Cached:
-    """A model with a one-row preallocated cache and the number of tokens it holds."""
+# -- the accept/reject rule -------------------------------------------------------------------------
+def verify(draft: list[int], q: torch.Tensor | None, p: torch.Tensor, u: torch.Tensor,
+           noise: torch.Tensor) -> tuple[list[int], int]:
+    """One row (the reference): drafts, q [k, V] (None: one-hot at the drafts), p [k+1, V],
+    uniforms u [k] and exponential noise [V] for the final draw (a draw from r is argmax(r / noise)).
 
-    def __init__(self, model: nn.Module, max_len: int):
-        self.model = model.eval()
-        self.device = next(model.parameters()).device
-        self.cache = StaticKVCache.for_model(model, 1, max_len)
-        self.length = 0
+    Returns (emitted tokens: the accepted drafts then one resampled or bonus token, n_accepted)."""
+    out = []
+    for i, d in enumerate(draft):
+        qd = torch.ones(()) if q is None else q[i, d]
+        if u[i] * qd < p[i, d]:  # u < p/q, without dividing by zero
+            out.append(d)
+            continue
+        qi = torch.nn.functional.one_hot(torch.tensor(d), p.shape[-1]).to(p) if q is None else q[i]
+        residual = (p[i] - qi).clamp_min(0)
+        total = residual.sum()
+        # total = 0 only when p == q, where rejection has probability 0; guard float round-off
+        out.append(int((residual / total if total > 0 else p[i]).div(noise).argmax()))
+        return out, i
+    out.append(int(p[len(draft)].div(noise).argmax()))
+    return out, len(draft)
 
-    def feed(self, ids: list[int]) -> torch.Tensor:
-        """Append tokens at positions length.. ; returns their logits [T, V] (float32)."""
-        T = len(ids)
-        pos = torch.arange(self.length, self.length + T, device=self.device)[None]
-        view = self.cache.view(slice(0, 1), self.length + T, pos)
-        logits = self.model(torch.tensor([ids], device=self.device), positions=pos, kv_cache=view).logits
-        self.length += T
-        return logits[0].float()
+
+def verify_batch(drafts: torch.Tensor, n_draft: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor,
+                 u: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All rows at once: drafts [B, K] (row b uses its first n_draft[b]), q [B, K, V] or None,
+    p [B, K+1, V], u [B, K], noise [B, V]. Returns (tokens [B, K+1], n_accepted [B]): row b emits
+    tokens[b, :n_accepted[b] + 1]."""
+    B, K = drafts.shape
+    rows = torch.arange(B, device=p.device)
+    pd = p[:, :K].gather(-1, drafts[..., None]).squeeze(-1)
+    qd = torch.ones_like(pd) if q is None else q.gather(-1, drafts[..., None]).squeeze(-1)
+    ok = (u * qd < pd) & (torch.arange(K, device=p.device) < n_draft[:, None])
+    n_acc = ok.long().cumprod(-1).sum(-1)  # leading accepts
+    p_n = p[rows, n_acc]
+    at = n_acc.clamp(max=K - 1)
+    q_n = (torch.nn.functional.one_hot(drafts[rows, at], p.shape[-1]).to(p) if q is None else q[rows, at])
+    residual = (p_n - q_n).clamp_min(0)
+    total = residual.sum(-1, keepdim=True)
+    residual = torch.where(total > 0, residual / total.clamp_min(1e-30), p_n)
+    dist = torch.where((n_acc < n_draft)[:, None], residual, p_n)
+    extra = (dist / noise).argmax(-1)
+    tokens = torch.cat((drafts, drafts[:, :1]), dim=1).scatter(1, n_acc[:, None], extra[:, None])
+    return tokens, n_acc
 
 
+# -- per-row processed distributions and random numbers --------------------------------------------
+def row_probs(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """Processed distributions [B, T, V] float32 of logits [B, T, V], each row with its own
+    params; penalties (rows that have them draft nothing) are applied at position 0 only."""
+    logits = logits.float()
+    if any(r.params.penalised for r in rows):
+        logits = logits.clone()
+        logits[:, 0] = apply_penalties(logits[:, 0], rows)
+    out = torch.empty_like(logits)
+    groups: list[tuple[SamplingParams, list[int]]] = []
+    for b, r in enumerate(rows):  # rows with equal settings are processed together
+        g = next((g for g in groups if g[0] == r.params), None)
+        if g is None:
+            groups.append((r.params, [b]))
+        else:
+            g[1].append(b)
+    for params, idx in groups:
+        i = torch.tensor(idx, device=logits.device)
+        out[i] = probs(logits[i], params)
+    return out
+
+
+def row_random(rows: list[Row], shape: tuple[int, ...], device, kind: str) -> torch.Tensor:
+    """[B, *shape] uniforms ("uniform") or Exp(1) noise ("exponential"); a seeded row draws from its
+    own generator (its tokens do not depend on its batch neighbours), the others from the global one."""
+    out = torch.empty(len(rows), *shape, device=device)
+    fill = (lambda t, g: t.uniform_(generator=g)) if kind == "uniform" else (lambda t, g: t.exponential_(generator=g))
+    fill(out, None)
+    for b, r in enumerate(rows):
+        if r.generator is not None:
+            fill(out[b], r.generator)
+    return out
+
+
+def row_draw(p: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """A sample from each row of p [B, V] (exponential race, per-row generators)."""
+    return (p / row_random(rows, p.shape[1:], p.device, "exponential")).argmax(-1)
+
+
+# -- drafters ----------------------------------------------------------------------------------------
 class DraftModel:
-    """Drafts by sampling from a small model (same vocabulary as the target)."""
+    """Drafts by sampling from a small model (same vocabulary as the target), all rows at once."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        self.model = model.eval()
 
-    def start(self, max_len: int) -> None:
-        self.state = _Cached(self.model, max_len)
+    def start(self, target: nn.Module, max_batch: int, max_len: int) -> None:
+        if self.model.cfg.vocab_size != target.cfg.vocab_size:
+            raise ConfigError(f"draft model vocab_size {self.model.cfg.vocab_size} differs from the target's "
+                              f"{target.cfg.vocab_size} (they must share a tokenizer)")
+        self.device = next(target.parameters()).device
+        self.model.to(self.device)
+        self.cache = StaticKVCache.for_model(self.model, max_batch, max_len, device=self.device)
+        self.held: dict[int, tuple[object, int]] = {}  # slot -> (sequence, tokens of it in the cache)
 
-    def propose(self, ids: list[int], k: int, params: SamplingParams, gen) -> tuple[list[int], torch.Tensor]:
-        st = self.state
-        new = ids[st.length:]  # tokens it has not seen (at least the pending one)
-        tokens, qs = [], []
-        for _ in range(k):
-            q = probs(st.feed(new)[-1], params)
-            d = int(draw(q, gen))
-            tokens.append(d)
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: slice) -> torch.Tensor:
+        view = self.cache.view(rows, int(pos.max()) + 1, pos)
+        return self.model(ids, positions=pos, kv_cache=view).logits
+
+    def propose(self, seqs: list, k: int) -> tuple[torch.Tensor, list[int] | None, torch.Tensor]:
+        """k drafts for each sequence: (drafts [B, k], None (all k usable), q [B, k, V])."""
+        tokens = [s.row.prompt_ids + s.row.output_ids for s in seqs]  # last one: pending, not in the target cache
+        rows = [s.row for s in seqs]
+        held = [self.held[s.slot][1] if self.held.get(s.slot, (None,))[0] is s else 0 for s in seqs]
+        nb = max(s.slot for s in seqs) + 1
+        for b, s in enumerate(seqs):  # a new row: prefill all but its last token alone
+            if len(tokens[b]) - held[b] > 2:
+                new = tokens[b][held[b]:-1]
+                pos = torch.arange(held[b], len(tokens[b]) - 1, device=self.device)[None]
+                self._forward(torch.tensor([new], device=self.device), pos, slice(s.slot, s.slot + 1))
+                held[b] = len(tokens[b]) - 1
+        # every row is now one or two tokens behind: one right-padded forward over rows 0..nb
+        C = max(len(t) - h for t, h in zip(tokens, held))
+        ids = torch.zeros(nb, C, dtype=torch.long)
+        pos = torch.arange(C).repeat(nb, 1)  # idle rows: junk at positions 0.., never read
+        for s, t, h in zip(seqs, tokens, held):
+            ids[s.slot, :len(t) - h] = torch.tensor(t[h:])
+            pos[s.slot] = torch.arange(h, h + C)  # padding lands beyond the row's tokens
+        logits = self._forward(ids.to(self.device), pos.to(self.device), slice(0, nb))
+        last = logits[[s.slot for s in seqs], [len(t) - h - 1 for t, h in zip(tokens, held)]].float()
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        start = torch.tensor([len(t) for t in tokens], device=self.device)
+        drafts, qs = [], []
+        for i in range(k):
+            q = row_probs(last[:, None], rows)[:, 0]
+            drafts.append(row_draw(q, rows))
             qs.append(q)
-            new = [d]
-        return tokens, torch.stack(qs)
+            if i == k - 1:
+                break
+            ids = torch.zeros(nb, 1, dtype=torch.long, device=self.device)
+            pos = torch.zeros(nb, 1, dtype=torch.long, device=self.device)
+            ids[slots, 0], pos[slots, 0] = drafts[-1], start + i
+            last = self._forward(ids, pos, slice(0, nb))[slots, 0]
+        for s, t in zip(seqs, tokens):
+            self.held[s.slot] = (s, len(t) + k - 1)
+        return torch.stack(drafts, 1), None, torch.stack(qs, 1)
 
-    def rollback(self, length: int) -> None:
-        self.state.length = min(self.state.length, length)
+    def rollback(self, s, length: int) -> None:
+        """Sequence `s` keeps `length` tokens (the target's cache length after verification)."""
+        if self.held.get(s.slot, (None,))[0] is s:
+            self.held[s.slot] = (s, min(self.held[s.slot][1], length))
 
 
 class NGramDrafter:
@@ -82,42 +193,29 @@ class NGramDrafter:
             raise ConfigError(f"NGramDrafter needs 1 <= n_min <= n_max, got {n_min}, {n_max}")
         self.n_max, self.n_min = n_max, n_min
 
-    def start(self, max_len: int) -> None:
-        pass
+    def start(self, target: nn.Module, max_batch: int, max_len: int) -> None:
+        self.device = next(target.parameters()).device
 
-    def propose(self, ids: list[int], k: int, params: SamplingParams, gen) -> tuple[list[int], None]:
+    def lookup(self, ids: list[int], k: int) -> list[int]:
         for n in range(min(self.n_max, len(ids) - 1), self.n_min - 1, -1):
             tail = ids[-n:]
             for start in range(len(ids) - n - 1, -1, -1):
                 if ids[start:start + n] == tail:
-                    return ids[start + n:start + n + k], None
-        return [], None
+                    return ids[start + n:start + n + k]
+        return []
 
-    def rollback(self, length: int) -> None:
+    def propose(self, seqs: list, k: int) -> tuple[torch.Tensor, list[int], None]:
+        found = [self.lookup(s.row.prompt_ids + s.row.output_ids, k) for s in seqs]
+        drafts = torch.zeros(len(seqs), k, dtype=torch.long)
+        for b, f in enumerate(found):
+            drafts[b, :len(f)] = torch.tensor(f, dtype=torch.long)
+        return drafts.to(self.device), [len(f) for f in found], None
+
+    def rollback(self, s, length: int) -> None:
         pass
 
 
-def verify(draft: list[int], q: torch.Tensor | None, p: torch.Tensor, gen) -> tuple[list[int], int]:
-    """Accept/reject drafts: p [k+1, V] target, q [k, V] draft (None: one-hot at the drafts).
-
-    Returns (emitted tokens: the accepted drafts then one resampled or bonus token, n_accepted)."""
-    out = []
-    for i, d in enumerate(draft):
-        qd = 1.0 if q is None else float(q[i, d])
-        pd = float(p[i, d])
-        if float(torch.rand((), generator=gen)) * qd < pd:  # u < p/q, without dividing by zero
-            out.append(d)
-            continue
-        qi = torch.nn.functional.one_hot(torch.tensor(d), p.shape[-1]).float() if q is None else q[i]
-        residual = (p[i] - qi).clamp_min(0)
-        total = residual.sum()
-        # total = 0 only when p == q, where rejection has probability 0; guard float round-off
-        out.append(int(draw(residual / total if total > 0 else p[i], gen)))
-        return out, i
-    out.append(int(draw(p[len(draft)], gen)))
-    return out, len(draft)
-
-
+# -- one prompt, with statistics -------------------------------------------------------------------
 @dataclass
 class SpecResult:
     token_ids: list[int]
@@ -131,47 +229,16 @@ class SpecResult:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-@torch.inference_mode()
 def speculative_generate(target: nn.Module, prompt: list[int], params: SamplingParams, drafter, *, k: int = 4,
                          max_len: int | None = None, eos_ids: list[int] = ()) -> SpecResult:
     """Generate one completion of `prompt` with target + drafter (DraftModel or NGramDrafter)."""
-    if params.penalised:
-        raise ConfigError("speculative decoding does not support repetition/presence/frequency penalties")
-    if params.n != 1 or params.stop:
-        raise ConfigError("speculative decoding takes n = 1 and stop token ids (not stop strings)")
-    if not 1 <= k < 16:
-        raise ConfigError(f"speculative k = {k} must be in [1, 16) (the cache's ring slack is 16)")
-    if not prompt:
-        raise ConfigError("the prompt is empty (pass at least one token, e.g. BOS)")
-    max_len = max_len or target.cfg.context_length
-    if len(prompt) >= max_len:
-        raise ConfigError(f"prompt of {len(prompt)} tokens does not fit the context ({max_len} tokens)")
-    gen = torch.Generator(device="cpu")
-    if params.seed is not None:
-        gen.manual_seed(params.seed)
-    else:
-        gen.seed()
-    tgt = _Cached(target, max_len)
-    drafter.start(max_len)
-    if len(prompt) > 1:
-        tgt.feed(prompt[:-1])
-    ids, out = list(prompt), []
-    stop = set(eos_ids) | set(params.stop_ids)
-    rounds = drafted = accepted = 0
-    while True:
-        room = min(k, max_len - len(ids), params.max_tokens - len(out) - 1)
-        draft, q = drafter.propose(ids, room, params, gen) if room > 0 else ([], None)
-        draft = draft[:max(room, 0)]
-        q = q[:len(draft)].cpu() if q is not None else None
-        p = probs(tgt.feed([ids[-1]] + draft), params).cpu()  # [len(draft) + 1, V]
-        new, n_acc = verify(draft, q, p, gen)
-        rounds, drafted, accepted = rounds + 1, drafted + len(draft), accepted + n_acc
-        tgt.length = len(ids) + n_acc  # roll back: the pending token and the accepted drafts stay
-        drafter.rollback(len(ids) + n_acc)
-        for t in new:
-            if t in stop:
-                return SpecResult(out, "stop", rounds, drafted, accepted)
-            out.append(t)
-            ids.append(t)
-            if len(out) >= params.max_tokens or len(ids) >= max_len:
-                return SpecResult(out, "length", rounds, drafted, accepted)
+    from lmforge.inference.engine import Engine  # the engine imports this module
+
+    if params.n != 1:
+        raise ConfigError("speculative_generate takes n = 1 (use an Engine for n > 1)")
+    engine = Engine(target, max_batch=1, max_len=max_len, eos_ids=list(eos_ids), drafter=drafter, spec_k=k)
+    rid = engine.add_request(prompt, params)
+    seq = engine.requests[rid].sequences[0]
+    while seq.finish_reason is None:
+        engine.step()
+    return SpecResult(list(seq.row.output_ids), seq.finish_reason, seq.rounds, seq.drafted, seq.accepted)
