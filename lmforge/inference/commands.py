@@ -4,6 +4,10 @@
 PATH is a run directory (its latest checkpoint and `tokenizer/`), a model or checkpoint directory
 (`model_config.json`; pass --tokenizer unless it has a `tokenizer/` next to it), or a Hugging Face
 export (`config.json` + safetensors, read through lmforge.interop; its tokenizer.json if present).
+
+Speculative decoding (exact: the same distribution, greedy text identical): `--draft DIR` drafts
+with a smaller model (any of the PATH forms; same vocabulary), `--ngram N` with prompt lookup;
+`--spec-k` drafts per round.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ def _add_model_args(p) -> None:
     p.add_argument("--compile", action="store_true", help="CUDA-graph the decode step (CUDA only)")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens prefilled per step (bounds the stall of running streams)")
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--draft", default=None, help="speculative decoding with this draft model (run/model/HF dir)")
+    spec.add_argument("--ngram", type=int, default=None, help="speculative decoding by prompt lookup of up to N tokens")
+    p.add_argument("--spec-k", type=int, default=4, help="drafted tokens per speculative round (1..15)")
 
 
 def _cuda() -> bool:
@@ -59,8 +67,23 @@ def load_for_inference(path, tokenizer=None, device="cpu", dtype=None):
     """(model, tokenizer, name) from a run dir, model dir or HF export (see the module docstring)."""
     import torch
 
-    from lmforge.model.checkpoint import CONFIG, load_model
     from lmforge.tokenizer import load_tokenizer
+
+    path = Path(path)
+    model, tok_path = load_model_dir(path, tokenizer)
+    if tok_path is None:
+        raise ConfigError(f"{path}: no tokenizer found next to the model; pass --tokenizer")
+    tok = load_tokenizer(tok_path, backend="auto")
+    if dtype is None:
+        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
+    name = path.name if path.name not in ("", ".") else "lmforge"
+    return model, tok, name
+
+
+def load_model_dir(path, tokenizer=None):
+    """(model on CPU, tokenizer path or None) from a run dir, model dir or HF export."""
+    from lmforge.model.checkpoint import CONFIG, load_model
 
     path = Path(path)
     if not path.is_dir():
@@ -86,14 +109,24 @@ def load_for_inference(path, tokenizer=None, device="cpu", dtype=None):
         tok_path = tok_path or (path / "tokenizer.json" if (path / "tokenizer.json").exists() else None)
     else:
         raise ConfigError(f"{path}: no checkpoints/, {CONFIG} or config.json: not a run, model or HF export")
-    if tok_path is None:
-        raise ConfigError(f"{path}: no tokenizer found next to the model; pass --tokenizer")
-    tok = load_tokenizer(tok_path, backend="auto")
-    if dtype is None:
-        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
-    model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
-    name = path.name if path.name not in ("", ".") else "lmforge"
-    return model, tok, name
+    return model, tok_path
+
+
+def drafter_from_args(args, device: str, dtype: str | None):
+    """The speculative drafter that --draft / --ngram ask for (None: plain decoding)."""
+    import torch
+
+    from lmforge.inference.speculative import DraftModel, NGramDrafter
+
+    if getattr(args, "ngram", None) is not None:
+        if args.ngram < 1:
+            raise ConfigError(f"--ngram {args.ngram} must be >= 1")
+        return NGramDrafter(args.ngram)
+    if getattr(args, "draft", None):
+        model, _ = load_model_dir(args.draft)
+        dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+        return DraftModel(model.to(device=device, dtype=getattr(torch, dtype)))
+    return None
 
 
 def _engine(args):
@@ -106,7 +139,8 @@ def _engine(args):
 
         quantize_model(model, args.quantize)
     engine = Engine(model, tokenizer=tok, max_batch=args.max_batch, max_len=args.max_len, compile=args.compile,
-                    prefill_chunk=args.prefill_chunk)
+                    prefill_chunk=args.prefill_chunk, drafter=drafter_from_args(args, device, args.dtype),
+                    spec_k=args.spec_k)
     return engine, tok, name
 
 

@@ -128,6 +128,7 @@ class Engine:
         self._decode_fn = (torch.compile(self._forward_full, mode="reduce-overhead", dynamic=False)
                            if self.compiled else None)
         self.drafter, self.spec_k = drafter, spec_k
+        self.spec_stats = {"rounds": 0, "drafted": 0, "accepted": 0}  # over all rows since start
         if drafter is not None:
             if not 1 <= spec_k < self.cache.slack:  # rolled-back writes must stay within the ring's slack
                 raise ConfigError(f"spec_k = {spec_k} must be in [1, {self.cache.slack})")
@@ -315,6 +316,8 @@ class Engine:
         events = []
         for b, s in enumerate(running):
             s.rounds, s.drafted, s.accepted = s.rounds + 1, s.drafted + n_draft[b], s.accepted + n_acc_l[b]
+            for key, n in (("rounds", 1), ("drafted", n_draft[b]), ("accepted", n_acc_l[b])):
+                self.spec_stats[key] += n
             start = s.length
             for j in range(n_acc_l[b] + 1):  # the accepted drafts are in the cache; the last token is pending
                 s.length = start + 1 + j

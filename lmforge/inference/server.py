@@ -161,7 +161,10 @@ def create_app(engine: Engine, tokenizer, model_name: str = "lmforge", max_queue
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "running": engine.n_running, "waiting": len(engine.waiting)}
+        d = {"status": "ok", "running": engine.n_running, "waiting": len(engine.waiting)}
+        if engine.drafter is not None:  # speculative decoding: rounds, drafted and accepted tokens so far
+            d["speculative"] = dict(engine.spec_stats)
+        return d
 
     @app.get("/v1/models")
     def models():

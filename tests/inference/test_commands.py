@@ -65,3 +65,26 @@ def test_loader_run_model_and_hf_dirs(run_dir, tmp_path):
     assert torch.allclose(m3(ids).logits, ref, atol=1e-5) and name == "hf"
     with pytest.raises(ConfigError, match="not a run, model or HF export"):
         load_for_inference(tmp_path)
+
+
+def test_speculative_flags(run_dir):
+    """--ngram N and --draft DIR build the drafter; the chat reply is the plain one (greedy)."""
+    from lmforge.inference.commands import drafter_from_args
+    from lmforge.inference.speculative import DraftModel, NGramDrafter
+
+    d, model = run_dir
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers(dest="cmd"))
+    a = p.parse_args(["serve", str(d), "--ngram", "2", "--spec-k", "3"])
+    ng = drafter_from_args(a, "cpu", None)
+    assert isinstance(ng, NGramDrafter) and ng.n_max == 2 and a.spec_k == 3
+    dm = drafter_from_args(p.parse_args(["serve", str(d), "--draft", str(d)]), "cpu", None)
+    ids = torch.tensor([[5, 9, 200]])
+    assert isinstance(dm, DraftModel) and torch.equal(dm.model(ids).logits, model(ids).logits)
+    assert drafter_from_args(p.parse_args(["serve", str(d)]), "cpu", None) is None
+    with pytest.raises(SystemExit):  # one drafter at a time
+        p.parse_args(["serve", str(d), "--ngram", "2", "--draft", str(d)])
+    plain, spec = io.StringIO(), io.StringIO()
+    cmd_chat(_args(d), stdin=io.StringIO("hello hello hello\n\n"), stdout=plain)
+    cmd_chat(_args(d, draft=str(d), spec_k=2), stdin=io.StringIO("hello hello hello\n\n"), stdout=spec)
+    assert spec.getvalue() == plain.getvalue()

@@ -3,6 +3,7 @@
 and over-long requests, 429 when the queue is full, the chat page; a live uvicorn server on
 loopback with the official `openai` client and a disconnecting client that frees its slot."""
 
+import contextlib
 import json
 import socket
 import threading
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 from lmforge.inference import Engine, SamplingParams
+from lmforge.inference.chat import apply_chat_template
+from lmforge.inference.speculative import DraftModel, NGramDrafter
 from lmforge.tokenizer import Tokenizer
 
 from .helpers import tiny_model
@@ -155,11 +158,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def live():
+@contextlib.contextmanager
+def _serving(engine):
     uvicorn = pytest.importorskip("uvicorn")
-    engine = Engine(tiny_model("gqa", vocab=257, dtype=torch.float32), tokenizer=_tok(), max_batch=2,
-                    max_len=48)
     app = create_app(engine, _tok(), model_name="tiny")
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -169,9 +170,19 @@ def live():
         if server.started:
             break
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    server.should_exit = True
-    t.join(timeout=5)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        t.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def live():
+    engine = Engine(tiny_model("gqa", vocab=257, dtype=torch.float32), tokenizer=_tok(), max_batch=2,
+                    max_len=48)
+    with _serving(engine) as url:
+        yield url, engine
 
 
 def test_openai_client_against_live_server(live):
@@ -216,3 +227,34 @@ def test_disconnect_frees_slot(live):
     engine.step = step
     assert engine.n_running == 0 and not engine.requests
     assert reasons == ["abort"]
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "draft"])
+def test_speculative_server_gives_plain_greedy_text(drafter):
+    """`lmforge serve --ngram N` / `--draft DIR`: the openai client gets the same greedy text (plain
+    and streamed, completions and chat) as from an engine without speculation."""
+    openai = pytest.importorskip("openai")
+    model = tiny_model("gqa", vocab=257, dtype=torch.float32)
+    d = NGramDrafter(3) if drafter == "ngram" else DraftModel(tiny_model("gqa", vocab=257, seed=4, n_layers=1,
+                                                                          dtype=torch.float32))
+    spec = Engine(model, tokenizer=_tok(), max_batch=2, max_len=48, drafter=d, spec_k=3)
+    plain = Engine(model, tokenizer=_tok(), max_batch=2, max_len=48)
+    tok = _tok()
+    prompt = "abcabcabc"
+    msgs = [{"role": "user", "content": "xyxyxy"}]
+    ref = plain.generate([[tok.eot_id] + tok.encode(prompt)], SamplingParams(max_tokens=20, temperature=0))[0][0]
+    cp = apply_chat_template(msgs, tok)
+    ref_chat = plain.generate([cp.ids], SamplingParams(max_tokens=20, temperature=0, stop=cp.stop,
+                                                       stop_ids=cp.stop_ids))[0][0]
+    with _serving(spec) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0)
+        assert r.choices[0].text == ref.text and r.usage.completion_tokens == len(ref.token_ids)
+        stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=20, temperature=0,
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ref_chat.text
+        import httpx
+
+        stats = httpx.get(url + "/health").json()["speculative"]
+    assert len(ref.token_ids) == 20
+    assert stats["drafted"] > 0 and stats == spec.spec_stats
