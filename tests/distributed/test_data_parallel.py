@@ -46,14 +46,16 @@ def reference():
     return {"adamw": adamw, "losses": losses, "muon": w.params_of(model), "grads": grads}
 
 
-@pytest.mark.parametrize("name", ["bucketed", "naive", "torch_ddp", "accum", "zero1_adamw", "zero2_adamw"])
+@pytest.mark.parametrize("name", ["bucketed", "naive", "torch_ddp", "accum", "zero1_adamw", "zero2_adamw",
+                                  "views_zeroed", "views_none"])
 def test_equals_single_process_adamw(run, reference, name):
     _, params = run
     assert all(torch.equal(params(name, 0)[k], params(name, 1)[k]) for k in params(name, 0))  # replicas
     close(params(name), reference["adamw"])
 
 
-@pytest.mark.parametrize("name", ["bucketed", "naive", "accum", "zero1_adamw", "zero2_adamw", "zero1_muon"])
+@pytest.mark.parametrize("name", ["bucketed", "naive", "accum", "zero1_adamw", "zero2_adamw", "zero1_muon",
+                                  "views_zeroed", "views_none"])
 def test_synchronized_gradients_equal_single_process(run, reference, name):
     _, params = run
     grads = {**params(f"{name}_grad", 1), **params(f"{name}_grad", 0)}  # ZeRO-2: each rank has its part
@@ -93,22 +95,30 @@ def test_zero_shards_state(run):
     assert all(i["zero2_owned_with_grad"] > 0 for i in info)
 
 
-def test_bucket_boundaries(run):
-    info, _ = run
-    model, _ = w.tiny_model(seed=0)
-    names = [n for n, _ in model.named_parameters()][::-1]  # launch order: reverse registration
-    cap = int(w.BUCKET_MB * 2**20) // 4
-    sizes = dict((n, p.numel()) for n, p in model.named_parameters())
+def hand_packed(model, first_cap: int, cap: int) -> list[list[str]]:
+    """Greedy packing by hand, in reverse registration order; the first bucket has its own cap."""
     expected, current, used = [], [], 0
-    for n in names:  # greedy packing by hand
-        if current and used + sizes[n] > cap:
+    for n, p in reversed(list(model.named_parameters())):
+        limit = first_cap if not expected else cap
+        if current and (used + p.numel()) * 4 > limit:
             expected.append(current)
             current, used = [], 0
         current.append(n)
-        used += sizes[n]
-    expected.append(current)
+        used += p.numel()
+    return expected + [current]
+
+
+def test_bucket_boundaries(run):
+    info, _ = run
+    model, _ = w.tiny_model(seed=0)
+    cap = int(w.BUCKET_MB * 2**20)
+    expected = hand_packed(model, cap, cap)
     assert info[0]["buckets"] == expected and len(expected) > 3
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
     assert info[0]["bucket_numels"] == [sum(sizes[n] for n in b) for b in expected]
+    # a smaller first bucket (torch DDP's 1 MB) so the first all-reduce starts early
+    small = hand_packed(model, int(w.BUCKET_MB / 4 * 2**20), cap)
+    assert info[0]["buckets_small_first"] == small and len(small[0]) < len(expected[0])
 
 
 def test_buckets_launch_during_backward(run):
@@ -116,6 +126,31 @@ def test_buckets_launch_during_backward(run):
     launched = info[0]["launched_before_last"]
     # every bucket but the one holding the embedding (the last, launched at the end) was in flight
     assert launched[:-1] == [True] * (len(launched) - 1) and launched[-1] is False
+
+
+@pytest.mark.parametrize("name", ["views_zeroed", "views_none"])
+def test_gradients_are_views_of_persistent_buckets(run, name):
+    info, _ = run
+    for rank in (0, 1):
+        got = info[rank][name]
+        # after every synchronized backward each p.grad is its bucket slot, and the buckets are the
+        # same tensors on every step (allocated once; rebuilt once, inside the first backward)
+        assert [s["slots"] for s in got["steps"]] == [True] * 3
+        assert got["steps"][0]["buffers"] == got["steps"][1]["buffers"] == got["steps"][2]["buffers"]
+        assert got["host_sync_calls"] == []  # nothing in ddp.py waits for the device (on CUDA)
+        n = len(got["initial"])
+        if name == "views_zeroed":  # zero_grad() zeroes the buckets: autograd adds into them, no copy
+            assert got["into_bucket"] == [True] * (2 * n * 3)
+        else:  # set_to_none: the first micro-step's gradient is copied in, the second adds in place
+            assert got["into_bucket"] == ([False] * n + [True] * n) * 3
+
+
+def test_buckets_rebuilt_in_gradient_ready_order(run):
+    info, _ = run
+    ranks = [i["views_zeroed"] for i in info]
+    order = ranks[0]["sync_order"]  # rank 0's order is broadcast: every rank packs the same buckets
+    assert ranks[0]["rebuilt"] == ranks[1]["rebuilt"] == order
+    assert sorted(order) == sorted(ranks[0]["initial"]) and order != ranks[0]["initial"]
 
 
 def test_no_sync_skips_communication(run):
@@ -134,6 +169,10 @@ def test_unused_and_tied_parameters(run):
     assert info[0]["never_grad_is_none"] and info[1]["never_grad_is_none"]
     torch.manual_seed(0)
     assert torch.equal(params("unused")["never.weight"], w.PartlyUsed().never.weight)  # never stepped
+    # the same through zero_grad() (zeroed buckets instead of grad = None between steps)
+    close(params("unused_zeroed"), ref)
+    close(params("unused_zeroed", 1), ref)
+    assert info[0]["never_grad_is_none_zeroed"] and info[1]["never_grad_is_none_zeroed"]
 
 
 def test_fsdp2_equals_unsharded(run, reference):

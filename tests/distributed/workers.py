@@ -50,15 +50,17 @@ def muon(model):
     return build_optimizer(model, "muon", lr=1e-2, muon_lr=0.02, vocab_size=VOCAB)
 
 
-def train_steps(model, opt, rank=0, world=1, reducer=None, accum=1, steps=STEPS, loss_fn=None, grads=None):
+def train_steps(model, opt, rank=0, world=1, reducer=None, accum=1, steps=STEPS, loss_fn=None, grads=None,
+                zero_grad=None, on_step=None):
     """Mean-CE training on this rank's rows; the reducer averages (op='mean'). Returns losses; fills
-    `grads` (a dict) with the synchronized gradients of the first step."""
+    `grads` (a dict) with the synchronized gradients of the first step. `zero_grad` replaces
+    `opt.zero_grad(set_to_none=True)`; `on_step(s)` runs after the gradients are synchronized."""
     losses = []
     per = ROWS // world
     for s in range(steps):
         x, y = global_batch(s)
         x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
-        opt.zero_grad(set_to_none=True)
+        zero_grad() if zero_grad else opt.zero_grad(set_to_none=True)
         micro = per // accum
         total = 0.0
         for i in range(accum):
@@ -72,6 +74,8 @@ def train_steps(model, opt, rank=0, world=1, reducer=None, accum=1, steps=STEPS,
             reducer.finish()
         if grads is not None and s == 0:
             grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if on_step is not None:
+            on_step(s)
         opt.step()
         losses.append(total)
     return losses
@@ -141,6 +145,9 @@ def _equivalence(rank: int, world: int, out: Path) -> dict:
     launched_before_last: list = []
     model.tok_emb.weight.register_post_accumulate_grad_hook(
         lambda p: launched_before_last.append([b.work is not None for b in ddp.buckets]))
+    small_first = BucketedDDP(model, bucket_mb=BUCKET_MB, first_bucket_mb=BUCKET_MB / 4, broadcast=False)
+    info["buckets_small_first"] = small_first.bucket_names()
+    small_first.remove_hooks()
     ddp = BucketedDDP(model, bucket_mb=BUCKET_MB)
     info["buckets"] = ddp.bucket_names()
     info["bucket_numels"] = [b.numel for b in ddp.buckets]
@@ -185,6 +192,14 @@ def _equivalence(rank: int, world: int, out: Path) -> dict:
     train_steps(pm, adamw(pm), rank, world, ddp, loss_fn=partly_used_losses(rank, world))
     info["never_grad_is_none"] = pm.never.weight.grad is None
     save(out, "unused", rank, params_of(pm))
+    torch.manual_seed(rank)  # the same through zero_grad(): zeroed buckets, no grad=None in between
+    pm = PartlyUsed()
+    ddp = BucketedDDP(pm, bucket_mb=BUCKET_MB)
+    train_steps(pm, adamw(pm), rank, world, ddp, loss_fn=partly_used_losses(rank, world), zero_grad=ddp.zero_grad)
+    info["never_grad_is_none_zeroed"] = pm.never.weight.grad is None
+    save(out, "unused_zeroed", rank, params_of(pm))
+
+    info.update(_bucket_views(rank, world, out))
 
     # ZeRO-1 (AdamW, Muon) and ZeRO-2
     for name, make_opt, stage in (("zero1_adamw", adamw, 1), ("zero1_muon", muon, 1), ("zero2_adamw", adamw, 2)):
@@ -228,6 +243,89 @@ def _equivalence(rank: int, world: int, out: Path) -> dict:
     except Exception as e:  # noqa: BLE001 - the message is what the test checks
         info["disagree_error"] = str(e)
     return info
+
+
+def _bucket_views(rank: int, world: int, out: Path) -> dict:
+    """Gradient-as-bucket-view: with accumulation (2 micro-steps) and the tied embedding, through
+    `zero_grad()` (autograd accumulates into the buckets) and through set_to_none (one copy in)."""
+    return {name: _bucket_views_run(rank, world, out, name, use_zero)
+            for name, use_zero in (("views_zeroed", True), ("views_none", False))}
+
+
+def _bucket_views_run(rank: int, world: int, out: Path, name: str, use_zero: bool) -> dict:
+    from lmforge.distributed.ddp import BucketedDDP
+
+    model, _ = tiny_model(seed=rank)
+    ddp = None
+    ready_order: list = []  # gradient-ready order of every backward (these hooks run before DDP's)
+    into_bucket: list = []  # did autograd accumulate straight into the bucket slot?
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def spy(p):
+        ready_order.append(names[id(p)])
+        b, i, _ = ddp._where[id(p)]
+        into_bucket.append(p.grad.data_ptr() == ddp.buckets[b].views[i].data_ptr())
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(spy)
+    ddp = BucketedDDP(model, bucket_mb=BUCKET_MB)
+    initial = [n for b in ddp.bucket_names() for n in b]
+    steps: list = []
+
+    def check(s):  # every gradient is its slot's view; the buckets stay the same tensors
+        slots = all(p.grad is not None and p.grad.data_ptr() == b.views[i].data_ptr()
+                    and p.grad.untyped_storage().data_ptr() == b.buffer.untyped_storage().data_ptr()
+                    for b in ddp.buckets for i, p in enumerate(b.params))
+        steps.append({"slots": slots, "buffers": [b.buffer.data_ptr() for b in ddp.buckets]})
+        if s == 0:  # from step 2 on (after the one-time rebuild): count host-syncing calls in ddp.py
+            spy_calls.__enter__()
+
+    g: dict = {}
+    spy_calls = _HostSyncSpy("lmforge/distributed/ddp.py")
+    try:
+        train_steps(model, adamw(model), rank, world, ddp, accum=2, grads=g, on_step=check,
+                    zero_grad=ddp.zero_grad if use_zero else None)
+    finally:
+        spy_calls.__exit__()
+    save(out, name, rank, params_of(model))
+    save(out, f"{name}_grad", rank, g)
+    n = len(initial)
+    return {"initial": initial, "rebuilt": [n for b in ddp.bucket_names() for n in b],
+            "sync_order": ready_order[n:2 * n],  # step 1's second (synchronized) micro-step
+            "into_bucket": into_bucket, "steps": steps, "host_sync_calls": spy_calls.calls}
+
+
+class _HostSyncSpy:
+    """Counts calls made from one source file of Tensor methods that wait for the device on CUDA
+    (`.item()`, `.tolist()`, `t[i] = v` with a host value): none may happen in the steady state."""
+
+    METHODS = ("item", "tolist", "__setitem__")
+
+    def __init__(self, path: str):
+        self.path, self.calls, self.saved = path, [], None
+
+    def __enter__(self):
+        import sys
+
+        self.saved = {m: torch.Tensor.__dict__.get(m) for m in self.METHODS}
+        for m in self.METHODS:
+            original = getattr(torch.Tensor, m)
+
+            def spy(t, *a, _m=m, _original=original, **k):
+                if sys._getframe(1).f_code.co_filename.endswith(self.path):
+                    self.calls.append(_m)
+                return _original(t, *a, **k)
+            setattr(torch.Tensor, m, spy)
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            return
+        for m, v in self.saved.items():
+            if v is None:
+                delattr(torch.Tensor, m)
+            else:
+                setattr(torch.Tensor, m, v)
+        self.saved = None
 
 
 def _checkpoint(rank: int, world: int, out: Path, shards: str) -> dict:
