@@ -120,14 +120,15 @@ class ExpertParallelMoE(MoE):
         return y.view(b, t, d), aux, metrics
 
 
-def apply_ep(model: nn.Module, group=None) -> nn.Module:
-    """Replace every MoE layer of `model` by its expert-parallel version (in place; returns model)."""
+def apply_ep(model: nn.Module, group=None, require: bool = True) -> nn.Module:
+    """Replace every MoE layer of `model` by its expert-parallel version (in place; returns model).
+    `require=False` accepts a model without MoE layers (a pipeline stage of dense layers only)."""
     found = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, MoE) and not isinstance(child, ExpertParallelMoE):
                 setattr(parent, name, ExpertParallelMoE.from_moe(child, group))
                 found += 1
-    if not found:
+    if not found and require:
         raise ConfigError("expert parallel: the model has no MoE layers (set model.moe)")
     return model

@@ -1,31 +1,45 @@
 """Pipeline parallelism: the layer stack split into stages, micro-batches on point-to-point send/recv.
 
-`PipelineStage(model, stage, n_stages)` keeps, on this rank, only its contiguous slice of the
+`PipelineStage(model, stage, n_stages, virtual=v)` keeps, on this rank, only its slices of the
 Transformer's blocks (plus the embedding on the first stage, the final norm, head and loss on the
-last); the other blocks are dropped. `run_pipeline(stage, inputs, targets, n_micro, schedule)` runs
-one training step's forward and backward over `n_micro` micro-batches and leaves the gradients in the
-stage's parameters; the loss equals single-process gradient accumulation over the same micro-batches:
+last); the other blocks are dropped. With `virtual` = v > 1 the stack is cut into p·v "virtual
+stages" and rank s holds virtual stages s, s + p, s + 2p, … (its v model chunks: Megatron's
+interleaved schedule). `run_pipeline(stage, inputs, targets, n_micro, schedule)` runs one training
+step's forward and backward over `n_micro` micro-batches and leaves the gradients in the stage's
+parameters; the loss equals single-process gradient accumulation over the same micro-batches:
     loss = Σ_micro ce_sum / N_tokens(whole batch) + mean_micro(aux terms of every stage),
 which for a dense model without z-loss is exactly the full-batch loss.
 
-Schedules (each a list of ("F", i) / ("B", i) actions per stage; `gpipe`, `one_f_one_b`):
+Schedules (each a list of ("F" | "B", micro, chunk) actions per stage; `gpipe`, `one_f_one_b`,
+`interleaved_1f1b`):
 - GPipe: all forwards, then all backwards. Holds m micro-batches of activations.
 - 1F1B: p − s − 1 warm-up forwards on stage s, then alternate one forward / one backward, then
   drain. Same bubble as GPipe, (p − 1)/(m + p − 1) of the time with equal stage costs, but at most
   p − s micro-batches of activations are alive on stage s.
-`simulate(schedule, p, m, t_f, t_b)` replays the action lists with their data dependencies under a
-simple cost model (every forward t_f, backward t_b, free communication) and returns the bubble
-fraction per stage; `run_pipeline` also returns the measured one (1 − busy / wall).
+- interleaved 1F1B (Narayanan et al. 2021, §2.2): the m·v (micro-batch, chunk) units run in groups
+  of p micro-batches per chunk; stage s warms up with 2(p − s − 1) + (v − 1)p forwards, then 1F1B.
+  Each unit costs 1/v of a stage's work, so the bubble shrinks v-fold: the paper's bubble time over
+  ideal time is (1/v)(p − 1)/m, i.e. (p − 1)/(v·m + p − 1) of the total time (`bubble_formula`).
+  Needs m divisible by p; costs v times more point-to-point messages and more warm-up activations.
+`simulate(schedule, p, m, t_f, t_b, virtual)` replays the action lists with their data dependencies
+under a simple cost model (every stage's forward t_f, backward t_b, split evenly over its chunks;
+free communication) and returns the bubble fraction per stage; `run_pipeline` also returns the
+measured one (1 − busy / wall; CUDA events on GPU, so it is the device's idle time).
 
 Sends are `isend` (waited at the end of the step) and receives blocking, so a stage never deadlocks
-waiting for a neighbour that is itself sending. Activations flow s → s+1, gradients s+1 → s: one
-direction per pair, so messages match in order.
+waiting for a neighbour that is itself sending. Each message stream (activations forward,
+gradients backward, and for interleaving the wrap-around from the last rank to the first and back)
+has its own process group (`pipeline_links`): within one stream the sender's and receiver's orders
+agree, and NCCL, which runs one communicator's operations in issue order, never queues a send of one
+stream behind a receive of another (with one shared group, 1F1B deadlocks on large activations).
 
-Tied embeddings: the first and last stage both hold the embedding matrix (input table, output head);
-it is made equal at construction and its gradient summed over those two stages after each step.
-Data parallelism over stage replicas: pass the DDP handle as `reducer` (it syncs on the last
-backward only). Not here: interleaved (virtual-stage) schedules, zero-bubble schedules, MTP heads,
-doc_ids.
+Composition (mesh.py sets these): tied embeddings (first and last stage hold the matrix, made equal
+at construction, gradient summed after the step); data parallelism over stage replicas (pass the
+handle as `reducer`: `no_sync()` for all but the last backward, `finish()` after it); tensor +
+sequence parallelism (`seq_split` = tp: the activations between stages are this rank's T/tp
+positions); context parallelism (`cp_group`: every stage runs its zig-zag part of each sequence,
+and the loss is this rank's share, Σ over the cp group = the pipeline's loss). Not here: zero-bubble
+schedules, MTP heads, doc_ids.
 """
 
 from __future__ import annotations
@@ -40,7 +54,8 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+Action = tuple[str, int, int]  # ("F" | "B", micro-batch, model chunk)
 
 
 def stage_layers(n_layers: int, n_stages: int, stage: int) -> range:
@@ -52,73 +67,121 @@ def stage_layers(n_layers: int, n_stages: int, stage: int) -> range:
     return range(start, start + base + (stage < extra))
 
 
-def gpipe(stage: int, n_stages: int, n_micro: int) -> list[tuple[str, int]]:
-    return [("F", i) for i in range(n_micro)] + [("B", i) for i in range(n_micro)]
+def gpipe(stage: int, n_stages: int, n_micro: int) -> list[Action]:
+    return [("F", i, 0) for i in range(n_micro)] + [("B", i, 0) for i in range(n_micro)]
 
 
-def one_f_one_b(stage: int, n_stages: int, n_micro: int) -> list[tuple[str, int]]:
+def one_f_one_b(stage: int, n_stages: int, n_micro: int) -> list[Action]:
     warm = min(n_stages - stage - 1, n_micro)
-    actions = [("F", i) for i in range(warm)]
+    actions = [("F", i, 0) for i in range(warm)]
     for i in range(warm, n_micro):
-        actions += [("F", i), ("B", i - warm)]
-    actions += [("B", i) for i in range(n_micro - warm, n_micro)]
+        actions += [("F", i, 0), ("B", i - warm, 0)]
+    actions += [("B", i, 0) for i in range(n_micro - warm, n_micro)]
     return actions
 
 
-def schedule_actions(name: str, stage: int, n_stages: int, n_micro: int) -> list[tuple[str, int]]:
+def interleaved_1f1b(stage: int, n_stages: int, n_micro: int, virtual: int) -> list[Action]:
+    """Megatron's interleaved schedule: unit k (of m·v) is micro-batch (k // pv)·p + k % p of chunk
+    (k % pv) // p (backwards walk the chunks in reverse)."""
+    p, v, m = n_stages, virtual, n_micro
+    if p < 2 or v < 2:
+        raise ConfigError(f"interleaved pipeline: needs pp >= 2 and virtual stages >= 2 (got {p}, {v})")
+    if m % p:
+        raise ConfigError(f"interleaved pipeline: n_micro = {m} must be a multiple of pp = {p}")
+
+    def unit(k: int, kind: str) -> Action:
+        group, r = divmod(k, p * v)
+        chunk = r // p
+        return kind, group * p + r % p, (chunk if kind == "F" else v - 1 - chunk)
+
+    total = m * v
+    warm = min(2 * (p - stage - 1) + (v - 1) * p, total)
+    actions = [unit(k, "F") for k in range(warm)]
+    for j in range(total - warm):
+        actions += [unit(warm + j, "F"), unit(j, "B")]
+    return actions + [unit(k, "B") for k in range(total - warm, total)]
+
+
+def schedule_actions(name: str, stage: int, n_stages: int, n_micro: int, virtual: int = 1) -> list[Action]:
     if name not in SCHEDULES:
         raise ConfigError(f"pipeline schedule {name!r} must be one of {SCHEDULES}")
+    if name == "interleaved":
+        return interleaved_1f1b(stage, n_stages, n_micro, virtual)
+    if virtual != 1:
+        raise ConfigError(f"pipeline schedule {name!r} runs one model chunk per rank: use 'interleaved' "
+                          f"for virtual = {virtual}")
     return (gpipe if name == "gpipe" else one_f_one_b)(stage, n_stages, n_micro)
 
 
-def bubble_formula(n_stages: int, n_micro: int) -> float:
-    return (n_stages - 1) / (n_micro + n_stages - 1)
+def bubble_formula(n_stages: int, n_micro: int, virtual: int = 1) -> float:
+    """Idle fraction of a step with equal stage costs: (p − 1)/(v·m + p − 1)."""
+    return (n_stages - 1) / (virtual * n_micro + n_stages - 1)
 
 
-def simulate(name: str, n_stages: int, n_micro: int, t_f: float = 1.0, t_b: float = 2.0) -> list[float]:
+def simulate(name: str, n_stages: int, n_micro: int, t_f: float = 1.0, t_b: float = 2.0,
+             virtual: int = 1) -> list[float]:
     """Bubble fraction of each stage when the schedule's actions run as early as their inputs allow."""
-    plans = [schedule_actions(name, s, n_stages, n_micro) for s in range(n_stages)]
-    done: dict[tuple[str, int, int], float] = {}
-    free = [0.0] * n_stages
-    pos = [0] * n_stages
-    while any(pos[s] < len(plans[s]) for s in range(n_stages)):
+    p, v = n_stages, virtual
+    plans = [schedule_actions(name, s, p, n_micro, v) for s in range(p)]
+    last = p * v - 1
+    done: dict[tuple[str, int, int], float] = {}  # (kind, virtual stage, micro) -> end time
+    free = [0.0] * p
+    pos = [0] * p
+    while any(pos[s] < len(plans[s]) for s in range(p)):
         progressed = False
-        for s in range(n_stages):
+        for s in range(p):
             if pos[s] == len(plans[s]):
                 continue
-            kind, i = plans[s][pos[s]]
-            deps = [("F", s - 1, i)] if kind == "F" and s > 0 else []
-            if kind == "B":
-                deps = [("F", s, i)] + ([("B", s + 1, i)] if s < n_stages - 1 else [])
+            kind, i, c = plans[s][pos[s]]
+            vs = c * p + s
+            if kind == "F":
+                deps = [("F", vs - 1, i)] if vs > 0 else []
+            else:
+                deps = [("F", vs, i)] + ([("B", vs + 1, i)] if vs < last else [])
             if all(d in done for d in deps):
                 start = max([free[s]] + [done[d] for d in deps])
-                free[s] = done[(kind, s, i)] = start + (t_f if kind == "F" else t_b)
+                free[s] = done[(kind, vs, i)] = start + (t_f if kind == "F" else t_b) / v
                 pos[s] += 1
                 progressed = True
         if not progressed:
             raise RuntimeError(f"schedule {name} deadlocks")  # a bug in the action lists
     makespan = max(free)
-    return [1.0 - n_micro * (t_f + t_b) / makespan for _ in range(n_stages)]
+    return [1.0 - n_micro * (t_f + t_b) / makespan for _ in range(p)]
+
+
+def pipeline_links(ranks: list[int]) -> dict[str, object]:
+    """One process group per message stream of a pipeline over `ranks` (collective: every process
+    calls it, for every pipeline, in the same order)."""
+    return {name: dist.new_group(ranks) for name in ("act", "grad", "act_wrap", "grad_wrap")}
 
 
 class PipelineStage(nn.Module):
-    """One stage of a Transformer: its blocks, plus embedding (first) or norm/head/loss (last)."""
+    """One stage of a Transformer: its blocks (v chunks), plus embedding (first) or norm/head/loss (last)."""
 
-    def __init__(self, model: nn.Module, stage: int, n_stages: int, group=None, tied_group=None):
-        """`tied_group`: the group of this pipeline's first and last stage ranks, needed for tied
-        embeddings when several pipelines run side by side (new_group must be entered by every
-        process with the same ranks, so the mesh builds these pairs for all pipelines)."""
+    def __init__(self, model: nn.Module, stage: int, n_stages: int, group=None, tied_group=None,
+                 virtual: int = 1, links: dict | None = None):
+        """`group`: the pipeline's ranks (None: the whole world is one pipeline). `tied_group` (the
+        first and last stage ranks, for tied embeddings) and `links` (`pipeline_links`) are needed
+        when several pipelines run side by side: new_group must be entered by every process, so the
+        mesh (mesh.build_mesh) makes them for all pipelines."""
         super().__init__()
         cfg = model.cfg
         if getattr(cfg, "mtp_depth", 0):
             raise ConfigError("pipeline parallelism does not support multi-token prediction (mtp_depth > 0)")
         if not 0 <= stage < n_stages:
             raise ConfigError(f"pipeline stage {stage} is not in [0, {n_stages})")
-        self.stage, self.n_stages, self.group = stage, n_stages, group
+        if virtual < 1:
+            raise ConfigError(f"pipeline: virtual stages per rank = {virtual} must be >= 1")
+        self.stage, self.n_stages, self.virtual, self.group = stage, n_stages, virtual, group
         self.first, self.last = stage == 0, stage == n_stages - 1
-        self.layers = stage_layers(cfg.n_layers, n_stages, stage)
+        chunks = [stage_layers(cfg.n_layers, n_stages * virtual, c * n_stages + stage) for c in range(virtual)]
+        self.layers = [i for chunk in chunks for i in chunk]
+        ends = torch.tensor([0] + [len(c) for c in chunks]).cumsum(0).tolist()
+        self.chunk_blocks = [range(a, b) for a, b in zip(ends[:-1], ends[1:])]  # local block indices
         self.tied = cfg.tie_embeddings
+        self.seq_split, self.cp_group = 1, None  # set by mesh.parallelize (tensor / context parallel)
         model.blocks = nn.ModuleList(model.blocks[i] for i in self.layers)
+        model.layer_ids = self.layers
         if not self.first:
             model.pos_emb = None
         if not (self.first or (self.last and self.tied)):
@@ -127,6 +190,12 @@ class PipelineStage(nn.Module):
             model.norm_f = nn.Identity()
             model.lm_head = None
         self.model = model
+        if links is None and n_stages > 1:
+            if dist.get_world_size() != n_stages:
+                raise ConfigError("pipeline: several pipelines side by side need `links` (and tied_group): "
+                                  "mesh.build_mesh makes them")
+            links = pipeline_links(list(range(n_stages)))
+        self.links = links or {}
         self._sum_tied, self._tied_group = False, None
         if self.tied and n_stages > 1:
             ranks = [self._global(0), self._global(n_stages - 1)]
@@ -151,18 +220,18 @@ class PipelineStage(nn.Module):
             return f"blocks.{self.layers[int(i)]}.{rest}"
         return name
 
-    def forward(self, x, positions, targets=None):
-        """x: input ids (first stage) or the previous stage's hidden states. Returns (hidden states or
-        loss terms (ce_sum + z-loss·z_sum), aux sum)."""
+    def forward(self, x, positions, targets=None, chunk: int = 0):
+        """x: input ids (first stage, chunk 0) or the previous virtual stage's hidden states. Returns
+        (hidden states or loss terms (ce_sum + z-loss·z_sum), aux sum)."""
         m = self.model
-        if self.first:
+        if self.first and chunk == 0:
             x = m.embed(x, positions)
         aux = x.new_zeros((), dtype=torch.float32)
-        for block in m.blocks:
-            x, block_aux, _ = block(x, positions, None)
+        for b in self.chunk_blocks[chunk]:
+            x, block_aux, _ = m.blocks[b](x, positions, None)
             for v in block_aux.values():
                 aux = aux + v
-        if not self.last:
+        if not (self.last and chunk == self.virtual - 1):
             return x, aux
         _, ce_sum, _, z_sum = m.loss_terms(m.norm_f(x), targets)
         if z_sum is not None:
@@ -175,12 +244,29 @@ class PipelineResult:
     loss: float  # the step's loss (same on every stage)
     busy_s: float  # this stage's compute time
     wall_s: float  # the step's wall time on this stage
-    peak_live_micro: int  # most micro-batches whose activations were alive at once
-    timeline: list = field(default_factory=list)  # (action, micro, start, end) seconds from the start
+    peak_live_micro: int  # most (micro-batch, chunk) activations alive at once
+    timeline: list = field(default_factory=list)  # (action, micro, chunk, start, end) seconds from the start
 
     @property
     def bubble(self) -> float:
         return 1.0 - self.busy_s / self.wall_s
+
+
+class _Clock:
+    """Marks on the device timeline: CUDA events (the GPU runs asynchronously) or the host clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def seconds(self, a, b) -> float:
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
 
 
 def run_pipeline(stage: PipelineStage, inputs: torch.Tensor, targets: torch.Tensor, n_micro: int,
@@ -188,76 +274,95 @@ def run_pipeline(stage: PipelineStage, inputs: torch.Tensor, targets: torch.Tens
     """Forward + backward of one step over `n_micro` micro-batches (gradients accumulate in the stage).
 
     Every stage is given the same whole-batch `inputs` / `targets` [B, T] (only the first stage reads
-    the ids, only the last the targets; all use the shape and the total token count).
-    `reducer`: a data-parallel handle over this stage's replicas (ddp.py: `no_sync()`, `finish()`);
-    it communicates only during the stage's last backward, then `finish()` is called.
+    the ids, only the last the targets; all use the shape and the total token count; with context
+    parallelism each rank takes its zig-zag part). `reducer`: a data-parallel handle over this
+    stage's replicas (`no_sync()`, `finish()`, e.g. mesh.parallelize's); it communicates only during
+    the stage's last backward, then `finish()` is called.
     """
     B, T = inputs.shape
     if B % n_micro:
         raise ConfigError(f"pipeline: batch of {B} rows does not split into {n_micro} micro-batches")
-    p, s = stage.n_stages, stage.stage
-    actions = schedule_actions(schedule, s, p, n_micro)
+    p, s, v = stage.n_stages, stage.stage, stage.virtual
+    actions = schedule_actions(schedule, s, p, n_micro, v)
     rows = B // n_micro
-    n_tokens = (targets != -100).sum().clamp_min(1).to(torch.float32)
-    positions = torch.arange(T, device=inputs.device).expand(rows, T)
-    cfg = stage.model.cfg
-    dtype = next(stage.parameters()).dtype
-    act_shape = (rows, T, cfg.d_model)
-    prev = stage._global(s - 1) if s > 0 else None
-    nxt = stage._global(s + 1) if s < p - 1 else None
+    n_tokens = (targets != -100).sum().clamp_min(1).to(torch.float32)  # of the whole (unsplit) batch
+    positions = torch.arange(T, device=inputs.device)
+    cp = 1
+    if stage.cp_group is not None:
+        from lmforge.distributed.ring_attention import shard_sequence, zigzag_indices
 
-    last_backward = max(j for j, (kind, _) in enumerate(actions) if kind == "B")
-    saved: dict[int, tuple] = {}  # micro -> (stage input, output, aux) kept for the backward
-    sends, ce_total, aux_total = [], 0.0, 0.0
-    busy, peak, timeline = 0.0, 0, []
-    t0 = time.perf_counter()
-    for j, (kind, i) in enumerate(actions):
+        cp, r = dist.get_world_size(stage.cp_group), dist.get_rank(stage.cp_group)
+        inputs, targets = shard_sequence(inputs, 1, r, cp), shard_sequence(targets, 1, r, cp)
+        positions = zigzag_indices(T, r, cp).to(inputs.device)
+    positions = positions.expand(rows, -1)
+    cfg = stage.model.cfg
+    dtype = next(stage.parameters()).dtype  # the residual stream's (autocast leaves it in this dtype)
+    act_shape = (rows, T // cp // stage.seq_split, cfg.d_model)
+    prev, nxt = stage._global((s - 1) % p), stage._global((s + 1) % p)
+    link = stage.links
+    last_vs = p * v - 1
+
+    last_backward = max(j for j, (kind, _, _) in enumerate(actions) if kind == "B")
+    saved: dict[tuple[int, int], tuple] = {}  # (chunk, micro) -> (stage input, output, aux) for the backward
+    sends = []
+    ce_total = torch.zeros((), dtype=torch.float64, device=inputs.device)  # summed on the device: no sync
+    aux_total = torch.zeros_like(ce_total)
+    peak, marks = 0, []
+    clock = _Clock(inputs.device)
+    t0 = clock.mark()
+    for j, (kind, i, c) in enumerate(actions):
+        vs = c * p + s
         mb = slice(i * rows, (i + 1) * rows)
         if kind == "F":
-            if stage.first:
+            if vs == 0:
                 x_in = inputs[mb]
             else:
                 x_in = torch.empty(act_shape, dtype=dtype, device=inputs.device)
-                dist.recv(x_in, prev, group=stage.group)
+                dist.recv(x_in, prev, group=link["act_wrap" if s == 0 else "act"])
                 x_in.requires_grad_()
-            start = time.perf_counter()
-            out, aux = stage(x_in, positions, targets[mb] if stage.last else None)
-            busy += time.perf_counter() - start
-            timeline.append(("F", i, start - t0, time.perf_counter() - t0))
-            if nxt is not None:
-                sends.append(dist.isend(out.detach().contiguous(), nxt, group=stage.group))
-            saved[i] = (x_in, out, aux)
+            start = clock.mark()
+            out, aux = stage(x_in, positions, targets[mb] if vs == last_vs else None, chunk=c)
+            marks.append(("F", i, c, start, clock.mark()))
+            if vs < last_vs:
+                sends.append(dist.isend(out.detach().contiguous(), nxt, group=link["act_wrap" if s == p - 1 else "act"]))
+            saved[(c, i)] = (x_in, out, aux)
             peak = max(peak, len(saved))
         else:
-            x_in, out, aux = saved.pop(i)
-            if stage.last:
-                ce_total += out.item()
+            x_in, out, aux = saved.pop((c, i))
+            if vs == last_vs:
+                ce_total += out.detach().double()
                 grad = None
                 out = out / n_tokens
             else:
                 grad = torch.empty_like(out)
-                dist.recv(grad, nxt, group=stage.group)
-            aux_total += aux.item() / n_micro
-            start = time.perf_counter()
+                dist.recv(grad, nxt, group=link["grad_wrap" if s == p - 1 else "grad"])
+            aux_total += aux.detach().double() / (n_micro * cp)
+            start = clock.mark()
             outs, grads = [out], [grad]
-            if aux.requires_grad:
-                outs.append(aux / n_micro)
+            if aux.requires_grad:  # each cp rank's aux terms count for 1/cp (its share)
+                outs.append(aux / (n_micro * cp))
                 grads.append(None)
             sync = reducer is None or j == last_backward
             with contextlib.nullcontext() if sync else reducer.no_sync():
                 torch.autograd.backward(outs, grads)
-            busy += time.perf_counter() - start
-            timeline.append(("B", i, start - t0, time.perf_counter() - t0))
-            if prev is not None:
-                sends.append(dist.isend(x_in.grad.contiguous(), prev, group=stage.group))
+            marks.append(("B", i, c, start, clock.mark()))
+            if vs > 0:
+                sends.append(dist.isend(x_in.grad.contiguous(), prev, group=link["grad_wrap" if s == 0 else "grad"]))
+    end = clock.mark()
     for req in sends:
         req.wait()
     if reducer is not None:
         reducer.finish()
     if stage._sum_tied:
         dist.all_reduce(stage.model.tok_emb.weight.grad, group=stage._tied_group)
-    wall = time.perf_counter() - t0
-    loss = torch.tensor([ce_total / n_tokens.item() + aux_total], dtype=torch.float64)
+    if clock.cuda:
+        torch.cuda.synchronize()
+    timeline = [(k, i, c, clock.seconds(t0, a), clock.seconds(t0, b)) for k, i, c, a, b in marks]
+    busy = sum(b - a for *_, a, b in timeline)
+    loss = (ce_total / n_tokens.double() + aux_total).reshape(1)
     if p > 1:
         dist.all_reduce(loss, group=stage.group)  # ce from the last stage, aux from every stage
-    return PipelineResult(loss=loss.item(), busy_s=busy, wall_s=wall, peak_live_micro=peak, timeline=timeline)
+    if cp > 1:
+        dist.all_reduce(loss, group=stage.cp_group)  # every cp rank's share
+    return PipelineResult(loss=loss.item(), busy_s=busy, wall_s=clock.seconds(t0, end), peak_live_micro=peak,
+                          timeline=timeline)

@@ -141,7 +141,7 @@ class _Ring:
 
     def start(self, tensors: list[torch.Tensor]):
         """Begin passing `tensors` on; returns (received buffers, requests)."""
-        recv = [torch.empty_like(t) for t in tensors]
+        recv = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in recv]
         return recv, dist.batch_isend_irecv(ops)

@@ -12,16 +12,22 @@ parameter names (so checkpoints map by slicing):
   along the sequence: all-gather in, reduce-scatter out, so norms and dropout run on T/W tokens per
   rank and hold 1/W of those activations. The same bytes move as with the all-reduce (an all-reduce
   is a reduce-scatter plus an all-gather).
-- the model splits the embedding output along the sequence before the first block and gathers the
-  last block's output (the embedding, final norm and head stay replicated: no vocab parallelism).
+- vocab parallelism (vocab_parallel.py, on by default): the embedding, the output head and the
+  cross-entropy are split by vocabulary rows; the logits the model returns are this rank's columns.
+- with sequence parallelism the model splits the embedding output along the sequence before the
+  first block; the head all-gathers it (vocab parallel: the final norm runs on T/W tokens) or, with
+  `vocab_parallel=False`, the last block's output is gathered and the head is replicated.
+- on a pipeline stage (`model.layer_ids`, set by PipelineStage: the global indices of its blocks)
+  the split happens only where layer 0 is and the gather only where the last layer is, so the
+  activations sent between stages are this rank's sequence part ([B, T/W, d]).
 
 Replicated parameters that see only part of the computation on each rank (block norms under
 sequence parallelism, row-parallel biases, QK-norm weights) get partial gradients: call
 `sync_tp_grads(model, group)` after the backward (once per optimizer step, like DDP's finish).
 On gloo (CPU tests) reduce-scatter is an all-reduce followed by keeping this rank's slice.
 
-Not here: vocab-parallel embedding/loss, MoE layers (use expert parallelism), latent attention (MLA),
-kv heads fewer than ranks, DTensor placements (`parallelize_module`), composition with FSDP2.
+Not here: MoE layers (use expert parallelism), latent attention (MLA), kv heads fewer than ranks,
+DTensor placements (`parallelize_module`). FSDP2 composes (mesh.py, 2-D test).
 """
 
 from __future__ import annotations
@@ -190,8 +196,9 @@ def _enter_hook(group, sp: bool):
     return hook
 
 
-def apply_tp(model: nn.Module, group=None, sequence_parallel: bool = True) -> nn.Module:
-    """Shard a Transformer's attention heads and MLP width over `group` (see the module docstring)."""
+def apply_tp(model: nn.Module, group=None, sequence_parallel: bool = True, vocab_parallel: bool = True) -> nn.Module:
+    """Shard a Transformer's attention heads, MLP width and (by default) vocabulary over `group` (see
+    the module docstring)."""
     from lmforge.model.attention import Attention
     from lmforge.model.layers import MLP
 
@@ -231,20 +238,24 @@ def apply_tp(model: nn.Module, group=None, sequence_parallel: bool = True) -> nn
             for name, p in block.named_parameters():
                 if not name.startswith(("attn.", "mlp.")):
                     p._tp_partial_grad = True
-    if sequence_parallel:
-        first, last = model.blocks[0], model.blocks[-1]
+    if vocab_parallel:
+        from lmforge.distributed.vocab_parallel import apply_vocab_parallel
 
+        apply_vocab_parallel(model, group, sequence_parallel)
+    ids = list(getattr(model, "layer_ids", range(len(model.blocks))))  # global block indices
+    if sequence_parallel and 0 in ids:
         def split(module, args):
             x = args[0]
             if x.shape[1] % w:
                 raise ConfigError(f"sequence parallel: sequence length {x.shape[1]} is not divisible by tp = {w}")
             return (_Split.apply(x, 1, group), *args[1:])
 
+        model.blocks[ids.index(0)].register_forward_pre_hook(split)
+    if sequence_parallel and not vocab_parallel and cfg.n_layers - 1 in ids:
         def gather(module, args, out):
             return (_GatherReplicated.apply(out[0], 1, group), *out[1:])
 
-        first.register_forward_pre_hook(split)
-        last.register_forward_hook(gather)
+        model.blocks[ids.index(cfg.n_layers - 1)].register_forward_hook(gather)
     # kept by name: FSDP2 replaces the Parameter objects (and their attributes), not the names
     model._tp_partial_names = {n for n, p in model.named_parameters() if getattr(p, "_tp_partial_grad", False)}
     return model
@@ -264,6 +275,11 @@ def tp_reference_shard(name: str, full: torch.Tensor, model: nn.Module, rank: in
     cfg = model.cfg
     leaf = name.split(".")[-2:]
     hd = cfg.head_dim
+    if leaf[0] in ("tok_emb", "lm_head") and hasattr(model, "_vocab_group"):
+        from lmforge.distributed.vocab_parallel import vocab_range
+
+        start, end = vocab_range(cfg.vocab_size, rank, world)
+        return full[start:end]
     if leaf[0] in ("q", "k", "v"):
         heads = cfg.n_heads if leaf[0] == "q" else cfg.n_kv_heads
         return full[_head_rows(rank, world, heads, hd)]

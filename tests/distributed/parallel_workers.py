@@ -63,18 +63,32 @@ DEFAULT_CHECKS = [
     "tests.distributed.test_pipeline:gpipe_tied",
     "tests.distributed.test_pipeline:f1b_untied",
     "tests.distributed.test_pipeline:f1b_moe",
+    "tests.distributed.test_pipeline:interleaved_tied",
+    "tests.distributed.test_vocab_parallel:vocab_ce_2",
     "tests.distributed.test_tp:tp_sp",
     "tests.distributed.test_tp:tp_plain",
     "tests.distributed.test_tp:tp_sp_sandwich_gelu",
+    "tests.distributed.test_tp:tp_sp_replicated_head",
+    "tests.distributed.test_tp:tp_vocab_no_sp",
     "tests.distributed.test_expert_parallel:ep_no_drop",
     "tests.distributed.test_expert_parallel:ep_capacity",
     "tests.distributed.test_expert_parallel:ep_model",
     "tests.distributed.test_mesh:dp_ep",
 ]
-_shared: dict[str, list[dict]] = {}
+# The default 4-rank checks (composed meshes; 3-rank vocab parallelism on a subgroup), one spawn.
+FOUR_RANK_CHECKS = [
+    "tests.distributed.test_vocab_parallel:vocab_3",
+    "tests.distributed.test_composed:pp_tp",
+    "tests.distributed.test_composed:pp_tp_interleaved",
+    "tests.distributed.test_composed:pp_dp",
+    "tests.distributed.test_composed:pp_cp",
+    "tests.distributed.test_composed:pp_ep",
+]
+_shared: dict[int, dict[str, list[dict]]] = {}
 
 
-def shared_results(tmp_path_factory) -> dict[str, list[dict]]:
-    if not _shared:
-        _shared.update(run_checks(DEFAULT_CHECKS, tmp_path_factory.mktemp("parallel")))
-    return _shared
+def shared_results(tmp_path_factory, world: int = 2) -> dict[str, list[dict]]:
+    if world not in _shared:
+        checks = DEFAULT_CHECKS if world == 2 else FOUR_RANK_CHECKS
+        _shared[world] = run_checks(checks, tmp_path_factory.mktemp(f"parallel{world}"), world)
+    return _shared[world]

@@ -1,5 +1,5 @@
-"""Pipeline parallelism: GPipe and 1F1B over 2 gloo stages equal the single-process step; schedules'
-bubble under the timing model equals (p − 1)/(m + p − 1)."""
+"""Pipeline parallelism: GPipe, 1F1B and interleaved 1F1B over 2 gloo stages equal the single-process
+step; schedules' bubble under the timing model equals (p − 1)/(v·m + p − 1)."""
 
 import pytest
 import torch
@@ -8,6 +8,7 @@ import torch.distributed as dist
 from lmforge.distributed.pipeline import (
     PipelineStage,
     bubble_formula,
+    interleaved_1f1b,
     one_f_one_b,
     run_pipeline,
     simulate,
@@ -20,7 +21,7 @@ MOD = "tests.distributed.test_pipeline"
 ROWS, T, MICRO = 8, 7, 4
 
 
-def _model(tied: bool, moe: bool = False):
+def _model(tied: bool, moe: bool = False, n_layers: int = 3):
     from lmforge.model import ModelConfig, Transformer
 
     extra = {}
@@ -28,7 +29,7 @@ def _model(tied: bool, moe: bool = False):
         from lmforge.model.moe import MoEConfig
         extra["moe"] = MoEConfig(n_experts=4, top_k=2)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=41, context_length=16, d_model=20, n_layers=3, n_heads=2, d_ff=36,
+    cfg = ModelConfig(vocab_size=41, context_length=16, d_model=20, n_layers=n_layers, n_heads=2, d_ff=36,
                       tie_embeddings=tied, attention_backend="reference", **extra)
     return Transformer(cfg).double()
 
@@ -41,9 +42,9 @@ def _batch():
     return ids[:, :-1], y
 
 
-def check(rank, world, schedule, tied, moe=False):
+def check(rank, world, schedule, tied, moe=False, virtual=1, n_layers=3):
     x, y = _batch()
-    ref_model = _model(tied, moe)
+    ref_model = _model(tied, moe, n_layers)
     rows = ROWS // MICRO
     n = (y != -100).sum()
     ref_loss = 0.0
@@ -53,7 +54,7 @@ def check(rank, world, schedule, tied, moe=False):
         loss.backward()
         ref_loss += loss.item()
     ref = {name: p.grad for name, p in ref_model.named_parameters() if p.grad is not None}
-    stage = PipelineStage(_model(tied, moe), rank, world)
+    stage = PipelineStage(_model(tied, moe, n_layers), rank, world, virtual=virtual)
     res = run_pipeline(stage, x, y, MICRO, schedule)
     grad_err, n_params = 0.0, 0
     for name, p in stage.named_parameters():
@@ -79,12 +80,16 @@ def f1b_moe(rank, world):
     return check(rank, world, "1f1b", tied=True, moe=True)
 
 
+def interleaved_tied(rank, world):  # 5 layers in 4 virtual stages: chunks of 2, 1, 1, 1 layers
+    return check(rank, world, "interleaved", tied=True, virtual=2, n_layers=5)
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     return shared_results(tmp_path_factory)
 
 
-@pytest.mark.parametrize("check_name", ["gpipe_tied", "f1b_untied", "f1b_moe"])
+@pytest.mark.parametrize("check_name", ["gpipe_tied", "f1b_untied", "f1b_moe", "interleaved_tied"])
 def test_pipeline_step_equals_single_process(results, check_name):
     for r in results[f"{MOD}:{check_name}"]:
         assert r["loss"] < 1e-8 and r["grads"] < 1e-10, r  # MoE aux terms are float32 sums
@@ -96,6 +101,8 @@ def test_pipeline_step_equals_single_process(results, check_name):
 def test_1f1b_keeps_fewer_activations(results):
     assert [r["peak"] for r in results[f"{MOD}:gpipe_tied"]] == [MICRO, MICRO]
     assert [r["peak"] for r in results[f"{MOD}:f1b_untied"]] == [2, 1]  # p − s micro-batches alive
+    # interleaved: 2(p − s − 1) + (v − 1)p warm-up units (+1 in the steady state) on stage s
+    assert [r["peak"] for r in results[f"{MOD}:interleaved_tied"]] == [5, 3]
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
@@ -106,9 +113,24 @@ def test_simulated_bubble_equals_formula(schedule):
                 assert b == pytest.approx(bubble_formula(p, m)), (schedule, p, m, t_f, t_b)
 
 
+@pytest.mark.parametrize("p, m, v", [(2, 2, 2), (2, 4, 3), (3, 6, 2), (4, 8, 2), (4, 4, 3), (3, 3, 4)])
+def test_interleaved_bubble_equals_formula(p, m, v):
+    """Narayanan et al. 2021: bubble/ideal = (1/v)(p − 1)/m, i.e. (p − 1)/(v·m + p − 1) of the step."""
+    for t_f, t_b in [(1.0, 1.0), (1.0, 2.0)]:
+        for b in simulate("interleaved", p, m, t_f, t_b, virtual=v):
+            assert b == pytest.approx(bubble_formula(p, m, v)), (p, m, v, t_f, t_b)
+    assert bubble_formula(p, m, v) < bubble_formula(p, m)
+
+
 def test_schedules_and_split():
-    assert one_f_one_b(0, 3, 4) == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("F", 3), ("B", 1), ("B", 2), ("B", 3)]
-    assert one_f_one_b(2, 3, 2) == [("F", 0), ("B", 0), ("F", 1), ("B", 1)]
+    f = lambda *ids: [("F", i, 0) for i in ids]  # noqa: E731
+    assert one_f_one_b(0, 3, 4) == f(0, 1, 2) + [("B", 0, 0)] + f(3) + [("B", 1, 0), ("B", 2, 0), ("B", 3, 0)]
+    assert one_f_one_b(2, 3, 2) == [("F", 0, 0), ("B", 0, 0), ("F", 1, 0), ("B", 1, 0)]
+    # p = 2, m = 2, v = 2: groups of p micro-batches per chunk; stage 1 warms up with (v − 1)p = 2 units
+    assert interleaved_1f1b(1, 2, 2, 2) == [("F", 0, 0), ("F", 1, 0), ("F", 0, 1), ("B", 0, 1), ("F", 1, 1),
+                                            ("B", 1, 1), ("B", 0, 0), ("B", 1, 0)]
+    with pytest.raises(ConfigError, match="n_micro = 3 must be a multiple of pp = 2"):
+        interleaved_1f1b(0, 2, 3, 2)
     assert [list(stage_layers(7, 3, s)) for s in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
     with pytest.raises(ConfigError, match="4 stages for 3 layers"):
         stage_layers(3, 4, 0)
