@@ -7,7 +7,8 @@ export (`config.json` + safetensors, read through lmforge.interop; its tokenizer
 
 Speculative decoding (exact: the same distribution, greedy text identical): `--draft DIR` drafts
 with a smaller model (any of the PATH forms; same vocabulary), `--ngram N` with prompt lookup;
-`--spec-k` drafts per round.
+`--spec-k` drafts per round. `--prefix-cache BLOCKS` keeps the KV of shared prompt prefixes (system
+prompts, few-shot examples, earlier chat turns) in a pool of BLOCKS blocks of `--block-size` tokens.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def _add_model_args(p) -> None:
     spec.add_argument("--draft", default=None, help="speculative decoding with this draft model (run/model/HF dir)")
     spec.add_argument("--ngram", type=int, default=None, help="speculative decoding by prompt lookup of up to N tokens")
     p.add_argument("--spec-k", type=int, default=4, help="drafted tokens per speculative round (1..15)")
+    p.add_argument("--prefix-cache", type=int, default=0, metavar="BLOCKS",
+                   help="reuse the KV of shared prompt prefixes: pool size in blocks (0: off)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per prefix-cache block")
 
 
 def _cuda() -> bool:
@@ -140,7 +144,7 @@ def _engine(args):
         quantize_model(model, args.quantize)
     engine = Engine(model, tokenizer=tok, max_batch=args.max_batch, max_len=args.max_len, compile=args.compile,
                     prefill_chunk=args.prefill_chunk, drafter=drafter_from_args(args, device, args.dtype),
-                    spec_k=args.spec_k)
+                    spec_k=args.spec_k, prefix_blocks=args.prefix_cache, block_size=args.block_size)
     return engine, tok, name
 
 

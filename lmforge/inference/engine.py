@@ -22,6 +22,10 @@ Tokens reach the host once per step (stop checks and streaming need them), never
 With `compile=True` on CUDA the decode forward runs at a fixed shape (all rows, full cache
 length) through `torch.compile(mode="reduce-overhead")`, i.e. as a CUDA graph.
 
+With `prefix_blocks=N` (prefix.py) an admitted request first copies the cached KV of the longest
+known block-aligned prefix of its prompt into its row and prefills only the rest; prompts (after
+prefill) and finished sequences are stored back, block by block, for later requests.
+
 With `drafter=DraftModel(small) | NGramDrafter(n)` step 2 is a round of exact speculative decoding
 instead (speculative.py): every running row gets up to `spec_k` drafts, the target scores all rows'
 [pending, drafts] in one forward, each row keeps its accepted drafts plus one token and forgets the
@@ -42,6 +46,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.inference.cache import StaticKVCache
+from lmforge.inference.prefix import PrefixCache
 from lmforge.inference.sampling import Row, SamplingParams, sample
 from lmforge.inference.speculative import row_probs, row_random, verify_batch
 from lmforge.inference.text import TextStream
@@ -72,6 +77,7 @@ class Sequence:
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    prefix: list = field(default_factory=list)  # pinned prefix-cache blocks it was started from
     rounds: int = 0  # speculative rounds, drafted and accepted tokens
     drafted: int = 0
     accepted: int = 0
@@ -101,12 +107,14 @@ class Completion:
 class Engine:
     def __init__(self, model: nn.Module, *, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  eos_ids: list[int] | None = None, compile: bool = False, prefill_chunk: int | None = None,
-                 drafter=None, spec_k: int = 4):
+                 drafter=None, spec_k: int = 4, prefix_blocks: int = 0, block_size: int = 16):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_len = max_len or model.cfg.context_length
-        self.cache = StaticKVCache.for_model(model, max_batch, self.max_len)
+        # prefix caching copies blocks by position, so it needs full-length rows (no rings)
+        self.cache = StaticKVCache.for_model(model, max_batch, self.max_len, ring=not prefix_blocks)
+        self.prefix = PrefixCache(self.cache, prefix_blocks, block_size) if prefix_blocks else None
         self.max_batch = max_batch
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk = {prefill_chunk} must be >= 1 (or None: whole prompts)")
@@ -210,43 +218,55 @@ class Engine:
             for seq, slot in zip(req.sequences, free):
                 seq.slot = slot
                 self.slots[slot] = seq
+            first = req.sequences[0]
+            if self.prefix is not None:  # the cached KV of the prompt's longest known prefix
+                first.prefix = self.prefix.match(req.prompt_ids)
+                first.length = self.prefix.load(first.prefix, first.slot)
             admitted.append(req.sequences[0])  # siblings get a copy of its prefill
         return admitted
 
     def _prefill(self, firsts: list[Sequence]) -> list[Event]:
         events = []
-        firsts.sort(key=lambda s: s.slot)
-        groups, group = [], [firsts[0]]
-        for s in firsts[1:]:
-            # ring buffers keep a row's last tokens, so a right-padded row must be prefilled alone
-            if s.slot == group[-1].slot + 1 and not self.cache.has_rings:
-                group.append(s)
-            else:
-                groups.append(group)
-                group = [s]
-        groups.append(group)
-        for group in groups:
-            lengths = [len(s.request.prompt_ids) for s in group]
-            T = max(lengths)
+        for group in self._prefill_groups(firsts):
+            # each row's new tokens start after its cached prefix (s.length), right-padded to T
+            new = [s.request.prompt_ids[s.length:] for s in group]
+            T = max(map(len, new))
             ids = torch.zeros(len(group), T, dtype=torch.long)
-            for b, s in enumerate(group):
-                ids[b, :lengths[b]] = torch.tensor(s.request.prompt_ids)
-            ids = ids.to(self.device)
-            pos = torch.arange(T, device=self.device).expand(len(group), T)
+            for b, t in enumerate(new):
+                ids[b, :len(t)] = torch.tensor(t)
+            pos = torch.arange(T).repeat(len(group), 1) + torch.tensor([[s.length] for s in group])
             rows = slice(group[0].slot, group[-1].slot + 1)
-            logits = self._forward(ids, pos, rows, T)
-            last = torch.tensor([n - 1 for n in lengths], device=self.device)
+            logits = self._forward(ids.to(self.device), pos.to(self.device), rows, int(pos.max()) + 1)
+            last = torch.tensor([len(t) - 1 for t in new], device=self.device)
             logits = logits[torch.arange(len(group), device=self.device), last]  # [b, V]
             seqs, rows_logits = [], []
             for b, s in enumerate(group):
+                n = len(s.request.prompt_ids)
+                if self.prefix is not None:
+                    self.prefix.store(s.request.prompt_ids, s.slot)
                 sibs = s.request.sequences
-                self.cache.copy_rows(s.slot, [t.slot for t in sibs[1:]], lengths[b])
+                self.cache.copy_rows(s.slot, [t.slot for t in sibs[1:]], n)
                 for t in sibs:
-                    t.length = lengths[b]
+                    t.length = n
                     seqs.append(t)
                     rows_logits.append(logits[b])
             events += self._accept(seqs, torch.stack(rows_logits))
         return events
+
+    def _prefill_groups(self, firsts: list[Sequence]) -> list[list[Sequence]]:
+        """Sequences in adjacent slots are prefilled in one right-padded forward, as long as the
+        padding stays inside the cache; ring buffers keep a row's last tokens, so with rings a
+        right-padded row must be prefilled alone."""
+        groups: list[list[Sequence]] = []
+        for s in sorted(firsts, key=lambda s: s.slot):
+            g = groups[-1] if groups else None
+            if g is not None and s.slot == g[-1].slot + 1 and not self.cache.has_rings:
+                T = max(len(t.request.prompt_ids) - t.length for t in g + [s])
+                if all(t.length + T <= self.max_len for t in g + [s]):
+                    g.append(s)
+                    continue
+            groups.append([s])
+        return groups
 
     def _prefill_chunked(self) -> list[Event]:
         """Feed at most `prefill_chunk` prompt tokens this step (one sequence per forward), so a
@@ -263,6 +283,8 @@ class Engine:
             budget -= n
             if s.length == len(prompt):
                 self.prefilling.pop(0)
+                if self.prefix is not None:
+                    self.prefix.store(prompt, s.slot)
                 sibs = s.request.sequences
                 self.cache.copy_rows(s.slot, [t.slot for t in sibs[1:]], s.length)
                 for t in sibs[1:]:
@@ -399,6 +421,11 @@ class Engine:
     def _finish(self, s: Sequence, reason: str, ev: Event | None = None) -> Event:
         s.finish_reason = reason
         s.last = None
+        if self.prefix is not None:  # its prompt and reply can serve as a later request's prefix
+            if s.slot is not None:
+                self.prefix.store((s.row.prompt_ids + s.row.output_ids)[:s.length], s.slot)
+            self.prefix.release(s.prefix)
+            s.prefix = []
         if s.slot is not None:
             self.slots[s.slot] = None
             s.slot = None

@@ -164,6 +164,8 @@ def create_app(engine: Engine, tokenizer, model_name: str = "lmforge", max_queue
         d = {"status": "ok", "running": engine.n_running, "waiting": len(engine.waiting)}
         if engine.drafter is not None:  # speculative decoding: rounds, drafted and accepted tokens so far
             d["speculative"] = dict(engine.spec_stats)
+        if engine.prefix is not None:  # prompt tokens looked up / found in the prefix cache
+            d["prefix_cache"] = {"query_tokens": engine.prefix.query_tokens, "hit_tokens": engine.prefix.hit_tokens}
         return d
 
     @app.get("/v1/models")

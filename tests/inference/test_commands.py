@@ -88,3 +88,24 @@ def test_speculative_flags(run_dir):
     cmd_chat(_args(d), stdin=io.StringIO("hello hello hello\n\n"), stdout=plain)
     cmd_chat(_args(d, draft=str(d), spec_k=2), stdin=io.StringIO("hello hello hello\n\n"), stdout=spec)
     assert spec.getvalue() == plain.getvalue()
+
+
+def test_prefix_cache_flag_in_chat(run_dir):
+    """Two chat turns with --prefix-cache: the second turn reuses the first; replies unchanged."""
+    d, _ = run_dir
+    turns = "a\nb\n\n"  # short: both turns fit the 48-token context
+    plain, cached = io.StringIO(), io.StringIO()
+    cmd_chat(_args(d, max_tokens=2), stdin=io.StringIO(turns), stdout=plain)
+    args = _args(d, max_tokens=2, prefix_cache=8, block_size=4)
+    from lmforge.inference import commands
+
+    engines = []
+    real = commands._engine
+    commands._engine = lambda a: engines.append(real(a)) or engines[-1]
+    try:
+        cmd_chat(args, stdin=io.StringIO(turns), stdout=cached)
+    finally:
+        commands._engine = real
+    assert cached.getvalue() == plain.getvalue()
+    assert "no longer fits" not in plain.getvalue() and plain.getvalue().count("> ") == 3
+    assert engines[0][0].prefix.hit_tokens >= 16
