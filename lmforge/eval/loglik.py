@@ -82,7 +82,9 @@ def score_continuations(model, requests: list[tuple[list[int], list[int]]], *, b
     for i, (ctx, _) in enumerate(fitted):
         groups.setdefault(tuple(ctx), []).append(i)
     out: list[Score | None] = [None] * len(fitted)
-    single = [ctx for ctx, idx in groups.items() if all(len(fitted[i][1]) == 1 for i in idx)]
+    # longest first, so that each forward's contexts have similar lengths (little padding)
+    single = sorted((ctx for ctx, idx in groups.items() if all(len(fitted[i][1]) == 1 for i in idx)),
+                    key=lambda c: (-len(c), c))
     for start in range(0, len(single), batch_size):
         chunk = single[start:start + batch_size]
         for ctx, lp, best in zip(chunk, *_last_logprobs(model, [list(c) for c in chunk])):
