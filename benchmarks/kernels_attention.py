@@ -33,6 +33,7 @@ def rel(a, b):
 
 def check_cases(device):
     from lmforge.kernels.flash_attention import attention_reference, flash_attention
+    from lmforge.kernels.flash_attention_triton import CONCURRENT_DQ
 
     docs = torch.tensor([[0] * 300 + [1] * 500 + [2] * 223, [0] * 1023], device=device)
     cases = [  # (name, dtype, B, Hq, Hkv, T, S, D, opts)
@@ -45,7 +46,11 @@ def check_cases(device):
         ("softcap 30 bf16", torch.bfloat16, 1, 4, 4, 700, 700, 128, {"softcap": 30.0}),
         ("decode S>T bf16", torch.bfloat16, 2, 8, 2, 17, 900, 128, {}),
     ]
+    # the atomic-dQ backward (deterministic=False) on a few of the same cases
+    cases += [(n + " atomic-dQ", dt, *rest[:-1], dict(rest[-1], deterministic=False))
+              for n, dt, *rest in cases if n in ("causal bf16 D128 GQA", "doc_ids bf16", "softcap 30 bf16")]
     rows = []
+    print(f"checks (dQ on a second stream: {CONCURRENT_DQ})", flush=True)
     for name, dtype, B, Hq, Hkv, T, S, D, opts in cases:
         q = torch.randn(B, Hq, T, D, device=device, dtype=dtype, requires_grad=True)
         k = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, requires_grad=True)
@@ -54,6 +59,7 @@ def check_cases(device):
         out = flash_attention(q, k, v, impl="triton", **opts)
         grads = torch.autograd.grad(out, (q, k, v), do)
         qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+        opts.pop("deterministic", None)
         ref = attention_reference(qf, kf, vf, **opts)
         rgrads = torch.autograd.grad(ref, (qf, kf, vf), do.float())
         errs = [rel(out, ref)] + [rel(g, r) for g, r in zip(grads, rgrads)]
@@ -114,17 +120,17 @@ def _cfg(m, n, warps, stages):
 
 
 SWEEP = {  # kernel -> candidate configs (BLOCK_M = query tile, BLOCK_N = key tile)
-    "fwd": [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 4),
-            _cfg(128, 128, 8, 2), _cfg(128, 64, 8, 4), _cfg(128, 128, 8, 4), _cfg(64, 64, 4, 3),
-            _cfg(64, 128, 4, 3), _cfg(128, 32, 4, 4)],
-    "dkdv": [_cfg(64, 128, 8, 3), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 4),
-             _cfg(64, 128, 8, 2), _cfg(32, 128, 4, 5), _cfg(64, 128, 4, 3), _cfg(32, 128, 8, 3),
-             _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 5)],
-    "dq": [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 4),
-           _cfg(128, 64, 8, 2), _cfg(128, 32, 4, 5), _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 2),
-           _cfg(64, 64, 4, 5)],
+    "fwd": [_cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4),
+            _cfg(128, 128, 8, 2), _cfg(128, 32, 4, 4), _cfg(64, 64, 4, 4), _cfg(64, 32, 4, 3),
+            _cfg(128, 64, 4, 3), _cfg(64, 128, 4, 2)],
+    "dkdv": [_cfg(64, 128, 8, 3), _cfg(32, 64, 4, 4), _cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2),
+             _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3), _cfg(32, 64, 4, 5), _cfg(64, 64, 8, 3),
+             _cfg(32, 128, 8, 4), _cfg(16, 64, 4, 4)],
+    "dq": [_cfg(128, 128, 8, 2), _cfg(128, 64, 8, 3), _cfg(64, 32, 4, 4), _cfg(128, 64, 8, 2),
+           _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3), _cfg(128, 32, 8, 3),
+           _cfg(64, 64, 4, 4)],
 }
-SWEEP["dkdv_atomic"] = SWEEP["dkdv"]
+SWEEP["dkdv_atomic"] = SWEEP["dkdv"][:4]
 
 
 def _sweep_call(kernel, cfg, q, k, v, do, fwd_out=None):
@@ -144,14 +150,18 @@ def _sweep_call(kernel, cfg, q, k, v, do, fwd_out=None):
 
 
 def _compile_worker(jobs):
-    """Compile (by running once on a small input of the same specialisation) each (kernel, cfg, D)."""
+    """Compile (by running once on a small input of the same specialisation) each (kernel, cfg, H, D).
+
+    Triton specialises integer arguments on divisibility by 16, so the head count H (an argument)
+    must match the timed shapes' for the cached binary to be the one they use.
+    """
     import torch
 
     from lmforge.kernels import flash_attention_triton as fa
 
     done = 0
-    for kernel, cfg, D in jobs:
-        q, k, v, do = (torch.randn(1, 2, 256, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    for kernel, cfg, H, D in jobs:
+        q, k, v, do = (torch.randn(1, H, 256, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         fwd_out = fa.forward(q, k, v, causal=True, window=None, softcap=None, scale=None, doc_ids=None)
         try:
             _sweep_call(kernel, cfg, q, k, v, do, fwd_out)()
@@ -162,12 +172,11 @@ def _compile_worker(jobs):
     return done
 
 
-def precompile(head_dims, workers):
+def precompile(heads_dims, workers):
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    jobs = [(kern, cfg, D) for D in head_dims for kern, cfgs in SWEEP.items() for cfg in cfgs]
-    jobs += [("dq", None, D) for D in head_dims]  # the defaults the other sweeps run beside
+    jobs = [(kern, cfg, H, D) for H, D in heads_dims for kern, cfgs in SWEEP.items() for cfg in cfgs]
     chunks = [jobs[i::workers] for i in range(workers)]
     t0 = time.perf_counter()
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
@@ -188,6 +197,7 @@ def sweep_shapes(device, shapes, deadline):
         flops_fwd = 4 * B * H * T * T * D / 2
         fwd_out = fa.forward(q, k, v, causal=True, window=None, softcap=None, scale=None, doc_ids=None)
         res = {"shape": [B, H, T, D], "ms": {}, "best": {}}
+        fa.CONCURRENT_DQ = False  # time each backward kernel on its own
         for kernel, cfgs in SWEEP.items():
             times = []
             for cfg in cfgs:
@@ -207,13 +217,18 @@ def sweep_shapes(device, shapes, deadline):
             t.requires_grad_()
         best = res["best"]
         combos = {}
-        for name, det, dk_name in (("triton_det", True, "dkdv"), ("triton_atomic", False, "dkdv_atomic")):
+        for name, det, dk_name, concurrent in (("triton_det", True, "dkdv", True),
+                                               ("triton_det_1stream", True, "dkdv", False),
+                                               ("triton_atomic", False, "dkdv_atomic", False)):
             if "fwd" not in best or dk_name not in best or (det and "dq" not in best):
                 continue
-            def run(det=det, dk_name=dk_name):
+            def run(det=det, dk_name=dk_name, concurrent=concurrent):
+                fa.CONCURRENT_DQ = concurrent
                 with fa.FWD.force(best["fwd"]), fa.DKDV.force(best[dk_name]), fa.DQ.force(best.get("dq")):
                     out = flash_attention(q, k, v, causal=True, deterministic=det, impl="triton")
-                    return torch.autograd.grad(out, (q, k, v), do)
+                    grads = torch.autograd.grad(out, (q, k, v), do)
+                fa.CONCURRENT_DQ = True
+                return grads
             combos[name] = run
         for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
             def run(backend=backend):
@@ -252,6 +267,8 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="time a wide config space per kernel (see module doc)")
     p.add_argument("--sweep-shapes", default="4,16,4096,128;8,16,2048,128;1,16,16384,128;16,32,1024,64")
     p.add_argument("--workers", type=int, default=12, help="processes compiling the sweep's kernels")
+    p.add_argument("--check-only", action="store_true", help="run the GPU correctness checks and stop")
+    p.add_argument("--precompile-only", action="store_true", help="compile the sweep's kernels and stop")
     p.add_argument("--budget-s", type=float, default=150, help="stop sweeping configs after this long")
     p.add_argument("--shapes", default="8,16,2048,128;4,16,4096,128;2,16,8192,128;1,16,16384,128;16,32,1024,64;8,32,2048,64")
     args = p.parse_args(argv)
@@ -268,21 +285,29 @@ def main(argv=None):
     os.environ["LMFORGE_KERNEL_TUNE"] = "0"  # checks: one config each, so no autotuning per option set
     checks = [] if args.skip_check else check_cases(device)
     os.environ["LMFORGE_KERNEL_TUNE"] = info["tune"]
+    if args.check_only:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "kernels_attention_checks.json"), "w") as f:
+            json.dump({"info": info, "checks": checks}, f, indent=1)
+        return 0 if all(c["ok"] for c in checks) else 2
     if args.sweep:
         os.environ["LMFORGE_KERNEL_TUNE"] = "0"  # kernels not being swept run their default config
         t0 = time.perf_counter()
         sweep_shapes_ = [tuple(int(x) for x in s.split(",")) for s in args.sweep_shapes.split(";") if s]
         if args.workers > 1:
-            precompile(sorted({s[3] for s in sweep_shapes_}), args.workers)
+            precompile(sorted({(s[1], s[3]) for s in sweep_shapes_}), args.workers)
+        if args.precompile_only:
+            return 0
         swept = sweep_shapes(device, sweep_shapes_, t0 + args.budget_s)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "kernels_attention_sweep.json"), "w") as f:
             json.dump({"info": info, "sweep": swept}, f, indent=1)
-        print(f"\n{'shape':22s} {'triton det':>10} {'atomic':>8} {'flash':>8} {'cudnn':>8} | {'fwd':>6} "
+        print(f"\n{'shape':22s} {'triton det':>10} {'1 stream':>8} {'atomic':>8} {'flash':>8} {'cudnn':>8} | {'fwd':>6} "
               f"{'cudnn fwd':>9}  (TFLOP/s fwd+bwd, causal bf16; winners per kernel)")
         for r in swept:
             g = lambda k: r.get(k, 0)
-            print(f"{str(tuple(r['shape'])):22s} {g('triton_det_fwdbwd_tflops'):>10} {g('triton_atomic_fwdbwd_tflops'):>8} "
+            print(f"{str(tuple(r['shape'])):22s} {g('triton_det_fwdbwd_tflops'):>10} "
+                  f"{g('triton_det_1stream_fwdbwd_tflops'):>8} {g('triton_atomic_fwdbwd_tflops'):>8} "
                   f"{g('sdpa_flash_fwdbwd_tflops'):>8} {g('sdpa_cudnn_fwdbwd_tflops'):>8} | "
                   f"{g('triton_fwd_tflops'):>6} {g('sdpa_cudnn_fwd_tflops'):>9}")
             for kern, c in r["best"].items():

@@ -51,6 +51,18 @@ def rms_rows(device):
         for name, f in impls.items():
             row[f"{name}_fwd_ms"] = bench(lambda f=f: f(x, w))
             row[f"{name}_fwdbwd_ms"] = bench(lambda f=f: torch.autograd.grad(f(x, w), (x, w), dy))
+        # the backward kernel alone under other launch shapes (row tile size, programs per SM)
+        from lmforge.kernels import rms_norm_triton as kt
+
+        x2 = x.detach()
+        _, rstd = kt.forward(x2, w.detach(), 1e-6)
+        saved = kt.ROW_ELEMENTS, kt.PROGRAMS_PER_SM
+        for elems, per_sm in ((8192, 4), (4096, 4), (16384, 2), (2048, 8), (8192, 8), (4096, 16), (8192, 2)):
+            kt.ROW_ELEMENTS, kt.PROGRAMS_PER_SM = elems, per_sm
+            ms = bench(lambda: kt.backward(dy, x2, w.detach(), rstd, True))
+            row[f"bwd_kernel_ms_tile{elems}_per_sm{per_sm}"] = ms
+            row.setdefault("bwd_kernel_GBps", {})[f"{elems}/{per_sm}"] = round(3 * x.numel() * 2 / ms / 1e6)
+        kt.ROW_ELEMENTS, kt.PROGRAMS_PER_SM = saved
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -77,17 +89,20 @@ def swiglu_rows(device):
 
 def ce_rows(device, n_tokens, hidden):
     from lmforge.kernels import linear_cross_entropy as lce
+    from lmforge.kernels import linear_cross_entropy_triton as lce_kt
     from lmforge.kernels.linear_cross_entropy import linear_cross_entropy
 
-    def variant(align, budget):
-        """The fused loss with other padding / chunk settings (module constants restored after)."""
+    def variant(module, **consts):
+        """The fused loss with other module constants (padding, chunk, kernel pass; restored after)."""
         def run():
-            saved = lce.VOCAB_ALIGN, lce.CHUNK_BUDGET
-            lce.VOCAB_ALIGN, lce.CHUNK_BUDGET = align, budget
+            saved = {k: getattr(module, k) for k in consts}
+            for k, val in consts.items():
+                setattr(module, k, val)
             try:
                 return linear_cross_entropy(h, w, t, impl="triton").loss_sum
             finally:
-                lce.VOCAB_ALIGN, lce.CHUNK_BUDGET = saved
+                for k, val in saved.items():
+                    setattr(module, k, val)
         return run
 
     def torch_loss(h, w, t):
@@ -102,9 +117,11 @@ def ce_rows(device, n_tokens, hidden):
         t[::17] = -100
         impls = {"fused_triton": lambda: linear_cross_entropy(h, w, t, impl="triton").loss_sum,
                  "eager": lambda: torch_loss(h, w, t), "compiled": lambda: compiled(h, w, t),
-                 "fused_chunk2^27": variant(lce.VOCAB_ALIGN, 1 << 27)}
+                 "fused_chunk2^27": variant(lce, CHUNK_BUDGET=1 << 27)}
         if vocab % lce.VOCAB_ALIGN:
-            impls["fused_unpadded"] = variant(1, lce.CHUNK_BUDGET)
+            impls["fused_unpadded"] = variant(lce, VOCAB_ALIGN=1)
+        if vocab <= lce_kt.SINGLE_PASS_MAX:
+            impls["fused_2pass"] = variant(lce_kt, SINGLE_PASS_MAX=0)
         hf, wf = (x.detach().float().requires_grad_() for x in (h, w))
         ref_loss = torch_loss(hf, wf, t)
         ref = (ref_loss, *torch.autograd.grad(ref_loss, (hf, wf)))
@@ -156,7 +173,7 @@ def main(argv=None):
             print(f"{'':20s} peak extra MiB: fused {r['fused_triton_peak_extra_MiB']}, eager {r['eager_peak_extra_MiB']}"
                   f", compiled {r['compiled_peak_extra_MiB']} -> eager/fused "
                   f"{r['eager_peak_extra_MiB'] / max(1, r['fused_triton_peak_extra_MiB']):.1f}x")
-            for name in ("fused_chunk2^27", "fused_unpadded"):
+            for name in ("fused_chunk2^27", "fused_unpadded", "fused_2pass"):
                 if f"{name}_fwdbwd_ms" in r:
                     print(f"{'':20s} {name}: {r[f'{name}_fwdbwd_ms']:.3f} ms, peak extra {r[f'{name}_peak_extra_MiB']} MiB")
     return 0

@@ -77,8 +77,15 @@ def profile_training(preset: str, overrides: list[str], *, steps: int, warmup: i
         return (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)) if on_gpu \
             else e.self_cpu_time_total
 
-    # On GPU, kernels are the events with device time; CPU-side operator rows have none of their own.
-    rows = [(e.key, self_us(e), e.count) for e in events if self_us(e) > 0]
+    def is_row(e):
+        if self_us(e) <= 0:
+            return False
+        # On GPU only the kernels themselves (device-side events): operator and annotation rows
+        # also carry the device time of the kernels they launched, which would count it twice.
+        return not on_gpu or (e.device_type == torch.autograd.DeviceType.CUDA
+                              and not getattr(e, "is_user_annotation", False))
+
+    rows = [(e.key, self_us(e), e.count) for e in events if is_row(e)]
     total = sum(t for _, t, _ in rows) or 1.0
     rows.sort(key=lambda r: -r[1])
     table = [{"name": name, "share": t / total, "time_ms_per_step": t / 1e3 / steps, "calls_per_step": c / steps}

@@ -20,13 +20,14 @@ Written with plain pointer arithmetic (no block pointers/TMA) so it runs on Trit
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from lmforge.kernels.runtime import Tunable
+from lmforge.kernels.runtime import Tunable, interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -411,8 +412,8 @@ def _cfg(m, n, warps, stages):
 # `benchmarks/kernels_attention.py --sweep` times a wider space per kernel and shape.
 _KEY = ["T", "S", "D", "DV", "CAUSAL", "WINDOW_ON", "HAS_DOC", "SOFTCAP_ON"]
 _FIXED = dict(BLOCK_M=16, BLOCK_N=16)  # under the interpreter: tiny tiles keep CPU tests fast
-FWD = Tunable(_fwd_kernel, [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3),
-                            _cfg(128, 64, 4, 4), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 2)], _KEY, _FIXED)
+FWD = Tunable(_fwd_kernel, [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3),
+                            _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)], _KEY, _FIXED)
 DKDV = Tunable(_dkdv_kernel, [_cfg(64, 128, 8, 3), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3),
                               _cfg(32, 64, 4, 4), _cfg(64, 128, 8, 2)], _KEY + ["ATOMIC_DQ"], _FIXED,
                reset_to_zero=["DQACC"])
@@ -461,6 +462,10 @@ def backward(q, k, v, out, lse, dout, *, causal, window, softcap, scale, doc_ids
     dv = torch.empty(B, HKV, S, DV, device=q.device, dtype=v.dtype)
     atomic = not deterministic
     dq_acc = torch.zeros(B, HQ, T, D, device=q.device, dtype=torch.float32) if atomic else dk.new_empty(1)
+    dq = None if atomic else torch.empty(B, HQ, T, D, device=q.device, dtype=q.dtype)
+    side = _side_stream(q.device) if not atomic else None
+    if side is not None:  # inputs (delta included) are ready once the work queued so far is done
+        side.wait_stream(torch.cuda.current_stream(q.device))
     grid_kv = lambda m: (B * HKV, triton.cdiv(S, m["BLOCK_N"]))
     DKDV[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, doc, *strides, *scalars, HQ, HKV, HQ // HKV,
                   ATOMIC_DQ=atomic, **meta)
@@ -468,7 +473,23 @@ def backward(q, k, v, out, lse, dout, *, causal, window, softcap, scale, doc_ids
         # dq_acc holds dS @ K', K' = K * scale * log2(e) as the kernel pre-scaled it (K itself with a softcap)
         factor = scalars[0] if softcap is not None else 1.0 / LOG2E
         return (dq_acc * factor).to(q.dtype), dk, dv
-    dq = torch.empty(B, HQ, T, D, device=q.device, dtype=q.dtype)
     grid_q = lambda m: (B * HQ, triton.cdiv(T, m["BLOCK_M"]))
-    DQ[grid_q](q, k, v, dout, lse, delta, dq, doc, *strides, *scalars, HQ, HQ // HKV, **meta)
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        DQ[grid_q](q, k, v, dout, lse, delta, dq, doc, *strides, *scalars, HQ, HQ // HKV, **meta)
+    if side is not None:  # everything the side stream touched is released only after it finished
+        torch.cuda.current_stream(q.device).wait_stream(side)
     return dq, dk, dv
+
+
+# The dQ kernel does not depend on the dK/dV kernel; on a GPU it runs on a second stream so that
+# each kernel's tail (the light causal tiles at the end) overlaps the other's work.
+CONCURRENT_DQ = True
+_side_streams: dict = {}
+
+
+def _side_stream(device):
+    if not CONCURRENT_DQ or device.type != "cuda" or interpreting():
+        return None
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]

@@ -92,7 +92,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         dh = torch.empty_like(hidden) if need_dh else None
         # dW accumulates in the weight's dtype through cuBLAS (fp32 inside each matmul, one rounding
         # per chunk): a separate fp32 accumulator would cost a full extra pass over dW per chunk.
-        dw = torch.zeros_like(w) if need_dw else None
+        dw = torch.empty_like(w) if need_dw else None
         ce = torch.empty(n, device=hidden.device, dtype=torch.float32)
         z = torch.empty(n, device=hidden.device, dtype=torch.float32)
         buf = torch.empty(min(chunk_rows, n), vp, device=hidden.device, dtype=hidden.dtype)
@@ -107,7 +107,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                                                              ignore_index, softcap, z_loss)
             if need_dh:
                 torch.mm(logits, w, out=dh[r0:r0 + len(h)])
-            if need_dw:
+            if need_dw and r0 == 0:
+                torch.mm(logits.T, h, out=dw)
+            elif need_dw:
                 dw.addmm_(logits.T, h)
         ctx.save_for_backward(dh, dw[:v] if need_dw else None)
         ce_sum, z_sum = ce.sum(), z.sum()

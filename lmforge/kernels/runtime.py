@@ -131,10 +131,19 @@ class Tunable:
             return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **fixed)
         if self.forced is not None:
             return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **self.forced)
-        if os.environ.get("LMFORGE_KERNEL_TUNE", "1") == "0":  # skip tuning: the first config
-            first = self.configs[0]
-            return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **first)
+        if os.environ.get("LMFORGE_KERNEL_TUNE", "1") == "0":  # skip tuning: the first config that fits
+            return lambda *args, **kwargs: self._first_fitting(grid, args, kwargs)
         return self._tuned()[grid]
+
+    def _first_fitting(self, grid, args, kwargs):
+        from triton.runtime.errors import OutOfResources
+
+        for i, config in enumerate(self.configs):
+            try:
+                return self.kernel[grid](*args, **kwargs, **config)
+            except OutOfResources:  # e.g. fp32 tiles of a large head dim: too much shared memory
+                if i == len(self.configs) - 1:
+                    raise
 
     @contextlib.contextmanager
     def force(self, config: dict | None):
