@@ -1,30 +1,36 @@
 """Model parallelism on 2 GPUs: tensor, pipeline, context (ring) and expert parallelism against data
 parallelism on the same model, in one command and one table.
 
-Written for `nvidia-h100-x2` (NOT yet run there: no device time was left this session):
+Written for `nvidia-h100-x2`:
     python benchmarks/parallel_forms.py --out bench_parallel.json
-It starts torchrun itself (2 processes per form; 1 process for single-GPU baselines) with the same
-model, batch and step count, and reports per form: tokens/s per GPU, step time, peak memory per GPU,
-plus the form's own number:
-  dp      torch DistributedDataParallel (the strongest data-parallel baseline), global batch 2 × B
-  tp      apply_tp with sequence parallelism, global batch B per TP group (TP splits the model,
-          not the batch); also `tp_layer`: one wide MLP layer forward+backward, 1 GPU vs TP on 2
-  pp      PipelineStage + run_pipeline, GPipe and 1F1B, global batch 2 × B in m micro-batches
-          (m must divide 2 × B): measured bubble
-          (1 − busy/wall on each stage) next to (p − 1)/(m + p − 1)
-  cp      ring attention (fwd+bwd) at a context whose full attention-score matrices do not fit one
-          80 GB GPU (`cp_reference`: the same block math on 1 GPU, expected out of memory), against
-          single-GPU SDPA (flash, O(T) memory) at the same context; our ring blocks are the readable
-          fp32 reference (O(T_local²) per block), so SDPA is expected to win on speed
-  ep      one MoE layer: expert parallel (all-to-all) vs every GPU holding every expert (DP), and
-          the share of the EP step spent in the all-to-alls (timed with device syncs around them)
-`--smoke` runs tiny shapes on CPU with gloo (checks the script; the pp bubble is still meaningful
-as a measurement of the schedule on this machine, the rest is not).
+It starts ONE torchrun with 2 processes (process start-up and NCCL set-up once) and runs every
+variant in turn, freeing memory between them; single-GPU variants run on rank 0 while rank 1 waits.
+Same model, batch and step count for every variant of a form; per variant: tokens/s per GPU, step
+time, peak memory per GPU (the larger of the two), the ratio to the form's baseline, plus:
+  single / dp   one GPU, and torch DistributedDataParallel (the strongest data-parallel baseline),
+                batch B per GPU (global 2B): the baseline of tp and pp
+  tp            apply_tp (heads, MLP, vocabulary, sequence parallel) over 2 GPUs, batch B per TP
+                group (TP splits the model, not the batch)
+  tp_layer      one wide MLP layer (d → 4d → d, column- then row-parallel) forward+backward, 1 GPU vs
+                TP on 2: the TP speed-up
+  pp_*          PipelineStage + run_pipeline: GPipe, 1F1B and interleaved 1F1B (2 chunks per GPU),
+                global batch 2B in m micro-batches: measured bubble (1 − busy/wall, CUDA events) next
+                to (p − 1)/(v·m + p − 1)
+  cp_*          causal attention forward+backward at a context whose score matrices do not fit one
+                80 GB GPU: `cp_reference` (the ring's fp32 block math on the whole sequence, 1 GPU;
+                expected out of memory), `cp` (ring attention over 2 GPUs, the same block math), and
+                `cp_sdpa` (1 GPU, PyTorch's flash SDPA, O(T) memory: the speed reference; our ring
+                blocks are the readable fp32 version, so SDPA is expected to win on speed)
+  ep_*          one MoE layer: every GPU holding every expert (DDP) vs expert parallel (all-to-all);
+                `a2a_share` is the share of the EP step spent in the all-to-alls (device syncs
+                around them, so that time is their own)
+`--smoke` runs tiny shapes on CPU with gloo (checks the script; the numbers mean nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -37,6 +43,16 @@ import torch
 import torch.distributed as dist
 
 FORMS = ["dp", "tp", "tp_layer", "pp", "cp", "ep"]
+VARIANTS = {  # form -> [(variant, GPUs)]
+    "dp": [("single", 1), ("dp", 2)],
+    "tp": [("tp", 2)],
+    "tp_layer": [("tp_layer_1gpu", 1), ("tp_layer", 2)],
+    "pp": [("pp_gpipe", 2), ("pp_1f1b", 2), ("pp_interleaved", 2)],
+    "cp": [("cp_sdpa", 1), ("cp_reference", 1), ("cp", 2)],
+    "ep": [("ep_dp", 2), ("ep", 2)],
+}
+BASELINE = {"tp": "dp", "pp_gpipe": "dp", "pp_1f1b": "dp", "pp_interleaved": "dp", "dp": "single",
+            "tp_layer": "tp_layer_1gpu", "cp": "cp_sdpa", "cp_reference": "cp_sdpa", "ep": "ep_dp"}
 
 
 def _cfg(args):
@@ -45,6 +61,7 @@ def _cfg(args):
     if args.smoke:
         return ModelConfig(vocab_size=211, context_length=args.seq, d_model=192, n_layers=4, n_heads=6,
                            d_ff=512, attention_backend="sdpa")
+    # ~1.8B parameters: fp32 weights + AdamW state + grads ≈ 29 GB on one GPU
     return ModelConfig(vocab_size=50304, context_length=args.seq, d_model=4096, n_layers=8, n_heads=32,
                        n_kv_heads=8, attention_backend="sdpa")
 
@@ -52,10 +69,6 @@ def _cfg(args):
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _peak_gb(device):
-    return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
 
 
 def _timed(step, args, device, after_warmup=None) -> float:
@@ -82,17 +95,26 @@ def _autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def run_form(args, device, rank, world) -> dict:
+def _model(cfg, device):
     from lmforge.model import Transformer
 
-    form = args.form
-    cfg = _cfg(args)
     torch.manual_seed(0)
-    if form in ("dp", "single"):
-        model = Transformer(cfg).to(device)
+    with torch.device(device):  # built and initialised on the GPU (fast), then split
+        return Transformer(cfg)
+
+
+def _adamw(params, device):
+    return torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+
+
+def run_variant(name, args, device, rank, world) -> dict:
+    cfg = _cfg(args)
+    tokens = args.batch * args.seq
+    if name in ("single", "dp"):
+        model = _model(cfg, device)
         if world > 1:
             model = torch.nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        opt = _adamw(model.parameters(), device)
         x, y = _batch(args, args.batch, device, seed=rank)
 
         def step():
@@ -103,12 +125,12 @@ def run_form(args, device, rank, world) -> dict:
             opt.zero_grad(set_to_none=True)
 
         s = _timed(step, args, device)
-        return {"tokens_per_s_per_gpu": args.batch * args.seq / s, "step_ms": 1e3 * s}
-    if form == "tp":
+        return {"tokens_per_s_per_gpu": tokens / s, "step_ms": 1e3 * s}
+    if name == "tp":
         from lmforge.distributed.tensor_parallel import apply_tp, sync_tp_grads
 
-        model = apply_tp(Transformer(cfg).to(device), sequence_parallel=True)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        model = apply_tp(_model(cfg, device), sequence_parallel=True)
+        opt = _adamw(model.parameters(), device)
         x, y = _batch(args, args.batch, device)  # the same batch on both TP ranks
 
         def step():
@@ -120,13 +142,14 @@ def run_form(args, device, rank, world) -> dict:
             opt.zero_grad(set_to_none=True)
 
         s = _timed(step, args, device)
-        return {"tokens_per_s_per_gpu": args.batch * args.seq / s / world, "step_ms": 1e3 * s}
-    if form == "tp_layer":  # one wide MLP (column- then row-parallel) on a long token batch
+        return {"tokens_per_s_per_gpu": tokens / s / world, "step_ms": 1e3 * s}
+    if name.startswith("tp_layer"):  # one wide MLP (column- then row-parallel) on a long token batch
         from lmforge.distributed.tensor_parallel import RowParallelLinear, _CopyIn, _shard_rows
         from lmforge.model.layers import MLP
 
-        d, f = (cfg.d_model, 4 * cfg.d_model)
-        mlp = MLP(d, f).to(device)
+        d, f = cfg.d_model, 4 * cfg.d_model
+        with torch.device(device):
+            mlp = MLP(d, f)
         for lin in (mlp.gate, mlp.up, mlp.down):
             lin.reset_parameters(0.02)
         if world > 1:
@@ -134,7 +157,7 @@ def run_form(args, device, rank, world) -> dict:
             _shard_rows(mlp.gate, rows)
             _shard_rows(mlp.up, rows)
             mlp.down = RowParallelLinear(mlp.down, None, sequence_parallel=False)
-        x = torch.randn(args.batch * args.seq, d, device=device, requires_grad=True)
+        x = torch.randn(tokens, d, device=device, requires_grad=True)
 
         def step():
             with _autocast(device):
@@ -142,14 +165,15 @@ def run_form(args, device, rank, world) -> dict:
                 mlp(h).float().square().mean().backward()
 
         s = _timed(step, args, device)
-        return {"tokens_per_s_per_gpu": args.batch * args.seq / s / world, "step_ms": 1e3 * s}
-    if form.startswith("pp"):
+        return {"tokens_per_s_per_gpu": tokens / s / world, "step_ms": 1e3 * s}
+    if name.startswith("pp"):
         from lmforge.distributed.pipeline import PipelineStage, bubble_formula, run_pipeline
 
-        schedule = form.split("_")[1]
-        stage = PipelineStage(Transformer(cfg).to(device), rank, world)
-        opt = torch.optim.AdamW(stage.parameters(), lr=1e-4, fused=device.type == "cuda")
-        rows = world * args.batch  # the global batch of the dp row: both GPUs' sequences
+        schedule = name.split("_")[1]
+        virtual = 2 if schedule == "interleaved" else 1
+        stage = PipelineStage(_model(cfg, device), rank, world, virtual=virtual)
+        opt = _adamw(stage.parameters(), device)
+        rows = world * args.batch  # the data-parallel baseline's global batch
         x, y = _batch(args, rows, device)
         results = []
 
@@ -162,8 +186,8 @@ def run_form(args, device, rank, world) -> dict:
         s = _timed(step, args, device)
         bubbles = [r.bubble for r in results[args.warmup:]]
         return {"tokens_per_s_per_gpu": rows * args.seq / s / world, "step_ms": 1e3 * s,
-                "bubble": sum(bubbles) / len(bubbles), "bubble_formula": bubble_formula(world, args.micro)}
-    if form in ("cp", "cp_single", "cp_reference"):
+                "bubble": sum(bubbles) / len(bubbles), "bubble_formula": bubble_formula(world, args.micro, virtual)}
+    if name.startswith("cp"):
         from lmforge.distributed.ring_attention import block_forward, ring_attention
 
         T, H, D = args.cp_seq, 8, 128
@@ -174,9 +198,9 @@ def run_form(args, device, rank, world) -> dict:
                    for _ in range(3))
 
         def step():
-            if form == "cp":
+            if name == "cp":
                 out = ring_attention(q, k, v, causal=True)
-            elif form == "cp_reference":  # the ring's block math on the whole sequence, one GPU
+            elif name == "cp_reference":  # the ring's block math on the whole sequence, one GPU
                 out = block_forward(q, k, v, D ** -0.5, True)[0]
             else:
                 out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -184,14 +208,18 @@ def run_form(args, device, rank, world) -> dict:
 
         s = _timed(step, args, device)
         return {"tokens_per_s_per_gpu": T / s / world, "step_ms": 1e3 * s, "context": T}
-    if form in ("ep", "ep_dp"):
+    if name.startswith("ep"):
         from lmforge.distributed.expert_parallel import ExpertParallelMoE
         from lmforge.model.moe import MoE, MoEConfig
 
         mcfg = MoEConfig(n_experts=args.experts, top_k=2, d_expert=cfg.d_model // 2)
-        moe = MoE(cfg.d_model, mcfg).to(device)
-        if form == "ep":
-            moe = ExpertParallelMoE.from_moe(moe)
+        torch.manual_seed(0)
+        with torch.device(device):
+            moe = MoE(cfg.d_model, mcfg)
+            moe.reset_parameters(0.02)
+        inner = None
+        if name == "ep":
+            moe = inner = ExpertParallelMoE.from_moe(moe)
             plain = moe._a2a
 
             def synced(*a):  # so the all-to-all's time is its own, not the queued kernels before it
@@ -210,97 +238,129 @@ def run_form(args, device, rank, world) -> dict:
                 y, aux, _ = moe(x)
             (y.float().square().mean() + sum(aux.values())).backward()
 
-        inner = moe if form == "ep" else None
         s = _timed(step, args, device, after_warmup=lambda: setattr(inner, "comm_s", 0.0) if inner else None)
-        row = {"tokens_per_s_per_gpu": args.batch * args.seq / s, "step_ms": 1e3 * s}
+        row = {"tokens_per_s_per_gpu": tokens / s, "step_ms": 1e3 * s}
         if inner is not None:
             row["a2a_share"] = inner.comm_s / (args.steps * s)
         return row
-    raise SystemExit(f"unknown form {form}")
+    raise SystemExit(f"unknown variant {name}")
+
+
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gb(device) -> float | None:
+    """The larger peak of the two GPUs (every rank must call it)."""
+    if device.type != "cuda":
+        return None
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 1e9], device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.item()
 
 
 def worker(args) -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
     device = torch.device("cpu")
     if not args.smoke and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    row = run_form(args, device, rank, world)
-    row.update(form=args.form, world_size=world, peak_mem_gb=_peak_gb(device))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rows = []
+    for form in args.forms.split(","):
+        for name, gpus in VARIANTS[form]:
+            _free(device)
+            dist.barrier()
+            t0 = time.perf_counter()
+            row = {"form": name, "gpus": gpus}
+            if gpus == world or rank == 0:
+                try:
+                    row.update(run_variant(name, args, device, rank, gpus))
+                except torch.cuda.OutOfMemoryError:
+                    if gpus > 1:
+                        raise  # the other rank would wait in a collective forever
+                    row["error"] = "out of memory"
+            dist.barrier()
+            row["peak_mem_gb"] = _peak_gb(device)
+            row["wall_s"] = time.perf_counter() - t0
+            if rank == 0:
+                print(f"[{name}] {row}", flush=True)
+            rows.append(row)
     if rank == 0:
-        Path(args.result).write_text(json.dumps(row))
-    if world > 1:
-        dist.destroy_process_group()
+        Path(args.result).write_text(json.dumps(rows))
+    dist.destroy_process_group()
 
 
-def launch(args, form: str, nproc: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               __file__, "--worker", "--form", form, "--result", str(result)]
-        for key in ("batch", "seq", "steps", "warmup", "micro", "cp_seq", "experts"):
-            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-        cmd += ["--smoke"] if args.smoke else []
-        env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.smoke else None
-        proc = subprocess.run(cmd, env=env)
-        if proc.returncode:
-            return {"form": form, "world_size": nproc, "error": f"failed, exit {proc.returncode} (see its log above; out of memory?)"}
-        return json.loads(result.read_text())
+def _table(rows: list[dict]) -> list[str]:
+    by_name = {r["form"]: r for r in rows}
+    out = [f"{'variant':<16} {'GPUs':>4} {'tok/s/GPU':>11} {'step ms':>9} {'peak GB':>8} {'vs baseline':>20}  extra"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['form']:<16} {r['gpus']:>4}  {r['error']}")
+            continue
+        base = by_name.get(BASELINE.get(r["form"], ""), {})
+        vs = ""
+        if "tokens_per_s_per_gpu" in base:
+            key = "step_ms" if r["form"] == "tp_layer" else "tokens_per_s_per_gpu"  # speed-up of the layer
+            ratio = base[key] / r[key] if key == "step_ms" else r[key] / base[key]
+            vs = f"{ratio:.2f}x {BASELINE[r['form']]}"
+        extra = {k: round(v, 4) for k, v in r.items() if k in ("bubble", "bubble_formula", "a2a_share", "context")}
+        peak = f"{r['peak_mem_gb']:.2f}" if r.get("peak_mem_gb") is not None else "-"
+        out.append(f"{r['form']:<16} {r['gpus']:>4} {r['tokens_per_s_per_gpu']:>11.0f} {r['step_ms']:>9.1f} "
+                   f"{peak:>8} {vs:>20}  {extra or ''}")
+    out.append("vs baseline: ratio of tokens/s per GPU (tp_layer: step-time speed-up of the layer on 2 GPUs)")
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--form", default="single")
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--forms", default=",".join(FORMS))
-    p.add_argument("--batch", type=int, default=4, help="sequences per data-parallel rank / pipeline batch")
+    p.add_argument("--batch", type=int, default=4, help="sequences per data-parallel rank")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--micro", type=int, default=8, help="pipeline micro-batches")
+    p.add_argument("--micro", type=int, default=8, help="pipeline micro-batches (a multiple of 2)")
     p.add_argument("--cp-seq", type=int, default=36864,
-                   help="ring attention context (whole sequence); 36864: the fp32 score matrices of 8 heads "
-                        "need > 80 GB on one GPU, ~11 GB per block on each of 2")
+                   help="ring attention context (whole sequence); 36864: the fp32 score matrix of 8 heads "
+                        "is 43 GB (the masked copy, exp and backward need several) on one GPU, 11 GB per "
+                        "block on each of 2")
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU/gloo")
     p.add_argument("--out", default="bench_parallel.json")
     args = p.parse_args()
-    if args.worker:
-        return worker(args)
+    unknown = [f for f in args.forms.split(",") if f not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown forms {unknown}: choose from {FORMS}")
     if args.smoke:
         args.seq, args.steps, args.warmup, args.cp_seq, args.experts = 64, 3, 1, 512, 4
-    forms = [f for f in args.forms.split(",") if f]
-    rows = []
-    if "dp" in forms or "tp" in forms:
-        rows.append({**launch(args, "single", 1), "form": "single"})
-    for form in forms:
-        if form == "pp":
-            rows += [launch(args, "pp_gpipe", 2), launch(args, "pp_1f1b", 2)]
-        elif form == "cp":
-            rows += [launch(args, "cp_single", 1), launch(args, "cp_reference", 1), launch(args, "cp", 2)]
-        elif form == "ep":
-            rows += [launch(args, "ep_dp", 2), launch(args, "ep", 2)]
-        elif form == "tp_layer":
-            rows += [{**launch(args, "tp_layer", 1), "form": "tp_layer (1 GPU)"}, launch(args, "tp_layer", 2)]
-        else:
-            rows.append(launch(args, form, 2))
+    if args.worker:
+        return worker(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__,
+               "--worker", "--result", str(result), "--forms", args.forms]
+        for key in ("batch", "seq", "steps", "warmup", "micro", "cp_seq", "experts"):
+            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        cmd += ["--smoke"] if args.smoke else []
+        env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.smoke else None
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env)
+        if proc.returncode:
+            raise SystemExit(f"torchrun failed with exit {proc.returncode} (see its log above)")
+        rows = json.loads(result.read_text())
     device = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0)
-    print(f"device: {device}; batch {args.batch} x {args.seq}, {args.steps} timed steps")
-    print(f"{'form':<18} {'GPUs':>4} {'tok/s/GPU':>11} {'step ms':>9} {'peak GB':>8}  extra")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['form']:<18} {r['world_size']:>4}  {r['error']}")
-            continue
-        extra = {k: round(v, 4) for k, v in r.items() if k in ("bubble", "bubble_formula", "a2a_share", "context")}
-        print(f"{r['form']:<18} {r['world_size']:>4} {r['tokens_per_s_per_gpu']:>11.0f} {r['step_ms']:>9.1f} "
-              f"{r['peak_mem_gb'] or 0:>8.2f}  {extra or ''}")
-    Path(args.out).write_text(json.dumps({"device": device, "args": vars(args), "rows": rows}, indent=2))
+    lines = [f"device: {device}; batch {args.batch} x {args.seq} per data-parallel GPU, {args.steps} timed steps, "
+             f"pipeline m = {args.micro}, context-parallel T = {args.cp_seq}; total {time.perf_counter() - t0:.0f} s"]
+    lines += _table(rows)
+    print("\n".join(lines))
+    Path(args.out).write_text(json.dumps({"device": device, "date": time.strftime("%Y-%m-%d"), "args": vars(args),
+                                          "rows": rows, "table": lines}, indent=2))
 
 
 if __name__ == "__main__":
