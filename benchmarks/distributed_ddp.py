@@ -1,21 +1,31 @@
 """Data-parallel weak scaling: own bucketed DDP vs torch DDP vs the naive baseline, ZeRO-1 memory,
 FSDP2 for a ~1B model, and how much all-reduce time hides behind backward. One command, one table.
 
-Run on a 2-GPU machine (written for `nvidia-h100-x2`; not yet run there):
-    python benchmarks/distributed_ddp.py --out bench_ddp.json
+Run on a 2-GPU machine (`nvidia-h100-x2`):
+    python benchmarks/distributed_ddp.py --fsdp --out bench_ddp.json
 It starts torchrun itself: a 1-process baseline, then 2-process runs of each variant, all in the same
-invocation, with the same model, batch and step count. Per variant it reports tokens/s per GPU,
-scaling efficiency = (tokens/s on N GPUs) / (N x tokens/s on 1 GPU), peak memory, optimizer-state
-bytes per GPU (ZeRO-1 should halve it on 2 ranks), and for own DDP the share of all-reduce kernel
-time that overlaps compute kernels (from a torch.profiler trace of a few steps).
+invocation, with the same model, batch and step count (each launch in its own processes, with a
+time limit; a failed launch is reported and the others still run). Per variant it reports tokens/s
+per GPU, scaling efficiency = (tokens/s on N GPUs) / (N x tokens/s on 1 GPU), peak memory,
+optimizer-state bytes per GPU (ZeRO-1 should halve it on 2 ranks), host syncs in one step (CUDA
+sync-debug mode: a data-parallel variant should add none to the single-GPU count), and, from a
+torch.profiler trace of 3 steps, the share of NCCL kernel time overlapped by compute kernels and
+the NCCL time per step that is not (exposed).
 
 Variants (GPT-2 small shape, vocab 50304, batch 32 x 1024 per GPU, bf16 autocast, own AdamW):
   single      1 GPU, no communication (the baseline)
-  torch_ddp   torch.nn.parallel.DistributedDataParallel (bucket 25 MB)
-  ddp         lmforge BucketedDDP (bucket 25 MB, hook-launched async all-reduce)
+  torch_ddp   torch.nn.parallel.DistributedDataParallel (bucket 25 MB, set_to_none zero_grad)
+  ddp         lmforge BucketedDDP, zero_grad() zeroes the buckets (autograd accumulates into them)
+  ddp_copy    lmforge BucketedDDP, optimizer zero_grad(set_to_none=True) as the Trainer does (each
+              gradient is copied into its bucket once)
   naive       lmforge NaiveDDP (one blocking all-reduce per parameter after backward)
   zero1       lmforge ZeRO-1 around AdamW (+ bucketed DDP)
-and, with --fsdp, the llama-1b preset at seq 1024: single-GPU vs FSDP2 (bf16 params, fp32 reduce).
+  zero2       (not in the default list) ZeRO-2: gradients reduced to their owner only
+and, with --fsdp, the llama-1b preset at seq 1024 with activation checkpointing: 1 GPU (fp32
+params, bf16 autocast) vs FSDP2 on 2 (bf16 params, fp32 master weights and reduction).
+`--compile` compiles each transformer block separately (`block.compile()`) in every GPT-2 variant,
+so gradient hooks still fire block by block during backward (a whole-model graph would hand all
+gradients over at the end); the llama-1b rows stay eager.
 
 `--smoke` runs tiny shapes on CPU with gloo to check the script (numbers meaningless).
 """
@@ -35,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ["torch_ddp", "ddp", "naive", "zero1"]
+VARIANTS = ["torch_ddp", "ddp", "ddp_copy", "naive", "zero1"]
 
 
 def build(preset: str, smoke: bool, device: torch.device):
@@ -51,7 +61,7 @@ def build(preset: str, smoke: bool, device: torch.device):
     return Transformer(cfg).to(device), cfg
 
 
-def overlap_share(prof) -> dict:
+def overlap_share(prof, steps: int) -> dict:
     """Share of communication kernel time (NCCL) during which a compute kernel also runs."""
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     comm = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" in e.name.lower()]
@@ -67,7 +77,25 @@ def overlap_share(prof) -> dict:
     for s, e in comm:
         for ms, me in merged:
             hidden += max(0.0, min(e, me) - max(s, ms))
-    return {"comm_us": total, "hidden_us": hidden, "overlap": hidden / total if total else None}
+    return {"comm_us": total, "hidden_us": hidden, "overlap": hidden / total if total else None,
+            "exposed_comm_ms": (total - hidden) / 1000 / steps}
+
+
+def count_host_syncs(step) -> int | None:
+    """Host<->device synchronizations during one call of step() (CUDA sync-debug mode), or None
+    when they cannot be counted. One deliberate sync calibrates that warnings are seen at all."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.ones(1, device="cuda").item()  # the calibration sync
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    n = sum("synchroniz" in str(w.message) for w in caught)
+    return n - 1 if n >= 1 else None
 
 
 def worker(args) -> None:
@@ -76,26 +104,37 @@ def worker(args) -> None:
 
     from lmforge.distributed import apply_ddp, apply_zero, init_distributed
     from lmforge.train.optim import build_optimizer
+    from lmforge.train.trainer import apply_activation_checkpointing
 
     env = init_distributed(device="cpu" if args.smoke else "cuda")
     device = env.device
     model, cfg = build(args.preset, args.smoke, device)
     variant = args.variant
+    if args.activation_checkpointing and variant != "fsdp":  # fsdp: apply_fsdp does it before sharding
+        apply_activation_checkpointing(model)
+    if args.compile:
+        for block in model.blocks:
+            block.compile()
     reducer, step_model = None, model
     opt = build_optimizer(model, "adamw", lr=1e-4, vocab_size=cfg.vocab_size)
+    zero_grad = lambda: opt.zero_grad(set_to_none=True)  # noqa: E731
     if variant == "fsdp":
         from lmforge.distributed.fsdp import apply_fsdp
 
-        apply_fsdp(model, param_dtype=None if args.smoke else "bf16")
+        apply_fsdp(model, param_dtype=None if args.smoke else "bf16",
+                   activation_checkpointing=args.activation_checkpointing)
         opt = build_optimizer(model, "adamw", lr=1e-4, vocab_size=cfg.vocab_size)
     elif variant == "torch_ddp":
         step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if args.smoke else [device])
-    elif variant in ("ddp", "naive"):
+    elif variant in ("ddp", "ddp_copy", "naive"):
         reducer = apply_ddp(model, bucket_mb=args.bucket_mb, naive=variant == "naive")
-    elif variant == "zero1":
-        reducer, opt = apply_zero(model, opt, stage=1, bucket_mb=args.bucket_mb)
-    if args.compile:
-        step_model = torch.compile(step_model)
+        if variant == "ddp":
+            zero_grad = reducer.zero_grad
+    elif variant in ("zero1", "zero2"):
+        reducer, opt = apply_zero(model, opt, stage=int(variant[-1]), bucket_mb=args.bucket_mb)
+        zero_grad = reducer.zero_grad
+    elif variant != "single":
+        raise SystemExit(f"unknown variant {variant!r}")
     g = torch.Generator(device="cpu").manual_seed(env.rank)
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g).to(device)
     inputs, targets = x[:, :-1], x[:, 1:]
@@ -103,7 +142,7 @@ def worker(args) -> None:
                 else torch.autocast("cuda", dtype=torch.bfloat16))
 
     def step():
-        opt.zero_grad(set_to_none=True)
+        zero_grad()
         with autocast:
             loss = step_model(inputs, targets).loss
         loss.backward()
@@ -120,6 +159,8 @@ def worker(args) -> None:
     for _ in range(args.warmup):
         step()
     sync()
+    host_syncs = count_host_syncs(step) if device.type == "cuda" else None
+    sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -131,7 +172,7 @@ def worker(args) -> None:
               "tokens_per_s_per_gpu": args.batch * args.seq * args.steps / seconds,
               "step_ms": 1000 * seconds / args.steps,
               "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
-              "optimizer_state_gb": _state_bytes(opt) / 1e9}
+              "optimizer_state_gb": _state_bytes(opt) / 1e9, "host_syncs_per_step": host_syncs}
     if args.profile and device.type == "cuda" and env.world_size > 1:
         from torch.profiler import ProfilerActivity, profile
 
@@ -139,7 +180,7 @@ def worker(args) -> None:
             for _ in range(3):
                 step()
             sync()
-        result.update(overlap_share(prof))
+        result.update(overlap_share(prof, 3))
     if env.is_main:
         Path(args.result).write_text(json.dumps(result))
     if env.world_size > 1:
@@ -158,19 +199,62 @@ def _state_bytes(opt) -> int:
     return total
 
 
-def launch(args, variant: str, nproc: int, preset: str, batch: int) -> dict:
+def launch(args, variant: str, nproc: int, preset: str, batch: int, steps: int, ac: bool = False) -> dict:
+    """One torchrun job; its result row, or a row with "error" (a failure never stops the others)."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                __file__, "--worker", "--variant", variant, "--preset", preset, "--batch", str(batch),
-               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--seq", str(args.seq), "--steps", str(steps), "--warmup", str(args.warmup),
                "--bucket-mb", str(args.bucket_mb), "--result", str(result)]
         cmd += ["--smoke"] if args.smoke else []
-        cmd += ["--compile"] if args.compile else []
-        cmd += ["--profile"] if args.profile else []
-        env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.smoke else None
-        subprocess.run(cmd, check=True, env=env)
-        return json.loads(result.read_text())
+        cmd += ["--compile"] if args.compile and preset == args.preset else []
+        cmd += ["--profile"] if args.profile else ["--no-profile"]
+        cmd += ["--activation-checkpointing"] if ac else []
+        root = str(Path(__file__).resolve().parent.parent)  # lmforge importable without an install
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+        if args.smoke:
+            env["OMP_NUM_THREADS"] = "1"
+        row = {"variant": variant, "world_size": nproc, "preset": preset}
+        try:
+            subprocess.run(cmd, check=True, env=env, timeout=args.launch_timeout)
+            return json.loads(result.read_text())
+        except (subprocess.SubprocessError, OSError, ValueError) as e:
+            return {**row, "error": f"{type(e).__name__}: {e}"[:300]}
+
+
+def print_table(rows: list[dict], header: str) -> None:
+    print(header)
+    print(f"{'preset':<11} {'variant':<10} {'GPUs':>4} {'tok/s/GPU':>11} {'scaling':>8} {'step ms':>8} "
+          f"{'peak GB':>8} {'opt GB':>7} {'syncs':>5} {'overlap':>8} {'exposed':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['preset']:<11} {r['variant']:<10} {r['world_size']:>4} FAILED: {r['error']}")
+            continue
+        ov, ex, hs = r.get("overlap"), r.get("exposed_comm_ms"), r.get("host_syncs_per_step")
+        print(f"{r['preset']:<11} {r['variant']:<10} {r['world_size']:>4} {r['tokens_per_s_per_gpu']:>11.0f} "
+              f"{r['efficiency']:>8.1%} {r['step_ms']:>8.1f} {r['peak_mem_gb'] or 0:>8.2f} "
+              f"{r['optimizer_state_gb']:>7.3f} {'' if hs is None else hs:>5} "
+              f"{'' if ov is None else f'{ov:.1%}':>8} {'' if ex is None else f'{ex:.2f}ms':>8}")
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """The comparisons the issue asks for, in words."""
+    ok = {(r["preset"], r["variant"]): r for r in rows if "error" not in r}
+    lines = []
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        torch_ddp = ok.get((preset, "torch_ddp"))
+        for v in ("ddp", "ddp_copy", "zero1", "zero2"):
+            r = ok.get((preset, v))
+            if r and torch_ddp:
+                lines.append(f"{preset} {v}: {r['tokens_per_s_per_gpu'] / torch_ddp['tokens_per_s_per_gpu']:.3f}x "
+                             f"torch DDP tokens/s, scaling {r['efficiency']:.1%} (torch DDP {torch_ddp['efficiency']:.1%})")
+        plain = ok.get((preset, "ddp")) or ok.get((preset, "ddp_copy"))
+        z1 = ok.get((preset, "zero1"))
+        if plain and z1:
+            lines.append(f"{preset} optimizer state per GPU: {plain['optimizer_state_gb']:.3f} GB without ZeRO-1, "
+                         f"{z1['optimizer_state_gb']:.3f} GB with ({z1['optimizer_state_gb'] / plain['optimizer_state_gb']:.1%})")
+    return lines
 
 
 def main() -> None:
@@ -178,6 +262,7 @@ def main() -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="single")
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--activation-checkpointing", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--preset", default="gpt2-small")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--batch", type=int, default=32, help="sequences per GPU")
@@ -185,12 +270,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--bucket-mb", type=float, default=25.0)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="compile each block (GPT-2 rows)")
     p.add_argument("--profile", action="store_true", default=True)
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated 2-GPU variants to run")
     p.add_argument("--fsdp", action="store_true", help="also the llama-1b preset: 1 GPU vs FSDP2")
     p.add_argument("--fsdp-batch", type=int, default=8)
+    p.add_argument("--fsdp-steps", type=int, default=10)
+    p.add_argument("--launch-timeout", type=float, default=240, help="seconds per torchrun launch")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU/gloo: checks the script only")
     p.add_argument("--out", default="bench_distributed_ddp.json")
     args = p.parse_args()
@@ -198,31 +285,32 @@ def main() -> None:
         return worker(args)
     if args.smoke:
         args.batch, args.seq, args.steps, args.warmup, args.profile = 4, 32, 3, 1, False
-        args.fsdp_batch = 4
-    rows = []
-    base = launch(args, "single", 1, args.preset, args.batch)
-    rows.append({**base, "efficiency": 1.0})
+        args.fsdp_batch, args.fsdp_steps = 4, 2
+    device = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0)
+    header = f"device: {device}; batch {args.batch} x {args.seq} per GPU, {args.steps} timed steps"
+    rows: list[dict] = []
+
+    def add(row: dict, base: dict | None) -> None:
+        if "error" not in row:
+            ok = base is not None and "error" not in base
+            row["efficiency"] = row["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if ok else float("nan")
+        rows.append(row)
+        print_table([row], f"-- {row['preset']} {row['variant']}")  # partial results survive a time-out
+        Path(args.out).write_text(json.dumps({"device": device, "args": vars(args), "rows": rows}, indent=2))
+
+    base = launch(args, "single", 1, args.preset, args.batch, args.steps)
+    add(base, base)
     for v in [v for v in args.variants.split(",") if v]:
-        r = launch(args, v, args.nproc, args.preset, args.batch)
-        r["efficiency"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
-        rows.append(r)
+        add(launch(args, v, args.nproc, args.preset, args.batch, args.steps), base)
     if args.fsdp:
         preset = "llama-1b"
-        base1b = launch(args, "single", 1, preset, args.fsdp_batch)
-        rows.append({**base1b, "efficiency": 1.0})
-        r = launch(args, "fsdp", args.nproc, preset, args.fsdp_batch)
-        r["efficiency"] = r["tokens_per_s_per_gpu"] / base1b["tokens_per_s_per_gpu"]
-        rows.append(r)
-    device = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0)
-    print(f"device: {device}; batch {args.batch} x {args.seq} per GPU, {args.steps} timed steps")
-    print(f"{'preset':<11} {'variant':<10} {'GPUs':>4} {'tok/s/GPU':>11} {'scaling':>8} {'step ms':>8} "
-          f"{'peak GB':>8} {'opt GB':>7} {'overlap':>8}")
-    for r in rows:
-        ov = r.get("overlap")
-        print(f"{r['preset']:<11} {r['variant']:<10} {r['world_size']:>4} {r['tokens_per_s_per_gpu']:>11.0f} "
-              f"{r['efficiency']:>8.1%} {r['step_ms']:>8.1f} {r['peak_mem_gb'] or 0:>8.2f} "
-              f"{r['optimizer_state_gb']:>7.3f} {'' if ov is None else f'{ov:.1%}':>8}")
-    Path(args.out).write_text(json.dumps({"device": device, "args": vars(args), "rows": rows}, indent=2))
+        base1b = launch(args, "single", 1, preset, args.fsdp_batch, args.fsdp_steps, ac=True)
+        add(base1b, base1b)
+        add(launch(args, "fsdp", args.nproc, preset, args.fsdp_batch, args.fsdp_steps, ac=True), base1b)
+    print()
+    print_table(rows, header)
+    for line in summary(rows):
+        print(line)
 
 
 if __name__ == "__main__":

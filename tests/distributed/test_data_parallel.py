@@ -207,3 +207,13 @@ def test_four_ranks_equal_single_process(tmp_path, reference):
         got = [load_file(str(tmp_path / f"{name}.rank{r}.safetensors")) for r in range(4)]
         assert all(torch.equal(got[0][k], g[k]) for g in got[1:] for k in got[0])
         close(got[0], reference["adamw"])
+
+
+@pytest.mark.slow
+def test_own_ddp_under_torch_compile(tmp_path, reference):
+    info = w.spawn("compiled", tmp_path, 2)
+    for name in ("compiled_blocks", "compiled_model"):
+        for rank in (0, 1):
+            close(load_file(str(tmp_path / f"{name}.rank{rank}.safetensors")), reference["adamw"])
+    # per-block graphs: the blocks' buckets are in flight before the embedding's gradient arrives
+    assert any(info[0]["compiled_blocks"]["launched_before_last"])

@@ -368,6 +368,31 @@ def _four(rank: int, world: int, out: Path) -> dict:
     return {}
 
 
+def _compiled(rank: int, world: int, out: Path) -> dict:
+    """Own DDP under torch.compile (aot_eager: the autograd graph of inductor, no C++ build): per-block
+    graphs (hooks fire block by block, buckets launch during backward) and one whole-model graph."""
+    return {name: _compiled_run(rank, world, out, name) for name in ("compiled_blocks", "compiled_model")}
+
+
+def _compiled_run(rank: int, world: int, out: Path, name: str) -> dict:
+    from lmforge.distributed.ddp import BucketedDDP
+
+    model, _ = tiny_model(seed=rank)
+    launched: list = []
+    model.tok_emb.weight.register_post_accumulate_grad_hook(
+        lambda p: launched.append([b.work is not None for b in ddp.buckets]))
+    ddp = BucketedDDP(model, bucket_mb=BUCKET_MB)
+    step_model = model
+    if name == "compiled_blocks":
+        for block in model.blocks:
+            block.compile(backend="aot_eager")
+    else:
+        step_model = torch.compile(model, backend="aot_eager")
+    train_steps(step_model, adamw(model), rank, world, ddp, accum=2, zero_grad=ddp.zero_grad)
+    save(out, name, rank, params_of(model))
+    return {"launched_before_last": launched[1]}  # the synchronized micro-step of step 1
+
+
 def _all(rank: int, world: int, out: Path, shards: str) -> dict:
     """Both scenario sets in one process group (process start-up is the dominant cost)."""
     return {"equivalence": _equivalence(rank, world, out), "checkpoint": _checkpoint(rank, world, out, shards)}
