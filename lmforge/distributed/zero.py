@@ -107,7 +107,7 @@ class ZeroOptimizer:
             width = max(sizes)
             if width == 0:
                 continue
-            mine = torch.zeros(width, dtype=dtype, device=device)
+            mine = torch.empty(width, dtype=dtype, device=device)  # the padding past sizes[rank] is never read
             if per_rank[self.rank]:
                 torch.cat([p.detach().reshape(-1) for p in per_rank[self.rank]], out=mine[:sizes[self.rank]])
             gathered = torch.empty(width * self.world_size, dtype=dtype, device=device)
