@@ -18,3 +18,27 @@ def test_compiled_decode_equals_eager():
     compiled = Engine(model, max_batch=4, max_len=40, compile=True)
     assert compiled.compiled
     assert [o[0].token_ids for o in compiled.generate(ps, sp)] == [o[0].token_ids for o in eager]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_speculation_and_prefix_cache_on_cuda_equal_cpu():
+    """Batched speculation (draft model, n-gram) and prefix caching run on CUDA (generators,
+    drafts, verification and block copies on the device) and give the CPU engine's greedy tokens."""
+    from lmforge.inference.speculative import DraftModel, NGramDrafter
+
+    model = tiny_model("gqa", dtype=torch.float32)
+    draft = tiny_model("gqa", seed=5, n_layers=1, dtype=torch.float32)
+    system = prompts([9], seed=7)[0]
+    ps = [system + p for p in prompts([3, 6, 2, 5])]
+    sp = SamplingParams(max_tokens=12, temperature=0)
+    ref = [o[0].token_ids for o in Engine(model, max_batch=4, max_len=40).generate(ps, sp)]
+    for kw in (dict(drafter=DraftModel(draft.cuda()), spec_k=3), dict(drafter=NGramDrafter(2), spec_k=3),
+               dict(prefix_blocks=8, block_size=4)):
+        engine = Engine(model.cuda(), max_batch=2, max_len=40, **kw)
+        assert [o[0].token_ids for o in engine.generate(ps, sp)] == ref
+    assert engine.prefix.hit_tokens == 2 * 8  # the first two requests start together, the last two hit
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=3)
+    a = Engine(model, max_batch=2, max_len=40, drafter=NGramDrafter(2)).generate(ps[:2], seeded)
+    b = Engine(model, max_batch=2, max_len=40, drafter=NGramDrafter(2)).generate(ps[:2], seeded)
+    assert [o[0].token_ids for o in a] == [o[0].token_ids for o in b]  # seeded rows reproduce on the device
