@@ -21,8 +21,8 @@ gradients and sums the tensor-parallel partial ones; `pipeline.run_pipeline(redu
 
 Supported: any product of dp, tp, pp, cp, ep except (refused by `check_parallel`, each with a
 reason): cp × tp, tp × MoE (use ep), FSDP2 with pp, cp or ep (use dp_kind = "ddp"). Tested on gloo
-against one process: dp × ep, FSDP2 × tp, pp × tp, pp × dp, pp × cp, pp × ep (dp 2 × ep 2), and
-interleaved pp × tp.
+against one process: dp × ep, FSDP2 × tp, pp × tp, pp × dp, pp × cp, pp × ep (dp 2 × ep 2),
+interleaved pp × tp, and pp × dp × tp (8 ranks, slow).
 
 Rank layout, outer to inner: pp, dp, cp, tp: tensor-parallel ranks are adjacent (the same node, the
 fastest links), pipeline stages farthest apart (they exchange the least). Expert parallelism does not

@@ -2,13 +2,14 @@
 training step's loss and every parameter's gradient equal single-process gradient accumulation over
 the same micro-batches (float64): pp 2 × tp 2 (vocab + sequence parallel, tied embedding; 1F1B and
 interleaved), pp 2 × dp 2 (own DDP), pp 2 × cp 2 (ring attention inside each stage), and
-pp 2 × dp 2 × ep 2 (MoE experts over the data-parallel replicas of each stage)."""
+pp 2 × dp 2 × ep 2 (MoE experts over the data-parallel replicas of each stage); slow: the 3-D
+pp 2 × dp 2 × tp 2 on 8 ranks."""
 
 import pytest
 import torch
 
 from lmforge.distributed.mesh import ParallelConfig, build_mesh, parallelize
-from tests.distributed.parallel_workers import max_err, shared_results
+from tests.distributed.parallel_workers import max_err, run_checks, shared_results
 
 MOD = "tests.distributed.test_composed"
 ROWS, T = 8, 8
@@ -106,6 +107,10 @@ def pp_ep(rank, world):
     return _step(ParallelConfig(pp=2, dp=2, ep=2, dp_kind="ddp"), cfg, n_micro=2, expert_shard=2)
 
 
+def pp_dp_tp(rank, world):
+    return _step(ParallelConfig(pp=2, dp=2, tp=2, dp_kind="ddp"), _cfg(tie_embeddings=True), n_micro=2)
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     return shared_results(tmp_path_factory, world=4)
@@ -121,3 +126,12 @@ def test_composed_step_equals_single_process(results, check, dims):
     assert [tuple(r["coords"][d] for d in dims) for r in rs] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for r in rs:
         assert r["grads"] < 1e-10 and r["loss"] < 1e-10, (check, r)
+
+
+@pytest.mark.slow
+def test_pp_dp_tp_3d_step_equals_single_process(tmp_path):
+    rs = run_checks([f"{MOD}:pp_dp_tp"], tmp_path, world=8)[f"{MOD}:pp_dp_tp"]
+    assert [tuple(r["coords"][d] for d in ("pp", "dp", "tp")) for r in rs] == [
+        (pp, dp, tp) for pp in range(2) for dp in range(2) for tp in range(2)]
+    for r in rs:
+        assert r["grads"] < 1e-10 and r["loss"] < 1e-10, r
