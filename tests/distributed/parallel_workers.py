@@ -81,6 +81,7 @@ FOUR_RANK_CHECKS = [
     "tests.distributed.test_composed:pp_tp",
     "tests.distributed.test_composed:pp_tp_interleaved",
     "tests.distributed.test_composed:pp_dp",
+    "tests.distributed.test_composed:pp_dp_interleaved",
     "tests.distributed.test_composed:pp_cp",
     "tests.distributed.test_composed:pp_ep",
 ]

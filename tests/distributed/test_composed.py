@@ -1,9 +1,9 @@
 """Pipeline parallelism composed with the other forms through the one mesh builder, on 4 gloo ranks: a
 training step's loss and every parameter's gradient equal single-process gradient accumulation over
 the same micro-batches (float64): pp 2 × tp 2 (vocab + sequence parallel, tied embedding; 1F1B and
-interleaved), pp 2 × dp 2 (own DDP), pp 2 × cp 2 (ring attention inside each stage), and
-pp 2 × dp 2 × ep 2 (MoE experts over the data-parallel replicas of each stage); slow: the 3-D
-pp 2 × dp 2 × tp 2 on 8 ranks."""
+interleaved), pp 2 × dp 2 (own DDP; 1F1B and interleaved), pp 2 × cp 2 (ring attention inside
+each stage), and pp 2 × dp 2 × ep 2 (MoE experts over the data-parallel replicas of each stage);
+slow: the 3-D pp 2 × dp 2 × tp 2 on 8 ranks."""
 
 import pytest
 import torch
@@ -96,6 +96,11 @@ def pp_dp(rank, world):
     return _step(ParallelConfig(pp=2, dp=2, dp_kind="ddp"), _cfg(tie_embeddings=True), n_micro=2)
 
 
+def pp_dp_interleaved(rank, world):  # DDP syncs in the last backward, which touches only chunk 0
+    pc = ParallelConfig(pp=2, dp=2, dp_kind="ddp", pp_schedule="interleaved", pp_virtual=2)
+    return _step(pc, _cfg(n_layers=4), n_micro=2)
+
+
 def pp_cp(rank, world):
     return _step(ParallelConfig(pp=2, cp=2), _cfg(), n_micro=2)
 
@@ -118,6 +123,7 @@ def results(tmp_path_factory):
 
 @pytest.mark.parametrize("check, dims", [
     ("pp_tp", ("pp", "tp")), ("pp_tp_interleaved", ("pp", "tp")), ("pp_dp", ("pp", "dp")),
+    ("pp_dp_interleaved", ("pp", "dp")),
     ("pp_cp", ("pp", "cp")), ("pp_ep", ("pp", "dp")),
 ])
 def test_composed_step_equals_single_process(results, check, dims):
