@@ -24,6 +24,8 @@ time, peak memory per GPU (the larger of the two), the ratio to the form's basel
   ep_*          one MoE layer: every GPU holding every expert (DDP) vs expert parallel (all-to-all);
                 `a2a_share` is the share of the EP step spent in the all-to-alls (device syncs
                 around them, so that time is their own)
+`--forms` picks a subset (in this order: cp last, as it fills most of a GPU). Results are saved after
+every variant, so a failure late in the run still reports the earlier rows.
 `--smoke` runs tiny shapes on CPU with gloo (checks the script; the numbers mean nothing).
 """
 
@@ -42,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-FORMS = ["dp", "tp", "tp_layer", "pp", "cp", "ep"]
+FORMS = ["dp", "tp", "tp_layer", "pp", "ep", "cp"]  # cp last: it fills most of the memory
 VARIANTS = {  # form -> [(variant, GPUs)]
     "dp": [("single", 1), ("dp", 2)],
     "tp": [("tp", 2)],
@@ -287,11 +289,10 @@ def worker(args) -> None:
             dist.barrier()
             row["peak_mem_gb"] = _peak_gb(device)
             row["wall_s"] = time.perf_counter() - t0
-            if rank == 0:
-                print(f"[{name}] {row}", flush=True)
             rows.append(row)
-    if rank == 0:
-        Path(args.result).write_text(json.dumps(rows))
+            if rank == 0:  # after every variant: a later failure keeps the rows so far
+                print(f"[{name}] {row}", flush=True)
+                Path(args.result).write_text(json.dumps(rows))
     dist.destroy_process_group()
 
 
@@ -348,19 +349,24 @@ def main() -> None:
         for key in ("batch", "seq", "steps", "warmup", "micro", "cp_seq", "experts"):
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         cmd += ["--smoke"] if args.smoke else []
-        env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.smoke else None
+        # expandable segments: less fragmentation between variants of very different shapes
+        env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **os.environ}
+        if args.smoke:
+            env["OMP_NUM_THREADS"] = "1"
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env)
+        rows = json.loads(result.read_text()) if result.exists() else []
         if proc.returncode:
-            raise SystemExit(f"torchrun failed with exit {proc.returncode} (see its log above)")
-        rows = json.loads(result.read_text())
+            print(f"torchrun failed with exit {proc.returncode} (see its log above); {len(rows)} variants done")
+            if not rows:
+                raise SystemExit(1)
     device = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0)
     lines = [f"device: {device}; batch {args.batch} x {args.seq} per data-parallel GPU, {args.steps} timed steps, "
              f"pipeline m = {args.micro}, context-parallel T = {args.cp_seq}; total {time.perf_counter() - t0:.0f} s"]
     lines += _table(rows)
     print("\n".join(lines))
     Path(args.out).write_text(json.dumps({"device": device, "date": time.strftime("%Y-%m-%d"), "args": vars(args),
-                                          "rows": rows, "table": lines}, indent=2))
+                                          "torchrun_exit": proc.returncode, "rows": rows, "table": lines}, indent=2))
 
 
 if __name__ == "__main__":
