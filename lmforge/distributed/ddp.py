@@ -148,8 +148,8 @@ class NaiveDDP(_Base):
 class _Bucket:
     params: list[nn.Parameter]
     index: list[int]  # position of each parameter in BucketedDDP.params
-    offsets: list[int]
-    numel: int  # gradient elements; the buffer has len(params) more for the "used" flags
+    offsets: list[int]  # slot starts, 16-byte aligned so vectorized kernels (copies, foreach) apply
+    numel: int  # gradient elements with alignment padding; the buffer has len(params) more for the flags
     dtype: torch.dtype
     device: torch.device
     owner: int | None = None  # ZeRO-2: the only rank that keeps the reduced gradient
@@ -157,6 +157,7 @@ class _Bucket:
     views: list[torch.Tensor] = field(default_factory=list)  # parameter-shaped views of the slots
     ready: int = 0  # parameters whose gradient is final in this backward
     work: object | None = None
+    nbytes: int = 0  # gradient bytes (what the size cap counts)
 
     def allocate(self) -> None:
         self.buffer = torch.zeros(self.numel + len(self.params), dtype=self.dtype, device=self.device)
@@ -209,18 +210,19 @@ class BucketedDDP(_Base):
             owner = self.owners[id(p)] if self.owners is not None else None
             key = (p.dtype, p.device, owner)
             b = open_.get(key)
-            if b is not None:
-                cap = self._caps[0] if b is buckets[0] else self._caps[1]
-                if (b.numel + p.numel()) * p.element_size() > cap:
-                    b = None
+            size = p.numel() * p.element_size()
+            if b is not None and b.nbytes + size > (self._caps[0] if b is buckets[0] else self._caps[1]):
+                b = None
             if b is None:
                 b = _Bucket([], [], [], 0, p.dtype, p.device, owner)
                 open_[key] = b
                 buckets.append(b)
+            align = max(1, 16 // p.element_size())
             b.params.append(p)
             b.index.append(k)
             b.offsets.append(b.numel)
-            b.numel += p.numel()
+            b.numel += -(-p.numel() // align) * align
+            b.nbytes += size
         self.buckets = buckets
         self._where = {}
         for bi, b in enumerate(buckets):

@@ -116,6 +116,7 @@ def test_bucket_boundaries(run):
     assert info[0]["buckets"] == expected and len(expected) > 3
     sizes = {n: p.numel() for n, p in model.named_parameters()}
     assert info[0]["bucket_numels"] == [sum(sizes[n] for n in b) for b in expected]
+    assert info[0]["slots_aligned"]  # every gradient view starts on a 16-byte boundary
     # a smaller first bucket (torch DDP's 1 MB) so the first all-reduce starts early
     small = hand_packed(model, int(w.BUCKET_MB / 4 * 2**20), cap)
     assert info[0]["buckets_small_first"] == small and len(small[0]) < len(expected[0])
@@ -167,6 +168,7 @@ def test_unused_and_tied_parameters(run):
     close(params("unused"), ref)
     close(params("unused", 1), ref)
     assert info[0]["never_grad_is_none"] and info[1]["never_grad_is_none"]
+    assert info[0]["odd_slots_aligned"]
     torch.manual_seed(0)
     assert torch.equal(params("unused")["never.weight"], w.PartlyUsed().never.weight)  # never stepped
     # the same through zero_grad() (zeroed buckets instead of grad = None between steps)

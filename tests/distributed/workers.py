@@ -150,7 +150,8 @@ def _equivalence(rank: int, world: int, out: Path) -> dict:
     small_first.remove_hooks()
     ddp = BucketedDDP(model, bucket_mb=BUCKET_MB)
     info["buckets"] = ddp.bucket_names()
-    info["bucket_numels"] = [b.numel for b in ddp.buckets]
+    info["bucket_numels"] = [b.nbytes // 4 for b in ddp.buckets]
+    info["slots_aligned"] = all(b.views[i].data_ptr() % 16 == 0 for b in ddp.buckets for i in range(len(b.params)))
     g: dict = {}
     info["bucketed_losses"] = train_steps(model, adamw(model), rank, world, ddp, grads=g)
     info["launched_before_last"] = launched_before_last[0]
@@ -191,6 +192,8 @@ def _equivalence(rank: int, world: int, out: Path) -> dict:
     ddp = BucketedDDP(pm, bucket_mb=BUCKET_MB)
     train_steps(pm, adamw(pm), rank, world, ddp, loss_fn=partly_used_losses(rank, world))
     info["never_grad_is_none"] = pm.never.weight.grad is None
+    # sizes 10, 100, 530: slots padded to 16-byte starts
+    info["odd_slots_aligned"] = all(b.views[i].data_ptr() % 16 == 0 for b in ddp.buckets for i in range(len(b.params)))
     save(out, "unused", rank, params_of(pm))
     torch.manual_seed(rank)  # the same through zero_grad(): zeroed buckets, no grad=None in between
     pm = PartlyUsed()
