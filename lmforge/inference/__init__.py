@@ -3,8 +3,8 @@ decoding, weight-only quantization, and an OpenAI-compatible server with a web c
 
     from lmforge.inference import Engine, SamplingParams
 
-See engine.py (scheduler), cache.py (preallocated cache), sampling.py, speculative.py,
-quantize.py, server.py. Imports only model, kernels and tokenizer (DESIGN.md).
+See engine.py (scheduler), cache.py (preallocated cache), prefix.py (prefix caching), sampling.py,
+speculative.py, quantize.py, server.py. Imports only model, kernels and tokenizer (DESIGN.md).
 """
 
 from lmforge.lazy import lazy_exports
@@ -15,5 +15,9 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "Completion": "engine",
     "SamplingParams": "sampling",
     "StaticKVCache": "cache",
+    "PrefixCache": "prefix",
+    "DraftModel": "speculative",
+    "NGramDrafter": "speculative",
 })
-__all__ = ["Engine", "Event", "Completion", "SamplingParams", "StaticKVCache"]
+__all__ = ["Engine", "Event", "Completion", "SamplingParams", "StaticKVCache", "PrefixCache", "DraftModel",
+           "NGramDrafter"]
