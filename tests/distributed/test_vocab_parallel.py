@@ -139,3 +139,15 @@ def test_vocab_range():
     assert [vocab_range(10, r, 4) for r in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
     with pytest.raises(ConfigError, match="vocab_size = 3 is smaller than tp = 4"):
         vocab_range(3, 0, 4)
+
+
+@pytest.mark.parametrize("field, message", [("fused_loss", "set model.fused_loss = false"),
+                                            ("mtp_depth", "multi-token prediction")])
+def test_vocab_parallel_refusals(field, message):
+    from lmforge.distributed.vocab_parallel import apply_vocab_parallel
+    from lmforge.model import ModelConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=V, context_length=8, d_model=12, n_layers=1, n_heads=2, d_ff=16,
+                      **{field: True if field == "fused_loss" else 1})
+    with pytest.raises(ConfigError, match=message):
+        apply_vocab_parallel(Transformer(cfg))  # refused before any process group is needed
