@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -118,6 +118,7 @@ class GridRun:
     seq_len: int
     lr: float
     seed: int
+    recipe: dict = field(default_factory=dict)  # training options that differ from the defaults
 
     @property
     def tokens(self) -> int:
@@ -134,8 +135,11 @@ class GridRun:
     @property
     def run_id(self) -> str:
         """Stable id from everything that determines the result (so resumes match runs exactly)."""
-        key = json.dumps({"model": asdict(self.config), "steps": self.steps, "batch": self.batch_size,
-                          "seq": self.seq_len, "lr": self.lr, "seed": self.seed}, sort_keys=True, default=str)
+        key = {"model": asdict(self.config), "steps": self.steps, "batch": self.batch_size,
+               "seq": self.seq_len, "lr": self.lr, "seed": self.seed}
+        if self.recipe:  # only when set, so the ids of default-recipe runs stay what they were
+            key["recipe"] = self.recipe
+        key = json.dumps(key, sort_keys=True, default=str)
         c = self.config
         return f"L{c.n_layers}-d{c.d_model}-s{self.steps}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 

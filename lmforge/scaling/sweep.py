@@ -17,6 +17,8 @@ and the same results table feeds `lmforge scaling fit --method hparams`.
 Run ids hash everything that decides a result, so a rerun skips finished runs and a changed
 config trains the runs it changes. With `parallel = k`, k runs train at once in separate processes
 on the same device (small runs leave most of a GPU idle); the table is written by the parent.
+`time_budget_s` stops starting new runs once that much time has passed (runs in flight finish), so
+a sweep on a lent machine ends with whole runs in its table; a rerun trains the rest.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ class SweepConfig:
     device: str = "auto"
     eval_batches: int = 8
     checkpoint_every: int = 0  # 0: no mid-run checkpoints (a run is the unit of resume)
+    log_every: int = 1  # training-curve resolution (curves.csv, approach 1)
+    sampler: str = "packed"  # "random": random windows (for corpora sorted by topic, like the embedded one)
+    document_mask: bool = True  # attention stays inside documents (False: plain causal, the fastest kernels)
+    time_budget_s: float = 0.0  # stop starting new runs after this many seconds (0: none); rerun to go on
     progress: bool = False
     aspect_min: float = 32.0  # d_model / n_layers range of the shapes
     aspect_max: float = 128.0
@@ -68,12 +74,28 @@ class SweepConfig:
             raise ConfigError(f"SweepConfig: kind = {self.kind!r} must be 'isoflop' or 'hparams'")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError(f"SweepConfig: warmup_fraction = {self.warmup_fraction} must be in [0, 1)")
+        if self.sampler not in ("packed", "random"):
+            raise ConfigError(f"SweepConfig: sampler = {self.sampler!r} must be 'packed' or 'random'")
+        if self.log_every < 1:
+            raise ConfigError(f"SweepConfig: log_every = {self.log_every} must be >= 1")
+
+    def recipe(self) -> dict:
+        """Training options that differ from their defaults: part of each run's id."""
+        default = SweepConfig()
+        return {k: getattr(self, k) for k in ("sampler", "document_mask") if getattr(self, k) != getattr(default, k)}
 
 
 def build_grid(cfg: SweepConfig, vocab_size: int) -> list[GridRun]:
     from lmforge.model import ModelConfig
 
     template = ModelConfig(vocab_size=vocab_size, context_length=cfg.seq_len)
+    grid = _grid(cfg, template)
+    for run in grid:
+        run.recipe = cfg.recipe()
+    return grid
+
+
+def _grid(cfg: SweepConfig, template) -> list[GridRun]:
     if cfg.kind == "hparams":
         return hparam_grid(cfg.budgets, template, lrs=cfg.lrs, batch_sizes=cfg.batch_sizes, seq_len=cfg.seq_len,
                            tokens_per_param=cfg.tokens_per_param, seed=cfg.seed, min_steps=cfg.min_steps,
@@ -123,8 +145,9 @@ def train_one(run: GridRun, cfg: SweepConfig, run_dir: Path, train_shards: str, 
 
     t = TrainConfig(seed=run.seed, batch_size=run.batch_size, seq_len=run.seq_len, max_steps=run.steps,
                     lr=run.lr, warmup_steps=int(cfg.warmup_fraction * run.steps), schedule="cosine",
-                    device=cfg.device, eval_every=0, eval_batches=cfg.eval_batches, log_every=1,
-                    checkpoint_every=cfg.checkpoint_every, progress=cfg.progress)
+                    device=cfg.device, eval_every=0, eval_batches=cfg.eval_batches, log_every=cfg.log_every,
+                    checkpoint_every=cfg.checkpoint_every, progress=cfg.progress, sampler=cfg.sampler,
+                    document_mask=cfg.document_mask)
     rc = RunConfig(model=run.config, train=t)
     rc.data.train_shards, rc.data.val_shards = train_shards, val_shards
     start = time.perf_counter()
@@ -184,17 +207,36 @@ def run_sweep(cfg: SweepConfig, sweep_dir: str | Path, train_shards: str, val_sh
         log(f"[sweep] {i + 1}/{len(todo)} {row['run']} (C={run.budget:.3g}, N={row['params']:,}, "
             f"steps={run.steps}): loss {row['loss']:.4f} ({row['loss_source']}) in {row['seconds']:.1f}s")
 
+    start, stopped = time.perf_counter(), []
+
+    def time_left() -> bool:
+        if cfg.time_budget_s and time.perf_counter() - start > cfg.time_budget_s and not stopped:
+            stopped.append(True)
+            log(f"[sweep] time budget of {cfg.time_budget_s:g}s spent: no new runs started; rerun to continue")
+        return not stopped
+
     if cfg.parallel == 1:
         for i, run in enumerate(todo):
+            if not time_left():
+                break
             record(i, run, train_one(run, cfg, sweep_dir / "runs" / run.run_id, train_shards, val_shards))
     else:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         # spawn, not fork: a forked child must not inherit an initialised CUDA context
         with ProcessPoolExecutor(cfg.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(train_one, run, cfg, sweep_dir / "runs" / run.run_id, train_shards,
-                                   val_shards): run for run in todo}
-            for i, fut in enumerate(as_completed(futures)):
-                record(i, futures[fut], fut.result())
+            queue, running, finished = list(todo), {}, 0
+            # submitted as workers free up (not all at once), so that the time budget can stop the rest
+            while queue or running:
+                while queue and len(running) < cfg.parallel and time_left():
+                    run = queue.pop(0)
+                    running[pool.submit(train_one, run, cfg, sweep_dir / "runs" / run.run_id, train_shards,
+                                        val_shards)] = run
+                if not running:
+                    break
+                done_now, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done_now:
+                    record(finished, running.pop(fut), fut.result())
+                    finished += 1
     return rows

@@ -1,14 +1,17 @@
 """A tiny real IsoFLOP sweep on CPU (Trainer, resumable table), plots, and the CLI end to end."""
 
 import csv
+import hashlib
 import json
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 
 from lmforge.cli import main
 from lmforge.data.shards import ShardWriter
+from lmforge.errors import ConfigError
 from lmforge.scaling.isoflop import fit_isoflop
 from lmforge.scaling.parametric import published_chinchilla
 from lmforge.scaling.runs import load_runs
@@ -51,6 +54,10 @@ def _tiny_config(**kw):
 def test_tiny_sweep_trains_records_and_resumes(shards, tmp_path):
     cfg = _tiny_config()
     out = tmp_path / "sweep"
+    # a spent time budget starts no run; the rerun below trains them all
+    logs = []
+    assert run_sweep(_tiny_config(time_budget_s=1e-9), out, str(shards / "train"), log=logs.append) == []
+    assert "time budget of 1e-09s spent" in logs[-1] and not (out / "results.csv").exists()
     rows = run_sweep(cfg, out, str(shards / "train"), str(shards / "val"), log=lambda m: None)
     grid = json.loads((out / "grid.json").read_text())
     assert [r["run"] for r in rows] == [g["run"] for g in grid] and len(rows) == 6
@@ -74,6 +81,36 @@ def test_tiny_sweep_trains_records_and_resumes(shards, tmp_path):
     curves = load_runs(out / "curves.csv")
     assert set(curves["run"]) == {r["run"] for r in rows}
     assert len(curves) == sum(r["steps"] for r in rows)
+
+
+def test_sweep_recipe_reaches_the_trainer_and_the_run_id(shards, tmp_path):
+    """sampler / document_mask / log_every go to the Trainer; a non-default recipe changes the run
+    ids (a resume never mixes recipes) while default-recipe ids stay as before."""
+    from lmforge.config import load
+    from lmforge.scaling.sweep import build_grid
+    from lmforge.train.pretrain import RunConfig
+
+    default = build_grid(_tiny_config(), VOCAB)
+    cfg = _tiny_config(sampler="random", document_mask=False, log_every=4)
+    grid = build_grid(cfg, VOCAB)
+    assert cfg.recipe() == {"sampler": "random", "document_mask": False} and _tiny_config().recipe() == {}
+    assert [g.config for g in grid] == [d.config for d in default]
+    assert not {g.run_id for g in grid} & {d.run_id for d in default}
+    # default-recipe ids are the ids earlier versions gave (finished sweeps resume)
+    d = default[0]
+    key = json.dumps({"model": asdict(d.config), "steps": d.steps, "batch": d.batch_size, "seq": d.seq_len,
+                      "lr": d.lr, "seed": d.seed}, sort_keys=True, default=str)
+    assert d.run_id.endswith(hashlib.sha256(key.encode()).hexdigest()[:8])
+    (row,) = run_sweep(cfg, tmp_path / "sw", str(shards / "train"), str(shards / "val"), log=lambda m: None,
+                       max_runs=1)
+    run_cfg = load(RunConfig, tmp_path / "sw" / "runs" / row["run"] / "config.toml")
+    assert run_cfg.train.sampler == "random" and run_cfg.train.document_mask is False
+    assert run_cfg.train.log_every == 4
+    curve = load_runs(tmp_path / "sw" / "curves.csv")
+    # logged every 4 steps, and the last step
+    assert len(curve) == row["steps"] // 4 + (row["steps"] % 4 > 0)
+    with pytest.raises(ConfigError, match="sampler"):
+        _tiny_config(sampler="shuffled")
 
 
 @pytest.mark.slow
