@@ -29,6 +29,18 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def bench_graph(fn):
+    """Median ms of fn replayed from a CUDA graph: GPU time without Python/launch overhead, which
+    otherwise dominates these sub-millisecond ops and varies with the host. None if not capturable."""
+    import triton
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    except Exception as e:
+        print(f"  (CUDA graph capture failed: {type(e).__name__}: {str(e)[:100]})", flush=True)
+        return None
+
+
 def grads_of(f, inputs, dy):
     out = f(*inputs)
     return (out, *torch.autograd.grad(out, inputs, dy))
@@ -51,13 +63,14 @@ def rms_rows(device):
         for name, f in impls.items():
             row[f"{name}_fwd_ms"] = bench(lambda f=f: f(x, w))
             row[f"{name}_fwdbwd_ms"] = bench(lambda f=f: torch.autograd.grad(f(x, w), (x, w), dy))
+            row[f"{name}_fwdbwd_graph_ms"] = bench_graph(lambda f=f: torch.autograd.grad(f(x, w), (x, w), dy))
         # the backward kernel alone under other launch shapes (row tile size, programs per SM)
         from lmforge.kernels import rms_norm_triton as kt
 
         x2 = x.detach()
         _, rstd = kt.forward(x2, w.detach(), 1e-6)
         saved = kt.ROW_ELEMENTS, kt.PROGRAMS_PER_SM
-        for elems, per_sm in ((8192, 4), (4096, 4), (16384, 2), (2048, 8), (8192, 8), (4096, 16), (8192, 2)):
+        for elems, per_sm in ((2048, 8), (8192, 4), (2048, 4), (2048, 16)):
             kt.ROW_ELEMENTS, kt.PROGRAMS_PER_SM = elems, per_sm
             ms = bench(lambda: kt.backward(dy, x2, w.detach(), rstd, True))
             row[f"bwd_kernel_ms_tile{elems}_per_sm{per_sm}"] = ms
@@ -82,6 +95,7 @@ def swiglu_rows(device):
         row = {"op": "swiglu", "shape": [n_rows, width], "errors": [f"{rel(x, y):.1e}" for x, y in zip(got, ref)]}
         for name, f in (("triton", lambda a, b: swiglu(a, b, impl="triton")), ("eager", eager), ("compiled", compiled)):
             row[f"{name}_fwdbwd_ms"] = bench(lambda f=f: torch.autograd.grad(f(a, b), (a, b), dy))
+            row[f"{name}_fwdbwd_graph_ms"] = bench_graph(lambda f=f: torch.autograd.grad(f(a, b), (a, b), dy))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -89,7 +103,6 @@ def swiglu_rows(device):
 
 def ce_rows(device, n_tokens, hidden):
     from lmforge.kernels import linear_cross_entropy as lce
-    from lmforge.kernels import linear_cross_entropy_triton as lce_kt
     from lmforge.kernels.linear_cross_entropy import linear_cross_entropy
 
     def variant(module, **consts):
@@ -120,8 +133,7 @@ def ce_rows(device, n_tokens, hidden):
                  "fused_chunk2^27": variant(lce, CHUNK_BUDGET=1 << 27)}
         if vocab % lce.VOCAB_ALIGN:
             impls["fused_unpadded"] = variant(lce, VOCAB_ALIGN=1)
-        if vocab <= lce_kt.SINGLE_PASS_MAX:
-            impls["fused_2pass"] = variant(lce_kt, SINGLE_PASS_MAX=0)
+
         hf, wf = (x.detach().float().requires_grad_() for x in (h, w))
         ref_loss = torch_loss(hf, wf, t)
         ref = (ref_loss, *torch.autograd.grad(ref_loss, (hf, wf)))
@@ -169,11 +181,15 @@ def main(argv=None):
         tri = r.get("triton_fwdbwd_ms") or r["fused_triton_fwdbwd_ms"]
         print(f"{r['op']:20s} {str(shape):16s} {tri:9.3f} {r['eager_fwdbwd_ms']:9.3f} {r['compiled_fwdbwd_ms']:12.3f} "
               f"{r['eager_fwdbwd_ms'] / tri:12.2f} {r['compiled_fwdbwd_ms'] / tri:15.2f}")
+        if r.get("triton_fwdbwd_graph_ms"):
+            g = {n: r.get(f"{n}_fwdbwd_graph_ms") for n in ("triton", "eager", "compiled")}
+            print(f"{'':20s} in a CUDA graph: triton {g['triton']:.3f}, eager {g['eager'] or 0:.3f}, compiled "
+                  f"{g['compiled'] or 0:.3f} ms -> compiled/triton {(g['compiled'] or 0) / g['triton']:.2f}")
         if r["op"] == "linear_cross_entropy":
             print(f"{'':20s} peak extra MiB: fused {r['fused_triton_peak_extra_MiB']}, eager {r['eager_peak_extra_MiB']}"
                   f", compiled {r['compiled_peak_extra_MiB']} -> eager/fused "
                   f"{r['eager_peak_extra_MiB'] / max(1, r['fused_triton_peak_extra_MiB']):.1f}x")
-            for name in ("fused_chunk2^27", "fused_unpadded", "fused_2pass"):
+            for name in ("fused_chunk2^27", "fused_unpadded"):
                 if f"{name}_fwdbwd_ms" in r:
                     print(f"{'':20s} {name}: {r[f'{name}_fwdbwd_ms']:.3f} ms, peak extra {r[f'{name}_peak_extra_MiB']} MiB")
     return 0
