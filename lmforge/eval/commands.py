@@ -27,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--num-fewshot", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="first N items of each task file")
     p.add_argument("--batch-size", type=int, default=32, help="continuations (choices) per forward")
+    p.add_argument("--strategy", choices=["auto", "cache", "padded"], default="auto",
+                   help="multiple-choice scoring: auto (default), cache (shared context in a KV cache, "
+                        "many questions per forward) or padded (full rows); all give the same numbers")
     p.add_argument("--stride", type=int, default=None, help="sliding-window stride for bpb (default: context/2)")
     p.add_argument("--max-documents", type=int, default=None, help="bpb: at most N documents")
     p.add_argument("--n-samples", type=int, default=1, help="generative: samples per item (pass@k, maj@n)")
@@ -73,6 +76,7 @@ def cmd_eval(args) -> int:
         judge = ChatJudge(args.judge_url, args.judge_model or "judge", api_key=os.environ.get(args.judge_key_env))
     results = run_tasks(model, tok, specs, corpus=corpus, engine_factory=engine_factory,
                         num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
+                        strategy=args.strategy,
                         stride=args.stride, max_documents=args.max_documents, n_samples=args.n_samples,
                         temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
                         judge=judge, extractor=args.extractor, stop=args.stop)

@@ -112,7 +112,7 @@ def append_to_report(report: str | Path, results_json: str | Path) -> None:
 
 
 def run_tasks(model, tokenizer, specs: list[TaskSpec], *, corpus=None, engine_factory=None, num_fewshot: int = 0,
-              limit: int | None = None, batch_size: int = 32, stride: int | None = None,
+              limit: int | None = None, batch_size: int = 32, strategy: str = "auto", stride: int | None = None,
               max_documents: int | None = None, n_samples: int = 1, temperature: float = 0.0,
               max_tokens: int = 256, seed: int = 0, judge=None, extractor: str = "exact",
               stop: list[str] | None = None, log=print) -> dict[str, dict]:
@@ -132,7 +132,7 @@ def run_tasks(model, tokenizer, specs: list[TaskSpec], *, corpus=None, engine_fa
         elif spec.kind in MC_FORMATS:
             items = load_mc(spec.path, spec.kind)
             res = evaluate_mc(model, tokenizer, items, fmt=spec.kind, num_fewshot=num_fewshot, limit=limit,
-                              batch_size=batch_size, seed=seed)
+                              batch_size=batch_size, strategy=strategy, seed=seed)
         elif spec.kind == "judge":
             res = _judge_task(spec, tokenizer, engine := engine or engine_factory(), judge, limit, max_tokens, seed)
         else:

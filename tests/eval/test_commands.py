@@ -66,8 +66,11 @@ def test_eval_cli(run_dir, capsys):
     rows = [line.split() for line in printed.splitlines()]
     assert ["tiny", "acc", f"{mc['acc']:.4f}", "3"] in rows
     assert ["bpb", "bits_per_byte", f"{bpb['bits_per_byte']:.4f}", "3"] in rows
-    # a second run replaces the report's section and merges results
-    assert main(["eval", str(d), "--device", "cpu", "--tasks", f"mmlu={d / 'mmlu.csv'}"]) == 0
+    # a second run replaces the report's section and merges results; the KV-cache strategy scores
+    # the same log-likelihoods (" A".." D" are two byte tokens: the shared-prefix path)
+    assert main(["eval", str(d), "--device", "cpu", "--tasks", f"mmlu={d / 'mmlu.csv'}", "--strategy", "cache"]) == 0
+    cached = json.loads((d / "eval" / "mmlu.items.json").read_text())
+    assert [x for i in cached for x in i["loglikelihoods"]] == pytest.approx(flat, rel=1e-5)
     page = (d / "report.html").read_text()
     assert page.count("<h2>Evaluation</h2>") == 1 and page.startswith("<!doctype html><html><body><h1>run</h1>")
     assert "mmlu" in page and "tiny" in page and page.rstrip().endswith("</body></html>")
