@@ -219,8 +219,12 @@ def launch(args, variant: str, nproc: int, preset: str, batch: int, steps: int, 
         try:
             subprocess.run(cmd, check=True, env=env, timeout=args.launch_timeout)
             return json.loads(result.read_text())
-        except (subprocess.SubprocessError, OSError, ValueError) as e:
-            return {**row, "error": f"{type(e).__name__}: {e}"[:300]}
+        except subprocess.CalledProcessError as e:
+            return {**row, "error": f"exit status {e.returncode} (its output is above)"}
+        except subprocess.TimeoutExpired:
+            return {**row, "error": f"timed out after {args.launch_timeout:.0f} s (--launch-timeout)"}
+        except (OSError, ValueError) as e:  # no or unreadable result file
+            return {**row, "error": f"{type(e).__name__}: {e}"[:200]}
 
 
 def print_table(rows: list[dict], header: str) -> None:
@@ -277,6 +281,7 @@ def main() -> None:
     p.add_argument("--fsdp", action="store_true", help="also the llama-1b preset: 1 GPU vs FSDP2")
     p.add_argument("--fsdp-batch", type=int, default=8)
     p.add_argument("--fsdp-steps", type=int, default=10)
+    p.add_argument("--fsdp-only", action="store_true", help="only the llama-1b rows (implies --fsdp)")
     p.add_argument("--launch-timeout", type=float, default=240, help="seconds per torchrun launch")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU/gloo: checks the script only")
     p.add_argument("--out", default="bench_distributed_ddp.json")
@@ -298,11 +303,12 @@ def main() -> None:
         print_table([row], f"-- {row['preset']} {row['variant']}")  # partial results survive a time-out
         Path(args.out).write_text(json.dumps({"device": device, "args": vars(args), "rows": rows}, indent=2))
 
-    base = launch(args, "single", 1, args.preset, args.batch, args.steps)
-    add(base, base)
-    for v in [v for v in args.variants.split(",") if v]:
-        add(launch(args, v, args.nproc, args.preset, args.batch, args.steps), base)
-    if args.fsdp:
+    if not args.fsdp_only:
+        base = launch(args, "single", 1, args.preset, args.batch, args.steps)
+        add(base, base)
+        for v in [v for v in args.variants.split(",") if v]:
+            add(launch(args, v, args.nproc, args.preset, args.batch, args.steps), base)
+    if args.fsdp or args.fsdp_only:
         preset = "llama-1b"
         base1b = launch(args, "single", 1, preset, args.fsdp_batch, args.fsdp_steps, ac=True)
         add(base1b, base1b)
