@@ -115,7 +115,7 @@ def test_verify_batch_agrees_with_reference():
 
 @torch.no_grad()
 def test_sampled_output_follows_target_distribution():
-    """1000 seeded requests, 25 rows at a time: the (2nd, 3rd) tokens follow the target's exact
+    """1000 seeded requests, 100 rows at a time: the (2nd, 3rd) tokens follow the target's exact
     joint distribution. The 1st token comes from the prefill; the round after it has one draft, so
     the 2nd token is an accepted draft or a resample and the 3rd a bonus or a plain token."""
     V, N = 5, 1000
@@ -127,7 +127,7 @@ def test_sampled_output_follows_target_distribution():
     for a, pa in enumerate(dist(prompt)):
         for b, pb in enumerate(dist(prompt + [a])):
             exact[b] += pa * pb * dist(prompt + [a, b])
-    engine = Engine(target, max_batch=25, max_len=8, drafter=DraftModel(draft), spec_k=2)
+    engine = Engine(target, max_batch=100, max_len=8, drafter=DraftModel(draft), spec_k=2)
     ids = [engine.add_request(prompt, SamplingParams(max_tokens=3, temperature=1.0, seed=i)) for i in range(N)]
     seqs = [engine.requests[i].sequences[0] for i in ids]
     while engine.has_work():
