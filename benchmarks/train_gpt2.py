@@ -1,12 +1,26 @@
 """GPT-2 small pretraining on one GPU: lmforge's Trainer vs the nanoGPT recipe, in one run.
 
 Throughput: tokens/s and MFU of one optimizer step (micro-batch 12 x 1024 tokens, 5 accumulation
-steps, bf16 autocast, torch.compile) for
-  - nanogpt: the nanoGPT recipe written out below (its GPT module, SDPA causal attention, fused
-    torch AdamW, random windows from a memmap with pinned non-blocking copies, loss.item() per step);
+steps, bf16 autocast, torch.compile) for the variants in --variants (comma-separated):
+  - nano: the nanoGPT recipe (benchmarks/nanogpt_recipe.py: its GPT module, SDPA causal attention
+    with torch's default backend order, fused torch AdamW, memmap random windows with pinned
+    non-blocking copies, loss.item() per step); always the first row, the 1.000x of the ratios;
   - lmforge: lmforge.model.Transformer (gpt2-small preset) + Trainer (compile, own AdamW, random-window
-    sampler + prefetcher), micro-batch 12 and a larger micro-batch.
+    sampler + prefetcher), as a user gets it;
+  - nano-cudnn: the recipe with SDPA asked for cuDNN attention first (torch 2.11 already picks it
+    on Hopper: this row checks that);
+  - lmforge-cpp-wrapper: lmforge compiled with inductor's C++ wrapper (kernels launched from C++);
+  - nano-big: the recipe at micro-batch --big-batch;
+  - lmforge-fused-loss: lmforge with `fused_loss` (lmforge.kernels' chunked linear + cross-entropy);
+  - big: lmforge at micro-batch --big-batch (same tokens per step);
+  --diagnose adds each model in the other's loop (which half costs what).
 Both use vocab 50304 (GPT-2's 50257 padded to a multiple of 64, as nanoGPT does) and the same data.
+Before timing, lmforge's model loaded with the recipe's weights must give the recipe's loss and
+gradients (fp32): the rows compare two implementations of one function. Graph breaks are counted.
+
+--profile: after timing, a few steps of each variant under torch.profiler; prints device time per
+step by kernel group (gemm / attention / fused elementwise (triton) / optimizer / other) side by
+side, and each variant's top kernels.
 
 Quality per token (--quality): validation loss after the same number of tokens on the embedded corpus
 (tokenized with the tokenizer in --tokenizer) for the nanoGPT recipe (AdamW 6e-4, cosine), lmforge
@@ -20,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import tempfile
 import time
@@ -30,82 +43,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-# ------------------------------------------------------------------------- the nanoGPT recipe
-
-
-class NanoAttention(nn.Module):
-    def __init__(self, d, h):
-        super().__init__()
-        self.c_attn = nn.Linear(d, 3 * d)
-        self.c_proj = nn.Linear(d, d)
-        self.h = h
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-
-class NanoBlock(nn.Module):
-    def __init__(self, d, h):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = NanoAttention(d, h)
-        self.c_fc, self.c_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
-
-
-class NanoGPT(nn.Module):
-    def __init__(self, vocab, ctx, d, n_layers, h):
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
-        self.h = nn.ModuleList(NanoBlock(d, h) for _ in range(n_layers))
-        self.ln_f = nn.LayerNorm(d)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-        self.lm_head.weight = self.wte.weight
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith("c_proj.weight") else 0.02
-                nn.init.normal_(p, 0.0, std)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-
-    def forward(self, idx, targets):
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)
-        for block in self.h:
-            x = block(x)
-        logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-
-
-def nano_optimizer(model, lr, device):
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-
-
-def nano_get_batch(data, B, T, device, rng):
-    ix = rng.integers(0, len(data) - T - 1, size=B)
-    x = torch.stack([torch.from_numpy(data[i:i + T].astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + T].astype(np.int64)) for i in ix])
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-def nano_lr(step, max_steps, lr, warmup):
-    if step < warmup:
-        return lr * (step + 1) / (warmup + 1)
-    ratio = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    return lr * 0.1 + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - lr * 0.1)
+from nanogpt_recipe import NanoAttention, NanoGPT, NanoRunner  # benchmarks/ is on sys.path
 
 
 class LMForgeAsNano(nn.Module):
@@ -136,49 +74,6 @@ class NanoAsLMForge(nn.Module):
         logits = self.model.lm_head(self.model.ln_f(x))
         ce_sum = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), reduction="sum")
         return SimpleNamespace(ce_sum=ce_sum, n_tokens=(targets != -100).sum(), aux={})
-
-
-class NanoRunner:
-    """One nanoGPT optimizer step per call (B x T x accum tokens)."""
-
-    def __init__(self, shape, data, B, T, accum, device, compile, lr=6e-4, max_steps=1000, warmup=0, seed=0,
-                 module=None):
-        torch.manual_seed(seed)
-        self.raw = (module if module is not None else NanoGPT(**shape)).to(device)
-        self.model = torch.compile(self.raw) if compile else self.raw
-        self.opt = nano_optimizer(self.raw, lr, device)
-        self.data, self.B, self.T, self.accum, self.device = data, B, T, accum, device
-        self.rng = np.random.default_rng(seed)
-        self.lr, self.max_steps, self.warmup, self.step_i = lr, max_steps, warmup, 0
-        self.ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-            "cpu", enabled=False)
-
-    def step(self):
-        for g in self.opt.param_groups:
-            g["lr"] = nano_lr(self.step_i, self.max_steps, self.lr, self.warmup)
-        x, y = nano_get_batch(self.data, self.B, self.T, self.device, self.rng)
-        for _ in range(self.accum):
-            with self.ctx:
-                loss = self.model(x, y) / self.accum
-            x, y = nano_get_batch(self.data, self.B, self.T, self.device, self.rng)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.raw.parameters(), 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.step_i += 1
-        return loss.item() * self.accum
-
-    @torch.no_grad()
-    def val_loss(self, batches):
-        self.raw.eval()
-        tot = n = 0
-        for b in batches:
-            with self.ctx:
-                loss = self.raw(b["input_ids"].to(self.device), b["targets"].to(self.device))
-            tot += loss.item() * b["targets"].numel()
-            n += b["targets"].numel()
-        self.raw.train()
-        return tot / n
 
 
 # ------------------------------------------------------------------------- lmforge
@@ -226,21 +121,6 @@ def lmforge_val_loss(trainer, batches, device):
 # ------------------------------------------------------------------------- measurements
 
 
-def timed(step_fn, warmup, iters, device):
-    for _ in range(warmup):
-        step_fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step_fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def write_random_shard(path, n_tokens, vocab, seed=0):
     from lmforge.data.shards import ShardWriter
 
@@ -250,9 +130,185 @@ def write_random_shard(path, n_tokens, vocab, seed=0):
     return path
 
 
+def nano_to_lmforge(nano, model):
+    """Copy a NanoGPT's weights into an lmforge Transformer of the same shape (c_attn -> q, k, v)."""
+    src = nano.state_dict()
+    dst = {"tok_emb.weight": src["wte.weight"], "pos_emb.weight": src["wpe.weight"],
+           "norm_f.weight": src["ln_f.weight"], "norm_f.bias": src["ln_f.bias"]}
+    names = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_proj": "attn.o", "c_fc": "mlp.up", "c_proj": "mlp.down"}
+    for i in range(len(nano.h)):
+        for a, b in names.items():
+            for t in ("weight", "bias"):
+                dst[f"blocks.{i}.{b}.{t}"] = src[f"h.{i}.{a}.{t}"]
+        for t in ("weight", "bias"):
+            for name, part in zip("qkv", src[f"h.{i}.attn.c_attn.{t}"].chunk(3)):
+                dst[f"blocks.{i}.attn.{name}.{t}"] = part
+    model.load_state_dict(dst, strict=True)
+
+
+def check_same_function(mcfg, shape, device, T):
+    """lmforge's model with nanoGPT's weights computes nanoGPT's loss and gradients (fp32, eager):
+    the speed comparison is between two implementations of one function."""
+    from lmforge.model import Transformer
+
+    torch.manual_seed(0)
+    nano = NanoGPT(**shape).to(device)
+    ours = Transformer(mcfg).to(device)
+    nano_to_lmforge(nano, ours)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, mcfg.vocab_size, (2, T + 1), generator=g).to(device)
+    idx, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref = nano(idx, targets)
+        ref.backward()
+        got = ours(idx, targets).loss
+        got.backward()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    attn0 = ours.blocks[0].attn
+    pairs = {"wte": (nano.wte.weight.grad, ours.tok_emb.weight.grad),
+             "wpe": (nano.wpe.weight.grad, ours.pos_emb.weight.grad),
+             "h.0.c_fc": (nano.h[0].c_fc.weight.grad, ours.blocks[0].mlp.up.weight.grad),
+             "h.0.c_attn": (nano.h[0].attn.c_attn.weight.grad,
+                            torch.cat([attn0.q.weight.grad, attn0.k.weight.grad, attn0.v.weight.grad])),
+             "h.0.ln_1": (nano.h[0].ln_1.weight.grad, ours.blocks[0].norm1.weight.grad)}
+    rel = {name: ((a - b).norm() / a.norm()).item() for name, (a, b) in pairs.items()}
+    out = {"loss_nano": ref.item(), "loss_lmforge": got.item(), "loss_rel_diff": abs(ref.item() - got.item()) / ref.item(),
+           "grad_rel_diff": rel}
+    ok = out["loss_rel_diff"] < 1e-5 and max(rel.values()) < 1e-4
+    print(f"  same function: loss {out['loss_nano']:.6f} vs {out['loss_lmforge']:.6f}, max grad rel diff "
+          f"{max(rel.values()):.1e} -> {'OK' if ok else 'MISMATCH'}", flush=True)
+    out["ok"] = ok
+    return out
+
+
+KERNEL_GROUPS = [  # (group, name fragments); first match wins (cuDNN attention names contain 'wgmma')
+    ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "wgmma", "sm90_", "aten::mm", "aten::addmm")),
+    ("optimizer/clip", ("adam", "multi_tensor", "foreach")),
+    ("fused elementwise (triton)", ("triton",)),
+    ("copies/memset", ("memcpy", "memset")),
+]
+
+
+def kernel_group(name):
+    low = name.lower()
+    for group, frags in KERNEL_GROUPS:
+        if any(f in low for f in frags):
+            return group
+    return "other"
+
+
+def profile_steps(step_fn, steps, device):
+    """Over `steps` profiled steps: kernel (device) time per step by group, kernel launches per step,
+    the top kernels, and the host time spent inside compiled-graph calls (on CPU: operator time)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step_fn()
+        if cuda:
+            torch.cuda.synchronize()
+    per_kernel, launches, host_ms, host_calls = {}, 0, 0.0, 0
+    for e in prof.key_averages():
+        if e.key.startswith("## Call CompiledFxGraph"):
+            host_ms += e.cpu_time_total / 1e3 / steps
+            host_calls += e.count
+        if cuda and e.device_type != DeviceType.CUDA:  # CPU-side rows would count kernels twice
+            continue
+        t = (getattr(e, "self_device_time_total", 0) or getattr(e, "device_time_total", 0)) if cuda \
+            else e.self_cpu_time_total
+        if t > 0:
+            per_kernel[e.key] = per_kernel.get(e.key, 0.0) + t / 1e3 / steps  # ms per step
+            launches += e.count
+    groups = {}
+    for k, t in per_kernel.items():
+        groups[kernel_group(k)] = groups.get(kernel_group(k), 0.0) + t
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    return {"ms_per_step": groups, "total_ms": sum(per_kernel.values()), "launches_per_step": launches / steps,
+            "compiled_graph_host_ms_per_step": host_ms, "compiled_graph_calls_per_step": host_calls / steps,
+            "top": [{"kernel": k, "ms": t, "group": kernel_group(k)} for k, t in top]}
+
+
+def find_syncs(step_fn, device):
+    """Where one step waits for the GPU: torch's sync debug mode warns at each synchronizing call."""
+    if device.type != "cuda":
+        return {}
+    import warnings
+
+    found = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step_fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where = f"{Path(w.filename).name}:{w.lineno}"
+            found[where] = found.get(where, 0) + 1
+    return found
+
+
+def print_profiles(profiles, rows):
+    names = list(profiles)
+    step_ms = {r["variant"]: r["step_s"] * 1e3 for r in rows if "step_s" in r}
+    groups = [g for g, _ in KERNEL_GROUPS] + ["other"]
+    print("\nper optimizer step: kernel time by group (ms, share of kernel time), GPU idle, launches, host")
+    print(f"{'':<28}" + "".join(f"{n[:26]:>28}" for n in names))
+    for g in groups + ["kernel total"]:
+        cells = []
+        for n in names:
+            p = profiles[n]
+            t = p["total_ms"] if g == "kernel total" else p["ms_per_step"].get(g, 0.0)
+            cells.append(f"{t:>18.2f} ({t / max(p['total_ms'], 1e-9):6.1%})")
+        print(f"{g:<28}" + "".join(f"{c:>28}" for c in cells))
+    extra = {"step wall (timed)": lambda n, p: f"{step_ms.get(n, float('nan')):.2f}",
+             "GPU idle": lambda n, p: f"{step_ms.get(n, float('nan')) - p['total_ms']:.2f}",
+             "kernel launches": lambda n, p: f"{p['launches_per_step']:.0f}",
+             "host ms in compiled graphs": lambda n, p: (f"{p['compiled_graph_host_ms_per_step']:.1f} "
+                                                         f"({p['compiled_graph_calls_per_step']:.0f} calls)"),
+             "syncs per step": lambda n, p: " ".join(f"{k}x{v}" for k, v in p.get("syncs", {}).items()) or "-"}
+    for label, fn in extra.items():
+        print(f"{label:<28}" + "".join(f"{fn(n, profiles[n])[:27]:>28}" for n in names))
+    for n in names:
+        print(f"top kernels, {n}:")
+        for r in profiles[n]["top"][:8]:
+            print(f"  {r['ms']:8.2f} ms  {r['group'][:10]:<10}  {r['kernel'][:100]}")
+
+
+def graph_stats():
+    from torch._dynamo.utils import counters
+
+    return {"graph_breaks": int(sum(counters["graph_break"].values())),
+            "unique_graphs": int(counters["stats"]["unique_graphs"])}
+
+
+VARIANTS = {  # key -> (row label, loop, model)
+    "nano": ("nanogpt recipe", "nano", "nano"),
+    "lmforge": ("lmforge", "lmforge", "lmforge"),
+    "nano-cudnn": ("nanogpt recipe + cuDNN attn", "nano", "nano"),
+    "lmforge-fused-loss": ("lmforge + fused linear-CE", "lmforge", "lmforge"),
+    "lmforge-cpp-wrapper": ("lmforge, inductor cpp_wrapper", "lmforge", "lmforge"),
+    "nano-big": ("nanogpt recipe big micro-batch", "nano", "nano"),
+    "big": ("lmforge big micro-batch", "lmforge", "lmforge"),
+    "lmforge-model-nano-loop": ("lmforge model, nano loop", "nano", "lmforge"),
+    "nano-model-lmforge-loop": ("nano model, lmforge loop", "lmforge", "nano"),
+}
+
+
 def throughput(args, device, out):
+    import common
+    import torch._inductor.config
+
     from lmforge.data.shards import open_shard
-    from lmforge.model import flops_per_token, get_preset
+    from lmforge.model import Transformer, flops_per_token, get_preset
     from lmforge.train.metrics import device_name, peak_flops
 
     T = args.seq_len
@@ -262,55 +318,69 @@ def throughput(args, device, out):
                             d_ff=256)
     shape = dict(vocab=mcfg.vocab_size, ctx=mcfg.context_length, d=mcfg.d_model, n_layers=mcfg.n_layers,
                  h=mcfg.n_heads)
+    check = check_same_function(mcfg, shape, device, T)
     shard = write_random_shard(Path(out["tmp"]) / "random", 4_000_000 if not args.smoke else 200_000,
                                mcfg.vocab_size)
     data, _ = open_shard(shard)
     fpt = flops_per_token(mcfg, T)["total"]
     peak = peak_flops(device)
-    rows = []
-    variants = [("nanogpt recipe", "nano", args.batch), ("lmforge", "lmforge", args.batch)]
-    if args.big_batch:
-        variants.append((f"lmforge B={args.big_batch}", "lmforge", args.big_batch))
-    if args.diagnose:  # which half costs what: swap the models between the two loops
-        variants += [("lmforge model, nano loop", "nano+lmforge-model", args.batch),
-                     ("nano model, lmforge loop", "lmforge+nano-model", args.batch)]
-    from lmforge.model import Transformer
-
-    for name, kind, B in variants:
+    rows, profiles = [], {}
+    keys = ["nano"] + [k for k in args.variants.split(",") if k and k != "nano"]
+    keys += (["big"] if args.big_batch and "big" not in keys else [])
+    keys += ["lmforge-model-nano-loop", "nano-model-lmforge-loop"] if args.diagnose else []
+    for key in keys:
+        if key not in VARIANTS:
+            raise SystemExit(f"--variants: unknown {key!r} (known: {', '.join(VARIANTS)})")
+        name, loop, model_kind = VARIANTS[key]
+        B = args.big_batch if key in ("big", "nano-big") else args.batch
+        torch._inductor.config.cpp_wrapper = key == "lmforge-cpp-wrapper"
         accum = max(1, args.batch * args.accum // B)
-        if kind.startswith("nano"):
-            module = LMForgeAsNano(Transformer(mcfg)) if kind.endswith("lmforge-model") else None
+        NanoAttention.cudnn_first = key == "nano-cudnn"
+        cfg = mcfg.replace(fused_loss=True) if key == "lmforge-fused-loss" else mcfg
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        if loop == "nano":
+            module = LMForgeAsNano(Transformer(cfg)) if model_kind == "lmforge" else None
             runner = NanoRunner(shape, data, B, T, accum, device, compile=args.compile, module=module)
-            fn = runner.step
         else:
-            module = NanoAsLMForge(NanoGPT(**shape)) if kind.endswith("nano-model") else None
-            trainer = lmforge_trainer(mcfg, shard, B, T, accum, device, compile=args.compile, module=module)
-            fn = trainer.train_step
+            module = NanoAsLMForge(NanoGPT(**shape)) if model_kind == "nano" else None
+            runner = lmforge_trainer(cfg, shard, B, T, accum, device, compile=args.compile, module=module)
+        fn = runner.step if loop == "nano" else runner.train_step
         t0 = time.perf_counter()
         try:
-            sec = timed(fn, args.warmup, args.iters, device)
+            sec = common.median_ms(fn, device, iters=args.iters, warmup=args.warmup) / 1e3
+            if args.profile:
+                profiles[name] = profile_steps(fn, args.profile_steps, device)
+                profiles[name]["syncs"] = find_syncs(fn, device)
+                pr = profiles[name]
+                print(f"    profile: kernels {pr['total_ms']:.1f} ms/step ({pr['launches_per_step']:.0f} launches), "
+                      f"host in compiled graphs {pr['compiled_graph_host_ms_per_step']:.1f} ms/step, "
+                      + ", ".join(f"{g} {t:.1f}" for g, t in sorted(pr["ms_per_step"].items())), flush=True)
         except Exception as e:  # record and go on: one broken variant must not lose the others
             print(f"  {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             rows.append({"variant": name, "micro_batch": B, "accum": accum, "error": f"{type(e).__name__}: {e}"})
             continue
-        tokens = B * T * accum
-        tps = tokens / sec
-        rows.append({"variant": name, "micro_batch": B, "accum": accum, "step_s": sec, "tokens_per_s": tps,
-                     "mfu": fpt * tps / peak if peak else None, "wall_s": time.perf_counter() - t0,
+        finally:
+            NanoAttention.cudnn_first = False
+            torch._inductor.config.cpp_wrapper = False
+        tps = B * T * accum / sec
+        rows.append({"variant": name, "key": key, "micro_batch": B, "accum": accum, "step_s": sec,
+                     "tokens_per_s": tps, "mfu": fpt * tps / peak if peak else None,
+                     "wall_s": time.perf_counter() - t0, **graph_stats(),
                      "max_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None})
-        print(f"  {name}: {tps:,.0f} tok/s ({rows[-1]['wall_s']:.0f}s incl. compile)", flush=True)
-        del fn
-        if kind.startswith("nano"):
-            del runner
-        else:
-            del trainer
+        print(f"  {name}: {tps:,.0f} tok/s ({rows[-1]['wall_s']:.0f}s incl. compile, "
+              f"{rows[-1]['graph_breaks']} graph breaks)", flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # partial results survive a timeout
+        Path(args.out + ".partial").write_text(json.dumps({"rows": rows, "profiles": profiles}, indent=1))
+        del fn, runner
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     base = rows[0].get("tokens_per_s")
     for r in rows:
         r["ratio_vs_nanogpt"] = r["tokens_per_s"] / base if base and "tokens_per_s" in r else None
-    return {"device": device_name(device), "flops_per_token": fpt, "peak_flops": peak, "rows": rows}
+    return {"device": device_name(device), "flops_per_token": fpt, "peak_flops": peak, "rows": rows,
+            "same_function": check, "profiles": profiles}
 
 
 def quality(args, device, out):
@@ -383,6 +453,9 @@ def main():
     ap.add_argument("--batch", type=int, default=12)
     ap.add_argument("--accum", type=int, default=5)
     ap.add_argument("--big-batch", type=int, default=0, help="also time lmforge at this micro-batch")
+    ap.add_argument("--variants", default="nano,lmforge", help="comma-separated, see above; nano comes first")
+    ap.add_argument("--profile", action="store_true", help="kernel-group profile of each variant")
+    ap.add_argument("--profile-steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
@@ -413,15 +486,20 @@ def main():
     if "throughput" in result:
         th = result["throughput"]
         print(f"\nGPT-2 small ({args.preset}, T={args.seq_len}, bf16) on {th['device']}, torch {torch.__version__}")
-        print(f"{'variant':<22}{'micro':>6}{'accum':>6}{'tok/s':>12}{'MFU':>8}{'vs nanoGPT':>12}{'mem GB':>8}")
+        if th["profiles"]:
+            print_profiles(th["profiles"], th["rows"])
+        print(f"\nGPT-2 small ({args.preset}, T={args.seq_len}, bf16) on {th['device']}, torch {torch.__version__}; "
+              f"same function check: {'OK' if th['same_function']['ok'] else 'MISMATCH'}")
+        print(f"{'variant':<30}{'micro':>6}{'accum':>6}{'tok/s':>12}{'MFU':>8}{'vs nanoGPT':>12}{'mem GB':>8}"
+              f"{'breaks':>8}")
         for r in th["rows"]:
             if "error" in r:
-                print(f"{r['variant']:<22} FAILED: {r['error'][:80]}")
+                print(f"{r['variant']:<30} FAILED: {r['error'][:80]}")
                 continue
             mfu = f"{r['mfu']:.1%}" if r["mfu"] else "n/a"
             mem = f"{r['max_mem_gb']:.1f}" if r["max_mem_gb"] else "-"
-            print(f"{r['variant']:<22}{r['micro_batch']:>6}{r['accum']:>6}{r['tokens_per_s']:>12,.0f}{mfu:>8}"
-                  f"{r['ratio_vs_nanogpt']:>11.3f}x{mem:>8}")
+            print(f"{r['variant']:<30}{r['micro_batch']:>6}{r['accum']:>6}{r['tokens_per_s']:>12,.0f}{mfu:>8}"
+                  f"{r['ratio_vs_nanogpt']:>11.3f}x{mem:>8}{r['graph_breaks']:>8}")
     if "quality" in result:
         q = result["quality"]
         print(f"\nquality: {q['steps']} steps x {q['tokens_per_step']:,} tokens, vocab {q['vocab']}")

@@ -14,7 +14,8 @@ Only the reference and SDPA backends take these ("triton" and "auto" run SDPA fo
 
 Backends (registry `BACKENDS`, extend with `register_backend`):
 - "reference": explicit masked softmax, the spec;
-- "sdpa": torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU);
+- "sdpa": torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU; torch
+  2.11 already picks cuDNN's kernel first on Hopper for plain causal calls);
   it has no soft-capping, so a softcap call runs the reference instead and logs why, once;
 - "triton": `lmforge.kernels.flash_attention.flash_attention`, imported lazily;
 - "auto" (the model default): per call, the fastest measured correct choice (docs/benchmarks.md,
@@ -259,11 +260,29 @@ class Attention(nn.Module):
         self.backend = cfg.attention_backend
         self.dropout = cfg.dropout
 
+    def project_qkv(self, x):
+        """x [B, T, d] -> q, k, v [B, T, heads·head_dim] each.
+
+        With gradients on and plain Linears (not quantized or otherwise swapped), one GEMM over the
+        concatenated weights: the backward then has one input-gradient GEMM instead of three plus
+        two adds. Parameter names, checkpoints and tensor-parallel sharding are unchanged (the
+        concatenation happens here). Inference keeps three GEMMs: without the backward there is
+        little to gain, and decoding would copy the weights for every token."""
+        q, k, v = self.q, self.k, self.v
+        plain = type(q) is Linear and type(k) is Linear and type(v) is Linear
+        if torch.is_grad_enabled() and plain and (q.bias is None) == (k.bias is None) == (v.bias is None):
+            w = torch.cat((q.weight, k.weight, v.weight))
+            b = None if q.bias is None else torch.cat((q.bias, k.bias, v.bias))
+            sizes = (q.weight.shape[0], k.weight.shape[0], v.weight.shape[0])
+            return F.linear(x, w, b).split(sizes, dim=-1)
+        return q(x), k(x), v(x)
+
     def forward(self, x, positions, doc_ids=None, cache=None):
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
-        k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:

@@ -46,8 +46,10 @@ class Linear(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight.t()
-        return y + self.bias if self.bias is not None else y
+        # F.linear is x @ W.t() + b in one op. Under autocast it also casts the bias to the compute
+        # dtype, so the output stays 16-bit: `x @ W.t() + b` would promote it to float32 and
+        # double the bytes every following elementwise kernel (and saved activation) moves.
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.d_in} -> {self.d_out}, bias={self.bias is not None}"
@@ -112,10 +114,9 @@ class LayerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = upcast(x)
-        mean = xf.mean(-1, keepdim=True)
-        var = (xf - mean).pow(2).mean(-1, keepdim=True)
-        y = ((xf - mean) * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+        # (x - mean) / sqrt(var + eps) through F.layer_norm (no affine): the same float32 numbers
+        # as writing it out, but the compiler gets layer norm's own backward formula.
+        y = F.layer_norm(upcast(x), x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight
         return y + self.bias if self.bias is not None else y
 
 

@@ -182,9 +182,14 @@ class Transformer(nn.Module):
                         trunc_normal_(p, out_std)
 
     # -- pieces of forward ----------------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        """Token (+ position) embeddings. `start` says every row holds positions start..start+T-1
+        (forward's default): a learned table is then read as one slice broadcast over the batch,
+        whose gradient is a sum over the batch instead of a scatter-add of B·T rows."""
         x = self.tok_emb(input_ids)
-        if self.pos_emb is not None:
+        if self.pos_emb is not None and start is not None:
+            x = x + self.pos_emb.weight[start:start + input_ids.shape[1]]
+        elif self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         elif self.cfg.positions == "sinusoidal":
             x = x + sinusoidal_embedding(positions, self.cfg.d_model).to(x.dtype)
@@ -223,8 +228,9 @@ class Transformer(nn.Module):
             raise ConfigError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
         if kv_cache is not None and doc_ids is not None:
             raise ConfigError("doc_ids with kv_cache is not supported: decode one document per row")
+        start = None if positions is not None else (kv_cache.length if kv_cache is not None else 0)
         positions = self._positions(input_ids, positions, kv_cache)
-        x = self.embed(input_ids, positions)
+        x = self.embed(input_ids, positions, start)
         aux: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):

@@ -3,7 +3,8 @@
 - `AdamW`: Adam with bias correction and decoupled weight decay (Loshchilov & Hutter). The per-tensor
   loop (`foreach=False`) is the readable spec; the default multi-tensor path (`torch._foreach_*`, one
   kernel launch per op for all tensors of a group) computes the same numbers and is tested equal to
-  it and to `torch.optim.AdamW`.
+  it and to `torch.optim.AdamW`; on GPU the same update runs through torch's fused AdamW kernel
+  (tested equal to the spec).
 - `Muon`: SGD-momentum (Nesterov) whose update for each 2-D hidden weight matrix is replaced by its
   nearest semi-orthogonal matrix, computed with the quintic Newton–Schulz iteration of Keller Jordan
   et al. (github.com/KellerJordan/Muon). Groups marked `use_muon=False` (embeddings, output head,
@@ -59,11 +60,14 @@ def adamw_reference_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: f
     p.addcdiv_(m, denom, value=-lr / bias1)             # p -= lr * m_hat / (sqrt(v_hat) + eps)
 
 
-def _adamw_group(group: dict, states: dict, foreach: bool) -> None:
+def _adamw_group(group: dict, states: dict, foreach: bool, fused: bool | None = None) -> None:
     params = [p for p in group["params"] if p.grad is not None]
     if not params:
         return
     lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    if fused is None:  # auto: on GPU when the group is one device and dtype
+        fused = (foreach and params[0].is_cuda and len({(p.device, p.dtype) for p in params}) == 1
+                 and hasattr(torch, "_fused_adamw_"))
     if not foreach:
         for p in params:
             adamw_reference_step(p, p.grad, states[p], lr, beta1, beta2, eps, wd)
@@ -89,6 +93,13 @@ def _adamw_group(group: dict, states: dict, foreach: bool) -> None:
         gs = [grads[i] for i in idx]
         m_ = [ms[i] for i in idx]
         v_ = [vs[i] for i in idx]
+        if fused:
+            # torch's fused kernel: the same update in one pass over p, g, m, v (instead of ~8
+            # multi-tensor passes); it reads the step count from a tensor.
+            step = torch.tensor(float(t), device=ps[0].device)
+            torch._fused_adamw_(ps, gs, m_, v_, [], [step] * len(ps), lr=lr, beta1=beta1, beta2=beta2,
+                                weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+            continue
         if wd != 0:
             torch._foreach_mul_(ps, 1 - lr * wd)
         torch._foreach_lerp_(m_, gs, 1 - beta1)
@@ -103,13 +114,17 @@ def _adamw_group(group: dict, states: dict, foreach: bool) -> None:
 
 
 class AdamW(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay, bias correction); matches torch.optim.AdamW(foreach/fused)."""
+    """AdamW (decoupled weight decay, bias correction); matches torch.optim.AdamW(foreach/fused).
+
+    `fused`: None (default) runs torch's fused AdamW kernel for groups on one CUDA device and dtype
+    (when `foreach`), True forces it (CPU too: tests), False keeps the multi-tensor path."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, foreach: bool = True):
+                 eps: float = 1e-8, weight_decay: float = 0.01, foreach: bool = True,
+                 fused: bool | None = None):
         _check_hparams(lr, betas, eps, weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self.foreach = foreach
+        self.foreach, self.fused = foreach, fused
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -118,7 +133,7 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            _adamw_group(group, self.state, self.foreach)
+            _adamw_group(group, self.state, self.foreach, self.fused)
         return loss
 
 

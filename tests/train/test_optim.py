@@ -25,11 +25,12 @@ def _run(opt_cls, params, steps=10, **kw):
     return ps, opt
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-def test_adamw_matches_torch(foreach):
-    """10 steps on identical grads; fp32 rtol 1e-6: both compute the same formula in the same order."""
+@pytest.mark.parametrize("foreach,fused", [(False, False), (True, False), (True, True)])
+def test_adamw_matches_torch(foreach, fused):
+    """10 steps on identical grads; fp32 rtol 1e-6: both compute the same formula in the same order.
+    fused=True runs torch's fused kernel (the GPU default) here on CPU."""
     params = _params()
-    ours, _ = _run(AdamW, params, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=foreach)
+    ours, _ = _run(AdamW, params, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=foreach, fused=fused)
     ref, _ = _run(torch.optim.AdamW, params, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=False)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
