@@ -6,7 +6,8 @@ Two implementations with one interface (`no_sync()`, `finish()`, `broadcast_para
 - `BucketedDDP`, the fast one (the algorithm of torch DDP's Reducer, gradient_as_bucket_view=True):
   1. Parameters are packed, in reverse registration order (roughly the order backward produces their
      gradients), into flat buckets: the first of at most `first_bucket_mb` (1 MB, so communication
-     starts early), the others of at most `bucket_mb`. Each bucket is one tensor allocated once.
+     starts early), the others of at most `bucket_mb`. Each bucket is one tensor allocated once;
+     each slot starts on a 16-byte boundary so vectorized kernels apply to every gradient.
   2. Every parameter's `.grad` is a view of its slot in its bucket, kept across steps: autograd
      accumulates straight into the bucket, and the all-reduce runs in place on it. When `.grad`
      was None (the optimizer's `zero_grad(set_to_none=True)`) the hook copies autograd's fresh
