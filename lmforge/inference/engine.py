@@ -316,9 +316,11 @@ class Engine:
         # k drafts fit every row's cache (so do the unused drafts, which act as padding)
         k = min(self.spec_k, min(self.max_len - s.length - 1 for s in running))
         drafts, found, q = self.drafter.propose(running, k)
-        n_draft = [0 if s.request.params.penalised else
-                   min(k, s.request.params.max_tokens - len(s.row.output_ids) - 1, found[b] if found is not None else k)
-                   for b, s in enumerate(running)]
+        n_draft = []  # drafts each row may use: none with penalties, none past max_tokens
+        for b, s in enumerate(running):
+            p = s.request.params
+            n_draft.append(0 if p.penalised else
+                           min(k, p.max_tokens - len(s.row.output_ids) - 1, k if found is None else found[b]))
         nb = max(s.slot for s in running) + 1
         slots = torch.tensor([s.slot for s in running], device=self.device)
         tokens = torch.zeros(nb, k + 1, dtype=torch.long, device=self.device)
