@@ -9,11 +9,14 @@ prompts (all of them decoding together when --batch > 1), timed in the same run:
   draft_int8     the target's own int8-quantized copy as the drafter (high acceptance, but on CPU
                  it costs as much as the target: shows the accounting, not a speed-up)
 Every speculative variant must produce exactly the plain greedy tokens (checked, per row: in a
-batch the rows accept different numbers of drafts each round). Greedy decoding of random-weight
+batch the rows accept different numbers of drafts each round; the table gives the fraction of
+identical rows, and in fp32 anything below 1 is an error). On CUDA the models run in bf16 and the
+speculative rounds run eager (so does the plain engine here: no CUDA graphs in this comparison). Greedy decoding of random-weight
 models falls into repeating cycles, which is where prompt lookup pays; on real text the gain
 depends on how much the output copies its context.
 
   python benchmarks/inference_speculative.py --threads 1 --batch 1 4
+  python benchmarks/inference_speculative.py --shape llama124m --batch 1 8     # lent GPU
 
 Prints a table and writes JSON (--out, default runs/bench/inference_speculative_<device>.json).
 """
@@ -25,10 +28,10 @@ import copy
 import datetime
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
+from common import timed
 
 from lmforge.inference import Engine, SamplingParams
 from lmforge.inference.quantize import quantize_model
@@ -36,8 +39,10 @@ from lmforge.inference.speculative import DraftModel, NGramDrafter
 from lmforge.io import write_json
 from lmforge.model import ModelConfig, Transformer
 
-SHAPE = dict(vocab_size=4096, context_length=512, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2,
-             attention_backend="sdpa")
+SHAPES = {
+    "tiny": dict(vocab_size=4096, context_length=512, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2),
+    "llama124m": dict(vocab_size=32000, context_length=2048, d_model=768, n_layers=12, n_heads=12),
+}
 
 
 def main() -> int:
@@ -46,17 +51,23 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="rows decoding together")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    target = Transformer(ModelConfig(**SHAPE)).eval()
-    small = Transformer(ModelConfig(**dict(SHAPE, d_model=128, n_layers=1, n_heads=4, n_kv_heads=1))).eval()
-    int8 = quantize_model(copy.deepcopy(target), "int8")
+    shape = dict(SHAPES[args.shape], attention_backend="sdpa")
+    target = Transformer(ModelConfig(**shape)).eval()
+    small = Transformer(ModelConfig(**dict(shape, d_model=shape["d_model"] // 2, n_layers=1, n_heads=4,
+                                           n_kv_heads=1))).eval()
+    int8 = quantize_model(copy.deepcopy(target), "int8").to(device, dtype)
+    target, small = target.to(device, dtype), small.to(device, dtype)
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, SHAPE["vocab_size"], (24,), generator=g).tolist() for _ in range(args.prompts)]
+    prompts = [torch.randint(0, shape["vocab_size"], (24,), generator=g).tolist() for _ in range(args.prompts)]
     sp = SamplingParams(max_tokens=args.new, temperature=0)
     max_len = 24 + args.new + 1
     drafters = {"plain": None, "ngram": NGramDrafter(3), "draft_small": DraftModel(small),
@@ -68,29 +79,31 @@ def main() -> int:
             engine = Engine(target, max_batch=B, max_len=max_len, eos_ids=[], drafter=drafter, spec_k=args.k)
             engine.generate(prompts[:1], sp)  # warm-up
             engine.spec_stats = dict.fromkeys(engine.spec_stats, 0)
-            t0 = time.perf_counter()
-            tokens = [o[0].token_ids for o in engine.generate(prompts, sp)]
-            secs = time.perf_counter() - t0
+            secs, outs = timed(lambda engine=engine: engine.generate(prompts, sp), device)
+            tokens = [o[0].token_ids for o in outs]
             reference = reference or tokens
             st = engine.spec_stats
             n = sum(map(len, tokens))
             rows.append({"batch": B, "variant": name, "tokens_per_s": n / secs,
                          "acceptance": st["accepted"] / st["drafted"] if st["drafted"] else None,
                          "tokens_per_round": n / st["rounds"] if st["rounds"] else 1.0,
-                         "identical_to_plain": tokens == reference})
+                         "identical_to_plain": sum(a == b for a, b in zip(tokens, reference)) / len(tokens)})
     print(f"{'batch':>5} {'variant':<12} {'tok/s':>8} {'x plain':>8} {'accept':>7} {'tok/round':>9} {'identical':>9}")
     for r in rows:
         base = next(x["tokens_per_s"] for x in rows if x["batch"] == r["batch"] and x["variant"] == "plain")
         r["vs_plain"] = r["tokens_per_s"] / base
         acc = f"{r['acceptance']:.2f}" if r["acceptance"] is not None else "-"
         print(f"{r['batch']:>5} {r['variant']:<12} {r['tokens_per_s']:>8.1f} {r['vs_plain']:>8.2f} {acc:>7} "
-              f"{r['tokens_per_round']:>9.2f} {str(r['identical_to_plain']):>9}")
-    out = Path(args.out or "runs/bench/inference_speculative_cpu.json")
-    write_json(out, {"device": platform.processor() or "cpu", "threads": torch.get_num_threads(),
+              f"{r['tokens_per_round']:>9.2f} {r['identical_to_plain']:>9.2f}")
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    out = Path(args.out or f"runs/bench/inference_speculative_{device.type}.json")
+    write_json(out, {"device": dev_name, "dtype": str(dtype), "threads": torch.get_num_threads(),
                      "torch": torch.__version__, "args": vars(args), "command": " ".join(sys.argv),
                      "date": datetime.date.today().isoformat(), "results": rows})
     print(f"wrote {out}")
-    return 0 if all(r["identical_to_plain"] for r in rows) else 1
+    # fp32 greedy must match exactly; in bf16 the verify forward (k+1 tokens) and the decode step
+    # round differently, so near-tied logits of random weights can flip a row (reported, not fatal)
+    return 0 if dtype != torch.float32 or all(r["identical_to_plain"] == 1 for r in rows) else 1
 
 
 if __name__ == "__main__":
