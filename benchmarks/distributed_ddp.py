@@ -291,7 +291,8 @@ def main() -> None:
     if args.smoke:
         args.batch, args.seq, args.steps, args.warmup, args.profile = 4, 32, 3, 1, False
         args.fsdp_batch, args.fsdp_steps = 4, 2
-    device = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0)
+    device = ("cpu (smoke)" if args.smoke else f"{torch.cuda.get_device_name(0)} x{args.nproc}, torch {torch.__version__}, "
+              f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")
     header = f"device: {device}; batch {args.batch} x {args.seq} per GPU, {args.steps} timed steps"
     rows: list[dict] = []
 
