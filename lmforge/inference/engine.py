@@ -29,7 +29,8 @@ prefill) and finished sequences are stored back, block by block, for later reque
 With `drafter=DraftModel(small) | NGramDrafter(n)` step 2 is a round of exact speculative decoding
 instead (speculative.py): every running row gets up to `spec_k` drafts, the target scores all rows'
 [pending, drafts] in one forward, each row keeps its accepted drafts plus one token and forgets the
-rest of its cache (eager: the speculative forward is not CUDA-graphed).
+rest of its cache. With `compile=True` the target's forward of a full round ([max_batch, spec_k + 1])
+is a second CUDA graph; the draft model's forwards run eager.
 
 The engine works in token ids; text (detokenization, stop strings) goes through text.TextStream
 when a tokenizer is given. It does not know about HTTP (server.py) or chat templates.
@@ -299,11 +300,8 @@ class Engine:
         for s in running:
             tokens[s.slot, 0], pos[s.slot, 0] = s.last, s.length
         tokens, pos = tokens.to(self.device), pos.to(self.device)
-        if self.compiled and not self._busy(nb):
-            full_tokens = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
-            full_pos = torch.zeros_like(full_tokens)
-            full_tokens[:nb], full_pos[:nb] = tokens, pos
-            logits = self._decode_fn(full_tokens, full_pos)[:nb, -1]
+        if self._graph_ok():
+            logits = self._forward_graph(tokens, pos)[:, -1]
         else:
             logits = self._forward_rows(tokens, pos, max(s.length for s in running) + 1)[:, -1]
         for s in running:
@@ -327,7 +325,10 @@ class Engine:
         tokens[slots] = torch.cat((torch.tensor([[s.last] for s in running], device=self.device), drafts), 1)
         pos = torch.arange(k + 1, device=self.device).repeat(nb, 1)  # idle rows: junk in free rows
         pos[slots] += torch.tensor([s.length for s in running], device=self.device)[:, None]
-        logits = self._forward_rows(tokens, pos, max(s.length for s in running) + k + 1)[slots].float()
+        if self._graph_ok() and k == self.spec_k:  # one more fixed shape [max_batch, spec_k + 1]
+            logits = self._forward_graph(tokens, pos)[slots].float()
+        else:
+            logits = self._forward_rows(tokens, pos, max(s.length for s in running) + k + 1)[slots].float()
         rows = [s.row for s in running]
         V = logits.shape[-1]
         out, n_acc = verify_batch(drafts, torch.tensor(n_draft, device=self.device), q, row_probs(logits, rows),
@@ -362,6 +363,20 @@ class Engine:
             return lps, None
         vals, ids = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
         return lps, (ids.tolist(), vals.tolist())
+
+    def _graph_ok(self) -> bool:
+        """The fixed-shape (CUDA-graph) forward writes junk into every idle row, so no row may be
+        in the middle of a chunked prefill, wherever it is."""
+        return self.compiled and not self._busy(self.max_batch)
+
+    def _forward_graph(self, tokens, pos) -> torch.Tensor:
+        """Rows 0..nb of tokens, pos [nb, T] through the compiled forward over all rows and the
+        whole cache (idle rows: token 0 at positions 0..T-1, in free rows)."""
+        nb, T = tokens.shape
+        full_tokens = torch.zeros(self.max_batch, T, dtype=torch.long, device=self.device)
+        full_pos = torch.arange(T, device=self.device).repeat(self.max_batch, 1)
+        full_tokens[:nb], full_pos[:nb] = tokens, pos
+        return self._decode_fn(full_tokens, full_pos)[:nb]
 
     def _busy(self, nb: int) -> list[int]:
         """Rows below nb that hold a sequence still being prefilled (chunked)."""

@@ -206,3 +206,24 @@ def test_chunked_prefill_row_below_running_rows_is_not_overwritten():
         ref = torch.log_softmax(model(torch.tensor([pc + out[c]])).logits[0, len(pc) - 1:-1], -1)
     assert lps == pytest.approx(ref.gather(-1, torch.tensor(out[c])[:, None]).squeeze(-1).tolist(), abs=1e-6)
     assert engine.requests == {} and len(out[b]) == 28
+
+
+@pytest.mark.parametrize("spec", [False, True])
+def test_fixed_shape_path_with_chunked_prefill(spec):
+    """The CUDA-graph path's logic on CPU (the compiled function swapped for the plain one): a
+    forward over all rows and the whole cache, idle rows fed junk. Rows still being prefilled in
+    chunks, also beyond the highest running row, must not be touched (they wait for the eager path)."""
+    from lmforge.inference.speculative import NGramDrafter
+
+    model = tiny_model("gqa")
+    ps = [p * 2 for p in prompts([2, 2, 11, 4])]
+    kw = dict(drafter=NGramDrafter(2), spec_k=3) if spec else {}
+    engine = Engine(model, max_batch=3, max_len=44, prefill_chunk=4, **kw)
+    engine.compiled, engine._decode_fn = True, engine._forward_full
+    calls = []
+    full = engine._forward_graph
+    engine._forward_graph = lambda t, p: calls.append(t.shape) or full(t, p)
+    outs = engine.generate(ps, SamplingParams(max_tokens=9, temperature=0))
+    for p, out in zip(ps, outs):
+        assert out[0].token_ids == naive_greedy(model, p, 9)
+    assert calls and all(c[1] == (4 if spec else 1) for c in calls)

@@ -42,3 +42,17 @@ def test_speculation_and_prefix_cache_on_cuda_equal_cpu():
     a = Engine(model, max_batch=2, max_len=40, drafter=NGramDrafter(2)).generate(ps[:2], seeded)
     b = Engine(model, max_batch=2, max_len=40, drafter=NGramDrafter(2)).generate(ps[:2], seeded)
     assert [o[0].token_ids for o in a] == [o[0].token_ids for o in b]  # seeded rows reproduce on the device
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_speculative_round_equals_eager():
+    """With compile=True the target's verify forward [max_batch, k+1] is a CUDA graph too."""
+    from lmforge.inference.speculative import NGramDrafter
+
+    model = tiny_model("gqa", dtype=torch.float32).cuda()
+    ps = [p * 2 for p in prompts([3, 9, 5])]
+    sp = SamplingParams(max_tokens=20, temperature=0)
+    eager = Engine(model, max_batch=4, max_len=60, drafter=NGramDrafter(2), spec_k=3).generate(ps, sp)
+    compiled = Engine(model, max_batch=4, max_len=60, drafter=NGramDrafter(2), spec_k=3, compile=True)
+    assert [o[0].token_ids for o in compiled.generate(ps, sp)] == [o[0].token_ids for o in eager]
