@@ -148,10 +148,14 @@ def test_gradients_are_views_of_persistent_buckets(run, name):
 
 def test_buckets_rebuilt_in_gradient_ready_order(run):
     info, _ = run
-    ranks = [i["views_zeroed"] for i in info]
-    order = ranks[0]["sync_order"]  # rank 0's order is broadcast: every rank packs the same buckets
-    assert ranks[0]["rebuilt"] == ranks[1]["rebuilt"] == order
-    assert sorted(order) == sorted(ranks[0]["initial"]) and order != ranks[0]["initial"]
+    for name, order_key in (("views_zeroed", "sync_order"), ("scrambled", "ready")):
+        ranks = [i[name] for i in info]
+        order = ranks[0][order_key]  # rank 0's order is broadcast: every rank packs the same buckets
+        assert ranks[0]["rebuilt"] == ranks[1]["rebuilt"] == order
+        assert sorted(order) == sorted(ranks[0]["initial"])
+    scrambled = info[0]["scrambled"]  # registered (last, first, mid), used first -> mid -> last
+    assert scrambled["initial"] != scrambled["ready"]
+    assert [n.split(".")[0] for n in scrambled["rebuilt"]][::2] == ["last", "mid", "first"]
 
 
 def test_no_sync_skips_communication(run):

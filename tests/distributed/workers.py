@@ -100,6 +100,21 @@ class PartlyUsed(nn.Module):
         return nn.functional.cross_entropy(self.head(h).flatten(0, 1), y.flatten())
 
 
+class Scrambled(nn.Module):
+    """Registration order (last, first, mid) is not the use order (first, mid, last): reverse
+    registration order is not the gradient-ready order, so DDP must rebuild its buckets."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = nn.Linear(10, VOCAB)
+        self.first = nn.Embedding(VOCAB, 10)
+        self.mid = nn.Linear(10, 10)
+
+    def forward(self, x, y):
+        logits = self.last(torch.tanh(self.mid(self.first(x))))
+        return nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
 def partly_used_losses(rank: int, world: int):
     """Loss function of rank `rank`: only rank 0's rows go through `sometimes`."""
     def fn(model, x, y):
@@ -203,6 +218,18 @@ def _equivalence(rank: int, world: int, out: Path) -> dict:
     save(out, "unused_zeroed", rank, params_of(pm))
 
     info.update(_bucket_views(rank, world, out))
+
+    torch.manual_seed(rank)  # buckets rebuilt in gradient-ready order (one step, then look)
+    sm = Scrambled()
+    ready: list = []
+    names = {id(p): n for n, p in sm.named_parameters()}
+    for p in sm.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: ready.append(names[id(p)]))
+    ddp = BucketedDDP(sm, bucket_mb=BUCKET_MB)
+    initial = [n for b in ddp.bucket_names() for n in b]
+    train_steps(sm, adamw(sm), rank, world, ddp, steps=1, loss_fn=lambda m, x, y: m(x, y))
+    info["scrambled"] = {"initial": initial, "ready": ready,
+                         "rebuilt": [n for b in ddp.bucket_names() for n in b]}
 
     # ZeRO-1 (AdamW, Muon) and ZeRO-2
     for name, make_opt, stage in (("zero1_adamw", adamw, 1), ("zero1_muon", muon, 1), ("zero2_adamw", adamw, 2)):
