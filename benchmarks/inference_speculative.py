@@ -10,13 +10,14 @@ prompts (all of them decoding together when --batch > 1), timed in the same run:
                  it costs as much as the target: shows the accounting, not a speed-up)
 Every speculative variant must produce exactly the plain greedy tokens (checked, per row: in a
 batch the rows accept different numbers of drafts each round; the table gives the fraction of
-identical rows, and in fp32 anything below 1 is an error). On CUDA the models run in bf16 and the
-speculative rounds run eager (so does the plain engine here: no CUDA graphs in this comparison). Greedy decoding of random-weight
+identical rows, and in fp32 anything below 1 is an error). On CUDA the models run in bf16; with
+--compile two more variants, plain_graph and ngram_graph, run the target's forwards as CUDA graphs
+(Engine(compile=True)), the fair GPU comparison. Greedy decoding of random-weight
 models falls into repeating cycles, which is where prompt lookup pays; on real text the gain
 depends on how much the output copies its context.
 
   python benchmarks/inference_speculative.py --threads 1 --batch 1 4
-  python benchmarks/inference_speculative.py --shape llama124m --batch 1 8     # lent GPU
+  python benchmarks/inference_speculative.py --shape llama124m --batch 1 8 --prompts 8 --compile  # GPU
 
 Prints a table and writes JSON (--out, default runs/bench/inference_speculative_<device>.json).
 """
@@ -52,6 +53,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="rows decoding together")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--compile", action="store_true", help="(CUDA) add plain_graph / ngram_graph: compile=True")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -72,12 +74,16 @@ def main() -> int:
     max_len = 24 + args.new + 1
     drafters = {"plain": None, "ngram": NGramDrafter(3), "draft_small": DraftModel(small),
                 "draft_int8": DraftModel(int8)}
+    if args.compile and device.type == "cuda":  # the target's forwards as CUDA graphs
+        drafters.update(plain_graph=None, ngram_graph=NGramDrafter(3))
     rows = []
     for B in args.batch:
         reference = None
         for name, drafter in drafters.items():
-            engine = Engine(target, max_batch=B, max_len=max_len, eos_ids=[], drafter=drafter, spec_k=args.k)
-            engine.generate(prompts[:1], sp)  # warm-up
+            engine = Engine(target, max_batch=B, max_len=max_len, eos_ids=[], drafter=drafter, spec_k=args.k,
+                            compile=name.endswith("_graph"))
+            for _ in range(2 if engine.compiled else 1):  # warm-up (compiled: compile, then capture)
+                engine.generate(prompts[:B], sp)
             engine.spec_stats = dict.fromkeys(engine.spec_stats, 0)
             secs, outs = timed(lambda engine=engine: engine.generate(prompts, sp), device)
             tokens = [o[0].token_ids for o in outs]
