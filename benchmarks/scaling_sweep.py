@@ -1,0 +1,216 @@
+"""An IsoFLOP sweep end to end on one device: tokenizer -> shards -> sweep -> fits -> plots -> plans.
+
+1. trains a small-vocabulary BPE tokenizer on the corpus (default: the embedded one) and encodes
+   it into train/val shards, once (kept in --work and reused by a rerun);
+2. prints the grid (per run: N, steps, tokens, tokens per parameter, passes over the training
+   tokens) and its training time estimated from the counted FLOPs at --mfu of --peak-tflops;
+3. trains the grid with `lmforge.scaling.sweep.run_sweep` (the Trainer; resumable; `parallel` runs
+   at once; no new run starts after `time_budget_s`) and copies its tables to --out;
+4. fits approach 2 (IsoFLOP parabolas: N_opt ∝ C^a, D_opt ∝ C^b, frontier L(C)), approach 3
+   (L(N, D) = E + A/N^α + B/D^β) and approach 1 (envelope of the training curves) with bootstrap
+   intervals and plots, through `lmforge scaling fit`;
+5. plans --plan-flops budgets from the approach-3 and approach-2 fits (`lmforge scaling plan`).
+
+Each step's output goes to a text file in --out as well as the console; summary.json collects the
+timings, the measured TFLOP/s and the fitted exponents.
+
+  # one H100, ~5 minutes at 35% MFU (the preset's header has the arithmetic)
+  python benchmarks/scaling_sweep.py --preset lmforge/scaling/presets/h100.toml --out $OUT/scaling
+  # the same on a CPU at a tiny budget (~6 minutes on the loaded 2-core development machine)
+  python benchmarks/scaling_sweep.py --preset lmforge/scaling/presets/h100.toml --out runs/scaling_cpu \\
+      --vocab-size 512 --plan-flops 1e15 --n-boot 50 budgets=[2e10,6e10,2e11] sizes_per_budget=4 \\
+      span=2.5 tokens_per_param=5 seq_len=64 batch_size=8 device=cpu parallel=1 cpu_threads=1 \\
+      aspect_min=8 log_every=5 time_budget_s=0
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from lmforge.cli import main as cli
+from lmforge.config import load
+from lmforge.data.loader import TokenStream
+from lmforge.io import write_json, write_text
+from lmforge.scaling.sweep import SweepConfig, build_grid, run_sweep
+
+
+class _Tee:
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self):
+        for s in self.streams:
+            s.flush()
+
+
+def step(out: Path, name: str, argv: list[str], timings: dict) -> int:
+    """Run one `lmforge` command, its output to the console and to out/<name>.txt."""
+    print(f"\n$ lmforge {' '.join(argv)}", flush=True)
+    start = time.perf_counter()
+    with open(out / f"{name}.txt", "w", encoding="utf-8") as f, \
+            contextlib.redirect_stdout(_Tee(sys.stdout, f)), contextlib.redirect_stderr(_Tee(sys.stderr, f)):
+        code = cli(argv)
+    timings[name] = round(time.perf_counter() - start, 2)
+    if code:
+        print(f"[{name}] exited with {code}; see {out / (name + '.txt')}")
+    return code
+
+
+def complete_budgets(rows: list[dict], min_sizes: int = 3) -> tuple[list[dict], list[float]]:
+    """The rows of budgets with at least `min_sizes` finished runs (an IsoFLOP parabola needs 3)."""
+    count: dict[float, int] = {}
+    for r in rows:
+        count[r["budget"]] = count.get(r["budget"], 0) + 1
+    keep = [r for r in rows if count[r["budget"]] >= min_sizes]
+    return keep, sorted(b for b, n in count.items() if n < min_sizes)
+
+
+def point_estimates(fit):
+    """A saved fit without its bootstrap samples and per-run lists (for the summary)."""
+    if isinstance(fit, dict):
+        return {k: point_estimates(v) for k, v in fit.items() if k != "samples"}
+    if isinstance(fit, list):
+        return [point_estimates(v) for v in fit] if len(fit) <= 8 else f"[{len(fit)} values]"
+    return fit
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", help="SweepConfig TOML (e.g. lmforge/scaling/presets/h100.toml)")
+    ap.add_argument("--out", required=True, help="results: tables, fits, plots, plans, logs (small files)")
+    ap.add_argument("--work", default="runs/scaling_work", help="tokenizer, shards and per-run directories")
+    ap.add_argument("--corpus", nargs="+", default=["embedded"], help="corpus spec (files, dirs, globs, embedded)")
+    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--mfu", type=float, default=0.35, help="MFU assumed for the time estimate")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    ap.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples of each fit")
+    ap.add_argument("--plan-flops", type=float, nargs="+", default=[1.25e18, 1e20],
+                    help="budgets to plan (default: one H100-hour at 35%% MFU, and 1e20)")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="SweepConfig overrides, e.g. budgets=[1e15]")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    out, work = Path(args.out), Path(args.work)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    # 1. tokenizer and shards, once
+    tok, shards = work / f"tokenizer_{args.vocab_size}", work / f"shards_{args.vocab_size}"
+    corpus = ["--corpus", *args.corpus]
+    if not (tok / "tokenizer.json").exists():
+        if step(out, "tokenizer", ["tokenizer", "train", "--out", str(tok), "--vocab-size", str(args.vocab_size),
+                                   *corpus, "--skip-bad"], timings):
+            raise SystemExit(1)
+    if not (shards / "val.json").exists():
+        if step(out, "encode", ["tokenizer", "encode", "--tokenizer", str(tok), "--out", str(shards), *corpus,
+                                "--skip-bad"], timings):
+            raise SystemExit(1)
+    train_shards, val_shards = str(shards / "train.bin"), str(shards / "val.bin")
+    stream = TokenStream(train_shards)
+    train_tokens, vocab = stream.total, stream.vocab_size
+
+    # 2. the grid and its estimated time
+    cfg = load(SweepConfig, args.preset, args.overrides)
+    grid = build_grid(cfg, vocab)
+    total = sum(r.flops for r in grid)
+    rate = args.mfu * args.peak_tflops * 1e12
+    lines = [f"corpus {args.corpus}: {train_tokens:,} training tokens, vocab {vocab}",
+             f"{'budget':>8} {'run':>28} {'N':>11} {'steps':>6} {'tokens':>12} {'D/N':>6} {'epochs':>6} {'est s':>6}"]
+    for r in grid:
+        row = r.row()
+        lines.append(f"{r.budget:>8.2g} {row['run']:>28} {row['params']:>11,} {r.steps:>6} {r.tokens:>12,} "
+                     f"{r.tokens / row['params']:>6.1f} {r.tokens / train_tokens:>6.1f} {r.flops / rate:>6.1f}")
+    lines.append(f"{len(grid)} runs, {sum(r.steps for r in grid):,} steps, {total:.3g} FLOPs: {total / rate:.0f} s "
+                 f"at {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s")
+    print("\n".join(lines))
+    write_text(out / "grid.txt", "\n".join(lines) + "\n")
+
+    # 3. the sweep
+    sweep_dir = work / "sweep"
+    start = time.perf_counter()
+    rows = run_sweep(cfg, sweep_dir, train_shards, val_shards, log=lambda m: print(m, flush=True))
+    timings["sweep"] = round(time.perf_counter() - start, 2)
+    for name in ("results.csv", "results.jsonl", "curves.csv", "grid.json", "sweep.toml"):
+        if (sweep_dir / name).exists():
+            shutil.copy(sweep_dir / name, out / name)
+    in_grid = {r.run_id for r in grid}
+    rows = [r for r in rows if r["run"] in in_grid]  # a reused work dir may hold other configs' runs
+    flops_done = sum(r["flops"] for r in rows)
+    print(f"[sweep] {len(rows)}/{len(grid)} runs, {flops_done:.3g} FLOPs in {timings['sweep']:.0f} s: "
+          f"{flops_done / max(timings['sweep'], 1e-9) / 1e12:.3g} TFLOP/s overall")
+
+    # 4. fits and plots
+    fit_rows, dropped = complete_budgets(rows)
+    if dropped:
+        print(f"approach 2 leaves out budgets with fewer than 3 finished runs: {dropped}")
+    write_csv(out / "results_fit.csv", fit_rows)
+    boot = ["--n-boot", str(args.n_boot)]
+    plots = ["--plots", str(out / "plots")]
+    fits = {}
+    if len({r["budget"] for r in fit_rows}) >= 2:
+        if not step(out, "fit2", ["scaling", "fit", "--runs", str(out / "results_fit.csv"), "--method", "2",
+                                  "--out", str(out / "fit2.json"), *plots, *boot], timings):
+            fits["2"] = out / "fit2.json"
+    if len(rows) >= 6:
+        if not step(out, "fit3", ["scaling", "fit", "--runs", str(out / "results.csv"), "--method", "3",
+                                  "--out", str(out / "fit3.json"), *plots, *boot], timings):
+            fits["3"] = out / "fit3.json"
+        step(out, "fit1", ["scaling", "fit", "--runs", str(out / "curves.csv"), "--method", "1",
+                           "--out", str(out / "fit1.json"), "--plots", str(out / "plots" / "approach1"),
+                           "--n-boot", str(min(args.n_boot, 50))], timings)
+
+    # 5. plans from each fit
+    for method, path in sorted(fits.items(), reverse=True):
+        for c in args.plan_flops:
+            step(out, f"plan{method}_{c:.3g}", ["scaling", "plan", "--flops", str(c), "--fit", str(path),
+                                                "--vocab-size", str(vocab), "--context-length", str(cfg.seq_len),
+                                                "--json", str(out / f"plan{method}_{c:.3g}.json")], timings)
+
+    summary = {"date": datetime.datetime.now(datetime.UTC).isoformat(), "host": platform.node(),
+               "args": vars(args), "config": json.loads(json.dumps(vars(cfg), default=str)),
+               "train_tokens": train_tokens, "runs": len(rows), "grid_runs": len(grid), "flops": flops_done,
+               "sweep_tflops_per_s": flops_done / max(timings["sweep"], 1e-9) / 1e12, "timings_s": timings,
+               "wall_s": round(time.perf_counter() - t0, 2)}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            summary["device"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    for method, path in fits.items():
+        summary[f"fit{method}"] = point_estimates(json.loads(Path(path).read_text()))
+    write_json(out / "summary.json", summary)
+    print(f"\nrun table (seconds per run include model build and the final evaluation; {cfg.parallel} at once)")
+    print(f"{'budget':>8} {'N':>11} {'tokens':>12} {'D/N':>6} {'loss':>7} {'s':>6} {'TFLOP/s':>8}")
+    for r in sorted(rows, key=lambda r: (r["budget"], r["params"])):
+        print(f"{r['budget']:>8.2g} {r['params']:>11,} {r['tokens']:>12,} {r['tokens'] / r['params']:>6.1f} "
+              f"{r['loss']:>7.4f} {r['seconds']:>6.1f} {r['flops'] / r['seconds'] / 1e12:>8.3g}")
+    print(f"timings (s): {timings}; total {summary['wall_s']:.0f} s; outputs in {out}")
+    if not math.isfinite(summary["sweep_tflops_per_s"]):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
