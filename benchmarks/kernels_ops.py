@@ -93,6 +93,7 @@ def swiglu_rows(device):
 
 def ce_rows(device, n_tokens, hidden):
     from lmforge.kernels import linear_cross_entropy as lce
+    from lmforge.kernels import linear_cross_entropy_triton as lce_kt
     from lmforge.kernels.linear_cross_entropy import linear_cross_entropy
 
     def variant(module, **consts):
@@ -120,7 +121,8 @@ def ce_rows(device, n_tokens, hidden):
         t[::17] = -100
         impls = {"fused_triton": lambda: linear_cross_entropy(h, w, t, impl="triton").loss_sum,
                  "eager": lambda: torch_loss(h, w, t), "compiled": lambda: compiled(h, w, t),
-                 "fused_chunk2^27": variant(lce, CHUNK_BUDGET=1 << 27)}
+                 "fused_chunk2^27": variant(lce, CHUNK_BUDGET=1 << 27),
+                 "fused_vocab_split8192": variant(lce_kt, VOCAB_SPLIT=8192)}
         if vocab % lce.VOCAB_ALIGN:
             impls["fused_unpadded"] = variant(lce, VOCAB_ALIGN=1)
 
@@ -143,6 +145,15 @@ def ce_rows(device, n_tokens, hidden):
             row[f"{name}_peak_extra_MiB"] = round((torch.cuda.max_memory_allocated() - base) / 2**20)
             row[f"{name}_fwdbwd_ms"] = bench(lambda f=f: torch.autograd.grad(f(), (h, w)))
         del ref
+        # the CE kernel alone on one chunk of 4096 rows (in place; repeated calls move the same bytes)
+        logits = torch.randn(4096, vocab, device=device, dtype=torch.bfloat16)
+        tc = t[:4096]
+        for split in (0, 4096, 8192, 16384):
+            lce_kt.VOCAB_SPLIT = split
+            ms = bench(lambda: lce_kt.ce_chunk(logits, tc, -100, None, 0.0))
+            row[f"ce_kernel_ms_split{split}"] = ms
+            row[f"ce_kernel_GBps_split{split}"] = round(3 * logits.numel() * 2 / ms / 1e6)
+        lce_kt.VOCAB_SPLIT = 0
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -179,7 +190,10 @@ def main(argv=None):
             print(f"{'':20s} peak extra MiB: fused {r['fused_triton_peak_extra_MiB']}, eager {r['eager_peak_extra_MiB']}"
                   f", compiled {r['compiled_peak_extra_MiB']} -> eager/fused "
                   f"{r['eager_peak_extra_MiB'] / max(1, r['fused_triton_peak_extra_MiB']):.1f}x")
-            for name in ("fused_chunk2^27", "fused_unpadded"):
+            print(f"{'':20s} CE kernel alone, 4096 rows: " + ", ".join(
+                f"split {sp}: {r[f'ce_kernel_ms_split{sp}']:.3f} ms ({r[f'ce_kernel_GBps_split{sp}']} GB/s)"
+                for sp in (0, 4096, 8192, 16384)))
+            for name in ("fused_chunk2^27", "fused_unpadded", "fused_vocab_split8192"):
                 if f"{name}_fwdbwd_ms" in r:
                     print(f"{'':20s} {name}: {r[f'{name}_fwdbwd_ms']:.3f} ms, peak extra {r[f'{name}_peak_extra_MiB']} MiB")
     return 0

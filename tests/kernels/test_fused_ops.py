@@ -99,9 +99,12 @@ def test_linear_cross_entropy_equals_torch_cross_entropy():
     torch.testing.assert_close(res.loss_sum, want, rtol=1e-5, atol=1e-5)
 
 
-def test_ce_chunk_kernel_matches_torch_twin():
+@pytest.mark.parametrize("vocab_split", [0, 100])
+def test_ce_chunk_kernel_matches_torch_twin(monkeypatch, vocab_split):
+    """One program per row, and rows split into slices of 100 columns (4 slices of 64-column tiles)."""
     from lmforge.kernels import linear_cross_entropy_triton as kt
 
+    monkeypatch.setattr(kt, "VOCAB_SPLIT", vocab_split)
     g = torch.Generator().manual_seed(4)
     logits = 4 * torch.randn(6, 333, generator=g)
     targets = torch.tensor([0, 332, -100, 17, 5, 200])
