@@ -9,8 +9,8 @@ steps, bf16 autocast, torch.compile) for the variants in --variants (comma-separ
     sampler + prefetcher), as a user gets it;
   - nano-cudnn: the recipe with SDPA asked for cuDNN attention first (torch 2.11 already picks it
     on Hopper: this row checks that);
-  - lmforge-cpp-wrapper: lmforge compiled with inductor's C++ wrapper (kernels launched from C++);
-  - nano-big: the recipe at micro-batch --big-batch;
+  - lmforge-cpp-wrapper: lmforge with train.compile_cpp_wrapper (kernels launched from C++);
+  - nano-big, big-cpp-wrapper: the recipe, and lmforge with cpp_wrapper, at micro-batch --big-batch;
   - lmforge-fused-loss: lmforge with `fused_loss` (lmforge.kernels' chunked linear + cross-entropy);
   - big: lmforge at micro-batch --big-batch (same tokens per step);
   --diagnose adds each model in the other's loop (which half costs what).
@@ -80,7 +80,7 @@ class NanoAsLMForge(nn.Module):
 
 
 def lmforge_trainer(model_cfg, shard, B, T, accum, device, compile, optimizer="adamw", lr=6e-4, muon_lr=0.02,
-                    max_steps=1000, warmup=0, seed=0, module=None):
+                    max_steps=1000, warmup=0, seed=0, module=None, cpp_wrapper=False):
     from lmforge.data.loader import Prefetcher, RandomWindowSampler, TokenStream
     from lmforge.model import Transformer
     from lmforge.train.config import TrainConfig
@@ -90,6 +90,7 @@ def lmforge_trainer(model_cfg, shard, B, T, accum, device, compile, optimizer="a
     cfg = TrainConfig(seed=seed, batch_size=B, grad_accum=accum, seq_len=T, max_steps=max_steps,
                       sampler="random", document_mask=False, optimizer=optimizer, lr=lr, muon_lr=muon_lr,
                       warmup_steps=warmup, schedule="cosine", min_lr_ratio=0.1, compile=compile,
+                      compile_cpp_wrapper=cpp_wrapper,
                       eval_every=0, checkpoint_every=0, progress=False, log_every=10**9,
                       device=device.type)
     torch.manual_seed(seed)
@@ -229,7 +230,7 @@ def profile_steps(step_fn, steps, device):
     groups = {}
     for k, t in per_kernel.items():
         groups[kernel_group(k)] = groups.get(kernel_group(k), 0.0) + t
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:40]
     return {"ms_per_step": groups, "total_ms": sum(per_kernel.values()), "launches_per_step": launches / steps,
             "compiled_graph_host_ms_per_step": host_ms, "compiled_graph_calls_per_step": host_calls / steps,
             "top": [{"kernel": k, "ms": t, "group": kernel_group(k)} for k, t in top]}
@@ -297,6 +298,7 @@ VARIANTS = {  # key -> (row label, loop, model)
     "lmforge-fused-loss": ("lmforge + fused linear-CE", "lmforge", "lmforge"),
     "lmforge-cpp-wrapper": ("lmforge, inductor cpp_wrapper", "lmforge", "lmforge"),
     "nano-big": ("nanogpt recipe big micro-batch", "nano", "nano"),
+    "big-cpp-wrapper": ("lmforge big micro-batch, cpp_wrapper", "lmforge", "lmforge"),
     "big": ("lmforge big micro-batch", "lmforge", "lmforge"),
     "lmforge-model-nano-loop": ("lmforge model, nano loop", "nano", "lmforge"),
     "nano-model-lmforge-loop": ("nano model, lmforge loop", "lmforge", "nano"),
@@ -305,7 +307,6 @@ VARIANTS = {  # key -> (row label, loop, model)
 
 def throughput(args, device, out):
     import common
-    import torch._inductor.config
 
     from lmforge.data.shards import open_shard
     from lmforge.model import Transformer, flops_per_token, get_preset
@@ -332,8 +333,7 @@ def throughput(args, device, out):
         if key not in VARIANTS:
             raise SystemExit(f"--variants: unknown {key!r} (known: {', '.join(VARIANTS)})")
         name, loop, model_kind = VARIANTS[key]
-        B = args.big_batch if key in ("big", "nano-big") else args.batch
-        torch._inductor.config.cpp_wrapper = key == "lmforge-cpp-wrapper"
+        B = args.big_batch if key in ("big", "nano-big", "big-cpp-wrapper") else args.batch
         accum = max(1, args.batch * args.accum // B)
         NanoAttention.cudnn_first = key == "nano-cudnn"
         cfg = mcfg.replace(fused_loss=True) if key == "lmforge-fused-loss" else mcfg
@@ -344,7 +344,8 @@ def throughput(args, device, out):
             runner = NanoRunner(shape, data, B, T, accum, device, compile=args.compile, module=module)
         else:
             module = NanoAsLMForge(NanoGPT(**shape)) if model_kind == "nano" else None
-            runner = lmforge_trainer(cfg, shard, B, T, accum, device, compile=args.compile, module=module)
+            runner = lmforge_trainer(cfg, shard, B, T, accum, device, compile=args.compile, module=module,
+                                     cpp_wrapper=key in ("lmforge-cpp-wrapper", "big-cpp-wrapper"))
         fn = runner.step if loop == "nano" else runner.train_step
         t0 = time.perf_counter()
         try:
@@ -362,7 +363,6 @@ def throughput(args, device, out):
             continue
         finally:
             NanoAttention.cudnn_first = False
-            torch._inductor.config.cpp_wrapper = False
         tps = B * T * accum / sec
         rows.append({"variant": name, "key": key, "micro_batch": B, "accum": accum, "step_s": sec,
                      "tokens_per_s": tps, "mfu": fpt * tps / peak if peak else None,

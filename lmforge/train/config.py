@@ -45,6 +45,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
+    compile_cpp_wrapper: bool = False  # with compile: launch kernels from C++ (less host overhead)
     activation_checkpointing: bool = False
     # evaluation, logging, checkpoints
     eval_every: int = 100

@@ -95,8 +95,9 @@ def _adamw_group(group: dict, states: dict, foreach: bool, fused: bool | None = 
         v_ = [vs[i] for i in idx]
         if fused:
             # torch's fused kernel: the same update in one pass over p, g, m, v (instead of ~8
-            # multi-tensor passes); it reads the step count from a tensor.
-            step = torch.tensor(float(t), device=ps[0].device)
+            # multi-tensor passes); it reads the step count from a tensor, made by a fill on the
+            # device (torch.tensor(t, device=...) would copy from the host and wait for the GPU).
+            step = torch.full((), float(t), device=ps[0].device)
             torch._fused_adamw_(ps, gs, m_, v_, [], [step] * len(ps), lr=lr, beta1=beta1, beta2=beta2,
                                 weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
             continue

@@ -48,9 +48,12 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
 
 
 @torch.no_grad()
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float | None,
+                   divide_by: torch.Tensor | None = None) -> torch.Tensor:
     """Global L2 norm of all gradients (fp32); scales them to `max_norm` when it is exceeded.
 
+    `divide_by` (a positive 0-d tensor, e.g. the step's token count) first divides the gradients by
+    it, folded into the same single pass that clips: the norm is measured as ||g|| / divide_by.
     Returns the norm before clipping (a 0-d tensor: read it with .item() when you need it, which
     syncs). `max_norm` None or <= 0 only measures. A non-finite norm leaves the gradients alone.
     """
@@ -59,9 +62,15 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float | None) -> to
         return torch.zeros(())
     norms = torch._foreach_norm(grads)
     total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    scale = None
+    if divide_by is not None:
+        total = total / divide_by.float()
+        scale = 1.0 / divide_by.float()
     if max_norm is not None and max_norm > 0:
         # clamp instead of an `if` on the value: no host sync; the factor is 1 when under the limit.
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        scale = coef if scale is None else scale * coef
+    if scale is not None:
+        torch._foreach_mul_(grads, scale.to(grads[0].dtype))
     return total

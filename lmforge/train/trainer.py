@@ -106,7 +106,12 @@ class Trainer:
         # Compile the loss computation as a whole, not just the model: then the logits are not an
         # output of the compiled graph, so the compiler can fuse the head with the cross-entropy and
         # free them early (measured on GPT-2 small: see docs/benchmarks.md, Training).
-        self._loss = torch.compile(self._call_loss) if cfg.compile else self._call_loss
+        self._loss = self._call_loss
+        if cfg.compile:
+            # cpp_wrapper: inductor launches the kernels from C++ instead of Python (less host time
+            # per kernel; slower to compile). See docs/benchmarks.md, Training.
+            options = {"cpp_wrapper": True} if cfg.compile_cpp_wrapper else None
+            self._loss = torch.compile(self._call_loss, options=options)
         self.run_dir = Path(run_dir) if run_dir else None
         self.model_config = model_config
         self.evaluate_fn = evaluate
@@ -188,10 +193,13 @@ class Trainer:
         if self.parallel is not None:  # totals over all ranks: divide by the global token count
             loss_total, n_total = self.parallel.reduce_totals(loss_total, n_total)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        # Token-weighted mean over the whole step (see module docstring).
-        torch._foreach_div_([p.grad for p in params], n_total.clamp(min=1).to(params[0].grad.dtype))
-        clip = self.parallel.clip_grad_norm if self.parallel is not None else clip_grad_norm
-        grad_norm = clip(params, cfg.grad_clip)
+        # Token-weighted mean over the whole step (see module docstring): one pass over the
+        # gradients divides by the token count and clips.
+        if self.parallel is None:
+            grad_norm = clip_grad_norm(params, cfg.grad_clip, divide_by=n_total.clamp(min=1))
+        else:
+            torch._foreach_div_([p.grad for p in params], n_total.clamp(min=1).to(params[0].grad.dtype))
+            grad_norm = self.parallel.clip_grad_norm(params, cfg.grad_clip)
         loss_value, norm_value, n_value = torch.stack(
             [loss_total / n_total.clamp(min=1), grad_norm.float().to(self.device), n_total.float()]).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):

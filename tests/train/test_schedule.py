@@ -52,3 +52,19 @@ def test_clip_matches_torch():
     clip_grad_norm(a, 10.0)
     for p, q in zip(a, g):
         assert torch.equal(p.grad, q)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6, 0.0])
+def test_clip_with_divide_by_equals_dividing_first(max_norm):
+    """The trainer folds the division by the token count into the clipping pass."""
+    torch.manual_seed(1)
+    grads = [torch.randn(5, 3) * 40, torch.randn(7) * 40]
+    a = [nn.Parameter(torch.zeros_like(g)) for g in grads]
+    b = [nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, q, g in zip(a, b, grads):
+        p.grad, q.grad = g.clone(), g / 37.0
+    n1 = clip_grad_norm(a, max_norm, divide_by=torch.tensor(37))
+    n2 = clip_grad_norm(b, max_norm)
+    torch.testing.assert_close(n1, n2)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
