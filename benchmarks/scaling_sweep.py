@@ -149,11 +149,17 @@ def main() -> None:
     # 3. the sweep
     sweep_dir = work / "sweep"
     start = time.perf_counter()
-    rows = run_sweep(cfg, sweep_dir, train_shards, val_shards, log=lambda m: print(m, flush=True))
+    def copy_tables(message: str = "") -> None:
+        """After every finished run, so a command killed mid-sweep still leaves its table in --out."""
+        if message:
+            print(message, flush=True)
+        for name in ("results.csv", "results.jsonl", "curves.csv", "grid.json", "sweep.toml"):
+            if (sweep_dir / name).exists():
+                shutil.copy(sweep_dir / name, out / name)
+
+    rows = run_sweep(cfg, sweep_dir, train_shards, val_shards, log=copy_tables)
     timings["sweep"] = round(time.perf_counter() - start, 2)
-    for name in ("results.csv", "results.jsonl", "curves.csv", "grid.json", "sweep.toml"):
-        if (sweep_dir / name).exists():
-            shutil.copy(sweep_dir / name, out / name)
+    copy_tables()
     in_grid = {r.run_id for r in grid}
     rows = [r for r in rows if r["run"] in in_grid]  # a reused work dir may hold other configs' runs
     flops_done = sum(r["flops"] for r in rows)

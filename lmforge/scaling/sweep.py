@@ -226,8 +226,11 @@ def run_sweep(cfg: SweepConfig, sweep_dir: str | Path, train_shards: str, val_sh
 
         # spawn, not fork: a forked child must not inherit an initialised CUDA context
         with ProcessPoolExecutor(cfg.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-            queue, running, finished = list(todo), {}, 0
-            # submitted as workers free up (not all at once), so that the time budget can stop the rest
+            # Biggest budgets first (most steps first within one): the short runs fill the gaps at the
+            # end, and a time budget that runs out drops the cheapest runs. Submitted as workers free
+            # up (not all at once), so that the time budget can stop the rest.
+            queue = sorted(todo, key=lambda r: (-r.budget, -r.steps))
+            running, finished = {}, 0
             while queue or running:
                 while queue and len(running) < cfg.parallel and time_left():
                     run = queue.pop(0)

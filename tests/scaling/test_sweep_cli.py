@@ -58,6 +58,7 @@ def test_tiny_sweep_trains_records_and_resumes(shards, tmp_path):
     logs = []
     assert run_sweep(_tiny_config(time_budget_s=1e-9), out, str(shards / "train"), log=logs.append) == []
     assert "time budget of 1e-09s spent" in logs[-1] and not (out / "results.csv").exists()
+    assert run_sweep(_tiny_config(time_budget_s=1e-9, parallel=2), out, str(shards / "train"), log=logs.append) == []
     rows = run_sweep(cfg, out, str(shards / "train"), str(shards / "val"), log=lambda m: None)
     grid = json.loads((out / "grid.json").read_text())
     assert [r["run"] for r in rows] == [g["run"] for g in grid] and len(rows) == 6
