@@ -10,7 +10,13 @@ steps, bf16 autocast, torch.compile) for the variants in --variants (comma-separ
   - nano-cudnn: the recipe with SDPA asked for cuDNN attention first (torch 2.11 already picks it
     on Hopper: this row checks that);
   - lmforge-cpp-wrapper: lmforge with train.compile_cpp_wrapper (kernels launched from C++);
+  - lmforge-cudagraphs: lmforge with train.compile_mode = "reduce-overhead" (CUDA graphs);
   - nano-big, big-cpp-wrapper: the recipe, and lmforge with cpp_wrapper, at micro-batch --big-batch;
+  - lmforge-before: ablation, the model and optimizer code as before the speed work (x @ W.t() + b,
+    written-out layer norm, gathered positions, 3 q/k/v GEMMs, multi-tensor AdamW);
+  - lmforge-3-qkv: ablation, only the one-GEMM q/k/v projection undone;
+Variants that differ from another only in how it is compiled must reproduce its losses step for step
+(same init, same data): the table prints the largest difference.
   - lmforge-fused-loss: lmforge with `fused_loss` (lmforge.kernels' chunked linear + cross-entropy);
   - big: lmforge at micro-batch --big-batch (same tokens per step);
   --diagnose adds each model in the other's loop (which half costs what).
@@ -33,6 +39,7 @@ Writes JSON to --out and prints a table. `--smoke` runs tiny shapes on CPU to ch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -80,7 +87,7 @@ class NanoAsLMForge(nn.Module):
 
 
 def lmforge_trainer(model_cfg, shard, B, T, accum, device, compile, optimizer="adamw", lr=6e-4, muon_lr=0.02,
-                    max_steps=1000, warmup=0, seed=0, module=None, cpp_wrapper=False):
+                    max_steps=1000, warmup=0, seed=0, module=None, cpp_wrapper=False, mode="default"):
     from lmforge.data.loader import Prefetcher, RandomWindowSampler, TokenStream
     from lmforge.model import Transformer
     from lmforge.train.config import TrainConfig
@@ -90,7 +97,7 @@ def lmforge_trainer(model_cfg, shard, B, T, accum, device, compile, optimizer="a
     cfg = TrainConfig(seed=seed, batch_size=B, grad_accum=accum, seq_len=T, max_steps=max_steps,
                       sampler="random", document_mask=False, optimizer=optimizer, lr=lr, muon_lr=muon_lr,
                       warmup_steps=warmup, schedule="cosine", min_lr_ratio=0.1, compile=compile,
-                      compile_cpp_wrapper=cpp_wrapper,
+                      compile_cpp_wrapper=cpp_wrapper, compile_mode=mode,
                       eval_every=0, checkpoint_every=0, progress=False, log_every=10**9,
                       device=device.type)
     torch.manual_seed(seed)
@@ -299,17 +306,118 @@ VARIANTS = {  # key -> (row label, loop, model)
     "lmforge-cpp-wrapper": ("lmforge, inductor cpp_wrapper", "lmforge", "lmforge"),
     "nano-big": ("nanogpt recipe big micro-batch", "nano", "nano"),
     "big-cpp-wrapper": ("lmforge big micro-batch, cpp_wrapper", "lmforge", "lmforge"),
+    "lmforge-cudagraphs": ("lmforge, reduce-overhead", "lmforge", "lmforge"),
+    "lmforge-before": ("lmforge, previous model code", "lmforge", "lmforge"),
+    "lmforge-3-qkv": ("lmforge, 3 q/k/v GEMMs", "lmforge", "lmforge"),
+}
+SAME_RUN_AS = {  # variants that must reproduce another variant's losses step for step (same init, data)
+    "nano-cudnn": "nano", "lmforge-cpp-wrapper": "lmforge", "lmforge-cudagraphs": "lmforge",
+    "lmforge-fused-loss": "lmforge", "big-cpp-wrapper": "big", "lmforge-before": "lmforge", "lmforge-3-qkv": "lmforge",
     "big": ("lmforge big micro-batch", "lmforge", "lmforge"),
     "lmforge-model-nano-loop": ("lmforge model, nano loop", "nano", "lmforge"),
     "nano-model-lmforge-loop": ("nano model, lmforge loop", "lmforge", "nano"),
 }
 
 
-def throughput(args, device, out):
+def previous_code(key):
+    """Ablations: this session's model and optimizer changes undone, patched in for one variant."""
+    from unittest import mock
+
+    from lmforge.model.attention import Attention
+    from lmforge.model.layers import LayerNorm, Linear, upcast
+    from lmforge.model.transformer import Transformer
+    from lmforge.train.optim import AdamW, _adamw_group
+
+    def linear(self, x):  # bias added after the matmul: float32 output under autocast
+        y = x @ self.weight.t()
+        return y + self.bias if self.bias is not None else y
+
+    def layer_norm(self, x):  # written out
+        xf = upcast(x)
+        mean = xf.mean(-1, keepdim=True)
+        var = (xf - mean).pow(2).mean(-1, keepdim=True)
+        y = ((xf - mean) * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+        return y + self.bias if self.bias is not None else y
+
+    @torch.no_grad()
+    def foreach_adamw(self, closure=None):
+        for group in self.param_groups:
+            _adamw_group(group, self.state, True, fused=False)
+
+    embed = Transformer.embed
+    stack = contextlib.ExitStack()
+    if key in ("lmforge-before", "lmforge-3-qkv"):
+        stack.enter_context(mock.patch.object(Attention, "project_qkv",
+                                              lambda self, x: (self.q(x), self.k(x), self.v(x))))
+    if key == "lmforge-before":
+        stack.enter_context(mock.patch.object(Linear, "forward", linear))
+        stack.enter_context(mock.patch.object(LayerNorm, "forward", layer_norm))
+        stack.enter_context(mock.patch.object(Transformer, "embed",
+                                              lambda self, ids, pos, start=None: embed(self, ids, pos)))
+        stack.enter_context(mock.patch.object(AdamW, "step", foreach_adamw))
+    return stack
+
+
+def run_variant(key, args, device, mcfg, shape, data, shard, fpt, peak, rows, profiles):
+    """Build, time (and profile) one variant; appends its row to `rows`."""
     import common
 
+    from lmforge.model import Transformer
+
+    T = args.seq_len
+    name, loop, model_kind = VARIANTS[key]
+    B = args.big_batch if key in ("big", "nano-big", "big-cpp-wrapper") else args.batch
+    accum = max(1, args.batch * args.accum // B)
+    NanoAttention.cudnn_first = key == "nano-cudnn"
+    cfg = mcfg.replace(fused_loss=True) if key == "lmforge-fused-loss" else mcfg
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    if loop == "nano":
+        module = LMForgeAsNano(Transformer(cfg)) if model_kind == "lmforge" else None
+        runner = NanoRunner(shape, data, B, T, accum, device, compile=args.compile, module=module)
+    else:
+        module = NanoAsLMForge(NanoGPT(**shape)) if model_kind == "nano" else None
+        runner = lmforge_trainer(cfg, shard, B, T, accum, device, compile=args.compile, module=module,
+                                 cpp_wrapper=key in ("lmforge-cpp-wrapper", "big-cpp-wrapper"),
+                                 mode="reduce-overhead" if key == "lmforge-cudagraphs" else "default")
+    step = runner.step if loop == "nano" else runner.train_step
+    losses = []
+
+    def fn(step=step, losses=losses):
+        out = step()
+        losses.append(out["loss"] if isinstance(out, dict) else out)
+
+    t0 = time.perf_counter()
+    try:
+        sec = common.median_ms(fn, device, iters=args.iters, warmup=args.warmup) / 1e3
+        losses = losses[:]  # the timed steps only; profiling steps come after
+        if args.profile:
+            profiles[name] = profile_steps(fn, args.profile_steps, device)
+            profiles[name]["syncs"] = find_syncs(fn, device)
+            pr = profiles[name]
+            print(f"    profile: kernels {pr['total_ms']:.1f} ms/step ({pr['launches_per_step']:.0f} launches), "
+                  f"host in compiled graphs {pr['compiled_graph_host_ms_per_step']:.1f} ms/step, "
+                  + ", ".join(f"{g} {t:.1f}" for g, t in sorted(pr["ms_per_step"].items())), flush=True)
+    except Exception as e:  # record and go on: one broken variant must not lose the others
+        print(f"  {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        rows.append({"variant": name, "micro_batch": B, "accum": accum, "error": f"{type(e).__name__}: {e}"})
+        return
+    finally:
+        NanoAttention.cudnn_first = False
+    tps = B * T * accum / sec
+    rows.append({"variant": name, "key": key, "micro_batch": B, "accum": accum, "step_s": sec, "losses": losses,
+                 "tokens_per_s": tps, "mfu": fpt * tps / peak if peak else None,
+                 "wall_s": time.perf_counter() - t0, **graph_stats(),
+                 "max_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None})
+    print(f"  {name}: {tps:,.0f} tok/s ({rows[-1]['wall_s']:.0f}s incl. compile, "
+          f"{rows[-1]['graph_breaks']} graph breaks)", flush=True)
+    del fn, runner
+
+
+def throughput(args, device, out):
+
     from lmforge.data.shards import open_shard
-    from lmforge.model import Transformer, flops_per_token, get_preset
+    from lmforge.model import flops_per_token, get_preset
     from lmforge.train.metrics import device_name, peak_flops
 
     T = args.seq_len
@@ -332,53 +440,21 @@ def throughput(args, device, out):
     for key in keys:
         if key not in VARIANTS:
             raise SystemExit(f"--variants: unknown {key!r} (known: {', '.join(VARIANTS)})")
-        name, loop, model_kind = VARIANTS[key]
-        B = args.big_batch if key in ("big", "nano-big", "big-cpp-wrapper") else args.batch
-        accum = max(1, args.batch * args.accum // B)
-        NanoAttention.cudnn_first = key == "nano-cudnn"
-        cfg = mcfg.replace(fused_loss=True) if key == "lmforge-fused-loss" else mcfg
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
-        if loop == "nano":
-            module = LMForgeAsNano(Transformer(cfg)) if model_kind == "lmforge" else None
-            runner = NanoRunner(shape, data, B, T, accum, device, compile=args.compile, module=module)
-        else:
-            module = NanoAsLMForge(NanoGPT(**shape)) if model_kind == "nano" else None
-            runner = lmforge_trainer(cfg, shard, B, T, accum, device, compile=args.compile, module=module,
-                                     cpp_wrapper=key in ("lmforge-cpp-wrapper", "big-cpp-wrapper"))
-        fn = runner.step if loop == "nano" else runner.train_step
-        t0 = time.perf_counter()
-        try:
-            sec = common.median_ms(fn, device, iters=args.iters, warmup=args.warmup) / 1e3
-            if args.profile:
-                profiles[name] = profile_steps(fn, args.profile_steps, device)
-                profiles[name]["syncs"] = find_syncs(fn, device)
-                pr = profiles[name]
-                print(f"    profile: kernels {pr['total_ms']:.1f} ms/step ({pr['launches_per_step']:.0f} launches), "
-                      f"host in compiled graphs {pr['compiled_graph_host_ms_per_step']:.1f} ms/step, "
-                      + ", ".join(f"{g} {t:.1f}" for g, t in sorted(pr["ms_per_step"].items())), flush=True)
-        except Exception as e:  # record and go on: one broken variant must not lose the others
-            print(f"  {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-            rows.append({"variant": name, "micro_batch": B, "accum": accum, "error": f"{type(e).__name__}: {e}"})
-            continue
-        finally:
-            NanoAttention.cudnn_first = False
-        tps = B * T * accum / sec
-        rows.append({"variant": name, "key": key, "micro_batch": B, "accum": accum, "step_s": sec,
-                     "tokens_per_s": tps, "mfu": fpt * tps / peak if peak else None,
-                     "wall_s": time.perf_counter() - t0, **graph_stats(),
-                     "max_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None})
-        print(f"  {name}: {tps:,.0f} tok/s ({rows[-1]['wall_s']:.0f}s incl. compile, "
-              f"{rows[-1]['graph_breaks']} graph breaks)", flush=True)
+        with previous_code(key):
+            run_variant(key, args, device, mcfg, shape, data, shard, fpt, peak, rows, profiles)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # partial results survive a timeout
         Path(args.out + ".partial").write_text(json.dumps({"rows": rows, "profiles": profiles}, indent=1))
-        del fn, runner
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     base = rows[0].get("tokens_per_s")
+    by_key = {r.get("key"): r for r in rows}
     for r in rows:
         r["ratio_vs_nanogpt"] = r["tokens_per_s"] / base if base and "tokens_per_s" in r else None
+        ref = by_key.get(SAME_RUN_AS.get(r.get("key")))
+        if ref is not None and "losses" in r and "losses" in ref:
+            n = min(len(r["losses"]), len(ref["losses"]))
+            r["max_loss_diff_vs_" + ref["key"]] = max(abs(a - b) for a, b in zip(r["losses"][:n], ref["losses"][:n]))
     return {"device": device_name(device), "flops_per_token": fpt, "peak_flops": peak, "rows": rows,
             "same_function": check, "profiles": profiles}
 
@@ -491,15 +567,17 @@ def main():
         print(f"\nGPT-2 small ({args.preset}, T={args.seq_len}, bf16) on {th['device']}, torch {torch.__version__}; "
               f"same function check: {'OK' if th['same_function']['ok'] else 'MISMATCH'}")
         print(f"{'variant':<30}{'micro':>6}{'accum':>6}{'tok/s':>12}{'MFU':>8}{'vs nanoGPT':>12}{'mem GB':>8}"
-              f"{'breaks':>8}")
+              f"{'breaks':>8}  max |loss diff| over the timed steps")
         for r in th["rows"]:
             if "error" in r:
                 print(f"{r['variant']:<30} FAILED: {r['error'][:80]}")
                 continue
             mfu = f"{r['mfu']:.1%}" if r["mfu"] else "n/a"
             mem = f"{r['max_mem_gb']:.1f}" if r["max_mem_gb"] else "-"
+            same = next((f"{v:.1e} vs {k[len('max_loss_diff_vs_'):]}" for k, v in r.items()
+                         if k.startswith("max_loss_diff_vs_")), "")
             print(f"{r['variant']:<30}{r['micro_batch']:>6}{r['accum']:>6}{r['tokens_per_s']:>12,.0f}{mfu:>8}"
-                  f"{r['ratio_vs_nanogpt']:>11.3f}x{mem:>8}{r['graph_breaks']:>8}")
+                  f"{r['ratio_vs_nanogpt']:>11.3f}x{mem:>8}{r['graph_breaks']:>8}  {same}")
     if "quality" in result:
         q = result["quality"]
         print(f"\nquality: {q['steps']} steps x {q['tokens_per_step']:,} tokens, vocab {q['vocab']}")

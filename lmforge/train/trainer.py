@@ -109,9 +109,12 @@ class Trainer:
         self._loss = self._call_loss
         if cfg.compile:
             # cpp_wrapper: inductor launches the kernels from C++ instead of Python (less host time
-            # per kernel; slower to compile). See docs/benchmarks.md, Training.
-            options = {"cpp_wrapper": True} if cfg.compile_cpp_wrapper else None
-            self._loss = torch.compile(self._call_loss, options=options)
+            # per kernel; slower to compile). "reduce-overhead" replays CUDA graphs. Both cut the
+            # host time that leaves the GPU idle at small micro-batches (docs/benchmarks.md, Training).
+            if cfg.compile_cpp_wrapper:
+                self._loss = torch.compile(self._call_loss, options={"cpp_wrapper": True})
+            else:
+                self._loss = torch.compile(self._call_loss, mode=cfg.compile_mode)
         self.run_dir = Path(run_dir) if run_dir else None
         self.model_config = model_config
         self.evaluate_fn = evaluate
