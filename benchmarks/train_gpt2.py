@@ -10,7 +10,6 @@ steps, bf16 autocast, torch.compile) for the variants in --variants (comma-separ
   - nano-cudnn: the recipe with SDPA asked for cuDNN attention first (torch 2.11 already picks it
     on Hopper: this row checks that);
   - lmforge-cpp-wrapper: lmforge with train.compile_cpp_wrapper (kernels launched from C++);
-  - lmforge-cudagraphs: lmforge with train.compile_mode = "reduce-overhead" (CUDA graphs);
   - nano-big, big-cpp-wrapper: the recipe, and lmforge with cpp_wrapper, at micro-batch --big-batch;
   - lmforge-before: ablation, the model and optimizer code as before the speed work (x @ W.t() + b,
     written-out layer norm, gathered positions, 3 q/k/v GEMMs, multi-tensor AdamW);
@@ -87,7 +86,7 @@ class NanoAsLMForge(nn.Module):
 
 
 def lmforge_trainer(model_cfg, shard, B, T, accum, device, compile, optimizer="adamw", lr=6e-4, muon_lr=0.02,
-                    max_steps=1000, warmup=0, seed=0, module=None, cpp_wrapper=False, mode="default"):
+                    max_steps=1000, warmup=0, seed=0, module=None, cpp_wrapper=False):
     from lmforge.data.loader import Prefetcher, RandomWindowSampler, TokenStream
     from lmforge.model import Transformer
     from lmforge.train.config import TrainConfig
@@ -97,7 +96,7 @@ def lmforge_trainer(model_cfg, shard, B, T, accum, device, compile, optimizer="a
     cfg = TrainConfig(seed=seed, batch_size=B, grad_accum=accum, seq_len=T, max_steps=max_steps,
                       sampler="random", document_mask=False, optimizer=optimizer, lr=lr, muon_lr=muon_lr,
                       warmup_steps=warmup, schedule="cosine", min_lr_ratio=0.1, compile=compile,
-                      compile_cpp_wrapper=cpp_wrapper, compile_mode=mode,
+                      compile_cpp_wrapper=cpp_wrapper,
                       eval_every=0, checkpoint_every=0, progress=False, log_every=10**9,
                       device=device.type)
     torch.manual_seed(seed)
@@ -227,8 +226,8 @@ def profile_steps(step_fn, steps, device):
         if e.key.startswith("## Call CompiledFxGraph"):
             host_ms += e.cpu_time_total / 1e3 / steps
             host_calls += e.count
-        if cuda and e.device_type != DeviceType.CUDA:  # CPU-side rows would count kernels twice
-            continue
+        if cuda and (e.device_type != DeviceType.CUDA or "#" in e.key):  # CPU-side rows and GPU-side
+            continue  # annotations ("Optimizer.step#AdamW.step") would count kernels twice
         t = (getattr(e, "self_device_time_total", 0) or getattr(e, "device_time_total", 0)) if cuda \
             else e.self_cpu_time_total
         if t > 0:
@@ -304,18 +303,17 @@ VARIANTS = {  # key -> (row label, loop, model)
     "nano-cudnn": ("nanogpt recipe + cuDNN attn", "nano", "nano"),
     "lmforge-fused-loss": ("lmforge + fused linear-CE", "lmforge", "lmforge"),
     "lmforge-cpp-wrapper": ("lmforge, inductor cpp_wrapper", "lmforge", "lmforge"),
-    "nano-big": ("nanogpt recipe big micro-batch", "nano", "nano"),
-    "big-cpp-wrapper": ("lmforge big micro-batch, cpp_wrapper", "lmforge", "lmforge"),
-    "lmforge-cudagraphs": ("lmforge, reduce-overhead", "lmforge", "lmforge"),
     "lmforge-before": ("lmforge, previous model code", "lmforge", "lmforge"),
     "lmforge-3-qkv": ("lmforge, 3 q/k/v GEMMs", "lmforge", "lmforge"),
-}
-SAME_RUN_AS = {  # variants that must reproduce another variant's losses step for step (same init, data)
-    "nano-cudnn": "nano", "lmforge-cpp-wrapper": "lmforge", "lmforge-cudagraphs": "lmforge",
-    "lmforge-fused-loss": "lmforge", "big-cpp-wrapper": "big", "lmforge-before": "lmforge", "lmforge-3-qkv": "lmforge",
     "big": ("lmforge big micro-batch", "lmforge", "lmforge"),
+    "nano-big": ("nanogpt recipe big micro-batch", "nano", "nano"),
+    "big-cpp-wrapper": ("lmforge big micro-batch, cpp_wrapper", "lmforge", "lmforge"),
     "lmforge-model-nano-loop": ("lmforge model, nano loop", "nano", "lmforge"),
     "nano-model-lmforge-loop": ("nano model, lmforge loop", "lmforge", "nano"),
+}
+SAME_RUN_AS = {  # variants that must reproduce another variant's losses step for step (same init, data)
+    "nano-cudnn": "nano", "lmforge-cpp-wrapper": "lmforge", "lmforge-fused-loss": "lmforge",
+    "lmforge-before": "lmforge", "lmforge-3-qkv": "lmforge", "big-cpp-wrapper": "big",
 }
 
 
@@ -378,8 +376,7 @@ def run_variant(key, args, device, mcfg, shape, data, shard, fpt, peak, rows, pr
     else:
         module = NanoAsLMForge(NanoGPT(**shape)) if model_kind == "nano" else None
         runner = lmforge_trainer(cfg, shard, B, T, accum, device, compile=args.compile, module=module,
-                                 cpp_wrapper=key in ("lmforge-cpp-wrapper", "big-cpp-wrapper"),
-                                 mode="reduce-overhead" if key == "lmforge-cudagraphs" else "default")
+                                 cpp_wrapper=key in ("lmforge-cpp-wrapper", "big-cpp-wrapper"))
     step = runner.step if loop == "nano" else runner.train_step
     losses = []
 

@@ -32,7 +32,7 @@ VERSION = 1
 # Train-config fields that may differ on resume: they do not change the loss trajectory.
 RESUMABLE_CHANGES = {"max_steps", "time_budget_s", "eval_every", "eval_batches", "log_every",
                      "sample_every", "checkpoint_every", "keep_checkpoints", "progress", "wandb_project",
-                     "tensorboard", "compile", "compile_mode", "compile_cpp_wrapper", "activation_checkpointing",
+                     "tensorboard", "compile", "compile_cpp_wrapper", "activation_checkpointing",
                      "device"}
 
 

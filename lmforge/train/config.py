@@ -45,7 +45,6 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     compile_cpp_wrapper: bool = False  # with compile: launch kernels from C++ (less host overhead)
     activation_checkpointing: bool = False
     # evaluation, logging, checkpoints
@@ -78,11 +77,6 @@ class TrainConfig:
         for name in ("beta1", "beta2", "muon_momentum", "min_lr_ratio", "decay_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise bad(name, "in [0, 1]")
-        if self.compile_mode not in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):
-            raise bad("compile_mode", "'default', 'reduce-overhead' or 'max-autotune-no-cudagraphs'")
-        if self.compile_cpp_wrapper and self.compile_mode != "default":
-            raise bad("compile_cpp_wrapper", "False when compile_mode is not 'default' (torch.compile takes "
-                                             "a mode or options, not both)")
         if self.time_budget_s is not None and self.time_budget_s < 0:
             raise bad("time_budget_s", ">= 0 (0 = no budget)")
 

@@ -108,13 +108,12 @@ class Trainer:
         # free them early (measured on GPT-2 small: see docs/benchmarks.md, Training).
         self._loss = self._call_loss
         if cfg.compile:
-            # cpp_wrapper: inductor launches the kernels from C++ instead of Python (less host time
-            # per kernel; slower to compile). "reduce-overhead" replays CUDA graphs. Both cut the
-            # host time that leaves the GPU idle at small micro-batches (docs/benchmarks.md, Training).
-            if cfg.compile_cpp_wrapper:
-                self._loss = torch.compile(self._call_loss, options={"cpp_wrapper": True})
-            else:
-                self._loss = torch.compile(self._call_loss, mode=cfg.compile_mode)
+            # cpp_wrapper: inductor launches the kernels from C++ instead of Python: less host time
+            # per kernel, which the GPU waits for at small micro-batches; slower to compile
+            # (docs/benchmarks.md, Training). mode="reduce-overhead" (CUDA graphs) is not offered:
+            # its replays overwrite outputs that gradient accumulation still holds.
+            options = {"cpp_wrapper": True} if cfg.compile_cpp_wrapper else None
+            self._loss = torch.compile(self._call_loss, options=options)
         self.run_dir = Path(run_dir) if run_dir else None
         self.model_config = model_config
         self.evaluate_fn = evaluate

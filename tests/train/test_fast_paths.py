@@ -105,13 +105,3 @@ def test_default_positions_read_one_slice_of_the_learned_table():
     torch.testing.assert_close(g_slice, g_gather)
     assert g_slice[9:].abs().sum() == 0 and g_slice[:9].abs().sum() > 0
 
-
-def test_compile_settings_are_checked():
-    from lmforge.errors import ConfigError
-    from lmforge.train.config import TrainConfig
-
-    with pytest.raises(ConfigError, match="compile_mode = 'fast'"):
-        TrainConfig(compile_mode="fast")
-    with pytest.raises(ConfigError, match="compile_cpp_wrapper"):
-        TrainConfig(compile=True, compile_mode="reduce-overhead", compile_cpp_wrapper=True)
-    assert TrainConfig(compile=True, compile_cpp_wrapper=True).compile_mode == "default"
