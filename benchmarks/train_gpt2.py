@@ -226,8 +226,10 @@ def profile_steps(step_fn, steps, device):
         if e.key.startswith("## Call CompiledFxGraph"):
             host_ms += e.cpu_time_total / 1e3 / steps
             host_calls += e.count
-        if cuda and (e.device_type != DeviceType.CUDA or "#" in e.key):  # CPU-side rows and GPU-side
-            continue  # annotations ("Optimizer.step#AdamW.step") would count kernels twice
+        # CPU-side rows and GPU-side annotation ranges ("Optimizer.step#AdamW.step") would count
+        # kernels twice
+        if cuda and (e.device_type != DeviceType.CUDA or e.key.startswith(("Optimizer.", "## ", "ProfilerStep"))):
+            continue
         t = (getattr(e, "self_device_time_total", 0) or getattr(e, "device_time_total", 0)) if cuda \
             else e.self_cpu_time_total
         if t > 0:
