@@ -6,7 +6,9 @@ tanh, ReLU, ReLU²), the MLP (plain or gated: SwiGLU/GeGLU), a numerically stabl
 cross-entropy from logits, and dropout.
 
 Where torch has a fused equivalent (F.cross_entropy) we keep our version as the spec and use the
-fused one as the fast path; tests check that they agree. Nothing here knows about attention or
+fused one as the fast path; tests check that they agree. Linear and LayerNorm compute through
+F.linear / F.layer_norm (tests compare them with the written-out formulas): under autocast and
+torch.compile these keep 16-bit outputs and give the compiler the ops' own backward. Nothing here knows about attention or
 about the whole model.
 """
 
