@@ -7,10 +7,12 @@ same process, same threads:
   hf           transformers `generate` (default dynamic cache, eager)
   hf_static    transformers `generate`, cache_implementation="static", eager (disable_compile=True:
                on CUDA recent transformers would otherwise auto-compile a static-cache decode)
-  hf_compile   (CUDA only) HF at its best, as its docs describe: static cache and
-               `model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)`
-               (on a second copy of the model; generate's own auto-compile is disabled so the
-               forward is compiled once, not wrapped twice)
+  hf_compile   (CUDA only) HF at its best: static cache with generate's own compiled decode step
+               (transformers compiles the decode forward with its `compile_config`, fullgraph and
+               CUDA graphs, and runs the prefill eagerly). Wrapping `model.forward` in
+               torch.compile(mode="reduce-overhead") by hand, as older docs show, crashed on
+               torch 2.11: the static cache is allocated lazily inside the first captured call and
+               the next CUDA-graph replay overwrites it.
   engine       lmforge.inference.Engine (preallocated cache, batched decode), eager
   engine_int8  the engine on the int8 weight-only quantized model
   engine_compiled  (CUDA only) the engine with its decode step compiled into a CUDA graph
@@ -110,7 +112,7 @@ def run_batch(B, prompts, model, qmodel, hf, hf_c, args, device) -> list[dict]:
     if "hf_static" not in args.skip:
         variants["hf_static"] = lambda: hf_gen(hf, cache_implementation="static", disable_compile=True)
     if hf_c is not None:  # cache_implementation="static" is set on its generation_config
-        variants["hf_compile"] = lambda: hf_gen(hf_c, disable_compile=True)
+        variants["hf_compile"] = lambda: hf_gen(hf_c)
     max_len = args.prompt + args.new
     sp = SamplingParams(max_tokens=args.new, temperature=0)
     engines = [("engine", model, False), ("engine_int8", qmodel, False)]
@@ -121,9 +123,13 @@ def run_batch(B, prompts, model, qmodel, hf, hf_c, args, device) -> list[dict]:
             engine = Engine(m, max_batch=B, max_len=max_len, eos_ids=[], compile=compiled)
             variants[name] = lambda engine=engine: [c[0].token_ids for c in engine.generate(prompts.tolist(), sp)]
     outs, best = {}, {}
-    for name, fn in variants.items():
-        for _ in range(2 if name in COMPILED else 1):  # warm-up (compiled: compile, then capture)
-            fn()
+    for name, fn in list(variants.items()):
+        try:
+            for _ in range(2 if name in COMPILED else 1):  # warm-up (compiled: compile, then capture)
+                fn()
+        except Exception as e:  # one broken rival must not cost the other rows; report it
+            print(f"batch {B}: variant {name} failed and is left out: {type(e).__name__}: {str(e)[:300]}")
+            del variants[name]
     names = list(variants)
     for r in range(args.repeats):  # interleaved, rotating order: the shared machine's load drifts
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -174,10 +180,12 @@ def main() -> int:
         export_hf(model, Path(tmp) / "hf")
         hf = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=dtype).to(device).eval()
         hf_c = None
-        if device.type == "cuda" and "hf_compile" not in args.skip:  # HF's documented recipe
+        if device.type == "cuda" and "hf_compile" not in args.skip:  # generate compiles the decode step
             hf_c = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=dtype).to(device).eval()
             hf_c.generation_config.cache_implementation = "static"
-            hf_c.forward = torch.compile(hf_c.forward, mode="reduce-overhead", fullgraph=True)
+            if not hasattr(hf_c.generation_config, "compile_config"):
+                raise SystemExit(f"transformers {transformers.__version__} has no generation compile_config: "
+                                 "hf_compile needs transformers >= 4.49 (or pass --skip hf_compile)")
 
     qmodel = quantize_model(copy.deepcopy(model), "int8") if "engine_int8" not in args.skip else None
     g = torch.Generator().manual_seed(1)
