@@ -136,10 +136,11 @@ def _split_grad_kernel(LOGITS, TARGETS, PM, PS, XT, CE, Z, V, stride, ignore_ind
         tl.store(base + idx, g.to(LOGITS.dtype.element_ty), mask=mask)
 
 
-# 0: one program per row (`_ce_kernel`, measured). N > 0: each row is split into slices of N columns,
-# one program per (row, slice), in two launches (partial max/sum; combine + gradient), for more
-# loads in flight than one program per row gives. Not yet timed on a GPU, hence off.
-VOCAB_SPLIT = 0
+# 0: one program per row (`_ce_kernel`). N > 0: each row is split into slices of N columns, one
+# program per (row, slice), in two launches (partial max/sum; combine + gradient), for more loads in
+# flight than one program per row gives. On an H100 (2026-11-26, 8192 tokens, H 2048) the whole fused
+# loss took 9.14 ms with 8192 vs 9.64 ms with 0 at vocab 50257 and 20.35 vs 20.62 ms at 128256.
+VOCAB_SPLIT = 8192
 
 
 def ce_chunk(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, softcap, z_loss: float):
