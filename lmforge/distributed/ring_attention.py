@@ -22,8 +22,14 @@ with a dK/dV accumulator; each rank adds its block's dK/dV contribution (flash-a
 from the final output and LSE) and passes it on, so after W hops each rank holds the gradient of its
 own keys/values. dQ stays local.
 
-Scores are computed in float32 per block (O(T_local²) memory per step): this is the readable
-reference of the ring; a fused block kernel (flash attention returning LSE) would be the fast path.
+Each block runs on one of two implementations (`select_kernel`, per call):
+- "flash_cuda" / "flash_cpu": torch's fused flash-attention ops. The forward returns the block's out
+  and LSE with O(T_local) memory; the backward op takes the FINAL (merged) out and LSE of the queries
+  and gives exactly this block's dQ/dK/dV share, the recomputation FlashAttention's backward does.
+  CUDA needs fp16/bf16 and a head dim that is a multiple of 8 up to 256; CPU takes any float dtype.
+- "reference": the block math written out below, scores in float32 (float64 stays float64), O(T_local²)
+  memory per step: the readable version and the one the fused kernels are tested against; used where
+  no fused kernel applies (e.g. value head dim ≠ key head dim, fp32 on CUDA).
 No window, softcap or doc_ids here: they raise.
 """
 
@@ -126,6 +132,79 @@ def merge(out, lse, blk_out, blk_lse):
     return out, new
 
 
+# ----------------------------------------------------------------------------- one block, fused kernels
+
+KERNELS = ("flash_cuda", "flash_cpu", "reference")  # "auto" takes the first that applies
+
+
+def kernel_problem(kernel: str, device_type: str, dtype: torch.dtype, head_dim: int, v_head_dim: int) -> str | None:
+    """Why `kernel` cannot run a block of this device/dtype/head dims, or None if it can."""
+    if kernel == "reference":
+        return None
+    if kernel not in KERNELS:
+        return f"unknown kernel {kernel!r} (expected 'auto' or one of {', '.join(KERNELS)})"
+    want = kernel.removeprefix("flash_")
+    if device_type != want:
+        return f"{kernel} runs on {want} tensors, got {device_type}"
+    if head_dim != v_head_dim:
+        return f"{kernel} needs equal key and value head dims, got {head_dim} and {v_head_dim}"
+    if kernel == "flash_cuda":
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"flash_cuda needs float16 or bfloat16, got {dtype}"
+        if head_dim % 8 or head_dim > 256:
+            return f"flash_cuda needs a head dim that is a multiple of 8 up to 256, got {head_dim}"
+    elif not dtype.is_floating_point:
+        return f"{kernel} needs a floating dtype, got {dtype}"
+    return None
+
+
+def select_kernel(device_type: str, dtype: torch.dtype, head_dim: int, v_head_dim: int, kernel: str = "auto") -> str:
+    """The block implementation for these inputs: a fused flash kernel where one applies, else the
+    reference. An explicitly requested kernel that cannot run raises ConfigError."""
+    if kernel == "auto":
+        return next(k for k in KERNELS if kernel_problem(k, device_type, dtype, head_dim, v_head_dim) is None)
+    problem = kernel_problem(kernel, device_type, dtype, head_dim, v_head_dim)
+    if problem:
+        raise ConfigError(f"ring attention kernel: {problem}")
+    return kernel
+
+
+def kernel_block_forward(kernel: str, q, k, v, scale: float, causal: bool):
+    """One block with a fused kernel: (out in q's dtype, lse [B,H,T] fp32, fp64 for fp64 inputs)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if kernel == "flash_cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out, lse.contiguous()
+
+
+def kernel_block_backward(kernel: str, q, k, v, out, lse, dout, scale: float, causal: bool):
+    """The fused backward of one block given the FINAL out (q's dtype) and lse of these queries:
+    the block's share of dQ, dK, dV (as `block_backward`), in q's dtype."""
+    q, k, v, out, dout = (t.contiguous() for t in (q, k, v, out, dout))
+    lse = lse.contiguous()  # a zig-zag half of the merged lse is a strided view
+    if kernel == "flash_cuda":
+        # no varlen (cum_seq None), no dropout (so no RNG state): the dense kernel recomputes P = exp(S − lse)
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, None, None, scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+
+
+def attend_block(kernel: str, q, k, v, scale: float, causal: bool):
+    """(out, lse) of q against one kv block (heads expanded) with the chosen implementation."""
+    if kernel == "reference":
+        return block_forward(q, k, v, scale, causal)
+    return kernel_block_forward(kernel, q, k, v, scale, causal)
+
+
+def attend_block_backward(kernel: str, q, k, v, out, lse, dout, scale: float, causal: bool):
+    if kernel == "reference":
+        return block_backward(q, k, v, out, lse, dout, scale, causal)
+    return kernel_block_backward(kernel, q, k, v, out, lse, dout, scale, causal)
+
+
 # ----------------------------------------------------------------------------- the ring
 
 class _Ring:
@@ -140,15 +219,16 @@ class _Ring:
         self.prev = dist.get_global_rank(group, prv) if group is not None else prv
 
     def start(self, tensors: list[torch.Tensor]):
-        """Begin passing `tensors` on; returns (received buffers, requests)."""
+        """Begin passing `tensors` on; returns (received buffers, handle for `wait`)."""
         recv = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
+        sent = [t.contiguous() for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in sent]
         ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in recv]
-        return recv, dist.batch_isend_irecv(ops)
+        return recv, (dist.batch_isend_irecv(ops), sent)  # the sent tensors live until the wait
 
     @staticmethod
-    def wait(reqs) -> None:
-        for r in reqs:
+    def wait(handle) -> None:
+        for r in handle[0]:
             r.wait()
 
 
@@ -166,27 +246,30 @@ def _step_slices(rank: int, src: int, T: int, S: int, causal: bool):
 
 class RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal: bool, scale: float):
+    def forward(ctx, q, k, v, group, causal: bool, scale: float, kernel: str):
         ring = _Ring(group)
         n_rep = q.shape[1] // k.shape[1]
         B, H, T, _ = q.shape
         out = torch.zeros(B, H, T, v.shape[-1], dtype=_up(q).dtype, device=q.device)
         lse = torch.full((B, H, T), float("-inf"), dtype=_up(q).dtype, device=q.device)
         kv = [k, v]
-        for step in range(ring.world):
-            if step < ring.world - 1:
-                nxt, reqs = ring.start(kv)
-            src = (ring.rank - step) % ring.world
-            qs, ks, masked = _step_slices(ring.rank, src, T, k.shape[2], causal)
-            kb, vb = _expand_kv(kv[0][:, :, ks], n_rep), _expand_kv(kv[1][:, :, ks], n_rep)
-            bo, bl = block_forward(q[:, :, qs], kb, vb, scale, masked)
-            out[:, :, qs], lse[:, :, qs] = merge(out[:, :, qs], lse[:, :, qs], bo, bl)
-            if step < ring.world - 1:
-                ring.wait(reqs)
-                kv = nxt
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.causal, ctx.scale = group, causal, scale
-        return out.to(q.dtype)
+        with torch.autocast(q.device.type, enabled=False):  # dtypes are chosen here, per kernel
+            for step in range(ring.world):
+                if step < ring.world - 1:
+                    nxt, handle = ring.start(kv)
+                src = (ring.rank - step) % ring.world
+                qs, ks, masked = _step_slices(ring.rank, src, T, k.shape[2], causal)
+                kb, vb = _expand_kv(kv[0][:, :, ks], n_rep), _expand_kv(kv[1][:, :, ks], n_rep)
+                bo, bl = attend_block(kernel, q[:, :, qs], kb, vb, scale, masked)
+                out[:, :, qs], lse[:, :, qs] = merge(out[:, :, qs], lse[:, :, qs], bo, bl)
+                if step < ring.world - 1:
+                    ring.wait(handle)
+                    kv = nxt
+        result = out.to(q.dtype)
+        # the fused backward takes out in q's dtype (as FlashAttention keeps it); the reference the fp32 one
+        ctx.save_for_backward(q, k, v, out if kernel == "reference" else result, lse)
+        ctx.group, ctx.causal, ctx.scale, ctx.kernel = group, causal, scale, kernel
+        return result
 
     @staticmethod
     def backward(ctx, dout):
@@ -194,37 +277,43 @@ class RingAttention(torch.autograd.Function):
         ring = _Ring(ctx.group)
         n_rep = q.shape[1] // k.shape[1]
         T, S = q.shape[2], k.shape[2]
+        dout = dout.to(q.dtype)
         dq = torch.zeros_like(_up(q))
-        # kv of rank `src` and the running dK/dV of that block travel together
+        # kv of rank `src` and the running dK/dV of that block travel together; the accumulator's hop
+        # overlaps the next block's compute (it is needed only when that block's share is added)
         k_cur, v_cur = k, v
-        dk_cur = torch.zeros_like(_up(k))
-        dv_cur = torch.zeros_like(_up(v))
-        for step in range(ring.world):
-            if step < ring.world - 1:
-                (k_nxt, v_nxt), kv_reqs = ring.start([k_cur, v_cur])
-            src = (ring.rank - step) % ring.world
-            qs, ks, masked = _step_slices(ring.rank, src, T, S, ctx.causal)
-            kb, vb = _expand_kv(k_cur[:, :, ks], n_rep), _expand_kv(v_cur[:, :, ks], n_rep)
-            bdq, bdk, bdv = block_backward(q[:, :, qs], kb, vb, out[:, :, qs], lse[:, :, qs],
-                                           dout[:, :, qs], ctx.scale, masked)
-            dq[:, :, qs] += bdq
-            dk_cur[:, :, ks] += _reduce_kv(bdk, n_rep)
-            dv_cur[:, :, ks] += _reduce_kv(bdv, n_rep)
-            # the accumulator follows its block to the next rank; after W hops it is back home
-            (dk_cur, dv_cur), d_reqs = ring.start([dk_cur, dv_cur])
-            ring.wait(d_reqs)
-            if step < ring.world - 1:
-                ring.wait(kv_reqs)
-                k_cur, v_cur = k_nxt, v_nxt
-        return dq.to(q.dtype), dk_cur.to(k.dtype), dv_cur.to(v.dtype), None, None, None
+        dk_acc, dv_acc = torch.zeros_like(_up(k)), torch.zeros_like(_up(v))
+        acc_handle = None
+        with torch.autocast(q.device.type, enabled=False):
+            for step in range(ring.world):
+                if step < ring.world - 1:
+                    (k_nxt, v_nxt), kv_handle = ring.start([k_cur, v_cur])
+                src = (ring.rank - step) % ring.world
+                qs, ks, masked = _step_slices(ring.rank, src, T, S, ctx.causal)
+                kb, vb = _expand_kv(k_cur[:, :, ks], n_rep), _expand_kv(v_cur[:, :, ks], n_rep)
+                bdq, bdk, bdv = attend_block_backward(ctx.kernel, q[:, :, qs], kb, vb, out[:, :, qs],
+                                                      lse[:, :, qs], dout[:, :, qs], ctx.scale, masked)
+                dq[:, :, qs] += bdq
+                if acc_handle is not None:
+                    ring.wait(acc_handle)  # block src's accumulator, from the previous rank
+                dk_acc[:, :, ks] += _reduce_kv(bdk, n_rep)
+                dv_acc[:, :, ks] += _reduce_kv(bdv, n_rep)
+                # the accumulator follows its block to the next rank; after W hops it is back home
+                (dk_acc, dv_acc), acc_handle = ring.start([dk_acc, dv_acc])
+                if step < ring.world - 1:
+                    ring.wait(kv_handle)
+                    k_cur, v_cur = k_nxt, v_nxt
+            ring.wait(acc_handle)
+        return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype), None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, causal: bool = True,
-                   scale: float | None = None) -> torch.Tensor:
+                   scale: float | None = None, kernel: str = "auto") -> torch.Tensor:
     """Attention of this rank's sequence shard to the whole (sharded) sequence of the group.
 
     q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv]: this rank's part, in the `shard_sequence`
     layout (zig-zag for causal). Returns this rank's part of the output, same layout. Differentiable.
+    `kernel`: "auto" (`select_kernel`), or one of KERNELS to force it.
     """
     if q.shape[2] != k.shape[2] or k.shape[2] != v.shape[2]:
         raise ConfigError(f"ring attention needs equal local q/k/v lengths, got {q.shape[2]}, "
@@ -234,14 +323,17 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
     if causal and q.shape[2] % 2:
         raise ConfigError(f"causal ring attention: local length {q.shape[2]} must be even (two zig-zag chunks)")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    kernel = select_kernel(q.device.type, q.dtype, q.shape[-1], v.shape[-1], kernel)
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        out, _ = block_forward(q, _expand_kv(k, q.shape[1] // k.shape[1]),
-                               _expand_kv(v, q.shape[1] // k.shape[1]), scale, causal)
-        return out.to(q.dtype)
-    return RingAttention.apply(q, k, v, group, causal, scale)
+        n_rep = q.shape[1] // k.shape[1]
+        k, v = _expand_kv(k, n_rep), _expand_kv(v, n_rep)
+        if kernel == "reference":
+            return block_forward(q, k, v, scale, causal)[0].to(q.dtype)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    return RingAttention.apply(q, k, v, group, causal, scale, kernel)
 
 
-def ring_backend(group=None):
+def ring_backend(group=None, kernel: str = "auto"):
     """An `attend` backend (model/attention.py `register_backend`) running ring attention on `group`:
     lets a Transformer run context-parallel unchanged, given its zig-zag `positions`."""
 
@@ -250,23 +342,23 @@ def ring_backend(group=None):
             raise ConfigError("context parallelism (ring attention) does not support window, softcap or "
                               f"doc_ids (got window={window}, softcap={softcap_value}, "
                               f"doc_ids={'set' if doc_ids is not None else None})")
-        return ring_attention(q, k, v, group=group, causal=causal, scale=scale)
+        return ring_attention(q, k, v, group=group, causal=causal, scale=scale, kernel=kernel)
 
     return backend
 
 
-def apply_context_parallel(model: torch.nn.Module, group=None) -> torch.nn.Module:
+def apply_context_parallel(model: torch.nn.Module, group=None, kernel: str = "auto") -> torch.nn.Module:
     """Run every (GQA) attention layer of `model` as ring attention over `group`; returns the model.
 
     The caller feeds each rank its `shard_sequence` part of input_ids/targets and the matching global
     `positions` (so RoPE sees true positions), and sums `ce_sum` / `n_tokens` over the group for the
     loss (then averages gradients over the group as data parallelism does). Latent attention (MLA) is
-    not supported yet.
+    not supported yet. `kernel`: the block implementation (`ring_attention`).
     """
     from lmforge.model.attention import Attention, register_backend
 
-    name = f"ring:{id(group)}"
-    register_backend(name, ring_backend(group))
+    name = f"ring:{id(group)}:{kernel}"
+    register_backend(name, ring_backend(group, kernel))
     found = 0
     for m in model.modules():
         if isinstance(m, Attention):

@@ -1,4 +1,6 @@
-"""Ring attention (context parallelism) equals full attention, forward and backward, on 2 gloo ranks."""
+"""Ring attention (context parallelism) equals full attention, forward and backward, on 2 gloo ranks,
+with the reference block math and with torch's fused flash kernel (CPU); the fused block functions
+equal the reference block math, and the CUDA kernel's call is checked on meta tensors."""
 
 import pytest
 import torch
@@ -6,8 +8,13 @@ import torch.distributed as dist
 
 from lmforge.distributed.ring_attention import (
     apply_context_parallel,
+    block_backward,
+    block_forward,
+    kernel_block_backward,
+    kernel_block_forward,
     merge,
     ring_attention,
+    select_kernel,
     shard_sequence,
     unshard_sequence,
     zigzag_indices,
@@ -25,7 +32,7 @@ def _gather(x):
     return parts
 
 
-def check_ring(rank, world, causal, hq, hkv, T=12, B=2, D=5, Dv=7):
+def check_ring(rank, world, causal, hq, hkv, T=12, B=2, D=5, Dv=7, kernel="auto"):
     g = torch.Generator().manual_seed(7)
     q = torch.randn(B, hq, T, D, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(B, hkv, T, D, generator=g, dtype=torch.float64, requires_grad=True)
@@ -34,19 +41,26 @@ def check_ring(rank, world, causal, hq, hkv, T=12, B=2, D=5, Dv=7):
     ref = reference_attention(q, k, v, causal=causal)
     ref.backward(dout)
     ql, kl, vl = (shard_sequence(t.detach(), 2, rank, world, causal).requires_grad_() for t in (q, k, v))
-    out = ring_attention(ql, kl, vl, causal=causal)
+    out = ring_attention(ql, kl, vl, causal=causal, kernel=kernel)
     out.backward(shard_sequence(dout, 2, rank, world, causal))
     full = lambda x: unshard_sequence(_gather(x), 2, causal)  # noqa: E731
     return {"out": max_err(full(out.detach()), ref), "dq": max_err(full(ql.grad), q.grad),
             "dk": max_err(full(kl.grad), k.grad), "dv": max_err(full(vl.grad), v.grad)}
 
 
+def _both_kernels(rank, world, **kw):
+    """Reference block math (Dv ≠ D: auto picks it) and the fused CPU flash kernel (D = Dv = 6)."""
+    ref = check_ring(rank, world, **kw)
+    fused = check_ring(rank, world, D=6, Dv=6, kernel="flash_cpu", **kw)
+    return {**ref, **{f"flash_cpu:{key}": err for key, err in fused.items()}}
+
+
 def ring_causal_gqa(rank, world):
-    return check_ring(rank, world, causal=True, hq=4, hkv=2)
+    return _both_kernels(rank, world, causal=True, hq=4, hkv=2)
 
 
 def ring_full_mha(rank, world):
-    return check_ring(rank, world, causal=False, hq=3, hkv=3, T=10)
+    return _both_kernels(rank, world, causal=False, hq=3, hkv=3, T=10)
 
 
 def ring_transformer(rank, world):
@@ -63,21 +77,24 @@ def ring_transformer(rank, world):
     ref = model(x, y)
     ref.loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    apply_context_parallel(model)
-    pos = zigzag_indices(12, rank, world).expand(2, -1)
-    out = model(shard_sequence(x, 1, rank, world), shard_sequence(y, 1, rank, world), positions=pos)
-    ce, n = out.ce_sum.clone(), out.n_tokens.clone().double()
-    dist.all_reduce(n)
-    (out.ce_sum / n).backward()  # the global mean CE's share of this rank
-    dist.all_reduce(ce)
-    grad_err = 0.0
-    for name, p in model.named_parameters():
-        dist.all_reduce(p.grad)
-        grad_err = max(grad_err, max_err(p.grad, ref_grads[name]))
-    logits = unshard_sequence(_gather(out.logits.detach()), 1)
-    return {"logits": max_err(logits, ref.logits), "loss": abs((ce / n).item() - ref.loss.item()),
-            "grads": grad_err}
+    errors = {}
+    for kernel in ("auto", "reference"):  # auto: the CPU flash kernel (head dim 8)
+        model.zero_grad()
+        apply_context_parallel(model, kernel=kernel)
+        pos = zigzag_indices(12, rank, world).expand(2, -1)
+        out = model(shard_sequence(x, 1, rank, world), shard_sequence(y, 1, rank, world), positions=pos)
+        ce, n = out.ce_sum.clone(), out.n_tokens.clone().double()
+        dist.all_reduce(n)
+        (out.ce_sum / n).backward()  # the global mean CE's share of this rank
+        dist.all_reduce(ce)
+        grad_err = 0.0
+        for name, p in model.named_parameters():
+            dist.all_reduce(p.grad)
+            grad_err = max(grad_err, max_err(p.grad, ref_grads[name]))
+        logits = unshard_sequence(_gather(out.logits.detach()), 1)
+        errors[kernel] = {"logits": max_err(logits, ref.logits), "loss": abs((ce / n).item() - ref.loss.item()),
+                          "grads": grad_err}
+    return errors
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +110,10 @@ def test_ring_matches_full_attention(results, check):
 
 
 def test_context_parallel_transformer_matches_single_process(results):
-    for r in results[f"{MOD}:ring_transformer"]:
-        assert r["logits"] < 1e-10 and r["loss"] < 1e-10 and r["grads"] < 1e-10, r
+    for per_kernel in results[f"{MOD}:ring_transformer"]:
+        assert set(per_kernel) == {"auto", "reference"}
+        for r in per_kernel.values():
+            assert r["logits"] < 1e-10 and r["loss"] < 1e-10 and r["grads"] < 1e-10, per_kernel
 
 
 def test_zigzag_layout_and_merge():
@@ -111,3 +130,83 @@ def test_zigzag_layout_and_merge():
     part = lambda a, b: (torch.softmax(s[:, a:b], -1) @ v[a:b], torch.logsumexp(s[:, a:b], -1))  # noqa: E731
     out, _ = merge(*part(0, 4), *part(4, 9))
     torch.testing.assert_close(out, torch.softmax(s, -1) @ v)
+
+
+def test_kernel_selection():
+    bf16, f32, f64 = torch.bfloat16, torch.float32, torch.float64
+    assert select_kernel("cuda", bf16, 128, 128) == "flash_cuda"
+    assert select_kernel("cuda", torch.float16, 64, 64) == "flash_cuda"
+    assert select_kernel("cuda", f32, 128, 128) == "reference"  # no fp32 flash kernel on CUDA
+    assert select_kernel("cuda", bf16, 100, 100) == "reference"  # not a multiple of 8
+    assert select_kernel("cuda", bf16, 264, 264) == "reference"  # over 256
+    assert select_kernel("cuda", bf16, 128, 64) == "reference"  # Dv ≠ D
+    assert select_kernel("cpu", f64, 6, 6) == "flash_cpu"
+    assert select_kernel("cpu", bf16, 100, 100) == "flash_cpu"
+    assert select_kernel("cpu", f64, 5, 7) == "reference"
+    assert select_kernel("cpu", bf16, 8, 8, "reference") == "reference"
+    with pytest.raises(ConfigError, match="flash_cuda runs on cuda tensors, got cpu"):
+        select_kernel("cpu", bf16, 128, 128, "flash_cuda")
+    with pytest.raises(ConfigError, match="flash_cuda needs float16 or bfloat16, got torch.float32"):
+        select_kernel("cuda", f32, 128, 128, "flash_cuda")
+    with pytest.raises(ConfigError, match="equal key and value head dims, got 5 and 7"):
+        select_kernel("cpu", f64, 5, 7, "flash_cpu")
+    with pytest.raises(ConfigError, match="unknown kernel 'flash'"):
+        select_kernel("cpu", f64, 8, 8, "flash")
+
+
+def _blocks(dtype, B=2, H=3, T=6, S=10, D=6, seed=0):
+    """Queries, a full kv block of S keys and a diagonal (causal) block of T keys, and a dout."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    return r(B, H, T, D), r(B, H, S, D), r(B, H, S, D), r(B, H, T, D), r(B, H, T, D), r(B, H, T, D)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_flash_cpu_block_matches_reference_block(dtype, tol):
+    q, k1, v1, k2, v2, dout = _blocks(dtype)
+    scale = 0.37
+    ref1, ref2 = block_forward(q, k1, v1, scale, False), block_forward(q, k2, v2, scale, True)
+    got1, got2 = kernel_block_forward("flash_cpu", q, k1, v1, scale, False), \
+        kernel_block_forward("flash_cpu", q, k2, v2, scale, True)
+    for (ro, rl), (go, gl) in ((ref1, got1), (ref2, got2)):
+        assert go.dtype == dtype and gl.shape == rl.shape
+        torch.testing.assert_close(go, ro.to(dtype), atol=tol, rtol=0)
+        torch.testing.assert_close(gl, rl.to(gl.dtype), atol=tol, rtol=0)
+    # backward of each block given the GLOBAL out/lse (both blocks merged): each block's share
+    out, lse = merge(*ref1, *ref2)
+    for kb, vb, causal in ((k1, v1, False), (k2, v2, True)):
+        want = block_backward(q, kb, vb, out, lse, dout, scale, causal)
+        got = kernel_block_backward("flash_cpu", q, kb, vb, out.to(dtype), lse, dout, scale, causal)
+        for name, w, gr in zip(("dq", "dk", "dv"), want, got):
+            torch.testing.assert_close(gr, w.to(dtype), atol=tol, rtol=0, msg=name)
+    # the two shares add up to the gradient of softmax attention over both blocks (autograd)
+    qa, ka, va = (t.detach().double().requires_grad_() for t in (q, torch.cat([k1, k2], 2), torch.cat([v1, v2], 2)))
+    mask = torch.cat([torch.ones(6, 10, dtype=torch.bool), torch.ones(6, 6, dtype=torch.bool).tril()], 1)
+    s = (qa @ ka.transpose(-2, -1) * scale).masked_fill(~mask, float("-inf"))
+    (torch.softmax(s, -1) @ va).backward(dout.double())
+    g1 = kernel_block_backward("flash_cpu", q, k1, v1, out.to(dtype), lse, dout, scale, False)
+    g2 = kernel_block_backward("flash_cpu", q, k2, v2, out.to(dtype), lse, dout, scale, True)
+    torch.testing.assert_close((g1[0] + g2[0]).double(), qa.grad, atol=100 * tol, rtol=0)
+    torch.testing.assert_close(torch.cat([g1[1], g2[1]], 2).double(), ka.grad, atol=100 * tol, rtol=0)
+
+
+def test_flash_cuda_call_signature_on_meta_tensors():
+    """The CUDA kernel's forward/backward calls (argument order, None for varlen/RNG) as this torch
+    declares them, run on meta tensors (shapes and dtypes only: no GPU here)."""
+    B, H, T, S, D = 2, 4, 6, 10, 16
+    m = dict(device="meta", dtype=torch.bfloat16)
+    q, k, v = torch.empty(B, H, T, D, **m), torch.empty(B, H, S, D, **m), torch.empty(B, H, S, D, **m)
+    out, lse = kernel_block_forward("flash_cuda", q, k, v, 0.25, False)
+    assert out.shape == (B, H, T, D) and out.dtype == torch.bfloat16
+    assert lse.shape == (B, H, T) and lse.dtype == torch.float32
+    dq, dk, dv = kernel_block_backward("flash_cuda", q, k, v, out, lse.float(), out, 0.25, False)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape and dq.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kernel", ["reference", "flash_cpu"])
+def test_single_process_ring_is_attention(kernel):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 10, 6, generator=g, dtype=torch.float64) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    torch.testing.assert_close(ring_attention(q, k, v, causal=True, kernel=kernel),
+                               reference_attention(q, k, v, causal=True), atol=1e-12, rtol=0)
