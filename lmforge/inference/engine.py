@@ -47,8 +47,9 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.inference.cache import StaticKVCache
+from lmforge.inference.pipeline import DecodeBuffers, InFlight
 from lmforge.inference.prefix import PrefixCache
-from lmforge.inference.sampling import Row, SamplingParams, sample
+from lmforge.inference.sampling import Row, SamplingParams, fast_key, sample, sample_fast
 from lmforge.inference.speculative import row_probs, row_random, verify_batch
 from lmforge.inference.text import TextStream
 
@@ -129,13 +130,16 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._pending_events: list[Event] = []
+        self.bufs = DecodeBuffers(max_batch, self.max_len, self.device)  # the steady-state step's inputs
+        self._inflight: InFlight | None = None  # a launched decode step whose tokens are unread
         self.compiled = compile and self.device.type == "cuda"
         if self.compiled:  # fixed addresses, so the CUDA graph may update the cache in place
             for t in [b for layer in self.cache.buffers for b in layer] + [
-                    kp for kp in self.cache.key_positions if kp is not None]:
+                    kp for kp in self.cache.key_positions if kp is not None] + [self.bufs.tokens, self.bufs.positions]:
                 torch._dynamo.mark_static_address(t)
-        self._decode_fn = (torch.compile(self._forward_full, mode="reduce-overhead", dynamic=False)
-                           if self.compiled else None)
+        compiled = lambda fn: torch.compile(fn, mode="reduce-overhead", dynamic=False) if self.compiled else None
+        self._decode_fn = compiled(self._forward_full)  # speculative rounds and rows that need `sample`
+        self._step_fn = compiled(self._sample_step)  # the steady-state step: forward + sampling
         self.drafter, self.spec_k = drafter, spec_k
         self.spec_stats = {"rounds": 0, "drafted": 0, "accepted": 0}  # over all rows since start
         if drafter is not None:
@@ -185,7 +189,8 @@ class Engine:
         self.requests.pop(request_id, None)
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or any(s is not None for s in self.slots) or bool(self._pending_events)
+        return (bool(self.waiting) or any(s is not None for s in self.slots) or bool(self._pending_events)
+                or self._inflight is not None)
 
     @property
     def n_running(self) -> int:
@@ -195,6 +200,12 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[Event]:
         events, self._pending_events = self._pending_events, []
+        if self._inflight is not None:  # read the step launched last time
+            prev, self._inflight = self._inflight, None
+            if self._may_pipeline(prev):  # nothing to schedule: launch the next step first
+                self._inflight = self._launch(prev.seqs, prev.key, ahead=1)
+                return self._retire(events + self._collect(prev))
+            events += self._collect(prev)
         admitted = self._admit()
         if self.prefill_chunk is not None:
             self.prefilling += admitted
@@ -202,8 +213,17 @@ class Engine:
         elif admitted:
             events += self._prefill(admitted)
         running = [s for s in self.slots if s is not None and s.last is not None]
-        if running:
-            events += self._speculate(running) if self.drafter is not None else self._decode(running)
+        key = self._fast_key(running)
+        if running and self.drafter is not None:
+            events += self._speculate(running)
+        elif running and key is not None:  # its tokens are read at the next step
+            self.bufs.load(running)
+            self._inflight = self._launch(running, key, ahead=0)
+        elif running:
+            events += self._decode(running)
+        return self._retire(events)
+
+    def _retire(self, events: list[Event]) -> list[Event]:
         for req in [r for r in self.requests.values() if r.finished]:
             self.requests.pop(req.request_id)
         return events
@@ -291,6 +311,53 @@ class Engine:
                 for t in sibs[1:]:
                     t.length = s.length
                 events += self._accept(sibs, logits.expand(len(sibs), -1))
+        return events
+
+    # -- the steady-state decode step (pipeline.py) ------------------------------------------------
+    def _fast_key(self, running: list[Sequence]) -> tuple | None:
+        """The sampling key all running rows share, if the captured step may decode them."""
+        keys = {fast_key(s.request.params) for s in running}
+        if len(keys) != 1 or None in keys or self.prefilling:  # idle-row junk must not hit a prefill
+            return None
+        return keys.pop()
+
+    def _may_pipeline(self, prev: InFlight) -> bool:
+        """Whether step t+1 may be launched before step t's tokens are read: the same rows go on
+        (no abort, no chunked prefill, no request that could take a free slot), and at least one
+        row may outlive step t (otherwise step t+1 would be thrown away whole)."""
+        if self.prefilling or any(s.finish_reason is not None for s in prev.seqs):
+            return False
+        if self.waiting and sum(s is None for s in self.slots) >= self.waiting[0].params.n:
+            return False
+        return not all(len(s.row.output_ids) + 1 >= s.request.params.max_tokens or s.length + 2 >= self.max_len
+                       for s in prev.seqs)
+
+    def _launch(self, seqs: list[Sequence], key: tuple, ahead: int) -> InFlight:
+        """Decode one token for every row from the device buffers (no host sync). `ahead` = 1
+        when the host has not read the previous step yet (its rows' lengths lag by one)."""
+        need = max(s.length for s in seqs) + 1 + ahead  # cache slots the step attends to
+        if self.compiled:  # all rows; a few fixed lengths, one CUDA graph each
+            length = min(self.max_len, max(256, 1 << (need - 1).bit_length()))
+            torch.compiler.cudagraph_mark_step_begin()
+            nxt = self._step_fn(self.bufs.tokens, self.bufs.positions, key, length)
+        else:
+            nb = max(s.slot for s in seqs) + 1
+            nxt = self._sample_step(self.bufs.tokens[:nb], self.bufs.positions[:nb], key, need)
+        return self.bufs.advance(nxt, seqs, key)
+
+    def _sample_step(self, tokens, pos, key: tuple, length: int) -> torch.Tensor:
+        logits = self._forward(tokens, pos, slice(0, tokens.shape[0]), length)[:, -1]
+        return sample_fast(logits, key)
+
+    def _collect(self, prev: InFlight) -> list[Event]:
+        """Step t's tokens -> events. Rows that finished since it was launched (a stop at t - 1,
+        an abort) drop their token: it is the one extra token of the pipeline."""
+        tokens = prev.read()
+        events = []
+        for s in prev.seqs:
+            if s.finish_reason is None:
+                s.length += 1
+                events.append(self._emit(s, tokens[s.slot], None, None))
         return events
 
     def _decode(self, running: list[Sequence]) -> list[Event]:

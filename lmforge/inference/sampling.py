@@ -172,3 +172,24 @@ def sample(logits: torch.Tensor, rows: list[Row]) -> Sampled:
         if k:
             out.top_logprobs, out.top_ids = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
     return out
+
+
+def fast_key(params: SamplingParams) -> tuple | None:
+    """The settings the engine's captured decode step samples with, or None for a row that needs
+    the general `sample` (penalties and log-probs read host-side state; a seed needs its own
+    generator). Rows decode on the fast step together only when their keys are equal."""
+    if params.penalised or params.logprobs is not None or params.seed is not None:
+        return None
+    if params.greedy:
+        return ("greedy",)
+    return ("sample", params.temperature, params.top_k, params.top_p, params.min_p)
+
+
+def sample_fast(logits: torch.Tensor, key: tuple) -> torch.Tensor:
+    """Tokens [B] for logits [B, V] that share one `fast_key`: the same tokens as `sample` gives
+    for greedy rows, the same distribution for sampled ones; no host sync, so it can be captured."""
+    logits = logits.float()
+    if key[0] == "greedy":
+        return logits.argmax(dim=-1)
+    _, temperature, top_k, top_p, min_p = key
+    return draw(torch.softmax(filter_logits(logits / temperature, top_k, top_p, min_p), dim=-1))

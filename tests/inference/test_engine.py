@@ -42,9 +42,9 @@ def test_requests_join_while_others_decode():
     engine = Engine(model, max_batch=2, max_len=40)
     a = engine.add_request(prompts([4])[0], SamplingParams(max_tokens=10, temperature=0))
     seen = {a: []}
-    for ev in engine.step() + engine.step():  # the first step prefills and decodes: 3 tokens
-        seen[a].append(ev.token_id)
-    assert len(seen[a]) == 3
+    for ev in engine.step() + engine.step():  # prefill's token, then the first decode step's, read
+        seen[a].append(ev.token_id)  # one step late (the host reads step t while t+1 runs)
+    assert len(seen[a]) == 2
     b = engine.add_request(prompts([6], seed=3)[0], SamplingParams(max_tokens=3, temperature=0))
     seen[b] = []
     while engine.has_work():
@@ -144,7 +144,7 @@ def test_fixed_shape_decode_path_equals_dynamic():
     params = [SamplingParams(max_tokens=m, temperature=0) for m in (9, 4, 12)]
     ref = Engine(model, max_batch=4, max_len=30).generate(ps, params)
     fixed = Engine(model, max_batch=4, max_len=30)
-    fixed.compiled, fixed._decode_fn = True, fixed._forward_full
+    fixed.compiled, fixed._decode_fn, fixed._step_fn = True, fixed._forward_full, fixed._sample_step
     assert [o[0].token_ids for o in fixed.generate(ps, params)] == [o[0].token_ids for o in ref]
 
 
@@ -205,7 +205,7 @@ def test_chunked_prefill_row_below_running_rows_is_not_overwritten():
     with torch.no_grad():  # log-probs are sensitive where greedy tokens might not be
         ref = torch.log_softmax(model(torch.tensor([pc + out[c]])).logits[0, len(pc) - 1:-1], -1)
     assert lps == pytest.approx(ref.gather(-1, torch.tensor(out[c])[:, None]).squeeze(-1).tolist(), abs=1e-6)
-    assert engine.requests == {} and len(out[b]) == 28
+    assert engine.requests == {} and len(out[b]) == 29  # steps 1-2 gave 1 token (decode read one step late)
 
 
 @pytest.mark.parametrize("spec", [False, True])
@@ -219,11 +219,15 @@ def test_fixed_shape_path_with_chunked_prefill(spec):
     ps = [p * 2 for p in prompts([2, 2, 11, 4])]
     kw = dict(drafter=NGramDrafter(2), spec_k=3) if spec else {}
     engine = Engine(model, max_batch=3, max_len=44, prefill_chunk=4, **kw)
-    engine.compiled, engine._decode_fn = True, engine._forward_full
+    engine.compiled, engine._decode_fn, engine._step_fn = True, engine._forward_full, engine._sample_step
     calls = []
-    full = engine._forward_graph
-    engine._forward_graph = lambda t, p: calls.append(t.shape) or full(t, p)
+    if spec:
+        full = engine._forward_graph
+        engine._forward_graph = lambda t, p: calls.append(t.shape) or full(t, p)
+    else:  # greedy rows take the steady-state step
+        step = engine._step_fn
+        engine._step_fn = lambda t, p, key, n: calls.append(t.shape) or step(t, p, key, n)
     outs = engine.generate(ps, SamplingParams(max_tokens=9, temperature=0))
     for p, out in zip(ps, outs):
         assert out[0].token_ids == naive_greedy(model, p, 9)
-    assert calls and all(c[1] == (4 if spec else 1) for c in calls)
+    assert calls and all(c[1] == (4 if spec else 1) and (spec or c[0] == 3) for c in calls)
