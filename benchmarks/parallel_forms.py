@@ -17,10 +17,13 @@ time, peak memory per GPU (the larger of the two), the ratio to the form's basel
                 global batch 2B in m micro-batches: measured bubble (1 − busy/wall, CUDA events) next
                 to (p − 1)/(v·m + p − 1)
   cp_*          causal attention forward+backward at a context whose score matrices do not fit one
-                80 GB GPU: `cp_reference` (the ring's fp32 block math on the whole sequence, 1 GPU;
-                expected out of memory), `cp` (ring attention over 2 GPUs, the same block math), and
-                `cp_sdpa` (1 GPU, PyTorch's flash SDPA, O(T) memory: the speed reference; our ring
-                blocks are the readable fp32 version, so SDPA is expected to win on speed)
+                80 GB GPU: `cp_sdpa` (1 GPU, PyTorch's flash SDPA, O(T) memory: the speed reference),
+                `cp_reference` (the ring's readable fp32 block math on the whole sequence, 1 GPU;
+                expected out of memory), `cp_ring_reference` (ring attention over 2 GPUs with that
+                block math) and `cp` (ring attention over 2 GPUs with its default block kernel, the
+                fused flash op on a GPU: `kernel` in the row). The ring rows also report the largest
+                error of out/dQ/dK/dV (full sequence, random dout) against fp32 SDPA on one device,
+                next to the same error of bf16 SDPA (`err_*` and `sdpa_err_*`)
   ep_*          one MoE layer: every GPU holding every expert (DDP) vs expert parallel (all-to-all);
                 `a2a_share` is the share of the EP step spent in the all-to-alls (device syncs
                 around them, so that time is their own)
@@ -50,11 +53,11 @@ VARIANTS = {  # form -> [(variant, GPUs)]
     "tp": [("tp", 2)],
     "tp_layer": [("tp_layer_1gpu", 1), ("tp_layer", 2)],
     "pp": [("pp_gpipe", 2), ("pp_1f1b", 2), ("pp_interleaved", 2)],
-    "cp": [("cp_sdpa", 1), ("cp_reference", 1), ("cp", 2)],
+    "cp": [("cp_sdpa", 1), ("cp_reference", 1), ("cp_ring_reference", 2), ("cp", 2)],
     "ep": [("ep_dp", 2), ("ep", 2)],
 }
 BASELINE = {"tp": "dp", "pp_gpipe": "dp", "pp_1f1b": "dp", "pp_interleaved": "dp", "dp": "single",
-            "tp_layer": "tp_layer_1gpu", "cp": "cp_sdpa", "cp_reference": "cp_sdpa", "ep": "ep_dp"}
+            "tp_layer": "tp_layer_1gpu", "cp": "cp_sdpa", "cp_reference": "cp_sdpa", "cp_ring_reference": "cp_sdpa", "ep": "ep_dp"}
 
 
 def _cfg(args):
@@ -107,6 +110,44 @@ def _model(cfg, device):
 
 def _adamw(params, device):
     return torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+
+
+def _cp_errors(q, k, v, kernel, device, rank, world) -> dict:
+    """Largest |error| of the ring's out, dQ, dK, dV (whole sequence, random dout) against fp32 SDPA,
+    and of SDPA in the inputs' dtype against the same reference (the error to expect from the dtype)."""
+    from lmforge.distributed.ring_attention import ring_attention, unshard_sequence
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    g = torch.Generator(device=device).manual_seed(100 + rank)
+    dout = torch.randn(q.shape, device=device, dtype=q.dtype, generator=g)
+    for t in (q, k, v):
+        t.grad = None
+    ring_attention(q, k, v, causal=True, kernel=kernel).backward(dout)
+
+    def whole(x):
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.detach().contiguous())
+        return unshard_sequence(parts, 2)
+
+    full = [whole(t) for t in (q, k, v)]
+    dout_full = whole(dout)
+    ring = {"dq": whole(q.grad), "dk": whole(k.grad), "dv": whole(v.grad)}
+    with torch.no_grad():
+        ring["out"] = whole(ring_attention(q, k, v, causal=True, kernel=kernel))
+
+    def grads(xs, dout):  # out and input gradients of SDPA (causal) on the whole sequence
+        xs = [t.detach().clone().requires_grad_() for t in xs]
+        o = sdpa(*xs, is_causal=True)
+        o.backward(dout)
+        return {"out": o.detach(), "dq": xs[0].grad, "dk": xs[1].grad, "dv": xs[2].grad}
+
+    want = grads([t.float() for t in full], dout_full.float())
+    same_dtype = grads(full, dout_full)
+    errs = {}
+    for prefix, got in (("err", ring), ("sdpa_err", same_dtype)):
+        for key in ("out", "dq", "dk", "dv"):
+            errs[f"{prefix}_{key}"] = (got[key].float() - want[key]).abs().max().item()
+    return errs
 
 
 def run_variant(name, args, device, rank, world) -> dict:
@@ -190,7 +231,7 @@ def run_variant(name, args, device, rank, world) -> dict:
         return {"tokens_per_s_per_gpu": rows * args.seq / s / world, "step_ms": 1e3 * s,
                 "bubble": sum(bubbles) / len(bubbles), "bubble_formula": bubble_formula(world, args.micro, virtual)}
     if name.startswith("cp"):
-        from lmforge.distributed.ring_attention import block_forward, ring_attention
+        from lmforge.distributed.ring_attention import block_forward, ring_attention, select_kernel
 
         T, H, D = args.cp_seq, 8, 128
         t_local = T // world
@@ -198,10 +239,11 @@ def run_variant(name, args, device, rank, world) -> dict:
         dt = torch.bfloat16 if device.type == "cuda" else torch.float32
         q, k, v = (torch.randn(1, H, t_local, D, device=device, dtype=dt, generator=g).requires_grad_()
                    for _ in range(3))
+        kernel = "reference" if name == "cp_ring_reference" else "auto"
 
         def step():
-            if name == "cp":
-                out = ring_attention(q, k, v, causal=True)
+            if name in ("cp", "cp_ring_reference"):
+                out = ring_attention(q, k, v, causal=True, kernel=kernel)
             elif name == "cp_reference":  # the ring's block math on the whole sequence, one GPU
                 out = block_forward(q, k, v, D ** -0.5, True)[0]
             else:
@@ -209,7 +251,11 @@ def run_variant(name, args, device, rank, world) -> dict:
             out.float().sum().backward()
 
         s = _timed(step, args, device)
-        return {"tokens_per_s_per_gpu": T / s / world, "step_ms": 1e3 * s, "context": T}
+        row = {"tokens_per_s_per_gpu": T / s / world, "step_ms": 1e3 * s, "context": T}
+        if name in ("cp", "cp_ring_reference"):
+            row["kernel"] = select_kernel(device.type, dt, D, D, kernel)
+            row.update(_cp_errors(q, k, v, kernel, device, rank, world))
+        return row
     if name.startswith("ep"):
         from lmforge.distributed.expert_parallel import ExpertParallelMoE
         from lmforge.model.moe import MoE, MoEConfig
@@ -298,10 +344,10 @@ def worker(args) -> None:
 
 def _table(rows: list[dict]) -> list[str]:
     by_name = {r["form"]: r for r in rows}
-    out = [f"{'variant':<16} {'GPUs':>4} {'tok/s/GPU':>11} {'step ms':>9} {'peak GB':>8} {'vs baseline':>20}  extra"]
+    out = [f"{'variant':<18} {'GPUs':>4} {'tok/s/GPU':>11} {'step ms':>9} {'peak GB':>8} {'vs baseline':>20}  extra"]
     for r in rows:
         if "error" in r:
-            out.append(f"{r['form']:<16} {r['gpus']:>4}  {r['error']}")
+            out.append(f"{r['form']:<18} {r['gpus']:>4}  {r['error']}")
             continue
         base = by_name.get(BASELINE.get(r["form"], ""), {})
         vs = ""
@@ -309,9 +355,11 @@ def _table(rows: list[dict]) -> list[str]:
             key = "step_ms" if r["form"] == "tp_layer" else "tokens_per_s_per_gpu"  # speed-up of the layer
             ratio = base[key] / r[key] if key == "step_ms" else r[key] / base[key]
             vs = f"{ratio:.2f}x {BASELINE[r['form']]}"
-        extra = {k: round(v, 4) for k, v in r.items() if k in ("bubble", "bubble_formula", "a2a_share", "context")}
+        extra = {k: v if isinstance(v, str) else float(f"{v:.3g}") if "err_" in k else round(v, 4)
+                 for k, v in r.items() if k in ("bubble", "bubble_formula", "a2a_share", "context", "kernel")
+                 or "err_" in k}
         peak = f"{r['peak_mem_gb']:.2f}" if r.get("peak_mem_gb") is not None else "-"
-        out.append(f"{r['form']:<16} {r['gpus']:>4} {r['tokens_per_s_per_gpu']:>11.0f} {r['step_ms']:>9.1f} "
+        out.append(f"{r['form']:<18} {r['gpus']:>4} {r['tokens_per_s_per_gpu']:>11.0f} {r['step_ms']:>9.1f} "
                    f"{peak:>8} {vs:>20}  {extra or ''}")
     out.append("vs baseline: ratio of tokens/s per GPU (tp_layer: step-time speed-up of the layer on 2 GPUs)")
     return out
