@@ -36,6 +36,14 @@ Shapes: llama124m (alias gpt2s): Llama layout (RMSNorm, SwiGLU, RoPE, untied hea
 d_ff 5632, vocab 32000).
 
 Prints a table and writes JSON (--out, default runs/bench/inference_decode_<device>.json).
+
+--overhead measures the engine's own cost per decode step instead: a 1-layer d-64 model (its
+forward is the floor) decodes --new tokens per row; per batch size it prints the engine's time per
+step, the time of the bare model forward at the same shapes (timed in the same rounds), their
+difference (the engine's host overhead per step) and the host-sync calls per steady-state step
+(pipeline.HostSyncCounter: .item/.tolist/.cpu/bool of a tensor/t[i] = v/torch.tensor).
+
+  PYTHONPATH=. python3 benchmarks/inference_decode.py --overhead --batch 1 8 64 --new 128
 """
 
 from __future__ import annotations
@@ -152,6 +160,56 @@ def run_batch(B, prompts, model, qmodel, hf, hf_c, args, device) -> list[dict]:
             r["bandwidth_frac"] = r["bandwidth_tbs"] / peak if peak else None
     return rows
 
+@torch.inference_mode()
+def overhead_row(B: int, model, args, device) -> dict:
+    """Engine time per decode step minus the bare forward's, and host syncs per steady step."""
+    from lmforge.inference.pipeline import HostSyncCounter
+
+    max_len = args.prompt + args.new + 1
+    sp = SamplingParams(max_tokens=args.new, temperature=0)
+    engine = Engine(model, max_batch=B, max_len=max_len, eos_ids=[])
+    prompts = torch.randint(0, model.cfg.vocab_size, (B, args.prompt)).tolist()
+    tok = torch.zeros(B, 1, dtype=torch.long, device=device)
+    pos = torch.full((B, 1), args.prompt + args.new // 2, device=device)
+
+    def forwards():  # the eager step's forward at the mean length
+        for _ in range(args.new):
+            engine._forward(tok, pos, slice(0, B), args.prompt + args.new // 2 + 1)
+
+    fns = {"engine": lambda: engine.generate(prompts, sp), "forward": forwards}
+    best = {}
+    for r in range(args.repeats + 1):  # round 0 warms up
+        for name, fn in fns.items():
+            secs = timed(fn, device)[0] / args.new
+            best[name] = min(best.get(name, float("inf")), secs) if r else float("inf")
+    for p in prompts:
+        engine.add_request(p, sp)
+    engine.step()
+    engine.step()
+    with HostSyncCounter() as syncs:  # three steady-state steps
+        for _ in range(3):
+            engine.step()
+    while engine.has_work():
+        engine.step()
+    return {"batch": B, "step_us": best["engine"] * 1e6, "forward_us": best["forward"] * 1e6,
+            "overhead_us": (best["engine"] - best["forward"]) * 1e6,
+            "syncs_per_step": {k: v / 3 for k, v in sorted(syncs.counts.items())}}
+
+
+def overhead(args, device) -> list[dict]:
+    """--overhead: one row per batch size for a 1-layer d-64 model (its forward is the floor)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, context_length=1024, d_model=64, n_layers=1, n_heads=2, n_kv_heads=2,
+                      attention_backend="sdpa")
+    model = Transformer(cfg).to(device).eval()
+    rows = [overhead_row(B, model, args, device) for B in args.batch]
+    print(f"{'batch':>5} {'step us':>9} {'forward us':>10} {'overhead us':>11}  host syncs per steady step")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['step_us']:>9.0f} {r['forward_us']:>10.0f} {r['overhead_us']:>11.0f}  "
+              f"{r['syncs_per_step']}")
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -163,10 +221,20 @@ def main() -> int:
     ap.add_argument("--skip", nargs="*", default=[], help="variants to skip")
     ap.add_argument("--peak-tbs", type=float, default=None, help="the card's peak memory bandwidth, TB/s")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--overhead", action="store_true", help="the engine's host overhead per step (1-layer model)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.overhead:
+        rows = overhead(args, device)
+        out = Path(args.out or f"runs/bench/inference_overhead_{device.type}.json")
+        write_json(out, {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                         "threads": torch.get_num_threads(), "torch": torch.__version__, "prompt": args.prompt,
+                         "new": args.new, "command": " ".join(sys.argv),
+                         "date": datetime.date.today().isoformat(), "results": rows})
+        print(f"wrote {out}")
+        return 0
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     cfg = ModelConfig(**SHAPES[args.shape], attention_backend="sdpa", tie_embeddings=False)

@@ -73,3 +73,49 @@ class DecodeBuffers:
         host[:nb].copy_(next_tokens, non_blocking=True)
         event.record()
         return InFlight(list(seqs), key, host[:nb], event)
+
+
+class HostSyncCounter:
+    """Counts the tensor operations that wait for the device (or, on CUDA, copy to it one element
+    at a time): `.item()`, `.tolist()`, `.cpu()`, `.numpy()`, bool/int/float of a tensor,
+    `t[i] = v`, `torch.tensor(...)`. On CPU nothing waits, but the same calls would on CUDA, so
+    counting them on CPU checks the code path (tests and benchmarks/inference_decode.py --overhead).
+
+        with HostSyncCounter() as syncs:
+            engine.step()
+        syncs.counts  # {"tolist": 1}
+    """
+
+    METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "__setitem__")
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self._saved: list[tuple[object, str, object]] = []
+
+    def _wrap(self, owner, name: str) -> None:
+        orig = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return orig(*args, **kwargs)
+
+        self._saved.append((owner, name, owner.__dict__.get(name)))  # None: inherited
+        setattr(owner, name, counted)
+
+    def __enter__(self) -> HostSyncCounter:
+        for name in self.METHODS:
+            self._wrap(torch.Tensor, name)
+        self._wrap(torch, "tensor")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, orig in reversed(self._saved):
+            if orig is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, orig)
+        self._saved.clear()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
