@@ -1,9 +1,15 @@
 """An IsoFLOP sweep end to end on one device: tokenizer -> shards -> sweep -> fits -> plots -> plans.
 
-1. trains a small-vocabulary BPE tokenizer on the corpus (default: the embedded one) and encodes
-   it into train/val shards, once (kept in --work and reused by a rerun);
+1. trains a small-vocabulary BPE tokenizer on --tokenizer-corpus (default: the embedded one, ~10-30
+   MB: enough text for a 4096-token vocabulary, seconds in pure Python) and encodes --corpus (files,
+   dirs, globs; default: embedded) into train/val shards, once (kept in --work under a hash of both
+   corpus specs, reused by a rerun);
 2. prints the grid (per run: N, steps, tokens, tokens per parameter, passes over the training
-   tokens) and its training time estimated from the counted FLOPs at --mfu of --peak-tflops;
+   tokens) and its training time estimated from the counted FLOPs at --mfu of --peak-tflops, and
+   refuses a grid whose runs would repeat their data more than `max_epochs` times (SweepConfig);
+   with --probe it then times every shape (lmforge.scaling.probe: warm-up, then --probe-steps
+   Trainer steps and the final evaluation) once per --probe-variant, prints tokens/s, TFLOP/s, MFU
+   and the projected sweep time per variant, writes probe.json, and stops;
 3. trains the grid with `lmforge.scaling.sweep.run_sweep` (the Trainer; resumable; `parallel` runs
    at once; no new run starts after `time_budget_s`) and copies its tables to --out;
 4. fits approach 2 (IsoFLOP parabolas: N_opt ∝ C^a, D_opt ∝ C^b, frontier L(C)), approach 3
@@ -14,13 +20,16 @@
 Each step's output goes to a text file in --out as well as the console; summary.json collects the
 timings, the measured TFLOP/s and the fitted exponents.
 
-  # one H100, ~5 minutes at 35% MFU (the preset's header has the arithmetic)
-  python benchmarks/scaling_sweep.py --preset lmforge/scaling/presets/h100.toml --out $OUT/scaling
+  # one H100 (the preset's header has the arithmetic); first the probe (~1 minute), then the sweep
+  C="/opt/torch/.venv/lib/python3.12/site-packages/**/*.py /usr/lib/python3.12/**/*.py"
+  python benchmarks/scaling_sweep.py --preset lmforge/scaling/presets/h100.toml --corpus $C \
+      --out $OUT/probe --probe --probe-variant "" --probe-variant "fused_ops=false fused_loss=false"
+  python benchmarks/scaling_sweep.py --preset lmforge/scaling/presets/h100.toml --corpus $C --out $OUT/scaling
   # the same on a CPU at a tiny budget (~6 minutes on the loaded 2-core development machine)
   python benchmarks/scaling_sweep.py --preset lmforge/scaling/presets/h100.toml --out runs/scaling_cpu \\
       --vocab-size 512 --plan-flops 1e15 --n-boot 50 budgets=[2e10,6e10,2e11] sizes_per_budget=4 \\
       span=2.5 tokens_per_param=5 seq_len=64 batch_size=8 device=cpu parallel=1 cpu_threads=1 \\
-      aspect_min=8 log_every=5 time_budget_s=0
+      aspect_min=8 log_every=5 time_budget_s=0 fused_ops=false fused_loss=false
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import hashlib
 import json
 import math
 import platform
@@ -40,8 +50,9 @@ from pathlib import Path
 from lmforge.cli import main as cli
 from lmforge.config import load
 from lmforge.data.loader import TokenStream
+from lmforge.errors import ConfigError
 from lmforge.io import write_json, write_text
-from lmforge.scaling.sweep import SweepConfig, build_grid, run_sweep
+from lmforge.scaling.sweep import SweepConfig, build_grid, check_epochs, run_sweep
 
 
 class _Tee:
@@ -96,12 +107,58 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def spec_hash(spec: list[str]) -> str:
+    return hashlib.sha256("\0".join(spec).encode()).hexdigest()[:8]
+
+
+def probe(args, cfg: SweepConfig, grid, train_shards: str, val_shards: str, out: Path, data_s: float) -> None:
+    """Time every shape under each variant; print per-run projections and each variant's total."""
+    from lmforge.scaling.probe import probe_sweep
+
+    report = {"date": datetime.datetime.now(datetime.UTC).isoformat(), "host": platform.node(),
+              "args": vars(args), "data_s": data_s, "variants": {}}
+    summary = []
+    for variant in args.probe_variant or [""]:
+        vcfg = load(SweepConfig, args.preset, [*args.overrides, *variant.split()])  # variant last: it wins
+        vgrid = build_grid(vcfg, grid[0].config.vocab_size)
+        name = variant.strip() or "as configured"
+        print(f"\n[probe] variant: {name}")
+        start = time.perf_counter()
+        rows = probe_sweep(vgrid, vcfg, train_shards, val_shards, warmup=args.probe_warmup, steps=args.probe_steps)
+        total = sum(r["projected_s"] for r in rows)
+        flops = sum(r.flops for r in vgrid)
+        print(f"{'budget':>8} {'N':>11} {'steps':>6} {'ms/step':>8} {'tok/s':>11} {'TFLOP/s':>8} {'MFU':>6} "
+              f"{'setup s':>7} {'run s':>7}")
+        for r in rows:
+            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+            print(f"{r['budget']:>8.2g} {r['params']:>11,} {r['steps']:>6} {r['step_s'] * 1e3:>8.2f} "
+                  f"{r['tokens_per_s']:>11,.0f} {r['tflops']:>8.3g} {mfu:>6} {r['setup_s']:>7.1f} "
+                  f"{r['projected_s']:>7.1f}")
+        line = (f"[probe] {name}: sweep projected {total:.0f} s of training, one run at a time ({flops:.3g} FLOPs: "
+                f"{flops / total / 1e12:.1f} TFLOP/s overall); probe took {time.perf_counter() - start:.0f} s")
+        print(line)
+        summary.append(line)
+        report["variants"][name] = {"projected_s": total, "flops": flops, "runs": rows}
+    print(f"\n[probe] data (tokenizer + encode, or reuse) took {data_s:.0f} s; the fits and plans take ~1 minute")
+    print("\n".join(summary))
+    write_json(out / "probe.json", report)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", help="SweepConfig TOML (e.g. lmforge/scaling/presets/h100.toml)")
     ap.add_argument("--out", required=True, help="results: tables, fits, plots, plans, logs (small files)")
     ap.add_argument("--work", default="runs/scaling_work", help="tokenizer, shards and per-run directories")
-    ap.add_argument("--corpus", nargs="+", default=["embedded"], help="corpus spec (files, dirs, globs, embedded)")
+    ap.add_argument("--corpus", nargs="+", default=["embedded"],
+                    help="training text: files, dirs, globs (quote them; ** recurses) or embedded")
+    ap.add_argument("--tokenizer-corpus", nargs="+", default=["embedded"],
+                    help="text the BPE vocabulary is learned from (default: embedded, seconds to train)")
+    ap.add_argument("--probe", action="store_true", help="time each shape, project the sweep time, and stop")
+    ap.add_argument("--probe-steps", type=int, default=20, help="timed steps per shape (after the warm-up)")
+    ap.add_argument("--probe-warmup", type=int, default=3, help="untimed steps first (compile, Triton JIT)")
+    ap.add_argument("--probe-variant", action="append", default=None, metavar="OVERRIDES",
+                    help="space-separated SweepConfig overrides probed as one variant (repeatable; '' = as "
+                         "configured), e.g. 'compile=true'")
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--mfu", type=float, default=0.35, help="MFU assumed for the time estimate")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
@@ -115,20 +172,24 @@ def main() -> None:
     (out / "plots").mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
-    # 1. tokenizer and shards, once
-    tok, shards = work / f"tokenizer_{args.vocab_size}", work / f"shards_{args.vocab_size}"
-    corpus = ["--corpus", *args.corpus]
+    # 1. tokenizer and shards, once per (tokenizer corpus, corpus, vocab)
+    tok_key = spec_hash(args.tokenizer_corpus)
+    tok = work / f"tokenizer_{args.vocab_size}_{tok_key}"
+    shards = work / f"shards_{args.vocab_size}_{tok_key}_{spec_hash(args.corpus)}"
     if not (tok / "tokenizer.json").exists():
         if step(out, "tokenizer", ["tokenizer", "train", "--out", str(tok), "--vocab-size", str(args.vocab_size),
-                                   *corpus, "--skip-bad"], timings):
+                                   "--corpus", *args.tokenizer_corpus, "--skip-bad"], timings):
             raise SystemExit(1)
     if not (shards / "val.json").exists():
-        if step(out, "encode", ["tokenizer", "encode", "--tokenizer", str(tok), "--out", str(shards), *corpus,
-                                "--skip-bad"], timings):
+        if step(out, "encode", ["tokenizer", "encode", "--tokenizer", str(tok), "--out", str(shards),
+                                "--corpus", *args.corpus, "--skip-bad"], timings):
             raise SystemExit(1)
     train_shards, val_shards = str(shards / "train.bin"), str(shards / "val.bin")
     stream = TokenStream(train_shards)
     train_tokens, vocab = stream.total, stream.vocab_size
+    print(f"[data] {train_tokens:,} training tokens, {TokenStream(val_shards).total:,} validation tokens; "
+          f"tokenizer {timings.get('tokenizer', 0):.0f} s, encode {timings.get('encode', 0):.0f} s "
+          f"(0 = reused from {work})")
 
     # 2. the grid and its estimated time
     cfg = load(SweepConfig, args.preset, args.overrides)
@@ -142,9 +203,23 @@ def main() -> None:
         lines.append(f"{r.budget:>8.2g} {row['run']:>28} {row['params']:>11,} {r.steps:>6} {r.tokens:>12,} "
                      f"{r.tokens / row['params']:>6.1f} {r.tokens / train_tokens:>6.1f} {r.flops / rate:>6.1f}")
     lines.append(f"{len(grid)} runs, {sum(r.steps for r in grid):,} steps, {total:.3g} FLOPs: {total / rate:.0f} s "
-                 f"at {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s")
+                 f"at {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s; most epochs of one run: "
+                 f"{max(r.tokens for r in grid) / max(train_tokens, 1):.2f} (max_epochs = {cfg.max_epochs:g})")
+    top = max(grid, key=lambda r: r.tokens)
+    # a run's tokens grow ~ sqrt(C) along the grid, so the data allows budgets up to about this
+    lines.append(f"the largest budget this corpus allows at max_epochs = {cfg.max_epochs or 1:g}: ~"
+                 f"{top.budget * (train_tokens * (cfg.max_epochs or 1) / top.tokens) ** 2:.2g} FLOPs")
     print("\n".join(lines))
     write_text(out / "grid.txt", "\n".join(lines) + "\n")
+    try:
+        check_epochs(grid, train_tokens, cfg.max_epochs)
+    except ConfigError as e:
+        if not args.probe:
+            raise SystemExit(f"error: {e}") from None
+        print(f"WARNING (the sweep would refuse this grid): {e}")
+    if args.probe:
+        probe(args, cfg, grid, train_shards, val_shards, out, time.perf_counter() - t0)
+        return
 
     # 3. the sweep
     sweep_dir = work / "sweep"

@@ -19,6 +19,11 @@ config trains the runs it changes. With `parallel = k`, k runs train at once in 
 on the same device (small runs leave most of a GPU idle); the table is written by the parent.
 `time_budget_s` stops starting new runs once that much time has passed (runs in flight finish), so
 a sweep on a lent machine ends with whole runs in its table; a rerun trains the rest.
+
+A run that sees its training tokens more than `max_epochs` times measures memorisation, not the
+scaling of loss with data, so `run_sweep` refuses such a grid (`check_epochs`; 0 turns it off).
+`fused_ops` / `fused_loss` (Triton RMSNorm, SwiGLU and linear+CE on CUDA) and `compile` are speed
+options of every run; they are part of the run ids.
 """
 
 from __future__ import annotations
@@ -55,6 +60,10 @@ class SweepConfig:
     sampler: str = "packed"  # "random": random windows (for corpora sorted by topic, like the embedded one)
     document_mask: bool = True  # attention stays inside documents (False: plain causal, the fastest kernels)
     time_budget_s: float = 0.0  # stop starting new runs after this many seconds (0: none); rerun to go on
+    max_epochs: float = 1.0  # refuse runs that repeat their training tokens more often (0: no check)
+    fused_ops: bool = False  # model.fused_ops: RMSNorm and SwiGLU through Triton kernels on CUDA
+    fused_loss: bool = False  # model.fused_loss: chunked linear+CE, no [B, T, V] logits
+    compile: bool = False  # train.compile: torch.compile each run (costs compile time per shape)
     progress: bool = False
     aspect_min: float = 32.0  # d_model / n_layers range of the shapes
     aspect_max: float = 128.0
@@ -78,17 +87,21 @@ class SweepConfig:
             raise ConfigError(f"SweepConfig: sampler = {self.sampler!r} must be 'packed' or 'random'")
         if self.log_every < 1:
             raise ConfigError(f"SweepConfig: log_every = {self.log_every} must be >= 1")
+        if self.max_epochs < 0:
+            raise ConfigError(f"SweepConfig: max_epochs = {self.max_epochs} must be >= 0 (0: no check)")
 
     def recipe(self) -> dict:
         """Training options that differ from their defaults: part of each run's id."""
         default = SweepConfig()
-        return {k: getattr(self, k) for k in ("sampler", "document_mask") if getattr(self, k) != getattr(default, k)}
+        return {k: getattr(self, k) for k in ("sampler", "document_mask", "compile")
+                if getattr(self, k) != getattr(default, k)}
 
 
 def build_grid(cfg: SweepConfig, vocab_size: int) -> list[GridRun]:
     from lmforge.model import ModelConfig
 
-    template = ModelConfig(vocab_size=vocab_size, context_length=cfg.seq_len)
+    template = ModelConfig(vocab_size=vocab_size, context_length=cfg.seq_len, fused_ops=cfg.fused_ops,
+                           fused_loss=cfg.fused_loss)
     grid = _grid(cfg, template)
     for run in grid:
         run.recipe = cfg.recipe()
@@ -104,6 +117,22 @@ def _grid(cfg: SweepConfig, template) -> list[GridRun]:
                         tokens_per_param=cfg.tokens_per_param, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                         lr=cfg.lr, seed=cfg.seed, min_steps=cfg.min_steps, param_kind=cfg.param_kind,
                         aspect_range=(cfg.aspect_min, cfg.aspect_max))
+
+
+def check_epochs(grid: list[GridRun], train_tokens: int, max_epochs: float) -> list[float]:
+    """Passes over the training tokens of each run; a ConfigError naming the runs over `max_epochs`
+    (0: no check) and the largest budget that stays under it."""
+    epochs = [r.tokens / max(train_tokens, 1) for r in grid]
+    over = [(r, e) for r, e in zip(grid, epochs) if e > max_epochs]
+    if max_epochs and over:
+        ok = sorted({r.budget for r in grid} - {r.budget for r, _ in over})
+        runs = ", ".join(f"{r.run_id} (C={r.budget:.3g}, {r.tokens:,} tokens, {e:.2f} epochs)" for r, e in over[:4])
+        raise ConfigError(
+            f"{len(over)} sweep run(s) would see the {train_tokens:,} training tokens more than max_epochs = "
+            f"{max_epochs:g} times: {runs}{' ...' if len(over) > 4 else ''}. Repeated data measures "
+            f"memorisation, not scaling: give a bigger corpus, lower the budgets (these stay under: "
+            f"{ok or 'none'}) or span, or set max_epochs = 0 to train anyway")
+    return epochs
 
 
 def read_results(sweep_dir: str | Path) -> list[dict]:
@@ -136,20 +165,28 @@ def _write_tables(sweep_dir: Path, rows: list[dict], curves: list[dict]) -> None
     write_text(sweep_dir / "curves.csv", _csv(curves))
 
 
+def run_config(run: GridRun, cfg: SweepConfig, train_shards: str, val_shards: str | None):
+    """The `RunConfig` that trains one grid run (also what `lmforge.scaling.probe` times)."""
+    from lmforge.train.config import TrainConfig
+    from lmforge.train.pretrain import RunConfig
+
+    t = TrainConfig(seed=run.seed, batch_size=run.batch_size, seq_len=run.seq_len, max_steps=run.steps,
+                    lr=run.lr, warmup_steps=int(cfg.warmup_fraction * run.steps), schedule="cosine",
+                    compile=cfg.compile, device=cfg.device, eval_every=0, eval_batches=cfg.eval_batches,
+                    log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
+                    sampler=cfg.sampler, document_mask=cfg.document_mask)
+    rc = RunConfig(model=run.config, train=t)
+    rc.data.train_shards, rc.data.val_shards = train_shards, val_shards
+    return rc
+
+
 def train_one(run: GridRun, cfg: SweepConfig, run_dir: Path, train_shards: str, val_shards: str | None) -> dict:
     """Train one grid run with the Trainer; returns its results row (plus its curve under '_curve')."""
     import torch
 
-    from lmforge.train.config import TrainConfig
-    from lmforge.train.pretrain import RunConfig, pretrain
+    from lmforge.train.pretrain import pretrain
 
-    t = TrainConfig(seed=run.seed, batch_size=run.batch_size, seq_len=run.seq_len, max_steps=run.steps,
-                    lr=run.lr, warmup_steps=int(cfg.warmup_fraction * run.steps), schedule="cosine",
-                    device=cfg.device, eval_every=0, eval_batches=cfg.eval_batches, log_every=cfg.log_every,
-                    checkpoint_every=cfg.checkpoint_every, progress=cfg.progress, sampler=cfg.sampler,
-                    document_mask=cfg.document_mask)
-    rc = RunConfig(model=run.config, train=t)
-    rc.data.train_shards, rc.data.val_shards = train_shards, val_shards
+    rc = run_config(run, cfg, train_shards, val_shards)
     start = time.perf_counter()
     threads = torch.get_num_threads()
     if cfg.cpu_threads:
@@ -183,12 +220,14 @@ def run_sweep(cfg: SweepConfig, sweep_dir: str | Path, train_shards: str, val_sh
 
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    vocab = TokenStream(train_shards).vocab_size
+    stream = TokenStream(train_shards)
+    vocab = stream.vocab_size
     if not vocab:
         raise DataError(f"{train_shards}: the shard header has no vocab_size")
     grid = build_grid(cfg, vocab)
     if not grid:
         raise ConfigError("the sweep grid is empty: every shape got fewer than min_steps steps; raise the budgets")
+    check_epochs(grid, stream.total, cfg.max_epochs)
     save_toml(cfg, sweep_dir / "sweep.toml")
     write_json(sweep_dir / "grid.json", [r.row() for r in grid])
     rows = read_results(sweep_dir)

@@ -15,7 +15,7 @@ from lmforge.errors import ConfigError
 from lmforge.scaling.isoflop import fit_isoflop
 from lmforge.scaling.parametric import published_chinchilla
 from lmforge.scaling.runs import load_runs
-from lmforge.scaling.sweep import SweepConfig, read_results, run_sweep
+from lmforge.scaling.sweep import SweepConfig, build_grid, check_epochs, read_results, run_config, run_sweep
 
 VOCAB = 61
 
@@ -116,7 +116,8 @@ def test_sweep_recipe_reaches_the_trainer_and_the_run_id(shards, tmp_path):
 
 @pytest.mark.slow
 def test_larger_cpu_sweep_gives_convex_profiles(shards, tmp_path):
-    cfg = _tiny_config(budgets=[1e9, 3e9, 1e10], sizes_per_budget=5, span=4.0, tokens_per_param=2.0)
+    # up to ~10 epochs of the toy Markov data: its loss is the chain's entropy, there is nothing to memorise
+    cfg = _tiny_config(budgets=[1e9, 3e9, 1e10], sizes_per_budget=5, span=4.0, tokens_per_param=2.0, max_epochs=0)
     rows = run_sweep(cfg, tmp_path / "sweep", str(shards / "train"), str(shards / "val"), log=lambda m: None)
     table = load_runs(tmp_path / "sweep" / "results.csv")
     fit = fit_isoflop(table["params"], table["flops"], table["loss"], n_boot=20)
@@ -127,7 +128,7 @@ def test_larger_cpu_sweep_gives_convex_profiles(shards, tmp_path):
 
 @pytest.mark.slow
 def test_parallel_hparam_sweep_feeds_the_hparam_fit(shards, tmp_path):
-    cfg = _tiny_config(kind="hparams", lrs=[1e-3, 1e-2], batch_sizes=[2, 4], parallel=2)
+    cfg = _tiny_config(kind="hparams", lrs=[1e-3, 1e-2], batch_sizes=[2, 4], parallel=2, max_epochs=0)
     rows = run_sweep(cfg, tmp_path / "hp", str(shards / "train"), str(shards / "val"), log=lambda m: None)
     assert len(rows) == 8 and {r["lr"] for r in rows} == {1e-3, 1e-2}
     table = load_runs(tmp_path / "hp" / "results.csv")
@@ -180,3 +181,56 @@ def test_fit_and_plan_cli_with_plots(tmp_path, capsys):
     assert main(["scaling", "fit", "--runs", str(tmp_path / "runs.csv"), "--method", "hparams"]) == 2
     assert "needs column(s) ['lr', 'batch_size']" in capsys.readouterr().err
     assert main(["scaling", "plan", "--gpu-hours", "10"]) == 2
+
+
+def test_sweep_refuses_runs_that_repeat_their_data(shards, tmp_path):
+    """Epochs = run tokens / training tokens; over max_epochs the sweep stops before training anything."""
+    from lmforge.data.loader import TokenStream
+
+    total = TokenStream(str(shards / "train")).total
+    grid = build_grid(_tiny_config(), VOCAB)
+    epochs = check_epochs(grid, total, 1.0)
+    assert epochs == [r.tokens / total for r in grid] and 0.9 < max(epochs) < 1.0
+    worst = grid[epochs.index(max(epochs))]
+    with pytest.raises(ConfigError, match=f"max_epochs = 0.5 times: {worst.run_id} ") as e:
+        check_epochs(grid, total, 0.5)
+    assert "these stay under: [300000000.0]" in str(e.value)  # the 3e8 budget's runs all fit
+    assert check_epochs(grid, total // 10, 0) == [r.tokens / (total // 10) for r in grid]  # 0: no check
+    with pytest.raises(ConfigError, match="max_epochs"):
+        run_sweep(_tiny_config(max_epochs=0.5), tmp_path / "sw", str(shards / "train"), log=lambda m: None)
+    assert not (tmp_path / "sw" / "runs").exists()
+    with pytest.raises(ConfigError, match="max_epochs = -1"):
+        _tiny_config(max_epochs=-1)
+
+
+def test_speed_options_reach_model_trainer_and_run_id(shards):
+    fast = _tiny_config(fused_ops=True, fused_loss=True, compile=True)
+    grid, default = build_grid(fast, VOCAB), build_grid(_tiny_config(), VOCAB)
+    assert all(g.config.fused_ops and g.config.fused_loss for g in grid)
+    assert [g.config.replace(fused_ops=False, fused_loss=False) for g in grid] == [d.config for d in default]
+    assert fast.recipe() == {"compile": True} and not {g.run_id for g in grid} & {d.run_id for d in default}
+    rc = run_config(grid[0], fast, "train", "val")
+    assert rc.train.compile and rc.model.fused_ops and rc.data.val_shards == "val"
+
+
+def test_probe_times_the_same_run_the_sweep_trains(shards, tmp_path):
+    """The probe's first step is the sweep's first step (same model, data, optimizer): equal losses;
+    its projection is setup + remaining steps at the timed rate + the evaluation."""
+    from lmforge.scaling.probe import probe_sweep, project
+
+    cfg = _tiny_config(budgets=[3e8], log_every=1)
+    grid = build_grid(cfg, VOCAB)
+    (row,) = run_sweep(cfg, tmp_path / "sw", str(shards / "train"), str(shards / "val"), log=lambda m: None,
+                       max_runs=1)
+    first = json.loads((tmp_path / "sw" / "runs" / row["run"] / "metrics.jsonl").read_text().splitlines()[0])
+    probes = probe_sweep(grid, cfg, str(shards / "train"), str(shards / "val"), warmup=2, steps=3,
+                         log=lambda m: None)
+    p = probes[0]
+    assert [q["run"] for q in probes] == [g.run_id for g in grid] and p["run"] == row["run"]
+    assert p["first_loss"] == pytest.approx(first["loss"], rel=1e-6) and first["step"] == 1
+    assert p["probe_steps"] == 5 and p["timed_steps"] == 3 and p["eval_s"] > 0
+    assert p["tokens_per_s"] == pytest.approx(4 * 32 / p["step_s"])
+    assert p["tflops"] == pytest.approx(grid[0].flops_per_token * p["tokens_per_s"] / 1e12)
+    assert p["mfu"] is None  # no known peak on a CPU
+    assert p["projected_s"] == pytest.approx(p["setup_s"] + (grid[0].steps - 2) * p["step_s"] + p["eval_s"])
+    assert project(grid[0], p) == p["projected_s"]
