@@ -12,15 +12,25 @@ position (the model masks by per-row positions). `step()` is one scheduler itera
    padding writes land beyond the row's length, where the mask never looks); a request with n > 1
    is prefilled once and its cache row copied to its other slots;
 2. decode: every running sequence advances by one token in one batched forward over the rows
-   0..(highest busy slot);
+   0..(highest busy slot); when all rows sample with settings the device can apply alone
+   (`sampling.fast_key`: no penalties, log-probs or seeds) this is the steady-state step below;
 3. finished sequences (stop id, stop string, max_tokens, cache full, or aborted) free their slots
    at once, so waiting requests join at the next step while others keep decoding.
 With `prefill_chunk=N`, step 1 feeds at most N prompt tokens per step (chunked prefill), so a
 long prompt joining does not stall the running sequences for its whole prefill.
 Tokens reach the host once per step (stop checks and streaming need them), never once per row.
 
-With `compile=True` on CUDA the decode forward runs at a fixed shape (all rows, full cache
-length) through `torch.compile(mode="reduce-overhead")`, i.e. as a CUDA graph.
+The steady-state step (pipeline.py) reads each row's last token and position from device buffers,
+samples on the device and writes the tokens back there: no tensor is built on the host and nothing
+waits inside the step. While the same rows keep decoding (no admission, abort or chunked prefill
+pending), `step()` launches step t+1 before it reads step t's tokens (pinned copy + CUDA event),
+so the host's stop checks and streaming overlap the GPU. Tokens thus arrive one step late; a row
+that stops at step t drops the token t+1 made for it (outputs are the same as unpipelined).
+
+With `compile=True` on CUDA the decode runs at a fixed shape through
+`torch.compile(mode="reduce-overhead")`, i.e. as a CUDA graph: the steady-state step (forward and
+sampling) over all rows and an attended length rounded up to a power of two >= 256 (one graph
+per length and sampling setting), the general decode step over all rows and the whole cache.
 
 With `prefix_blocks=N` (prefix.py) an admitted request first copies the cached KV of the longest
 known block-aligned prefix of its prompt into its row and prefills only the rest; prompts (after
@@ -50,7 +60,7 @@ from lmforge.inference.cache import StaticKVCache
 from lmforge.inference.pipeline import DecodeBuffers, InFlight
 from lmforge.inference.prefix import PrefixCache
 from lmforge.inference.sampling import Row, SamplingParams, fast_key, sample, sample_fast
-from lmforge.inference.speculative import row_probs, row_random, verify_batch
+from lmforge.inference.speculative import speculative_round
 from lmforge.inference.text import TextStream
 
 
@@ -215,7 +225,7 @@ class Engine:
         running = [s for s in self.slots if s is not None and s.last is not None]
         key = self._fast_key(running)
         if running and self.drafter is not None:
-            events += self._speculate(running)
+            events += speculative_round(self, running)
         elif running and key is not None:  # its tokens are read at the next step
             self.bufs.load(running)
             self._inflight = self._launch(running, key, ahead=0)
@@ -375,61 +385,6 @@ class Engine:
             s.length += 1
         idx = torch.tensor([s.slot for s in running], device=self.device)
         return self._accept(running, logits[idx])
-
-    def _speculate(self, running: list[Sequence]) -> list[Event]:
-        """One round of speculative decoding for every running row (see speculative.py)."""
-        # k drafts fit every row's cache (so do the unused drafts, which act as padding)
-        k = min(self.spec_k, min(self.max_len - s.length - 1 for s in running))
-        drafts, found, q = self.drafter.propose(running, k)
-        n_draft = []  # drafts each row may use: none with penalties, none past max_tokens
-        for b, s in enumerate(running):
-            p = s.request.params
-            n_draft.append(0 if p.penalised else
-                           min(k, p.max_tokens - len(s.row.output_ids) - 1, k if found is None else found[b]))
-        nb = max(s.slot for s in running) + 1
-        slots = torch.tensor([s.slot for s in running], device=self.device)
-        tokens = torch.zeros(nb, k + 1, dtype=torch.long, device=self.device)
-        tokens[slots] = torch.cat((torch.tensor([[s.last] for s in running], device=self.device), drafts), 1)
-        pos = torch.arange(k + 1, device=self.device).repeat(nb, 1)  # idle rows: junk in free rows
-        pos[slots] += torch.tensor([s.length for s in running], device=self.device)[:, None]
-        if self._graph_ok() and k == self.spec_k:  # one more fixed shape [max_batch, spec_k + 1]
-            logits = self._forward_graph(tokens, pos)[slots].float()
-        else:
-            logits = self._forward_rows(tokens, pos, max(s.length for s in running) + k + 1)[slots].float()
-        rows = [s.row for s in running]
-        V = logits.shape[-1]
-        out, n_acc = verify_batch(drafts, torch.tensor(n_draft, device=self.device), q, row_probs(logits, rows),
-                                  row_random(rows, (k,), self.device, "uniform"),
-                                  row_random(rows, (V,), self.device, "exponential"))
-        want_lp = any(s.request.params.logprobs is not None for s in running)
-        lp = torch.log_softmax(logits, -1) if want_lp else None
-        out_l, n_acc_l = out.tolist(), n_acc.tolist()  # the one host sync of the step
-        lps, tops = self._spec_logprobs(lp, out, running)
-        events = []
-        for b, s in enumerate(running):
-            s.rounds, s.drafted, s.accepted = s.rounds + 1, s.drafted + n_draft[b], s.accepted + n_acc_l[b]
-            for key, n in (("rounds", 1), ("drafted", n_draft[b]), ("accepted", n_acc_l[b])):
-                self.spec_stats[key] += n
-            start = s.length
-            for j in range(n_acc_l[b] + 1):  # the accepted drafts are in the cache; the last token is pending
-                s.length = start + 1 + j
-                top = None if tops is None else dict(zip(tops[0][b][j], tops[1][b][j]))
-                events.append(self._emit(s, out_l[b][j], lps[b][j] if lps else None, top))
-                if s.finish_reason is not None:
-                    break
-            if s.finish_reason is None:
-                self.drafter.rollback(s, s.length)
-        return events
-
-    def _spec_logprobs(self, lp, out, running):
-        if lp is None:
-            return None, None
-        lps = lp.gather(-1, out[..., None]).squeeze(-1).tolist()
-        k = max(s.request.params.logprobs or 0 for s in running)
-        if not k:
-            return lps, None
-        vals, ids = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
-        return lps, (ids.tolist(), vals.tolist())
 
     def _graph_ok(self) -> bool:
         """The fixed-shape (CUDA-graph) forward writes junk into every idle row, so no row may be

@@ -11,8 +11,8 @@ cache is rolled back on its own (key slot = position, so rolling back is forgett
 
 `verify` is the readable one-row rule; `verify_batch` does all rows at once on the device (a
 test checks that they agree given the same random numbers). `Engine(model, drafter=..., spec_k=k)`
-runs the rounds (engine.py `_speculate`); `speculative_generate` is one prompt through such an
-engine, with acceptance statistics.
+runs the rounds (`speculative_round`, called by engine.py); `speculative_generate` is one prompt
+through such an engine, with acceptance statistics.
 
 Drafters (batched over the engine's rows):
 - `DraftModel(model)`: any smaller lmforge model with the same vocabulary, with its own cache of
@@ -242,3 +242,60 @@ def speculative_generate(target: nn.Module, prompt: list[int], params: SamplingP
     while seq.finish_reason is None:
         engine.step()
     return SpecResult(list(seq.row.output_ids), seq.finish_reason, seq.rounds, seq.drafted, seq.accepted)
+
+
+def speculative_round(engine, running: list) -> list:
+    """One round of speculative decoding for every running Sequence of `engine` (an Engine):
+    drafts, one target forward over all rows, verification, then the accepted tokens as events."""
+    # k drafts fit every row's cache (so do the unused drafts, which act as padding)
+    k = min(engine.spec_k, min(engine.max_len - s.length - 1 for s in running))
+    drafts, found, q = engine.drafter.propose(running, k)
+    n_draft = []  # drafts each row may use: none with penalties, none past max_tokens
+    for b, s in enumerate(running):
+        p = s.request.params
+        n_draft.append(0 if p.penalised else
+                       min(k, p.max_tokens - len(s.row.output_ids) - 1, k if found is None else found[b]))
+    nb = max(s.slot for s in running) + 1
+    slots = torch.tensor([s.slot for s in running], device=engine.device)
+    tokens = torch.zeros(nb, k + 1, dtype=torch.long, device=engine.device)
+    tokens[slots] = torch.cat((torch.tensor([[s.last] for s in running], device=engine.device), drafts), 1)
+    pos = torch.arange(k + 1, device=engine.device).repeat(nb, 1)  # idle rows: junk in free rows
+    pos[slots] += torch.tensor([s.length for s in running], device=engine.device)[:, None]
+    if engine._graph_ok() and k == engine.spec_k:  # one more fixed shape [max_batch, spec_k + 1]
+        logits = engine._forward_graph(tokens, pos)[slots].float()
+    else:
+        logits = engine._forward_rows(tokens, pos, max(s.length for s in running) + k + 1)[slots].float()
+    rows = [s.row for s in running]
+    V = logits.shape[-1]
+    out, n_acc = verify_batch(drafts, torch.tensor(n_draft, device=engine.device), q, row_probs(logits, rows),
+                              row_random(rows, (k,), engine.device, "uniform"),
+                              row_random(rows, (V,), engine.device, "exponential"))
+    want_lp = any(s.request.params.logprobs is not None for s in running)
+    lp = torch.log_softmax(logits, -1) if want_lp else None
+    out_l, n_acc_l = out.tolist(), n_acc.tolist()  # the one host sync of the step
+    lps, tops = _round_logprobs(lp, out, running)
+    events = []
+    for b, s in enumerate(running):
+        s.rounds, s.drafted, s.accepted = s.rounds + 1, s.drafted + n_draft[b], s.accepted + n_acc_l[b]
+        for key, n in (("rounds", 1), ("drafted", n_draft[b]), ("accepted", n_acc_l[b])):
+            engine.spec_stats[key] += n
+        start = s.length
+        for j in range(n_acc_l[b] + 1):  # the accepted drafts are in the cache; the last token is pending
+            s.length = start + 1 + j
+            top = None if tops is None else dict(zip(tops[0][b][j], tops[1][b][j]))
+            events.append(engine._emit(s, out_l[b][j], lps[b][j] if lps else None, top))
+            if s.finish_reason is not None:
+                break
+        if s.finish_reason is None:
+            engine.drafter.rollback(s, s.length)
+    return events
+
+def _round_logprobs(lp, out, running):
+    if lp is None:
+        return None, None
+    lps = lp.gather(-1, out[..., None]).squeeze(-1).tolist()
+    k = max(s.request.params.logprobs or 0 for s in running)
+    if not k:
+        return lps, None
+    vals, ids = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+    return lps, (ids.tolist(), vals.tolist())
