@@ -56,3 +56,28 @@ def test_compiled_speculative_round_equals_eager():
     eager = Engine(model, max_batch=4, max_len=60, drafter=NGramDrafter(2), spec_k=3).generate(ps, sp)
     compiled = Engine(model, max_batch=4, max_len=60, drafter=NGramDrafter(2), spec_k=3, compile=True)
     assert [o[0].token_ids for o in compiled.generate(ps, sp)] == [o[0].token_ids for o in eager]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pipelined_step_on_cuda_equals_cpu():
+    """The steady-state step on CUDA (pinned host copies + events, eager and as CUDA graphs with a
+    length bucket below max_len) gives the CPU engine's greedy tokens, stops trimmed exactly; rows
+    that sample (the captured draw) and seeded rows (the general path) run in the same engine."""
+    model = tiny_model("gqa", dtype=torch.float32)
+    ps = prompts([3, 9, 5, 7, 2])
+    base = [o[0].token_ids for o in Engine(model, max_batch=3, max_len=300).generate(
+        ps, SamplingParams(max_tokens=24, temperature=0))]
+    params = [SamplingParams(max_tokens=m, temperature=0, stop_ids=[b[5]] if i % 2 else [])
+              for i, (m, b) in enumerate(zip((24, 20, 11, 24, 7), base))]
+    ref = [o[0].token_ids for o in Engine(model, max_batch=3, max_len=300).generate(ps, params)]
+    model = model.cuda()
+    for compile in (False, True):
+        engine = Engine(model, max_batch=3, max_len=300, compile=compile)
+        assert [o[0].token_ids for o in engine.generate(ps, params)] == ref
+        sampled = SamplingParams(max_tokens=12, temperature=0.8, top_k=20, top_p=0.9)
+        seeded = SamplingParams(max_tokens=12, temperature=0.8, seed=1)
+        for rows in ([sampled] * 3, [sampled, sampled, seeded]):  # captured draw; then the general path
+            outs = engine.generate(ps[:3], rows)
+            assert all(len(o[0].token_ids) == 12 and max(o[0].token_ids) < model.cfg.vocab_size for o in outs)
+            assert not engine.has_work() and engine._inflight is None
