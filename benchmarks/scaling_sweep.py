@@ -20,11 +20,12 @@
 Each step's output goes to a text file in --out as well as the console; summary.json collects the
 timings, the measured TFLOP/s and the fitted exponents.
 
-  # one H100 (the preset's header has the arithmetic); first the probe (~1 minute), then the sweep
-  C="/opt/torch/.venv/lib/python3.12/site-packages/**/*.py /usr/lib/python3.12/**/*.py"
-  python benchmarks/scaling_sweep.py --preset lmforge/scaling/presets/h100.toml --corpus $C \
+  # one H100 (the preset's header has the arithmetic); first the probe (~2 minutes), then the sweep
+  C1='/opt/torch/.venv/lib/python3.12/site-packages/**/*.py'; C2='/usr/lib/python3.12/**/*.py'  # the script globs
+  python3 benchmarks/scaling_sweep.py --preset lmforge/scaling/presets/h100.toml --corpus "$C1" "$C2" \\
       --out $OUT/probe --probe --probe-variant "" --probe-variant "fused_ops=false fused_loss=false"
-  python benchmarks/scaling_sweep.py --preset lmforge/scaling/presets/h100.toml --corpus $C --out $OUT/scaling
+  python3 benchmarks/scaling_sweep.py --preset lmforge/scaling/presets/h100.toml --corpus "$C1" "$C2" \\
+      --out $OUT/scaling
   # the same on a CPU at a tiny budget (~6 minutes on the loaded 2-core development machine)
   python benchmarks/scaling_sweep.py --preset lmforge/scaling/presets/h100.toml --out runs/scaling_cpu \\
       --vocab-size 512 --plan-flops 1e15 --n-boot 50 budgets=[2e10,6e10,2e11] sizes_per_budget=4 \\
@@ -160,7 +161,7 @@ def main() -> None:
                     help="space-separated SweepConfig overrides probed as one variant (repeatable; '' = as "
                          "configured), e.g. 'compile=true'")
     ap.add_argument("--vocab-size", type=int, default=4096)
-    ap.add_argument("--mfu", type=float, default=0.35, help="MFU assumed for the time estimate")
+    ap.add_argument("--mfu", type=float, default=0.25, help="MFU assumed for the time estimate (--probe measures it)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     ap.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples of each fit")
     ap.add_argument("--plan-flops", type=float, nargs="+", default=[1.25e18, 1e20],
