@@ -234,8 +234,11 @@ class Engine:
         return self._retire(events)
 
     def _retire(self, events: list[Event]) -> list[Event]:
-        for req in [r for r in self.requests.values() if r.finished]:
-            self.requests.pop(req.request_id)
+        """Forget requests whose last sequence finished in these events (every finish has one)."""
+        for ev in events:
+            req = self.requests.get(ev.request_id) if ev.finish_reason is not None else None
+            if req is not None and req.finished:
+                self.requests.pop(req.request_id)
         return events
 
     def _admit(self) -> list[Sequence]:
@@ -483,7 +486,7 @@ class Engine:
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
         reqs = [self.requests[i] for i in ids]
-        while any(not r.finished for r in reqs):
+        while any(i in self.requests for i in ids):  # finished requests leave self.requests
             self.step()
         return [[completion(s) for s in r.sequences] for r in reqs]
 
