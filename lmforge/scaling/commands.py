@@ -217,18 +217,20 @@ def cmd_plan(args) -> int:
 
 def cmd_sweep(args) -> int:
     from lmforge.config import load
-    from lmforge.scaling.sweep import SweepConfig, build_grid, run_sweep
+    from lmforge.scaling.sweep import SweepConfig, build_grid, check_epochs, run_sweep
 
     cfg = load(SweepConfig, args.config, args.overrides)
     if args.dry_run:
         from lmforge.data.loader import TokenStream
 
-        grid = build_grid(cfg, TokenStream(args.train_shards).vocab_size or 0)
-        print(f"{'budget':>10} {'run':>28} {'N':>10} {'steps':>7} {'tokens':>11} {'C (counted)':>12}")
+        stream = TokenStream(args.train_shards)
+        grid = build_grid(cfg, stream.vocab_size or 0)
+        print(f"{'budget':>10} {'run':>28} {'N':>10} {'steps':>7} {'tokens':>11} {'C (counted)':>12} {'epochs':>6}")
         for r in grid:
             row = r.row()
             print(f"{r.budget:>10.3g} {row['run']:>28} {row['params']:>10,} {r.steps:>7,} {r.tokens:>11,} "
-                  f"{r.flops:>12.4g}")
+                  f"{r.flops:>12.4g} {r.tokens / max(stream.total, 1):>6.2f}")
+        check_epochs(grid, stream.total, cfg.max_epochs)  # the same refusal as the sweep itself
         return 0
     rows = run_sweep(cfg, args.out, args.train_shards, args.val_shards, max_runs=args.max_runs)
     print(f"{len(rows)} runs in {Path(args.out) / 'results.csv'}; fit with: lmforge scaling fit --runs "

@@ -141,9 +141,13 @@ def test_parallel_hparam_sweep_feeds_the_hparam_fit(shards, tmp_path):
 
 def test_sweep_cli_dry_run_and_bad_override(shards, capsys):
     code = main(["scaling", "sweep", "--train-shards", str(shards / "train"), "--out", "unused", "--dry-run",
-                 "budgets=[6e8,2e9]", "sizes_per_budget=3", "seq_len=32", "batch_size=4", "aspect_min=8"])
+                 "budgets=[6e8,2e9]", "sizes_per_budget=3", "seq_len=32", "batch_size=4", "aspect_min=8",
+                 "max_epochs=0"])
     out = capsys.readouterr().out
     assert code == 0 and out.count("\n") >= 4 and "6e+08" in out
+    assert main(["scaling", "sweep", "--train-shards", str(shards / "train"), "--out", "x", "--dry-run",
+                 "budgets=[1e10]", "sizes_per_budget=3", "seq_len=32", "batch_size=4", "aspect_min=8"]) == 2
+    assert "more than max_epochs = 1 times" in capsys.readouterr().err
     assert main(["scaling", "sweep", "--train-shards", str(shards / "train"), "--out", "x", "--dry-run",
                  "sizes=3"]) == 2
     assert "unknown key 'sizes'" in capsys.readouterr().err
