@@ -9,7 +9,8 @@
    refuses a grid whose runs would repeat their data more than `max_epochs` times (SweepConfig);
    with --probe it then times every shape (lmforge.scaling.probe: warm-up, then --probe-steps
    Trainer steps and the final evaluation) once per --probe-variant, prints tokens/s, TFLOP/s, MFU
-   and the projected sweep time per variant, writes probe.json, and stops;
+   and the projected sweep time per variant (one run at a time), times `parallel` copies at once
+   of the smallest and largest shape against one alone, writes probe.json, and stops;
 3. trains the grid with `lmforge.scaling.sweep.run_sweep` (the Trainer; resumable; `parallel` runs
    at once; no new run starts after `time_budget_s`) and copies its tables to --out;
 4. fits approach 2 (IsoFLOP parabolas: N_opt ∝ C^a, D_opt ∝ C^b, frontier L(C)), approach 3
@@ -114,7 +115,7 @@ def spec_hash(spec: list[str]) -> str:
 
 def probe(args, cfg: SweepConfig, grid, train_shards: str, val_shards: str, out: Path, data_s: float) -> None:
     """Time every shape under each variant; print per-run projections and each variant's total."""
-    from lmforge.scaling.probe import probe_sweep
+    from lmforge.scaling.probe import probe_parallel, probe_sweep
 
     report = {"date": datetime.datetime.now(datetime.UTC).isoformat(), "host": platform.node(),
               "args": vars(args), "data_s": data_s, "variants": {}}
@@ -136,10 +137,21 @@ def probe(args, cfg: SweepConfig, grid, train_shards: str, val_shards: str, out:
                   f"{r['tokens_per_s']:>11,.0f} {r['tflops']:>8.3g} {mfu:>6} {r['setup_s']:>7.1f} "
                   f"{r['projected_s']:>7.1f}")
         line = (f"[probe] {name}: sweep projected {total:.0f} s of training, one run at a time ({flops:.3g} FLOPs: "
-                f"{flops / total / 1e12:.1f} TFLOP/s overall); probe took {time.perf_counter() - start:.0f} s")
+                f"{flops / total / 1e12:.3g} TFLOP/s overall); probe took {time.perf_counter() - start:.0f} s")
         print(line)
         summary.append(line)
-        report["variants"][name] = {"projected_s": total, "flops": flops, "runs": rows}
+        report["variants"][name] = {"projected_s": total, "flops": flops, "runs": rows, "parallel": []}
+        k = args.probe_parallel if args.probe_parallel is not None else vcfg.parallel
+        if k > 1:
+            by_n = sorted(zip(vgrid, rows), key=lambda x: x[1]["params"])
+            for run, single in by_n[:1] + by_n[-1:] if len(by_n) > 1 else by_n:
+                par = probe_parallel(run, vcfg, train_shards, k, warmup=args.probe_warmup, steps=args.probe_steps)
+                line = (f"[probe] {name}: {run.run_id} (N={single['params']:,}) {k} at once: "
+                        f"{par['tokens_per_s']:,.0f} tokens/s together vs {single['tokens_per_s']:,.0f} alone "
+                        f"({par['tokens_per_s'] / single['tokens_per_s']:.2f}x)")
+                print(line)
+                summary.append(line)
+                report["variants"][name]["parallel"].append({**par, "alone_tokens_per_s": single["tokens_per_s"]})
     print(f"\n[probe] data (tokenizer + encode, or reuse) took {data_s:.0f} s; the fits and plans take ~1 minute")
     print("\n".join(summary))
     write_json(out / "probe.json", report)
@@ -157,6 +169,9 @@ def main() -> None:
     ap.add_argument("--probe", action="store_true", help="time each shape, project the sweep time, and stop")
     ap.add_argument("--probe-steps", type=int, default=20, help="timed steps per shape (after the warm-up)")
     ap.add_argument("--probe-warmup", type=int, default=3, help="untimed steps first (compile, Triton JIT)")
+    ap.add_argument("--probe-parallel", type=int, default=None, metavar="K",
+                    help="also time K copies at once of the smallest and largest shape (default: the config's "
+                         "parallel; 1: off)")
     ap.add_argument("--probe-variant", action="append", default=None, metavar="OVERRIDES",
                     help="space-separated SweepConfig overrides probed as one variant (repeatable; '' = as "
                          "configured), e.g. 'compile=true'")

@@ -7,9 +7,11 @@ sync for the loss / NaN check and the data sampler are inside the timing), runs 
 (these include torch.compile and Triton JIT time when enabled), then times `steps` more and one
 final evaluation. `project(run, probe)` turns that into the run's seconds: setup + remaining steps at
 the measured step time + the evaluation. `probe_sweep` does it for every distinct shape of a grid.
+`probe_parallel(run, ..., k)` runs k copies at once in spawned processes (as `parallel = k` would),
+their timed windows aligned by a barrier, and returns their aggregate tokens/s.
 
-It writes no run directory and trains nothing to completion. Timings are of one run at a time: a
-sweep with `parallel` > 1 time-slices the GPU between processes and is not projected here.
+It writes no run directory and trains nothing to completion. `probe_sweep` times one run at a
+time; `probe_parallel` shows what sharing the device between processes gives for one shape.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ def _sync(device) -> None:
 
 
 def probe_run(run: GridRun, cfg: SweepConfig, train_shards: str, val_shards: str | None = None, *,
-              warmup: int = 3, steps: int = 20) -> dict:
-    """Seconds of setup (model build + `warmup` steps), per step after it, and of the final evaluation."""
+              warmup: int = 3, steps: int = 20, before_timing=None) -> dict:
+    """Seconds of setup (model build + `warmup` steps), per step after it, and of the final evaluation.
+    `before_timing()` is called after the warm-up (probe_parallel aligns its processes there)."""
     import torch
 
     from lmforge.data.loader import DocumentPacker, Prefetcher, TokenStream
@@ -60,6 +63,8 @@ def probe_run(run: GridRun, cfg: SweepConfig, train_shards: str, val_shards: str
         losses = [trainer.train_step()["loss"] for _ in range(warmup)]
         _sync(device)
         setup = time.perf_counter() - start
+        if before_timing is not None:
+            before_timing()
         begin = time.perf_counter()
         losses += [trainer.train_step()["loss"] for _ in range(steps)]
         _sync(device)
@@ -111,3 +116,37 @@ def probe_sweep(grid: list[GridRun], cfg: SweepConfig, train_shards: str, val_sh
                "params": run.row()["params"], "projected_s": project(run, p)}
         rows.append(row)
     return rows
+
+
+def _probe_worker(run, cfg, train_shards, warmup, steps, barrier, queue) -> None:
+    try:
+        queue.put(probe_run(run, cfg, train_shards, warmup=warmup, steps=steps,
+                            before_timing=lambda: barrier.wait(timeout=600)))
+    except BaseException as e:  # noqa: BLE001 (reported to the parent, which raises)
+        barrier.abort()  # the others stop waiting
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def probe_parallel(run: GridRun, cfg: SweepConfig, train_shards: str, k: int, *, warmup: int = 3,
+                   steps: int = 20) -> dict:
+    """k copies of `probe_run` at once, each in a spawned process (like the sweep's `parallel = k`);
+    the timed steps start together. Returns the aggregate tokens/s and TFLOP/s and each copy's result."""
+    import multiprocessing as mp
+
+    from lmforge.errors import LMForgeError
+
+    ctx = mp.get_context("spawn")  # as the sweep: a forked child must not inherit a CUDA context
+    barrier, queue = ctx.Barrier(k), ctx.Queue()
+    procs = [ctx.Process(target=_probe_worker, args=(run, cfg, train_shards, warmup, steps, barrier, queue))
+             for _ in range(k)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=1200) for _ in procs]
+    for p in procs:
+        p.join()
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        raise LMForgeError(f"probe_parallel({run.run_id}, k={k}): {errors[0]}")
+    tokens_per_s = sum(r["tokens_per_s"] for r in results)
+    return {"run": run.run_id, "parallel": k, "tokens_per_s": tokens_per_s,
+            "tflops": run.flops_per_token * tokens_per_s / 1e12, "copies": results}

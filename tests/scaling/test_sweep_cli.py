@@ -238,3 +238,17 @@ def test_probe_times_the_same_run_the_sweep_trains(shards, tmp_path):
     assert p["mfu"] is None  # no known peak on a CPU
     assert p["projected_s"] == pytest.approx(p["setup_s"] + (grid[0].steps - 2) * p["step_s"] + p["eval_s"])
     assert project(grid[0], p) == p["projected_s"]
+
+
+def test_probe_parallel_runs_copies_at_once(shards):
+    """k spawned copies of the same probe: each trains the same steps (equal losses, seeded), and the
+    aggregate rate is the sum of theirs."""
+    from lmforge.scaling.probe import probe_parallel, probe_run
+
+    cfg = _tiny_config(budgets=[3e8])
+    run = build_grid(cfg, VOCAB)[0]
+    alone = probe_run(run, cfg, str(shards / "train"), warmup=1, steps=2)
+    par = probe_parallel(run, cfg, str(shards / "train"), 2, warmup=1, steps=2)
+    assert par["parallel"] == 2 and len(par["copies"]) == 2
+    assert all(c["first_loss"] == alone["first_loss"] and c["last_loss"] == alone["last_loss"] for c in par["copies"])
+    assert par["tokens_per_s"] == pytest.approx(sum(c["tokens_per_s"] for c in par["copies"]))
