@@ -45,6 +45,7 @@ class DecodeBuffers:
         self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
         self.cuda = device.type == "cuda"
+        self.device = device
         # two pinned host buffers: step t's copy must survive until the host has read it, while
         # step t+1 copies into the other one
         self.host = [torch.zeros(max_batch, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
@@ -71,7 +72,7 @@ class DecodeBuffers:
         host, event = self.host[self.flip], self.events[self.flip]
         self.flip ^= 1
         host[:nb].copy_(next_tokens, non_blocking=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))  # the engine's device, not the current one
         return InFlight(list(seqs), key, host[:nb], event)
 
 
