@@ -152,3 +152,18 @@ def test_fixed_shape_step_uses_length_buckets():
         outs = engine.generate(ps, sp)
         assert [o[0].token_ids for o in outs] == [naive_greedy(model, p, 10) for p in ps]
         assert set(calls) == {(3, want)}
+
+
+def test_steady_step_traces_as_one_graph():
+    """What compile=True captures on CUDA, traced on CPU by dynamo + AOT autograd (no inductor):
+    forward, cache writes into the static buffers and sampling in one graph (fullgraph: a graph
+    break would split the CUDA graph), tokens equal to naive greedy."""
+    model = tiny_model("gqa", dtype=torch.float32)
+    ps = prompts([3, 8])
+    engine = Engine(model, max_batch=3, max_len=300)
+    for t in [b for layer in engine.cache.buffers for b in layer] + [engine.bufs.tokens, engine.bufs.positions]:
+        torch._dynamo.mark_static_address(t)
+    engine.compiled = True
+    engine._step_fn = torch.compile(engine._sample_step, backend="aot_eager", dynamic=False, fullgraph=True)
+    outs = engine.generate(ps, SamplingParams(max_tokens=10, temperature=0))
+    assert [o[0].token_ids for o in outs] == [naive_greedy(model, p, 10) for p in ps]
