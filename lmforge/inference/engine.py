@@ -401,6 +401,7 @@ class Engine:
         full_tokens = torch.zeros(self.max_batch, T, dtype=torch.long, device=self.device)
         full_pos = torch.arange(T, device=self.device).repeat(self.max_batch, 1)
         full_tokens[:nb], full_pos[:nb] = tokens, pos
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last replay's outputs are dead
         return self._decode_fn(full_tokens, full_pos)[:nb]
 
     def _busy(self, nb: int) -> list[int]:
