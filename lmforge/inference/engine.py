@@ -351,7 +351,7 @@ class Engine:
         need = max(s.length for s in seqs) + 1 + ahead  # cache slots the step attends to
         if self.compiled:  # all rows; a few fixed lengths, one CUDA graph each
             length = min(self.max_len, max(256, 1 << (need - 1).bit_length()))
-            torch.compiler.cudagraph_mark_step_begin()
+            self._new_graph_step()
             nxt = self._step_fn(self.bufs.tokens, self.bufs.positions, key, length)
         else:
             nb = max(s.slot for s in seqs) + 1
@@ -401,8 +401,15 @@ class Engine:
         full_tokens = torch.zeros(self.max_batch, T, dtype=torch.long, device=self.device)
         full_pos = torch.arange(T, device=self.device).repeat(self.max_batch, 1)
         full_tokens[:nb], full_pos[:nb] = tokens, pos
-        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last replay's outputs are dead
+        self._new_graph_step()
         return self._decode_fn(full_tokens, full_pos)[:nb]
+
+    def _new_graph_step(self) -> None:
+        """Tell the CUDA-graph runtime a new step begins: the last replay's outputs are dead (the
+        steady-state and the general step's graphs alternate). Only on CUDA: on CPU (tests that run
+        this path eagerly) it would import the whole compiler stack."""
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
 
     def _busy(self, nb: int) -> list[int]:
         """Rows below nb that hold a sequence still being prefilled (chunked)."""

@@ -137,7 +137,7 @@ def test_sample_fast_equals_sample():
 def test_fixed_shape_step_uses_length_buckets():
     """The CUDA-graph path on CPU (the compiled function swapped for the plain one): all rows, the
     attended length rounded up to a power of two >= 256 (one graph each), capped at max_len."""
-    model = tiny_model("gqa")
+    model = tiny_model("gqa", dtype=torch.float32)
     ps = prompts([3, 8])
     sp = SamplingParams(max_tokens=10, temperature=0)
     for max_len, want in ((300, 256), (40, 40)):
