@@ -13,6 +13,25 @@ import time
 
 import torch
 
+# Model shapes of the inference benchmarks (Llama layout: RMSNorm, RoPE, SwiGLU; random weights).
+INFERENCE_SHAPES = {
+    "tiny": dict(vocab_size=4096, context_length=512, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2),
+    "llama124m": dict(vocab_size=32000, context_length=2048, d_model=768, n_layers=12, n_heads=12),
+    # the TinyLlama 1.1B shape: 22 layers, GQA 32/4
+    "llama1b": dict(vocab_size=32000, context_length=2048, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                    d_ff=5632),
+}
+
+
+def inference_device(threads: int | None = None) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of the inference benchmarks: CUDA in bf16 when present, else CPU in fp32 with
+    `threads` intra-op threads; seeds torch with 0 so every script builds the same weights."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    return device, (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":

@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import sync, timed
+from common import INFERENCE_SHAPES, inference_device, sync, timed
 
 from lmforge.inference import Engine, SamplingParams
 from lmforge.inference.quantize import quantize_model
@@ -67,14 +67,8 @@ from lmforge.io import write_json
 from lmforge.model import ModelConfig, Transformer
 from lmforge.train.generate import generate as naive_generate
 
-LLAMA124M = dict(vocab_size=32000, context_length=2048, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12)
-SHAPES = {
-    "tiny": dict(vocab_size=4096, context_length=512, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2),
-    "llama124m": LLAMA124M,
-    "gpt2s": LLAMA124M,  # the name used for the first GPU numbers in docs/benchmarks.md
-    "llama1b": dict(vocab_size=32000, context_length=2048, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
-                    d_ff=5632),
-}
+# "gpt2s": the name used for the first GPU numbers in docs/benchmarks.md
+SHAPES = {**INFERENCE_SHAPES, "gpt2s": INFERENCE_SHAPES["llama124m"]}
 PEAK_TBS = [("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35)]  # first match in the device name wins
 COMPILED = ("hf_compile", "engine_compiled")
 
@@ -231,9 +225,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--overhead", action="store_true", help="the engine's host overhead per step (1-layer model)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device, dtype = inference_device(args.threads)
     if args.overhead:
         rows = overhead(args, device)
         out = Path(args.out or f"runs/bench/inference_overhead_{device.type}.json")
@@ -243,8 +235,6 @@ def main() -> int:
                          "date": datetime.date.today().isoformat(), "results": rows})
         print(f"wrote {out}")
         return 0
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
     cfg = ModelConfig(**SHAPES[args.shape], attention_backend="sdpa", tie_embeddings=False)
     model = Transformer(cfg).to(device, dtype).eval()
 

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import timed
+from common import INFERENCE_SHAPES, inference_device, timed
 
 from lmforge.inference import Engine, SamplingParams
 from lmforge.io import write_json
@@ -34,7 +34,7 @@ from lmforge.model import ModelConfig, Transformer
 
 SHAPES = {
     "small": dict(vocab_size=4096, context_length=1024, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2),
-    "llama124m": dict(vocab_size=32000, context_length=2048, d_model=768, n_layers=12, n_heads=12),
+    "llama124m": INFERENCE_SHAPES["llama124m"],
 }
 
 
@@ -49,11 +49,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
+    device, dtype = inference_device(args.threads)
     model = Transformer(ModelConfig(**SHAPES[args.shape], attention_backend="sdpa")).to(device, dtype).eval()
     g = torch.Generator().manual_seed(1)
     V = model.cfg.vocab_size

@@ -32,16 +32,13 @@ import time
 from pathlib import Path
 
 import torch
+from common import INFERENCE_SHAPES, inference_device
 
 from lmforge.inference import Engine, SamplingParams
 from lmforge.io import write_json
 from lmforge.model import ModelConfig, Transformer
 
-SHAPES = {
-    "tiny": dict(vocab_size=4096, context_length=512, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2),
-    "gpt2s": dict(vocab_size=32000, context_length=2048, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12),
-}
-SHAPES["llama124m"] = SHAPES["gpt2s"]  # the same Llama-layout shape as in inference_decode.py
+SHAPES = {**INFERENCE_SHAPES, "gpt2s": INFERENCE_SHAPES["llama124m"]}  # gpt2s: the name in older commands
 
 
 def workload(args, vocab: int):
@@ -101,11 +98,7 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="CUDA-graph decode step (ignored on CPU)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
+    device, dtype = inference_device(args.threads)
     model = Transformer(ModelConfig(**SHAPES[args.shape], attention_backend="sdpa")).to(device, dtype).eval()
     reqs = workload(args, model.cfg.vocab_size)
     max_len = args.max_prompt + args.max_new + 1

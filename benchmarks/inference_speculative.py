@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import timed
+from common import INFERENCE_SHAPES, inference_device, timed
 
 from lmforge.inference import Engine, SamplingParams
 from lmforge.inference.quantize import quantize_model
@@ -40,10 +40,7 @@ from lmforge.inference.speculative import DraftModel, NGramDrafter
 from lmforge.io import write_json
 from lmforge.model import ModelConfig, Transformer
 
-SHAPES = {
-    "tiny": dict(vocab_size=4096, context_length=512, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2),
-    "llama124m": dict(vocab_size=32000, context_length=2048, d_model=768, n_layers=12, n_heads=12),
-}
+SHAPES = {k: INFERENCE_SHAPES[k] for k in ("tiny", "llama124m")}
 
 
 def main() -> int:
@@ -57,11 +54,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
+    device, dtype = inference_device(args.threads)
     shape = dict(SHAPES[args.shape], attention_backend="sdpa")
     target = Transformer(ModelConfig(**shape)).eval()
     small = Transformer(ModelConfig(**dict(shape, d_model=shape["d_model"] // 2, n_layers=1, n_heads=4,
