@@ -16,15 +16,18 @@ data-parallel ranks (rank r of W reads only its own part):
 
 A batch is a dict of CPU tensors: input_ids [B,T] long, targets [B,T] long (-100 = ignored),
 optionally doc_ids and positions [B,T] long. `to_device` moves one to the GPU from pinned memory
-without blocking; `Prefetcher` overlaps that copy with the previous step.
+without blocking; `Prefetcher` builds the next batch on a background thread while the current step
+is launched.
 
 This module knows nothing about models or tokenizers beyond the BOS id in the shard header.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +79,28 @@ class TokenStream:
             pos = 0
         return out
 
+    def read_windows(self, starts: np.ndarray, n: int) -> np.ndarray:
+        """Rows [s, s + n) for every s in `starts`, as an int64 array [len(starts), n].
+
+        The same rows as `read` per start, but one vectorised gather per shard: a window that lies
+        inside one shard is a row of that shard's sliding-window view; only the few windows that
+        span a shard boundary go through `read`.
+        """
+        starts = np.asarray(starts, dtype=np.int64)
+        if len(starts) and (starts.min() < 0 or starts.max() + n > self.total):
+            bad = int(starts.min() if starts.min() < 0 else starts.max())
+            raise DataError(f"read [{bad}, {bad + n}) past the end of {self.total} tokens")
+        out = np.empty((len(starts), n), dtype=np.int64)
+        shard = np.searchsorted(self.starts, starts, side="right") - 1
+        local = starts - self.starts[shard]
+        inside = local + n <= self.lengths[shard]
+        for i in np.unique(shard[inside]):
+            rows = np.flatnonzero(inside & (shard == i))
+            out[rows] = np.lib.stride_tricks.sliding_window_view(self.arrays[i], n)[local[rows]]
+        for r in np.flatnonzero(~inside):
+            out[r] = self.read(int(starts[r]), n)
+        return out
+
 
 def segments(input_ids: torch.Tensor, bos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """doc_ids (a new segment at each BOS; 0 before the first) and positions restarting per segment."""
@@ -114,7 +139,7 @@ class RandomWindowSampler:
     def __next__(self) -> Batch:
         rng = np.random.default_rng([self.seed, self.rank, self.world_size, self.step])
         starts = rng.integers(0, self.stream.total - self.seq_len, size=self.batch_size)
-        rows = np.stack([self.stream.read(int(s), self.seq_len + 1) for s in starts])
+        rows = self.stream.read_windows(starts, self.seq_len + 1)
         self.step += 1
         rows_t = torch.from_numpy(rows)
         batch = {"input_ids": rows_t[:, :-1].contiguous(), "targets": rows_t[:, 1:].contiguous()}
@@ -246,35 +271,62 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
 
 
 class Prefetcher:
-    """Wraps a batch builder: keeps the next batch's host-to-device copy in flight while the current
-    step runs. `state_dict()` describes the batches handed out, not the one prefetched."""
+    """Wraps a batch builder: a background thread builds the next batch (the numpy read and the copy
+    into pinned memory) while the training thread launches the current step's kernels, so the step
+    never waits for the host read. Batches come in the builder's order, one read ahead at most.
+
+    `state_dict()` describes the batches handed out, not the one being prefetched; `load_state_dict`
+    waits for the read in flight, then discards it.
+    """
 
     def __init__(self, batches, device: torch.device | str):
         self.batches, self.device = batches, torch.device(device)
-        self._next: tuple[Batch, dict] | None = None
         self._state = batches.state_dict()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-prefetch")
+        self._pending: Future | None = None
 
     def __iter__(self):
         return self
 
-    def _fetch(self):
-        batch = next(self.batches)
-        return to_device(batch, self.device), self.batches.state_dict()
+    def _read(self) -> tuple[Batch, dict] | None:
+        """Runs on the worker thread: the next host batch (pinned for CUDA) and the state after it."""
+        try:
+            batch = next(self.batches)
+        except StopIteration:
+            return None
+        if self.device.type == "cuda":
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch, self.batches.state_dict()
 
     def __next__(self) -> Batch:
-        if self._next is None:
-            self._next = self._fetch()
-        batch, state = self._next
-        try:
-            self._next = self._fetch()
-        except StopIteration:
-            self._next = None
+        fetched = (self._pending or self._pool.submit(self._read)).result()
+        self._pending = None
+        if fetched is None:
+            raise StopIteration
+        batch, state = fetched
+        # Start the next read before this batch's copy and kernels are issued: the worker reads
+        # while the caller enqueues the step.
+        self._pending = self._pool.submit(self._read)
         self._state = state
-        return batch
+        if self.device.type == "cuda":  # already pinned: the copy returns at once
+            return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     def state_dict(self) -> dict:
         return self._state
 
     def load_state_dict(self, state: dict) -> None:
+        self._drain()
         self.batches.load_state_dict(state)
-        self._next, self._state = None, state
+        self._state = state
+
+    def _drain(self) -> None:
+        """Wait for the read in flight (it moves the builder) and drop its batch."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            with contextlib.suppress(Exception):
+                pending.result()
+
+    def close(self) -> None:
+        self._drain()
+        self._pool.shutdown(wait=True)

@@ -1,5 +1,7 @@
 """Random-window sampler and BOS-aligned packer: exact contents, determinism, resume, rank split."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +141,98 @@ def test_shuffled_packer_resumes_across_epochs(shard_dir):
     assert all(torch.equal(a["input_ids"], next(q)["input_ids"]) for a in after)
     with pytest.raises(DataError, match="seed"):
         DocumentPacker(stream, 3, 13, shuffle=True, seed=2).load_state_dict(state)
+
+
+def _loop_windows(stream, starts, n):
+    """The per-window read the sampler used before `read_windows` (the reference)."""
+    return np.stack([stream.read(int(s), n) for s in starts])
+
+
+def test_read_windows_match_per_window_reads_across_shards(tmp_path):
+    d = tmp_path / "s"
+    for k, (n_docs, seed) in enumerate([(9, 4), (2, 5), (14, 6), (1, 7)]):  # a tiny shard in the middle
+        write_docs(d / f"train_{k:03d}", random_docs(n_docs, seed=seed, lo=2, hi=19))
+    stream = TokenStream(d)
+    n = 23
+    assert min(stream.lengths) < n  # some windows cross two boundaries
+    rng = np.random.default_rng(11)
+    edges = stream.starts[1:-1]
+    starts = np.concatenate([rng.integers(0, stream.total - n, size=97),
+                             edges - 1, edges - n, edges - n + 1, edges, [0, stream.total - n]])
+    starts = starts[(starts >= 0) & (starts <= stream.total - n)]
+    np.testing.assert_array_equal(stream.read_windows(starts, n), _loop_windows(stream, starts, n))
+    assert stream.read_windows(np.zeros(0, dtype=np.int64), n).shape == (0, n)
+    with pytest.raises(DataError, match="past the end"):
+        stream.read_windows(np.array([stream.total - n + 1]), n)
+
+
+def test_random_sampler_batches_equal_the_per_window_loop(shard_dir):
+    """Bit for bit the batches of the old sampler: same generator, same starts, same rows."""
+    s = TokenStream(shard_dir)
+    for rank, world in [(0, 1), (1, 3)]:
+        sampler = RandomWindowSampler(s, batch_size=19, seq_len=37, seed=5, rank=rank, world_size=world)
+        for step in range(6):
+            rng = np.random.default_rng([5, rank, world, step])
+            rows = _loop_windows(s, rng.integers(0, s.total - 37, size=19), 38)
+            b = next(sampler)
+            assert torch.equal(b["input_ids"], torch.from_numpy(rows[:, :-1]))
+            assert torch.equal(b["targets"], torch.from_numpy(rows[:, 1:]))
+
+
+class _Recording:
+    """A batch builder that records the thread each batch is built on."""
+
+    def __init__(self, inner):
+        self.inner, self.threads = inner, []
+
+    def __next__(self):
+        self.threads.append(threading.current_thread().name)
+        return next(self.inner)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
+def test_prefetcher_reads_ahead_on_a_thread_and_resumes_exactly(shard_dir):
+    stream = TokenStream(shard_dir)
+    plain = RandomWindowSampler(stream, 4, 11, seed=3)
+    ref = [next(plain) for _ in range(7)]
+    rec = _Recording(RandomWindowSampler(stream, 4, 11, seed=3))
+    p = Prefetcher(rec, "cpu")
+    got = [next(p) for _ in range(3)]
+    state = p.state_dict()
+    assert state["step"] == 3
+    assert all(torch.equal(g["input_ids"], r["input_ids"]) for g, r in zip(got, ref))
+    p._pending.result()  # the read ahead of batch 3 was started by the third next()
+    assert len(rec.threads) == 4 and all(t.startswith("lmforge-prefetch") for t in rec.threads)
+    # a read is in flight (batch 3); loading a state drops it and the stream continues from there
+    p.load_state_dict(RandomWindowSampler(stream, 4, 11, seed=3).state_dict() | {"step": 5})
+    assert torch.equal(next(p)["targets"], ref[5]["targets"])
+    p.load_state_dict(state)
+    assert torch.equal(next(p)["input_ids"], ref[3]["input_ids"])
+    assert p.state_dict()["step"] == 4
+    p.close()
+
+
+def test_prefetcher_stops_and_passes_on_errors(tmp_path):
+    write_docs(tmp_path / "s", random_docs(4, seed=8, lo=3, hi=6))
+    stream = TokenStream(tmp_path / "s")
+    p = Prefetcher(DocumentPacker(stream, batch_size=2, seq_len=5, loop=False), "cpu")
+    q = DocumentPacker(stream, batch_size=2, seq_len=5, loop=False)
+    for expected in q:
+        assert torch.equal(next(p)["input_ids"], expected["input_ids"])
+    with pytest.raises(StopIteration):
+        next(p)
+
+    class Broken:
+        def __next__(self):
+            raise DataError("shard train_000 is truncated")
+
+        def state_dict(self):
+            return {}
+
+    with pytest.raises(DataError, match="truncated"):
+        next(Prefetcher(Broken(), "cpu"))
