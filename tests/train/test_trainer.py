@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lmforge.data.loader import DocumentPacker, TokenStream
+from lmforge.data.loader import DocumentPacker, Prefetcher, TokenStream
 from lmforge.errors import CheckpointError
 from lmforge.train.checkpoint import list_checkpoints
 from lmforge.train.config import TrainConfig
@@ -84,13 +84,15 @@ def test_tiny_model_overfits_tiny_batch():
     assert last < 0.01 * first  # memorised (random tokens: nothing to generalise)
 
 
-def _packed_trainer(run_dir, shard_dir, max_steps, optimizer="adamw", hooks=None, **kw):
+def _packed_trainer(run_dir, shard_dir, max_steps, optimizer="adamw", hooks=None, prefetch=False, **kw):
     model, mcfg = tiny_model(seed=3, dropout=0.1)  # dropout: the RNG state must be restored too
     kw = {**dict(warmup_steps=3), **kw}
     cfg = _cfg(max_steps=max_steps, batch_size=3, grad_accum=2, checkpoint_every=2, keep_checkpoints=2,
                optimizer=optimizer, schedule="cosine", grad_clip=1.0, **kw)
     opt = build_optimizer(model, optimizer, lr=cfg.lr, muon_lr=cfg.muon_lr, vocab_size=VOCAB)
     batches = DocumentPacker(TokenStream(shard_dir), cfg.batch_size, 23)
+    if prefetch:  # reads run one batch ahead on a background thread
+        batches = Prefetcher(batches, "cpu")
     return Trainer(model, opt, batches, lm_loss, cfg, run_dir=run_dir, model_config=mcfg, hooks=hooks)
 
 
@@ -122,6 +124,27 @@ def test_kill_and_resume_is_bit_exact(tmp_path, shard_dir, optimizer):
 
     steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 7))
+
+
+def test_prefetched_kill_and_resume_equals_the_plain_run(tmp_path, shard_dir):
+    """The background read-ahead changes nothing: a prefetched run killed at step 3 and resumed
+    gives bit for bit the losses and weights of an uninterrupted run without prefetching."""
+    full = _packed_trainer(tmp_path / "full", shard_dir, 5)
+    full.train()
+
+    def kill_at_3(trainer, record):
+        if record["step"] == 3:
+            raise _Kill
+
+    t = _packed_trainer(tmp_path / "run", shard_dir, 5, hooks=[kill_at_3], prefetch=True)
+    with pytest.raises(_Kill):
+        t.train()
+    assert [r["loss"] for r in t.history] == [r["loss"] for r in full.history[:3]]
+    resumed = _packed_trainer(tmp_path / "run", shard_dir, 5, prefetch=True)
+    resumed.train(resume=True)  # from step 2: the batch read ahead at kill time is not consumed
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history[2:]]
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_bad_checkpoints_are_refused(tmp_path, shard_dir):
