@@ -62,6 +62,7 @@ class TokenStream:
         self.lengths = np.array([len(a) for a in self.arrays], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)])
         self.total = int(self.starts[-1])
+        self._window_views: dict[tuple[int, int], np.ndarray] = {}
 
     def read(self, start: int, n: int) -> np.ndarray:
         """Tokens [start, start + n) of the concatenation (may span shards), as int64."""
@@ -78,6 +79,13 @@ class TokenStream:
             i += 1
             pos = 0
         return out
+
+    def _windows(self, i: int, n: int) -> np.ndarray:
+        """Shard i as a read-only [len - n + 1, n] view of its windows (no copy), built once per n."""
+        key = (i, n)
+        if key not in self._window_views:
+            self._window_views[key] = np.lib.stride_tricks.sliding_window_view(self.arrays[i], n)
+        return self._window_views[key]
 
     def read_windows(self, starts: np.ndarray, n: int) -> np.ndarray:
         """Rows [s, s + n) for every s in `starts`, as an int64 array [len(starts), n].
@@ -96,7 +104,7 @@ class TokenStream:
         inside = local + n <= self.lengths[shard]
         for i in np.unique(shard[inside]):
             rows = np.flatnonzero(inside & (shard == i))
-            out[rows] = np.lib.stride_tricks.sliding_window_view(self.arrays[i], n)[local[rows]]
+            out[rows] = self._windows(int(i), n)[local[rows]]
         for r in np.flatnonzero(~inside):
             out[r] = self.read(int(starts[r]), n)
         return out
