@@ -23,6 +23,28 @@ def _tanh(x):
 
 
 @triton.jit
+def _store_grad(base, start, end, target, valid, lse2, scale, softcap,
+                SOFTCAP_ON: tl.constexpr, BLOCK: tl.constexpr):
+    """Overwrite columns [start, end) of one row of logits with d(loss)/d(logits):
+    softmax · scale − one-hot(target), times the soft-cap's derivative when it is on (lse2: the
+    row's log-sum-exp in log2 units; scale carries the z-loss term and is 0 on ignored rows)."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    cols = tl.arange(0, BLOCK)
+    for v0 in range(start, end, BLOCK):
+        idx = v0 + cols
+        mask = idx < end
+        x = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
+        t = x
+        if SOFTCAP_ON:
+            t = _tanh(x / softcap)
+            x = softcap * t
+        g = tl.math.exp2(x * LOG2E - lse2) * scale - tl.where((idx == target) & valid, 1.0, 0.0)
+        if SOFTCAP_ON:
+            g = g * (1.0 - t * t)
+        tl.store(base + idx, g.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _ce_kernel(LOGITS, TARGETS, CE, Z, V, stride, ignore_index, softcap, z_loss,
                SOFTCAP_ON: tl.constexpr, BLOCK: tl.constexpr):
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -50,18 +72,7 @@ def _ce_kernel(LOGITS, TARGETS, CE, Z, V, stride, ignore_index, softcap, z_loss,
     tl.store(CE + row, tl.where(valid, lse - x_t, 0.0))
     tl.store(Z + row, tl.where(valid, lse * lse, 0.0))
     scale = tl.where(valid, 1.0 + 2.0 * z_loss * lse, 0.0)
-    for v0 in range(0, V, BLOCK):
-        idx = v0 + cols
-        mask = idx < V
-        x = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
-        t = x
-        if SOFTCAP_ON:
-            t = _tanh(x / softcap)
-            x = softcap * t
-        g = tl.math.exp2(x * LOG2E - lse2) * scale - tl.where((idx == target) & valid, 1.0, 0.0)
-        if SOFTCAP_ON:
-            g = g * (1.0 - t * t)
-        tl.store(base + idx, g.to(LOGITS.dtype.element_ty), mask=mask)
+    _store_grad(base, 0, V, target, valid, lse2, scale, softcap, SOFTCAP_ON, BLOCK)
 
 
 @triton.jit
@@ -120,20 +131,7 @@ def _split_grad_kernel(LOGITS, TARGETS, PM, PS, XT, CE, Z, V, stride, ignore_ind
     tl.store(Z + row, tl.where(valid, lse * lse, 0.0), mask=first)
     scale = tl.where(valid, 1.0 + 2.0 * z_loss * lse, 0.0)
     start = sp * SPLIT
-    end = tl.minimum(start + SPLIT, V)
-    cols = tl.arange(0, BLOCK)
-    for v0 in range(start, end, BLOCK):
-        idx = v0 + cols
-        mask = idx < end
-        x = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
-        t = x
-        if SOFTCAP_ON:
-            t = _tanh(x / softcap)
-            x = softcap * t
-        g = tl.math.exp2(x * LOG2E - lse2) * scale - tl.where((idx == target) & valid, 1.0, 0.0)
-        if SOFTCAP_ON:
-            g = g * (1.0 - t * t)
-        tl.store(base + idx, g.to(LOGITS.dtype.element_ty), mask=mask)
+    _store_grad(base, start, tl.minimum(start + SPLIT, V), target, valid, lse2, scale, softcap, SOFTCAP_ON, BLOCK)
 
 
 # 0: one program per row (`_ce_kernel`). N > 0: each row is split into slices of N columns, one
