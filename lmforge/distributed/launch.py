@@ -81,7 +81,7 @@ def _shard_fingerprint(spec) -> list:
 
 def _fsdp_optimizer_factory(cfg, env):
     """FSDP needs the optimizer built over the sharded parameters: the same build as pretrain's."""
-    from lmforge.train.optim import build_optimizer
+    from lmforge.train.optim import optimizer_from_config
 
     t = cfg.train
     if t.optimizer != "adamw":
@@ -89,8 +89,7 @@ def _fsdp_optimizer_factory(cfg, env):
                           "orthogonalises whole matrices; use --dp zero1, which shards by whole parameters")
 
     def make(model):
-        return build_optimizer(model, t.optimizer, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
-                               eps=t.eps, decay_embeddings=t.decay_embeddings, vocab_size=cfg.model.vocab_size)
+        return optimizer_from_config(model, t, cfg.model.vocab_size)
 
     return make
 

@@ -38,7 +38,7 @@ def probe_run(run: GridRun, cfg: SweepConfig, train_shards: str, val_shards: str
     from lmforge.data.loader import DocumentPacker, Prefetcher, TokenStream
     from lmforge.model import Transformer
     from lmforge.train.metrics import mfu, peak_flops
-    from lmforge.train.optim import build_optimizer
+    from lmforge.train.optim import optimizer_from_config
     from lmforge.train.pretrain import evaluate_lm, make_batches
     from lmforge.train.trainer import Trainer, autocast_context, lm_loss, resolve_device
 
@@ -52,10 +52,7 @@ def probe_run(run: GridRun, cfg: SweepConfig, train_shards: str, val_shards: str
         device = resolve_device(t.device)
         torch.manual_seed(t.seed)
         model = Transformer(rc.model).to(device)
-        optimizer = build_optimizer(model, t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
-                                    betas=(t.beta1, t.beta2), eps=t.eps, muon_lr=t.muon_lr,
-                                    muon_momentum=t.muon_momentum, muon_ns_steps=t.muon_ns_steps,
-                                    decay_embeddings=t.decay_embeddings, vocab_size=rc.model.vocab_size)
+        optimizer = optimizer_from_config(model, t, rc.model.vocab_size)
         batches = make_batches(rc, train_shards, run.seq_len)
         if device.type == "cuda":
             batches = Prefetcher(batches, device)

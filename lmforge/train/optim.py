@@ -282,3 +282,12 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]
     return opt
+
+
+def optimizer_from_config(model: nn.Module, t, vocab_size: int | None) -> torch.optim.Optimizer:
+    """`build_optimizer` with every setting read from a TrainConfig `t` (the one place that maps
+    the config's optimizer fields onto it: pretraining, distributed launch and scaling probes)."""
+    return build_optimizer(model, t.optimizer, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
+                           eps=t.eps, muon_lr=t.muon_lr, muon_momentum=t.muon_momentum,
+                           muon_ns_steps=t.muon_ns_steps, decay_embeddings=t.decay_embeddings,
+                           vocab_size=vocab_size)

@@ -189,7 +189,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = True, tokenizer
     from lmforge.data.loader import DocumentPacker, Prefetcher, TokenStream
     from lmforge.model import Transformer, flops_per_token
     from lmforge.train.metrics import token_byte_lengths, unigram_log_probs
-    from lmforge.train.optim import build_optimizer
+    from lmforge.train.optim import optimizer_from_config
     from lmforge.train.trainer import Trainer, lm_loss, resolve_device
 
     run_dir = Path(run_dir)
@@ -203,10 +203,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = True, tokenizer
     seq_len = seq_len_of(cfg)
     torch.manual_seed(t.seed)
     model = Transformer(cfg.model).to(device)
-    optimizer = build_optimizer(model, t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
-                                betas=(t.beta1, t.beta2), eps=t.eps, muon_lr=t.muon_lr,
-                                muon_momentum=t.muon_momentum, muon_ns_steps=t.muon_ns_steps,
-                                decay_embeddings=t.decay_embeddings, vocab_size=cfg.model.vocab_size)
+    optimizer = optimizer_from_config(model, t, cfg.model.vocab_size)
     batches = make_batches(cfg, cfg.data.train_shards, seq_len)
     parallel = None
     if parallelize is not None:
