@@ -181,12 +181,22 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples of each fit")
     ap.add_argument("--plan-flops", type=float, nargs="+", default=[1.25e18, 1e20],
                     help="budgets to plan (default: one H100-hour at 35%% MFU, and 1e20)")
+    ap.add_argument("--no-fit", action="store_true",
+                    help="stop after the sweep's tables (fit them elsewhere with --fit-from)")
+    ap.add_argument("--fit-from", metavar="DIR",
+                    help="skip data and training: fit and plan the results.csv / curves.csv in DIR")
+    ap.add_argument("--resume-from", metavar="DIR",
+                    help="results.jsonl / curves.csv of an earlier --out (e.g. another machine's): its runs "
+                         "are skipped")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="SweepConfig overrides, e.g. budgets=[1e15]")
     args = ap.parse_args()
     t0 = time.perf_counter()
     out, work = Path(args.out), Path(args.work)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    if args.fit_from:
+        fit_from(args, out, Path(args.fit_from), timings, t0)
+        return
 
     # 1. tokenizer and shards, once per (tokenizer corpus, corpus, vocab)
     tok_key = spec_hash(args.tokenizer_corpus)
@@ -248,6 +258,8 @@ def main() -> None:
             if (sweep_dir / name).exists():
                 shutil.copy(sweep_dir / name, out / name)
 
+    if args.resume_from:
+        seed_sweep_dir(Path(args.resume_from), sweep_dir)
     rows = run_sweep(cfg, sweep_dir, train_shards, val_shards, log=copy_tables)
     timings["sweep"] = round(time.perf_counter() - start, 2)
     copy_tables()
@@ -257,7 +269,82 @@ def main() -> None:
     print(f"[sweep] {len(rows)}/{len(grid)} runs, {flops_done:.3g} FLOPs in {timings['sweep']:.0f} s: "
           f"{flops_done / max(timings['sweep'], 1e-9) / 1e12:.3g} TFLOP/s overall")
 
-    # 4. fits and plots
+    summary = {"date": datetime.datetime.now(datetime.UTC).isoformat(), "host": platform.node(),
+               "args": vars(args), "config": json.loads(json.dumps(vars(cfg), default=str)),
+               "train_tokens": train_tokens, "runs": len(rows), "grid_runs": len(grid), "flops": flops_done,
+               "sweep_tflops_per_s": flops_done / max(timings["sweep"], 1e-9) / 1e12}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            summary["device"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    print_table(rows, cfg.parallel)
+    if not args.no_fit:
+        fit_and_plan(args, out, rows, vocab, cfg.seq_len, timings, summary)
+    summary.update(timings_s=timings, wall_s=round(time.perf_counter() - t0, 2))
+    write_json(out / "summary.json", summary)
+    print(f"timings (s): {timings}; total {summary['wall_s']:.0f} s; outputs in {out}")
+    if not math.isfinite(summary["sweep_tflops_per_s"]):
+        raise SystemExit(1)
+
+
+def seed_sweep_dir(src: Path, sweep_dir: Path) -> None:
+    """Start a sweep directory from an earlier call's tables (the run ids say which runs are done)."""
+    if (sweep_dir / "results.jsonl").exists():
+        print(f"[resume] {sweep_dir} already has a results table; --resume-from {src} ignored")
+        return
+    if not (src / "results.jsonl").exists():
+        raise SystemExit(f"error: --resume-from {src}: no results.jsonl there")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("results.jsonl", "curves.csv"):
+        if (src / name).exists():
+            shutil.copy(src / name, sweep_dir / name)
+    print(f"[resume] {sum(1 for _ in open(src / 'results.jsonl', encoding='utf-8'))} finished runs from {src}")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """A results.csv with its numbers as numbers."""
+    def value(v: str):
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return v
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def print_table(rows: list[dict], parallel) -> None:
+    print(f"\nrun table (seconds per run include model build and the final evaluation; {parallel} at once)")
+    print(f"{'budget':>8} {'N':>11} {'tokens':>12} {'D/N':>6} {'loss':>7} {'s':>6} {'TFLOP/s':>8}")
+    for r in sorted(rows, key=lambda r: (r["budget"], r["params"])):
+        print(f"{r['budget']:>8.2g} {r['params']:>11,} {r['tokens']:>12,} {r['tokens'] / r['params']:>6.1f} "
+              f"{r['loss']:>7.4f} {r['seconds']:>6.1f} {r['flops'] / r['seconds'] / 1e12:>8.3g}")
+
+
+def fit_from(args, out: Path, src: Path, timings: dict, t0: float) -> None:
+    """--fit-from: fits and plans of a finished (or partial) sweep's tables, e.g. one trained on a GPU."""
+    for name in ("results.csv", "curves.csv"):
+        if not (src / name).exists():
+            raise SystemExit(f"error: --fit-from {src}: no {name} there")
+        if src.resolve() != out.resolve():
+            shutil.copy(src / name, out / name)
+    cfg = load(SweepConfig, args.preset, args.overrides)
+    rows = read_rows(out / "results.csv")
+    print_table(rows, "?")
+    summary = {"date": datetime.datetime.now(datetime.UTC).isoformat(), "fit_from": str(src), "args": vars(args),
+               "runs": len(rows)}
+    fit_and_plan(args, out, rows, args.vocab_size, cfg.seq_len, timings, summary)
+    summary.update(timings_s=timings, wall_s=round(time.perf_counter() - t0, 2))
+    write_json(out / "summary_fit.json", summary)
+
+
+def fit_and_plan(args, out: Path, rows: list[dict], vocab: int, seq_len: int, timings: dict, summary: dict) -> None:
+    """Approaches 2, 3 and 1 with bootstrap intervals and plots, then plans from the 3 and 2 fits."""
     fit_rows, dropped = complete_budgets(rows)
     if dropped:
         print(f"approach 2 leaves out budgets with fewer than 3 finished runs: {dropped}")
@@ -276,37 +363,13 @@ def main() -> None:
         step(out, "fit1", ["scaling", "fit", "--runs", str(out / "curves.csv"), "--method", "1",
                            "--out", str(out / "fit1.json"), "--plots", str(out / "plots" / "approach1"),
                            "--n-boot", str(min(args.n_boot, 50))], timings)
-
-    # 5. plans from each fit
     for method, path in sorted(fits.items(), reverse=True):
         for c in args.plan_flops:
             step(out, f"plan{method}_{c:.3g}", ["scaling", "plan", "--flops", str(c), "--fit", str(path),
-                                                "--vocab-size", str(vocab), "--context-length", str(cfg.seq_len),
+                                                "--vocab-size", str(vocab), "--context-length", str(seq_len),
                                                 "--json", str(out / f"plan{method}_{c:.3g}.json")], timings)
-
-    summary = {"date": datetime.datetime.now(datetime.UTC).isoformat(), "host": platform.node(),
-               "args": vars(args), "config": json.loads(json.dumps(vars(cfg), default=str)),
-               "train_tokens": train_tokens, "runs": len(rows), "grid_runs": len(grid), "flops": flops_done,
-               "sweep_tflops_per_s": flops_done / max(timings["sweep"], 1e-9) / 1e12, "timings_s": timings,
-               "wall_s": round(time.perf_counter() - t0, 2)}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            summary["device"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
     for method, path in fits.items():
         summary[f"fit{method}"] = point_estimates(json.loads(Path(path).read_text()))
-    write_json(out / "summary.json", summary)
-    print(f"\nrun table (seconds per run include model build and the final evaluation; {cfg.parallel} at once)")
-    print(f"{'budget':>8} {'N':>11} {'tokens':>12} {'D/N':>6} {'loss':>7} {'s':>6} {'TFLOP/s':>8}")
-    for r in sorted(rows, key=lambda r: (r["budget"], r["params"])):
-        print(f"{r['budget']:>8.2g} {r['params']:>11,} {r['tokens']:>12,} {r['tokens'] / r['params']:>6.1f} "
-              f"{r['loss']:>7.4f} {r['seconds']:>6.1f} {r['flops'] / r['seconds'] / 1e12:>8.3g}")
-    print(f"timings (s): {timings}; total {summary['wall_s']:.0f} s; outputs in {out}")
-    if not math.isfinite(summary["sweep_tflops_per_s"]):
-        raise SystemExit(1)
 
 
 if __name__ == "__main__":
