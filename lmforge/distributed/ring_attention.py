@@ -6,7 +6,9 @@ rank attends its queries to the block it holds; partial results are merged with 
 rule using each block's log-sum-exp (LSE):
     lse = logaddexp(lse_a, lse_b);  out = out_a·exp(lse_a − lse) + out_b·exp(lse_b − lse).
 The next block's send/recv is started before the current block is computed, so communication
-overlaps compute.
+overlaps compute (on NCCL it runs on its own stream). K/V travel with their own (kv) heads: under
+GQA the query heads sharing a kv head are served by the kernel (or, for the reference, expanded
+just before the block), never repeated on the wire.
 
 Causal load balancing (zig-zag): the sequence is cut into 2W chunks and rank r holds chunks r and
 2W−1−r (`zigzag_shard`). Then at every ring step each rank does the same work, half a block:
@@ -22,15 +24,20 @@ with a dK/dV accumulator; each rank adds its block's dK/dV contribution (flash-a
 from the final output and LSE) and passes it on, so after W hops each rank holds the gradient of its
 own keys/values. dQ stays local.
 
-Each block runs on one of two implementations (`select_kernel`, per call):
-- "flash_cuda" / "flash_cpu": torch's fused flash-attention ops. The forward returns the block's out
-  and LSE with O(T_local) memory; the backward op takes the FINAL (merged) out and LSE of the queries
-  and gives exactly this block's dQ/dK/dV share, the recomputation FlashAttention's backward does.
-  CUDA needs fp16/bf16 and a head dim that is a multiple of 8 up to 256; CPU takes any float dtype.
+Each block runs on one of these implementations (`select_kernel`, per call):
+- "cudnn_cuda" / "flash_cuda" / "flash_cpu": torch's fused attention ops (cuDNN's, FlashAttention-2's,
+  the CPU flash op). The forward returns the block's out and LSE with O(T_local) memory; the backward
+  op takes the FINAL (merged) out and LSE of the queries and gives exactly this block's dQ/dK/dV
+  share, the recomputation FlashAttention's backward does. They take fewer kv heads than query heads
+  (GQA) as they are. "auto" takes cuDNN exactly when torch's own SDPA would pick it for these
+  inputs (on Hopper with a recent cuDNN it does, and it is much faster than FlashAttention-2 there),
+  else flash. CUDA needs fp16/bf16 and a head dim that is a multiple of 8 up to 256; CPU takes any
+  float dtype.
 - "reference": the block math written out below, scores in float32 (float64 stays float64), O(T_local²)
   memory per step: the readable version and the one the fused kernels are tested against; used where
   no fused kernel applies (e.g. value head dim ≠ key head dim, fp32 on CUDA).
-No window, softcap or doc_ids here: they raise.
+No window, softcap or doc_ids here: they raise. The ring's steps are labelled for the profiler
+(`ring.block_forward`, `ring.merge`, `ring.wait`, `ring.block_backward`, `ring.grad_add`).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from lmforge.errors import ConfigError
 
@@ -132,9 +140,19 @@ def merge(out, lse, blk_out, blk_lse):
     return out, new
 
 
+def merge_(out, lse, blk_out, blk_lse) -> None:
+    """`merge` in place on the running out/lse (or views of them): the block's share of the softmax
+    mass is w = exp(blk_lse − lse_new) and the old one 1 − w, so out ← lerp(out, blk_out, w), one pass
+    over out instead of five temporaries and a copy back."""
+    new = torch.logaddexp(lse, blk_lse)
+    out.lerp_(blk_out.to(out.dtype), torch.exp(blk_lse - new).unsqueeze(-1))
+    lse.copy_(new)
+
+
 # ----------------------------------------------------------------------------- one block, fused kernels
 
-KERNELS = ("flash_cuda", "flash_cpu", "reference")  # "auto" takes the first that applies
+KERNELS = ("cudnn_cuda", "flash_cuda", "flash_cpu", "reference")  # "auto" takes the first that applies
+NATIVE_GQA = ("cudnn_cuda", "flash_cuda", "flash_cpu")  # take kv heads < query heads as they are
 
 
 def kernel_problem(kernel: str, device_type: str, dtype: torch.dtype, head_dim: int, v_head_dim: int) -> str | None:
@@ -143,26 +161,44 @@ def kernel_problem(kernel: str, device_type: str, dtype: torch.dtype, head_dim: 
         return None
     if kernel not in KERNELS:
         return f"unknown kernel {kernel!r} (expected 'auto' or one of {', '.join(KERNELS)})"
-    want = kernel.removeprefix("flash_")
+    want = kernel.rsplit("_", 1)[1]
     if device_type != want:
         return f"{kernel} runs on {want} tensors, got {device_type}"
     if head_dim != v_head_dim:
         return f"{kernel} needs equal key and value head dims, got {head_dim} and {v_head_dim}"
-    if kernel == "flash_cuda":
+    if want == "cuda":
         if dtype not in (torch.float16, torch.bfloat16):
-            return f"flash_cuda needs float16 or bfloat16, got {dtype}"
+            return f"{kernel} needs float16 or bfloat16, got {dtype}"
         if head_dim % 8 or head_dim > 256:
-            return f"flash_cuda needs a head dim that is a multiple of 8 up to 256, got {head_dim}"
+            return f"{kernel} needs a head dim that is a multiple of 8 up to 256, got {head_dim}"
     elif not dtype.is_floating_point:
         return f"{kernel} needs a floating dtype, got {dtype}"
     return None
 
 
-def select_kernel(device_type: str, dtype: torch.dtype, head_dim: int, v_head_dim: int, kernel: str = "auto") -> str:
-    """The block implementation for these inputs: a fused flash kernel where one applies, else the
-    reference. An explicitly requested kernel that cannot run raises ConfigError."""
+def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str | None:
+    """The backend torch's scaled_dot_product_attention would run for these inputs ("cudnn", "flash",
+    "efficient", "math"), or None if this torch cannot say."""
+    from torch.nn.attention import SDPBackend
+
+    try:
+        choice = torch._fused_sdp_choice(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    names = {SDPBackend.CUDNN_ATTENTION.value: "cudnn", SDPBackend.FLASH_ATTENTION.value: "flash",
+             SDPBackend.EFFICIENT_ATTENTION.value: "efficient", SDPBackend.MATH.value: "math"}
+    return names.get(int(choice))
+
+
+def select_kernel(device_type: str, dtype: torch.dtype, head_dim: int, v_head_dim: int, kernel: str = "auto",
+                  sdpa: str | None = None) -> str:
+    """The block implementation for these inputs: a fused kernel where one applies, else the reference.
+    `sdpa`: the backend torch's SDPA picks for the same inputs (`sdpa_backend`); "auto" takes cuDNN
+    only where SDPA does (torch knows which cuDNN versions and shapes are sound and fast). An
+    explicitly requested kernel that cannot run raises ConfigError."""
     if kernel == "auto":
-        return next(k for k in KERNELS if kernel_problem(k, device_type, dtype, head_dim, v_head_dim) is None)
+        return next(k for k in KERNELS if kernel_problem(k, device_type, dtype, head_dim, v_head_dim) is None
+                    and (k != "cudnn_cuda" or sdpa == "cudnn"))
     problem = kernel_problem(kernel, device_type, dtype, head_dim, v_head_dim)
     if problem:
         raise ConfigError(f"ring attention kernel: {problem}")
@@ -170,8 +206,13 @@ def select_kernel(device_type: str, dtype: torch.dtype, head_dim: int, v_head_di
 
 
 def kernel_block_forward(kernel: str, q, k, v, scale: float, causal: bool):
-    """One block with a fused kernel: (out in q's dtype, lse [B,H,T] fp32, fp64 for fp64 inputs)."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    """One block with a fused kernel: (out in q's dtype, lse [B,H,T] fp32, fp64 for fp64 inputs).
+    k/v may have fewer heads than q (GQA)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # no-ops but for a zig-zag half
+    if kernel == "cudnn_cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                                      scale=scale)[:2]
+        return out, lse.squeeze(-1)  # cuDNN's lse is [B, H, T, 1]
     if kernel == "flash_cuda":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
     else:
@@ -181,9 +222,15 @@ def kernel_block_forward(kernel: str, q, k, v, scale: float, causal: bool):
 
 def kernel_block_backward(kernel: str, q, k, v, out, lse, dout, scale: float, causal: bool):
     """The fused backward of one block given the FINAL out (q's dtype) and lse of these queries:
-    the block's share of dQ, dK, dV (as `block_backward`), in q's dtype."""
+    the block's share of dQ, dK, dV (as `block_backward`; dK/dV with k's heads), in q's dtype."""
     q, k, v, out, dout = (t.contiguous() for t in (q, k, v, out, dout))
     lse = lse.contiguous()  # a zig-zag half of the merged lse is a strided view
+    if kernel == "cudnn_cuda":
+        # no dropout: the seed/offset are never read; no bias, no varlen (undefined tensors)
+        rng = torch.zeros((), dtype=torch.int64, device=q.device)
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.unsqueeze(-1), rng, rng, None, None, None, q.shape[2], k.shape[2], 0.0, causal,
+            scale=scale)
     if kernel == "flash_cuda":
         # no varlen (cum_seq None), no dropout (so no RNG state): the dense kernel recomputes P = exp(S − lse)
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
@@ -193,7 +240,8 @@ def kernel_block_backward(kernel: str, q, k, v, out, lse, dout, scale: float, ca
 
 
 def attend_block(kernel: str, q, k, v, scale: float, causal: bool):
-    """(out, lse) of q against one kv block (heads expanded) with the chosen implementation."""
+    """(out, lse) of q against one kv block with the chosen implementation (the reference wants the
+    kv heads expanded, the fused kernels do not)."""
     if kernel == "reference":
         return block_forward(q, k, v, scale, causal)
     return kernel_block_forward(kernel, q, k, v, scale, causal)
@@ -244,26 +292,41 @@ def _step_slices(rank: int, src: int, T: int, S: int, causal: bool):
     return slice(T // 2, T), full, False
 
 
+def _block_kv(kernel: str, k, v, ks: slice, n_rep: int):
+    """The keys/values of one ring step: the fused kernels take the kv heads as they are (GQA), the
+    reference repeats them per query head here, after the hop."""
+    k, v = k[:, :, ks], v[:, :, ks]
+    if kernel in NATIVE_GQA:
+        return k, v
+    return _expand_kv(k, n_rep), _expand_kv(v, n_rep)
+
+
 class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, causal: bool, scale: float, kernel: str):
         ring = _Ring(group)
         n_rep = q.shape[1] // k.shape[1]
-        B, H, T, _ = q.shape
-        out = torch.zeros(B, H, T, v.shape[-1], dtype=_up(q).dtype, device=q.device)
-        lse = torch.full((B, H, T), float("-inf"), dtype=_up(q).dtype, device=q.device)
-        kv = [k, v]
+        T = q.shape[2]
+        # once here rather than per block: the model hands in transposed [B, H, T, D] views
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        kv, out, lse = [k, v], None, None
         with torch.autocast(q.device.type, enabled=False):  # dtypes are chosen here, per kernel
             for step in range(ring.world):
                 if step < ring.world - 1:
                     nxt, handle = ring.start(kv)
                 src = (ring.rank - step) % ring.world
                 qs, ks, masked = _step_slices(ring.rank, src, T, k.shape[2], causal)
-                kb, vb = _expand_kv(kv[0][:, :, ks], n_rep), _expand_kv(kv[1][:, :, ks], n_rep)
-                bo, bl = attend_block(kernel, q[:, :, qs], kb, vb, scale, masked)
-                out[:, :, qs], lse[:, :, qs] = merge(out[:, :, qs], lse[:, :, qs], bo, bl)
+                kb, vb = _block_kv(kernel, kv[0], kv[1], ks, n_rep)
+                with record_function("ring.block_forward"):
+                    bo, bl = attend_block(kernel, q[:, :, qs], kb, vb, scale, masked)
+                if out is None:  # step 0 is this rank's own block, all queries: nothing to merge yet
+                    out, lse = _up(bo), bl
+                else:
+                    with record_function("ring.merge"):
+                        merge_(out[:, :, qs], lse[:, :, qs], bo, bl)
                 if step < ring.world - 1:
-                    ring.wait(handle)
+                    with record_function("ring.wait"):
+                        ring.wait(handle)
                     kv = nxt
         result = out.to(q.dtype)
         # the fused backward takes out in q's dtype (as FlashAttention keeps it); the reference the fp32 one
@@ -276,34 +339,41 @@ class RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         ring = _Ring(ctx.group)
         n_rep = q.shape[1] // k.shape[1]
+        expanded = ctx.kernel not in NATIVE_GQA  # block dK/dV come per query head: sum them per kv head
         T, S = q.shape[2], k.shape[2]
-        dout = dout.to(q.dtype)
-        dq = torch.zeros_like(_up(q))
+        dout = dout.to(q.dtype).contiguous()
         # kv of rank `src` and the running dK/dV of that block travel together; the accumulator's hop
         # overlaps the next block's compute (it is needed only when that block's share is added)
         k_cur, v_cur = k, v
-        dk_acc, dv_acc = torch.zeros_like(_up(k)), torch.zeros_like(_up(v))
-        acc_handle = None
+        dq = dk_acc = dv_acc = acc_handle = None
         with torch.autocast(q.device.type, enabled=False):
             for step in range(ring.world):
                 if step < ring.world - 1:
                     (k_nxt, v_nxt), kv_handle = ring.start([k_cur, v_cur])
                 src = (ring.rank - step) % ring.world
                 qs, ks, masked = _step_slices(ring.rank, src, T, S, ctx.causal)
-                kb, vb = _expand_kv(k_cur[:, :, ks], n_rep), _expand_kv(v_cur[:, :, ks], n_rep)
-                bdq, bdk, bdv = attend_block_backward(ctx.kernel, q[:, :, qs], kb, vb, out[:, :, qs],
-                                                      lse[:, :, qs], dout[:, :, qs], ctx.scale, masked)
-                dq[:, :, qs] += bdq
-                if acc_handle is not None:
-                    ring.wait(acc_handle)  # block src's accumulator, from the previous rank
-                dk_acc[:, :, ks] += _reduce_kv(bdk, n_rep)
-                dv_acc[:, :, ks] += _reduce_kv(bdv, n_rep)
+                kb, vb = _block_kv(ctx.kernel, k_cur, v_cur, ks, n_rep)
+                with record_function("ring.block_backward"):
+                    bdq, bdk, bdv = attend_block_backward(ctx.kernel, q[:, :, qs], kb, vb, out[:, :, qs],
+                                                          lse[:, :, qs], dout[:, :, qs], ctx.scale, masked)
+                if expanded:
+                    bdk, bdv = _reduce_kv(bdk, n_rep), _reduce_kv(bdv, n_rep)
+                if dq is None:  # step 0: the own block, all queries and keys; fp32 accumulators from here
+                    dq, dk_acc, dv_acc = _up(bdq), _up(bdk), _up(bdv)
+                else:
+                    with record_function("ring.grad_add"):
+                        dq[:, :, qs] += bdq
+                        ring.wait(acc_handle)  # block src's accumulator, from the previous rank
+                        dk_acc[:, :, ks] += bdk
+                        dv_acc[:, :, ks] += bdv
                 # the accumulator follows its block to the next rank; after W hops it is back home
                 (dk_acc, dv_acc), acc_handle = ring.start([dk_acc, dv_acc])
                 if step < ring.world - 1:
-                    ring.wait(kv_handle)
+                    with record_function("ring.wait"):
+                        ring.wait(kv_handle)
                     k_cur, v_cur = k_nxt, v_nxt
-            ring.wait(acc_handle)
+            with record_function("ring.wait"):
+                ring.wait(acc_handle)
         return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype), None, None, None, None
 
 
@@ -313,7 +383,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
 
     q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv]: this rank's part, in the `shard_sequence`
     layout (zig-zag for causal). Returns this rank's part of the output, same layout. Differentiable.
-    `kernel`: "auto" (`select_kernel`), or one of KERNELS to force it.
+    `kernel`: "auto" (`select_kernel`: cuDNN where torch's SDPA would take it, else flash, else the
+    reference), or one of KERNELS to force it.
     """
     if q.shape[2] != k.shape[2] or k.shape[2] != v.shape[2]:
         raise ConfigError(f"ring attention needs equal local q/k/v lengths, got {q.shape[2]}, "
@@ -323,7 +394,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
     if causal and q.shape[2] % 2:
         raise ConfigError(f"causal ring attention: local length {q.shape[2]} must be even (two zig-zag chunks)")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    kernel = select_kernel(q.device.type, q.dtype, q.shape[-1], v.shape[-1], kernel)
+    sdpa = sdpa_backend(q, k, v, causal) if kernel == "auto" and q.device.type == "cuda" else None
+    kernel = select_kernel(q.device.type, q.dtype, q.shape[-1], v.shape[-1], kernel, sdpa)
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         n_rep = q.shape[1] // k.shape[1]
         k, v = _expand_kv(k, n_rep), _expand_kv(v, n_rep)

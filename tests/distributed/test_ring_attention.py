@@ -7,13 +7,17 @@ import torch
 import torch.distributed as dist
 
 from lmforge.distributed.ring_attention import (
+    _expand_kv,
+    _reduce_kv,
     apply_context_parallel,
     block_backward,
     block_forward,
     kernel_block_backward,
     kernel_block_forward,
     merge,
+    merge_,
     ring_attention,
+    sdpa_backend,
     select_kernel,
     shard_sequence,
     unshard_sequence,
@@ -132,9 +136,29 @@ def test_zigzag_layout_and_merge():
     torch.testing.assert_close(out, torch.softmax(s, -1) @ v)
 
 
+def test_in_place_merge_equals_merge_on_strided_views():
+    """merge_ (lerp in place, as the ring merges into a zig-zag half of its running out/lse) = merge."""
+    g = torch.Generator().manual_seed(4)
+    out, blk = torch.randn(2, 3, 8, 5, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, 5, generator=g)
+    lse, blk_lse = torch.randn(2, 3, 8, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, generator=g)
+    blk_lse[0, 0, 0] = float("-inf")  # a row without keys in this block keeps its out and lse
+    want_out, want_lse = merge(out[:, :, 4:], lse[:, :, 4:], blk.double(), blk_lse.double())
+    got_out, got_lse = out.clone(), lse.clone()
+    merge_(got_out[:, :, 4:], got_lse[:, :, 4:], blk, blk_lse)
+    torch.testing.assert_close(got_out[:, :, 4:], want_out, atol=1e-15, rtol=0)
+    torch.testing.assert_close(got_lse[:, :, 4:], want_lse, atol=1e-15, rtol=0)
+    assert torch.equal(got_out[:, :, :4], out[:, :, :4]) and torch.equal(got_out[0, 0, 4], out[0, 0, 4])
+
+
 def test_kernel_selection():
     bf16, f32, f64 = torch.bfloat16, torch.float32, torch.float64
     assert select_kernel("cuda", bf16, 128, 128) == "flash_cuda"
+    # cuDNN only where torch's SDPA would take it for the same inputs
+    assert select_kernel("cuda", bf16, 128, 128, sdpa="cudnn") == "cudnn_cuda"
+    assert select_kernel("cuda", bf16, 128, 128, sdpa="flash") == "flash_cuda"
+    assert select_kernel("cuda", f32, 128, 128, sdpa="cudnn") == "reference"
+    assert select_kernel("cpu", f64, 6, 6, sdpa="cudnn") == "flash_cpu"
+    assert select_kernel("cuda", bf16, 64, 64, "cudnn_cuda") == "cudnn_cuda"
     assert select_kernel("cuda", torch.float16, 64, 64) == "flash_cuda"
     assert select_kernel("cuda", f32, 128, 128) == "reference"  # no fp32 flash kernel on CUDA
     assert select_kernel("cuda", bf16, 100, 100) == "reference"  # not a multiple of 8
@@ -152,6 +176,13 @@ def test_kernel_selection():
         select_kernel("cpu", f64, 5, 7, "flash_cpu")
     with pytest.raises(ConfigError, match="unknown kernel 'flash'"):
         select_kernel("cpu", f64, 8, 8, "flash")
+    with pytest.raises(ConfigError, match="cudnn_cuda runs on cuda tensors, got cpu"):
+        select_kernel("cpu", bf16, 128, 128, "cudnn_cuda")
+    with pytest.raises(ConfigError, match="cudnn_cuda needs a head dim that is a multiple of 8 up to 256, got 12"):
+        select_kernel("cuda", bf16, 12, 12, "cudnn_cuda")
+    # on CPU torch's SDPA takes its flash kernel for plain float inputs
+    q = torch.randn(1, 4, 10, 8)
+    assert sdpa_backend(q, q[:, :2], q[:, :2], causal=True) == "flash"
 
 
 def _blocks(dtype, B=2, H=3, T=6, S=10, D=6, seed=0):
@@ -190,17 +221,38 @@ def test_flash_cpu_block_matches_reference_block(dtype, tol):
     torch.testing.assert_close(torch.cat([g1[1], g2[1]], 2).double(), ka.grad, atol=100 * tol, rtol=0)
 
 
-def test_flash_cuda_call_signature_on_meta_tensors():
-    """The CUDA kernel's forward/backward calls (argument order, None for varlen/RNG) as this torch
-    declares them, run on meta tensors (shapes and dtypes only: no GPU here)."""
+@pytest.mark.parametrize("kernel", ["flash_cuda", "cudnn_cuda"])
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_cuda_kernel_call_signature_on_meta_tensors(kernel, hkv):
+    """The CUDA kernels' forward/backward calls (argument order, None for varlen/RNG/bias) as this
+    torch declares them, run on meta tensors (shapes and dtypes only: no GPU here), with as many kv
+    heads as query heads and with fewer (GQA: dK/dV come back with the kv heads)."""
     B, H, T, S, D = 2, 4, 6, 10, 16
     m = dict(device="meta", dtype=torch.bfloat16)
-    q, k, v = torch.empty(B, H, T, D, **m), torch.empty(B, H, S, D, **m), torch.empty(B, H, S, D, **m)
-    out, lse = kernel_block_forward("flash_cuda", q, k, v, 0.25, False)
+    q, k, v = torch.empty(B, H, T, D, **m), torch.empty(B, hkv, S, D, **m), torch.empty(B, hkv, S, D, **m)
+    out, lse = kernel_block_forward(kernel, q, k, v, 0.25, False)
     assert out.shape == (B, H, T, D) and out.dtype == torch.bfloat16
     assert lse.shape == (B, H, T) and lse.dtype == torch.float32
-    dq, dk, dv = kernel_block_backward("flash_cuda", q, k, v, out, lse.float(), out, 0.25, False)
+    dq, dk, dv = kernel_block_backward(kernel, q, k, v, out, lse.float(), out, 0.25, False)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape and dq.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_cpu_block_takes_gqa_kv_heads_as_they_are(causal):
+    """Fewer kv heads than query heads, not repeated: the same out/lse and, for dK/dV, the sum over
+    the query heads of each group, as the reference block on repeated kv heads."""
+    g = torch.Generator().manual_seed(2)
+    q, dout = (torch.randn(2, 6, 9, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(2, 2, 9 if causal else 13, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    ref_out, ref_lse = block_forward(q, _expand_kv(k, 3), _expand_kv(v, 3), 0.3, causal)
+    out, lse = kernel_block_forward("flash_cpu", q, k, v, 0.3, causal)
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=0)
+    want = block_backward(q, _expand_kv(k, 3), _expand_kv(v, 3), ref_out, ref_lse, dout, 0.3, causal)
+    got = kernel_block_backward("flash_cpu", q, k, v, out, lse, dout, 0.3, causal)
+    torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(got[1], _reduce_kv(want[1], 3), atol=1e-12, rtol=0)
+    torch.testing.assert_close(got[2], _reduce_kv(want[2], 3), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("kernel", ["reference", "flash_cpu"])
