@@ -23,11 +23,16 @@ Schedules (each a list of ("F" | "B", micro, chunk) actions per stage; `gpipe`, 
   Needs m divisible by p; costs v times more point-to-point messages and more warm-up activations.
 `simulate(schedule, p, m, t_f, t_b, virtual)` replays the action lists with their data dependencies
 under a simple cost model (every stage's forward t_f, backward t_b, split evenly over its chunks;
-free communication) and returns the bubble fraction per stage; `run_pipeline` also returns the
-measured one (1 − busy / wall; CUDA events on GPU, so it is the device's idle time).
+one cost for all stages, or one per stage, e.g. the measured ones; free communication) and returns
+the bubble fraction per stage; `run_pipeline` also returns the measured one (1 − busy / wall; CUDA
+events on GPU, so it is the device's idle time) and the timeline of every action. With unequal
+stages (the first embeds, the last runs the head and the loss) the lighter stages wait for the
+heaviest, which the formula's equal costs leave out: `split` (layers per virtual stage) rebalances.
 
-Sends are `isend` (waited at the end of the step) and receives blocking, so a stage never deadlocks
-waiting for a neighbour that is itself sending. Each message stream (activations forward,
+Sends are `isend` (waited at the end of the step). Each stage's next receive on every message
+stream is posted ahead (`irecv`, as soon as the previous message of that stream was used and this
+stage's own send on it, if any, was posted), so a message moves while the stage computes instead of
+after; its use waits for it (on NCCL a stream wait, not a host one). Each message stream (activations forward,
 gradients backward, and for interleaving the wrap-around from the last rank to the first and back)
 has its own process group (`pipeline_links`): within one stream the sender's and receiver's orders
 agree, and NCCL, which runs one communicator's operations in issue order, never queues a send of one
@@ -65,6 +70,19 @@ def stage_layers(n_layers: int, n_stages: int, stage: int) -> range:
     base, extra = divmod(n_layers, n_stages)
     start = stage * base + min(stage, extra)
     return range(start, start + base + (stage < extra))
+
+
+def split_layers(n_layers: int, n_parts: int, split: list[int] | None = None) -> list[range]:
+    """Layer indices of each of `n_parts` (virtual) stages: `split` layers each, or as even as
+    `stage_layers` makes them."""
+    if split is None:
+        return [stage_layers(n_layers, n_parts, i) for i in range(n_parts)]
+    split = list(split)
+    if len(split) != n_parts or min(split) < 1 or sum(split) != n_layers:
+        raise ConfigError(f"pipeline split {split}: needs {n_parts} stage sizes (pp × virtual), each >= 1, "
+                          f"summing to n_layers = {n_layers}")
+    ends = [0] + torch.tensor(split).cumsum(0).tolist()
+    return [range(a, b) for a, b in zip(ends[:-1], ends[1:])]
 
 
 def gpipe(stage: int, n_stages: int, n_micro: int) -> list[Action]:
@@ -118,10 +136,13 @@ def bubble_formula(n_stages: int, n_micro: int, virtual: int = 1) -> float:
     return (n_stages - 1) / (virtual * n_micro + n_stages - 1)
 
 
-def simulate(name: str, n_stages: int, n_micro: int, t_f: float = 1.0, t_b: float = 2.0,
-             virtual: int = 1) -> list[float]:
-    """Bubble fraction of each stage when the schedule's actions run as early as their inputs allow."""
+def simulate(name: str, n_stages: int, n_micro: int, t_f: float | list[float] = 1.0,
+             t_b: float | list[float] = 2.0, virtual: int = 1) -> list[float]:
+    """Bubble fraction of each stage when the schedule's actions run as early as their inputs allow.
+    `t_f` / `t_b`: a stage's forward / backward cost per micro-batch, or a list of one per stage."""
     p, v = n_stages, virtual
+    t_f = list(t_f) if isinstance(t_f, (list, tuple)) else [t_f] * p
+    t_b = list(t_b) if isinstance(t_b, (list, tuple)) else [t_b] * p
     plans = [schedule_actions(name, s, p, n_micro, v) for s in range(p)]
     last = p * v - 1
     done: dict[tuple[str, int, int], float] = {}  # (kind, virtual stage, micro) -> end time
@@ -140,13 +161,13 @@ def simulate(name: str, n_stages: int, n_micro: int, t_f: float = 1.0, t_b: floa
                 deps = [("F", vs, i)] + ([("B", vs + 1, i)] if vs < last else [])
             if all(d in done for d in deps):
                 start = max([free[s]] + [done[d] for d in deps])
-                free[s] = done[(kind, vs, i)] = start + (t_f if kind == "F" else t_b) / v
+                free[s] = done[(kind, vs, i)] = start + (t_f[s] if kind == "F" else t_b[s]) / v
                 pos[s] += 1
                 progressed = True
         if not progressed:
             raise RuntimeError(f"schedule {name} deadlocks")  # a bug in the action lists
     makespan = max(free)
-    return [1.0 - n_micro * (t_f + t_b) / makespan for _ in range(p)]
+    return [1.0 - n_micro * (t_f[s] + t_b[s]) / makespan for s in range(p)]
 
 
 def pipeline_links(ranks: list[int]) -> dict[str, object]:
@@ -159,8 +180,10 @@ class PipelineStage(nn.Module):
     """One stage of a Transformer: its blocks (v chunks), plus embedding (first) or norm/head/loss (last)."""
 
     def __init__(self, model: nn.Module, stage: int, n_stages: int, group=None, tied_group=None,
-                 virtual: int = 1, links: dict | None = None):
-        """`group`: the pipeline's ranks (None: the whole world is one pipeline). `tied_group` (the
+                 virtual: int = 1, links: dict | None = None, split: list[int] | None = None):
+        """`group`: the pipeline's ranks (None: the whole world is one pipeline). `split`: layers per
+        virtual stage (p·v numbers; default as even as possible), e.g. fewer on the last stage,
+        which also runs the head and the loss. `tied_group` (the
         first and last stage ranks, for tied embeddings) and `links` (`pipeline_links`) are needed
         when several pipelines run side by side: new_group must be entered by every process, so the
         mesh (mesh.build_mesh) makes them for all pipelines."""
@@ -174,7 +197,8 @@ class PipelineStage(nn.Module):
             raise ConfigError(f"pipeline: virtual stages per rank = {virtual} must be >= 1")
         self.stage, self.n_stages, self.virtual, self.group = stage, n_stages, virtual, group
         self.first, self.last = stage == 0, stage == n_stages - 1
-        chunks = [stage_layers(cfg.n_layers, n_stages * virtual, c * n_stages + stage) for c in range(virtual)]
+        parts = split_layers(cfg.n_layers, n_stages * virtual, split)
+        chunks = [parts[c * n_stages + stage] for c in range(virtual)]
         self.layers = [i for chunk in chunks for i in chunk]
         ends = torch.tensor([0] + [len(c) for c in chunks]).cumsum(0).tolist()
         self.chunk_blocks = [range(a, b) for a, b in zip(ends[:-1], ends[1:])]  # local block indices
@@ -305,6 +329,30 @@ def run_pipeline(stage: PipelineStage, inputs: torch.Tensor, targets: torch.Tens
     last_backward = max(j for j, (kind, _, _) in enumerate(actions) if kind == "B")
     saved: dict[tuple[int, int], tuple] = {}  # (chunk, micro) -> (stage input, output, aux) for the backward
     sends = []
+    # every receive of this stage, per message stream in the order the actions use them; the next one
+    # of each stream is always posted ahead (`_post`), so its transfer overlaps this stage's compute
+    wanted: dict[str, list] = {}
+    for kind, i, c in actions:
+        vs = c * p + s
+        if kind == "F" and vs > 0:
+            wanted.setdefault("act_wrap" if s == 0 else "act", []).append(("F", i, c))
+        elif kind == "B" and vs < last_vs:
+            wanted.setdefault("grad_wrap" if s == p - 1 else "grad", []).append(("B", i, c))
+    posted: dict[tuple, tuple] = {}  # (kind, micro, chunk) -> (buffer, work)
+
+    def _post(name: str) -> None:
+        if wanted.get(name):
+            buf = torch.empty(act_shape, dtype=dtype, device=inputs.device)
+            posted[wanted[name].pop(0)] = (buf, dist.irecv(buf, prev if name.startswith("act") else nxt,
+                                                            group=link[name]))
+
+    def _received(key: tuple) -> torch.Tensor:
+        buf, work = posted.pop(key)
+        work.wait()
+        return buf
+
+    for name in wanted:
+        _post(name)
     ce_total = torch.zeros((), dtype=torch.float64, device=inputs.device)  # summed on the device: no sync
     aux_total = torch.zeros_like(ce_total)
     peak, marks = 0, []
@@ -317,14 +365,15 @@ def run_pipeline(stage: PipelineStage, inputs: torch.Tensor, targets: torch.Tens
             if vs == 0:
                 x_in = inputs[mb]
             else:
-                x_in = torch.empty(act_shape, dtype=dtype, device=inputs.device)
-                dist.recv(x_in, prev, group=link["act_wrap" if s == 0 else "act"])
-                x_in.requires_grad_()
+                x_in = _received(("F", i, c)).requires_grad_()
             start = clock.mark()
             out, aux = stage(x_in, positions, targets[mb] if vs == last_vs else None, chunk=c)
             marks.append(("F", i, c, start, clock.mark()))
             if vs < last_vs:
-                sends.append(dist.isend(out.detach().contiguous(), nxt, group=link["act_wrap" if s == p - 1 else "act"]))
+                name = "act_wrap" if s == p - 1 else "act"
+                sends.append(dist.isend(out.detach().contiguous(), nxt, group=link[name]))
+            if vs > 0:  # after this stage's own send on the stream (p > 2: the same group both ways)
+                _post("act_wrap" if s == 0 else "act")
             saved[(c, i)] = (x_in, out, aux)
             peak = max(peak, len(saved))
         else:
@@ -334,8 +383,7 @@ def run_pipeline(stage: PipelineStage, inputs: torch.Tensor, targets: torch.Tens
                 grad = None
                 out = out / n_tokens
             else:
-                grad = torch.empty_like(out)
-                dist.recv(grad, nxt, group=link["grad_wrap" if s == p - 1 else "grad"])
+                grad = _received(("B", i, c))
             aux_total += aux.detach().double() / (n_micro * cp)
             start = clock.mark()
             outs, grads = [out], [grad]
@@ -347,7 +395,10 @@ def run_pipeline(stage: PipelineStage, inputs: torch.Tensor, targets: torch.Tens
                 torch.autograd.backward(outs, grads)
             marks.append(("B", i, c, start, clock.mark()))
             if vs > 0:
-                sends.append(dist.isend(x_in.grad.contiguous(), prev, group=link["grad_wrap" if s == 0 else "grad"]))
+                name = "grad_wrap" if s == 0 else "grad"
+                sends.append(dist.isend(x_in.grad.contiguous(), prev, group=link[name]))
+            if vs < last_vs:
+                _post("grad_wrap" if s == p - 1 else "grad")
     end = clock.mark()
     for req in sends:
         req.wait()

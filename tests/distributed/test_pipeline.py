@@ -12,6 +12,7 @@ from lmforge.distributed.pipeline import (
     one_f_one_b,
     run_pipeline,
     simulate,
+    split_layers,
     stage_layers,
 )
 from lmforge.errors import ConfigError
@@ -42,7 +43,7 @@ def _batch():
     return ids[:, :-1], y
 
 
-def check(rank, world, schedule, tied, moe=False, virtual=1, n_layers=3):
+def check(rank, world, schedule, tied, moe=False, virtual=1, n_layers=3, split=None):
     x, y = _batch()
     ref_model = _model(tied, moe, n_layers)
     rows = ROWS // MICRO
@@ -54,7 +55,7 @@ def check(rank, world, schedule, tied, moe=False, virtual=1, n_layers=3):
         loss.backward()
         ref_loss += loss.item()
     ref = {name: p.grad for name, p in ref_model.named_parameters() if p.grad is not None}
-    stage = PipelineStage(_model(tied, moe, n_layers), rank, world, virtual=virtual)
+    stage = PipelineStage(_model(tied, moe, n_layers), rank, world, virtual=virtual, split=split)
     res = run_pipeline(stage, x, y, MICRO, schedule)
     grad_err, n_params = 0.0, 0
     for name, p in stage.named_parameters():
@@ -72,8 +73,8 @@ def gpipe_tied(rank, world):
     return check(rank, world, "gpipe", tied=True)
 
 
-def f1b_untied(rank, world):
-    return check(rank, world, "1f1b", tied=False)
+def f1b_untied(rank, world):  # with an explicit split: 1 layer on stage 0, 2 on the last (default 2 + 1)
+    return check(rank, world, "1f1b", tied=False, split=[1, 2])
 
 
 def f1b_moe(rank, world):
@@ -122,6 +123,18 @@ def test_interleaved_bubble_equals_formula(p, m, v):
     assert bubble_formula(p, m, v) < bubble_formula(p, m)
 
 
+def test_simulated_bubble_with_unequal_stages():
+    """Per-stage costs: the lighter stage waits for the heavier one. GPipe and 1F1B, p = 2, m = 2,
+    stage 1 twice as slow (by hand: stage 1 runs F0 [1, 3], F1 [3, 5] or B0 [3, 7], ..., stage 0's
+    last backward ends at 15; busy 2·(1 + 2) = 6 and 2·(2 + 4) = 12)."""
+    for schedule in ("gpipe", "1f1b"):
+        assert simulate(schedule, 2, 2, [1.0, 2.0], [2.0, 4.0]) == pytest.approx([1 - 6 / 15, 1 - 12 / 15])
+    assert simulate("1f1b", 3, 4, [1.0] * 3, [2.0] * 3) == simulate("1f1b", 3, 4, 1.0, 2.0)
+    # a stage 20% heavier: the lighter one idles well above the formula's 1/9 at m = 8
+    light, heavy = simulate("1f1b", 2, 8, [1.0, 1.2], [2.0, 2.4])
+    assert light > 0.2 > bubble_formula(2, 8) > heavy - 0.01
+
+
 def test_schedules_and_split():
     f = lambda *ids: [("F", i, 0) for i in ids]  # noqa: E731
     assert one_f_one_b(0, 3, 4) == f(0, 1, 2) + [("B", 0, 0)] + f(3) + [("B", 1, 0), ("B", 2, 0), ("B", 3, 0)]
@@ -134,3 +147,9 @@ def test_schedules_and_split():
     assert [list(stage_layers(7, 3, s)) for s in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
     with pytest.raises(ConfigError, match="4 stages for 3 layers"):
         stage_layers(3, 4, 0)
+    assert split_layers(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+    assert split_layers(8, 2, [5, 3]) == [range(0, 5), range(5, 8)]
+    with pytest.raises(ConfigError, match=r"split \[4, 3\]: needs 2 stage sizes .* summing to n_layers = 8"):
+        split_layers(8, 2, [4, 3])
+    with pytest.raises(ConfigError, match=r"split \[8, 0\]"):
+        split_layers(8, 2, [8, 0])
