@@ -32,8 +32,8 @@ VERSION = 1
 # Train-config fields that may differ on resume: they do not change the loss trajectory.
 RESUMABLE_CHANGES = {"max_steps", "time_budget_s", "eval_every", "eval_batches", "log_every",
                      "sample_every", "checkpoint_every", "keep_checkpoints", "progress", "wandb_project",
-                     "tensorboard", "compile", "compile_cpp_wrapper", "activation_checkpointing",
-                     "device"}
+                     "tensorboard", "compile", "compile_cpp_wrapper", "compile_mode", "activation_checkpointing",
+                     "device", "check_every"}
 
 
 def _sha256(path: Path) -> str:

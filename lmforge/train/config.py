@@ -46,11 +46,19 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
     compile_cpp_wrapper: bool = False  # with compile: launch kernels from C++ (less host overhead)
+    # with compile: "reduce-overhead" replays each micro-step's forward and backward as CUDA graphs
+    # (one launch instead of thousands; on CPU it compiles as "default")
+    compile_mode: Literal["default", "reduce-overhead"] = "default"
     activation_checkpointing: bool = False
     # evaluation, logging, checkpoints
     eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10
+    # Steps between host reads of the loss and grad norm (the NaN/Inf check). 1: every step, before
+    # its update (the GPU waits for the host once per step). 0: at log points (log_every); N: every N
+    # steps. Reads also happen before every eval, sample and checkpoint, so a non-finite step stops
+    # the run before any later checkpoint is written.
+    check_every: int = 0
     sample_every: int = 0  # 0: no samples during training (the main job samples at the end)
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
@@ -66,7 +74,7 @@ class TrainConfig:
                      "muon_ns_steps"):
             if getattr(self, name) < 1:
                 raise bad(name, ">= 1")
-        for name in ("warmup_steps", "eval_every", "log_every", "sample_every", "checkpoint_every"):
+        for name in ("warmup_steps", "eval_every", "log_every", "sample_every", "checkpoint_every", "check_every"):
             if getattr(self, name) < 0:
                 raise bad(name, ">= 0")
         if self.seq_len is not None and self.seq_len < 1:
@@ -77,6 +85,8 @@ class TrainConfig:
         for name in ("beta1", "beta2", "muon_momentum", "min_lr_ratio", "decay_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise bad(name, "in [0, 1]")
+        if self.compile_mode not in ("default", "reduce-overhead"):
+            raise bad("compile_mode", '"default" or "reduce-overhead"')
         if self.time_budget_s is not None and self.time_budget_s < 0:
             raise bad("time_budget_s", ">= 0 (0 = no budget)")
 

@@ -107,13 +107,20 @@ class Trainer:
         # output of the compiled graph, so the compiler can fuse the head with the cross-entropy and
         # free them early (measured on GPT-2 small: see docs/benchmarks.md, Training).
         self._loss = self._call_loss
+        # CUDA graphs replay the compiled forward and backward of a micro-step with one launch each
+        # (docs/benchmarks.md, Training: at micro-batch 12 the host launches kernels barely faster
+        # than the GPU runs them).
+        self._cudagraphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
         if cfg.compile:
             # cpp_wrapper: inductor launches the kernels from C++ instead of Python: less host time
-            # per kernel, which the GPU waits for at small micro-batches; slower to compile
-            # (docs/benchmarks.md, Training). mode="reduce-overhead" (CUDA graphs) is not offered:
-            # its replays overwrite outputs that gradient accumulation still holds.
-            options = {"cpp_wrapper": True} if cfg.compile_cpp_wrapper else None
-            self._loss = torch.compile(self._call_loss, options=options)
+            # per kernel; slower to compile. Both are inductor options ("reduce-overhead" is
+            # {"triton.cudagraphs": True}): torch.compile takes a mode or options, not both.
+            options = {}
+            if self._cudagraphs:
+                options["triton.cudagraphs"] = True
+            if cfg.compile_cpp_wrapper:
+                options["cpp_wrapper"] = True
+            self._loss = torch.compile(self._call_loss, options=options or None)
         self.run_dir = Path(run_dir) if run_dir else None
         self.model_config = model_config
         self.evaluate_fn = evaluate
@@ -124,7 +131,9 @@ class Trainer:
         self.hooks = hooks or []
         self.step = 0
         self.tokens = 0
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # every step's record, appended when its statistics are read
+        # steps whose loss / grad norm / token count are still on the device: (record, stats, metrics)
+        self._unread: list[tuple[dict, torch.Tensor, dict]] = []
         self.last_eval: dict | None = None
         self._log: MetricsLog | None = None
 
@@ -139,6 +148,7 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         if self.checkpoint_dir is None:
             return None
+        self.read_stats()  # a step that went non-finite since the last read is never saved
         path = self.checkpoint_dir / f"step_{self.step:06d}"
         if self.parallel is not None:
             return self.parallel.save_checkpoint(self, path)
@@ -172,18 +182,28 @@ class Trainer:
         return True
 
     # -- one optimizer step --
-    def train_step(self) -> dict:
+    def train_step(self, read: bool = True) -> dict:
+        """One optimizer step over `grad_accum` micro-batches; returns its record.
+
+        read=True: the step's loss, grad norm and token count are read at once (the host waits for
+        the GPU) and a non-finite value stops the run before the update. read=False: the update is
+        queued without waiting; the record is filled in and checked by the next `read_stats()`."""
         cfg = self.cfg
         factor = lr_factor(self.step, cfg.schedule, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio,
                            cfg.decay_fraction)
         set_lr(self.optimizer, factor)
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grads()
         loss_total = torch.zeros((), device=self.device)
         n_total = torch.zeros((), device=self.device, dtype=torch.long)
         metrics: dict[str, float] = {}
         for i in range(cfg.grad_accum):
             batch = next(self.batches)
             last = self.parallel is None or i == cfg.grad_accum - 1
+            if self._cudagraphs:
+                # Each micro-step replays the graphs anew, overwriting the previous replay's outputs:
+                # nothing may read those afterwards. The loss and token count were added into
+                # loss_total / n_total below, the gradients into .grad (see _zero_grads).
+                torch.compiler.cudagraph_mark_step_begin()
             with contextlib.nullcontext() if last else self.parallel.no_sync():  # sync once per step
                 with autocast_context(self.device, cfg.precision):
                     loss_sum, n, m = self._loss(batch)
@@ -202,24 +222,66 @@ class Trainer:
         else:
             torch._foreach_div_([p.grad for p in params], n_total.clamp(min=1).to(params[0].grad.dtype))
             grad_norm = self.parallel.clip_grad_norm(params, cfg.grad_clip)
-        loss_value, norm_value, n_value = torch.stack(
-            [loss_total / n_total.clamp(min=1), grad_norm.float().to(self.device), n_total.float()]).tolist()
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            raise TrainingDiverged(
-                f"step {self.step}: loss = {loss_value}, grad norm = {norm_value} is not finite; stopped "
-                f"before the update (the last good checkpoint is left intact"
-                f"{' in ' + str(self.checkpoint_dir) if self.checkpoint_dir else ''}). Lower train.lr, "
-                "raise warmup or check the data.")
+        stats = torch.stack([loss_total / n_total.clamp(min=1), grad_norm.float().to(self.device),
+                             n_total.float()])
+        record = {"step": self.step + 1, "loss": None, "grad_norm": None,
+                  "lr": self.optimizer.param_groups[0]["lr"], "lr_factor": factor, "tokens": None}
+        self._unread.append((record, stats, metrics))
+        if read:
+            self.read_stats()  # before the update: a non-finite step never reaches the weights
         self.optimizer.step()
         for moe in getattr(self.model, "moe_layers", lambda: [])():
             moe.update_routing_bias()
         self.step += 1
-        self.tokens += int(n_value)
-        record = {"step": self.step, "loss": loss_value, "grad_norm": norm_value,
-                  "lr": self.optimizer.param_groups[0]["lr"], "lr_factor": factor, "tokens": self.tokens}
-        for k, v in metrics.items():
-            record[k] = float(v) if not isinstance(v, torch.Tensor) or v.numel() == 1 else v.tolist()
         return record
+
+    def _zero_grads(self) -> None:
+        if not self._cudagraphs:
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        # Under CUDA graphs .grad must not BE a backward graph output: the next replay overwrites it.
+        # With .grad None, autograd would adopt the first micro-step's gradient tensor as .grad
+        # (pytorch/pytorch#169545: "accessing tensor output of CUDAGraphs that has been overwritten").
+        # So gradients live in buffers of their own, zeroed in place, and every micro-step's
+        # gradients are added into them. (Every trainable parameter then holds a gradient, zero if
+        # it got none.)
+        grads = []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        torch._foreach_zero_(grads)
+
+    def read_stats(self) -> list[dict]:
+        """Read the statistics of the steps run since the last read (one wait for the GPU), fill in
+        their records and append them to `history`. Raises TrainingDiverged at the first step whose
+        loss or grad norm is not finite."""
+        if not self._unread:
+            return []
+        pending, self._unread = self._unread, []
+        values = torch.stack([stats for _, stats, _ in pending]).tolist()
+        done = []
+        for (record, _, metrics), (loss, norm, n) in zip(pending, values):
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                raise TrainingDiverged(self._diverged(record["step"], loss, norm))
+            self.tokens += int(n)
+            record.update(loss=loss, grad_norm=norm, tokens=self.tokens)
+            for k, v in metrics.items():
+                record[k] = float(v) if not isinstance(v, torch.Tensor) or v.numel() == 1 else v.tolist()
+            self.history.append(record)
+            done.append(record)
+        return done
+
+    def _diverged(self, step: int, loss: float, norm: float) -> str:
+        where = f" in {self.checkpoint_dir}" if self.checkpoint_dir else ""
+        if self.step < step:  # read before its update
+            when = "stopped before the update"
+        else:
+            when = (f"read at step {self.step} (train.check_every = {self.cfg.check_every}); "
+                    "no checkpoint was written after it")
+        return (f"step {step}: loss = {loss}, grad norm = {norm} is not finite; {when} (the last good "
+                f"checkpoint is left intact{where}). Lower train.lr, raise warmup or check the data.")
 
     # -- the loop --
     def train(self, resume: bool = False) -> dict:
@@ -234,42 +296,60 @@ class Trainer:
                                tensorboard_dir=tb_dir, config=self.config_record)
         progress = _progress(cfg.max_steps, self.step, enabled=cfg.progress and self.is_main)
         start = time.perf_counter()
-        window_t, window_tokens = time.perf_counter(), 0
+        window_t, window_tokens = time.perf_counter(), self.tokens
+        seen = len(self.history)
+        check_every = cfg.check_every or cfg.log_every
         stop_reason = "max_steps"
-        try:
-            while self.step < cfg.max_steps:
-                before = self.tokens
-                record = self.train_step()
-                window_tokens += self.tokens - before
-                self.history.append(record)
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    now = time.perf_counter()
-                    tps = window_tokens / max(now - window_t, 1e-9)
-                    record["tokens_per_s"] = tps
-                    record["mfu"] = mfu(self.flops_per_token, tps, self.peak)
-                    window_t, window_tokens = now, 0
-                    self._log.write(record)
+
+        def report() -> None:
+            """Read what is pending; progress and hooks see each step's record once, in order."""
+            nonlocal seen
+            self.read_stats()
+            for record in self.history[seen:]:
                 progress.update(record)
                 for hook in self.hooks:
                     hook(self, record)
-                last = self.step == cfg.max_steps
-                if self.evaluate_fn and cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
+            seen = len(self.history)
+
+        try:
+            while self.step < cfg.max_steps:
+                self.train_step(read=cfg.check_every == 1)
+                step, last = self.step, self.step == cfg.max_steps
+                log_now = _every(step, cfg.log_every) or last
+                do_eval = bool(self.evaluate_fn) and (_every(step, cfg.eval_every) or (last and cfg.eval_every))
+                do_sample = bool(self.sample_fn) and _every(step, cfg.sample_every)
+                do_save = _every(step, cfg.checkpoint_every) or (last and cfg.checkpoint_every)
+                # The GPU runs ahead of the host between reads; every step is read before anything
+                # that looks at the weights or writes them (eval, samples, checkpoints).
+                if log_now or do_eval or do_sample or do_save or _every(step, check_every):
+                    report()
+                if log_now:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    now = time.perf_counter()
+                    tps = (self.tokens - window_tokens) / max(now - window_t, 1e-9)
+                    record = self.history[-1]
+                    record["tokens_per_s"] = tps
+                    record["mfu"] = mfu(self.flops_per_token, tps, self.peak)
+                    window_t, window_tokens = now, self.tokens
+                    self._log.write(record)
+                if do_eval:
                     self.run_eval()
-                if self.sample_fn and cfg.sample_every and self.step % cfg.sample_every == 0:
+                if do_sample:
                     self.run_samples()
-                if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or last):
+                if do_save:
                     self.save_checkpoint()
                 over = bool(cfg.time_budget_s) and time.perf_counter() - start > cfg.time_budget_s
                 if cfg.time_budget_s and self.parallel is not None:
                     over = self.parallel.any_rank(over)  # every rank stops at the same step
                 if over:
                     stop_reason = "time_budget"
-                    if self.step % cfg.log_every:  # the last step is logged even off the cadence
-                        self._log.write(record)
+                    report()
+                    if not log_now:  # the last step is logged even off the cadence
+                        self._log.write(self.history[-1])
                     self.save_checkpoint()
                     break
+            report()
         finally:
             progress.close()
             self._log.close()
@@ -301,6 +381,10 @@ class Trainer:
                 for s in samples:
                     f.write(json.dumps({"step": self.step, **s}) + "\n")
         return samples
+
+
+def _every(step: int, n: int) -> bool:
+    return n > 0 and step % n == 0
 
 
 class _progress:

@@ -86,9 +86,9 @@ def test_tiny_model_overfits_tiny_batch():
 
 def _packed_trainer(run_dir, shard_dir, max_steps, optimizer="adamw", hooks=None, prefetch=False, **kw):
     model, mcfg = tiny_model(seed=3, dropout=0.1)  # dropout: the RNG state must be restored too
-    kw = {**dict(warmup_steps=3), **kw}
-    cfg = _cfg(max_steps=max_steps, batch_size=3, grad_accum=2, checkpoint_every=2, keep_checkpoints=2,
-               optimizer=optimizer, schedule="cosine", grad_clip=1.0, **kw)
+    kw = {**dict(warmup_steps=3, checkpoint_every=2, keep_checkpoints=2), **kw}
+    cfg = _cfg(max_steps=max_steps, batch_size=3, grad_accum=2, optimizer=optimizer, schedule="cosine",
+               grad_clip=1.0, **kw)
     opt = build_optimizer(model, optimizer, lr=cfg.lr, muon_lr=cfg.muon_lr, vocab_size=VOCAB)
     batches = DocumentPacker(TokenStream(shard_dir), cfg.batch_size, 23)
     if prefetch:  # reads run one batch ahead on a background thread
@@ -175,20 +175,27 @@ def test_bad_checkpoints_are_refused(tmp_path, shard_dir):
         again.train(resume=True)
 
 
-def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, shard_dir):
+def _poisoned_from(step, grad_accum=2):
+    """lm_loss that returns NaN from optimizer step `step` (1-based) on."""
     calls = {"n": 0}
 
     def poisoned(model, batch):
         loss, n, m = lm_loss(model, batch)
         calls["n"] += 1
-        if calls["n"] > 2 * 5:  # step 6 (2 micro-batches per step)
+        if calls["n"] > grad_accum * (step - 1):
             loss = loss * float("nan")
         return loss, n, m
 
-    t = _packed_trainer(tmp_path / "run", shard_dir, 10)
-    t.loss_fn = poisoned
-    with pytest.raises(TrainingDiverged, match="step 5: loss = nan"):
+    return poisoned
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, shard_dir):
+    """check_every = 1: each step is read before its update, so the NaN never reaches the weights."""
+    t = _packed_trainer(tmp_path / "run", shard_dir, 10, check_every=1)
+    t.loss_fn = _poisoned_from(6)
+    with pytest.raises(TrainingDiverged, match="step 6: loss = nan.*stopped before the update"):
         t.train()
+    assert t.step == 5 and all(torch.isfinite(p).all() for p in t.model.parameters())
     ckpts = list_checkpoints(tmp_path / "run" / "checkpoints")
     assert [p.name for p in ckpts] == ["step_000002", "step_000004"]
     good = _packed_trainer(tmp_path / "run", shard_dir, 10)
