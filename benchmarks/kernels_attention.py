@@ -32,6 +32,7 @@ def rel(a, b):
 
 
 def check_cases(device):
+    from lmforge.kernels import flash_attention_triton as fa
     from lmforge.kernels.flash_attention import attention_reference, flash_attention
     from lmforge.kernels.flash_attention_triton import CONCURRENT_DQ
 
@@ -46,18 +47,24 @@ def check_cases(device):
         ("softcap 30 bf16", torch.bfloat16, 1, 4, 4, 700, 700, 128, {"softcap": 30.0}),
         ("decode S>T bf16", torch.bfloat16, 2, 8, 2, 17, 900, 128, {}),
     ]
-    # the atomic-dQ backward (deterministic=False) on a few of the same cases
+    # the atomic-dQ backward (deterministic=False) on a few of the same cases; the pointer forward
+    # kernel (USE_TMA off: what runs when strides do not suit tensor descriptors) on a few others
     cases += [(n + " atomic-dQ", dt, *rest[:-1], dict(rest[-1], deterministic=False))
               for n, dt, *rest in cases if n in ("causal bf16 D128 GQA", "doc_ids bf16", "softcap 30 bf16")]
+    cases += [(n + " ptr-fwd", dt, *rest[:-1], dict(rest[-1], pointer_fwd=True))
+              for n, dt, *rest in cases if n in ("causal bf16 D64", "causal bf16 D128 GQA", "window 128 bf16")]
     rows = []
-    print(f"checks (dQ on a second stream: {CONCURRENT_DQ})", flush=True)
+    print(f"checks (dQ on a second stream: {CONCURRENT_DQ}; forward through tensor descriptors unless "
+          f"'ptr-fwd')", flush=True)
     for name, dtype, B, Hq, Hkv, T, S, D, opts in cases:
         q = torch.randn(B, Hq, T, D, device=device, dtype=dtype, requires_grad=True)
         k = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, requires_grad=True)
         v = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, requires_grad=True)
         do = torch.randn(B, Hq, T, D, device=device, dtype=dtype)
+        fa.USE_TMA = not opts.pop("pointer_fwd", False)
         out = flash_attention(q, k, v, impl="triton", **opts)
         grads = torch.autograd.grad(out, (q, k, v), do)
+        fa.USE_TMA = True
         qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
         opts.pop("deterministic", None)
         ref = attention_reference(qf, kf, vf, **opts)
@@ -79,6 +86,7 @@ def bench(fn, reps=100):
 def time_shapes(device, shapes):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from lmforge.kernels import flash_attention_triton as fa
     from lmforge.kernels.flash_attention import flash_attention
 
     rows = []
@@ -88,6 +96,14 @@ def time_shapes(device, shapes):
             t.requires_grad_()
         flops_fwd = 4 * B * H * T * T * D / 2  # causal: half the score matrix
         impls = {"triton": lambda: flash_attention(q, k, v, causal=True, impl="triton")}
+
+        def pointer_fwd():  # the same Triton path with the pointer forward kernel (USE_TMA off)
+            fa.USE_TMA = False
+            try:
+                return flash_attention(q, k, v, causal=True, impl="triton")
+            finally:
+                fa.USE_TMA = True
+        impls["triton_ptr"] = pointer_fwd
         for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
             def run(backend=backend):
                 with sdpa_kernel(backend):
@@ -102,7 +118,7 @@ def time_shapes(device, shapes):
                 res[name] = (flops_fwd / fwd / 1e9, 3.5 * flops_fwd / fb / 1e9, fwd, fb)
             except Exception as e:  # a backend may not support a shape on this build
                 print(f"  {name} failed at {(B, H, T, D)}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-        best = max((n for n in res if n != "triton"), key=lambda n: res[n][1], default=None)
+        best = max((n for n in res if n.startswith("sdpa")), key=lambda n: res[n][1], default=None)
         row = {"B": B, "H": H, "T": T, "D": D, **{f"{n}_fwd_tflops": round(r[0], 1) for n, r in res.items()},
                **{f"{n}_fwdbwd_tflops": round(r[1], 1) for n, r in res.items()},
                **{f"{n}_fwdbwd_ms": round(r[3], 4) for n, r in res.items()}}
@@ -112,7 +128,11 @@ def time_shapes(device, shapes):
         if best and "triton" in res:
             row["best_sdpa"] = best
             row["ratio_fwdbwd_vs_best_sdpa"] = round(res["triton"][1] / res[best][1], 3)
-            row["ratio_fwd_vs_best_sdpa"] = round(res["triton"][0] / max(r[0] for n, r in res.items() if n != "triton"), 3)
+            row["ratio_fwd_vs_best_sdpa"] = round(res["triton"][0] / max(r[0] for n, r in res.items() if n.startswith("sdpa")), 3)
+            for ref in ("sdpa_flash", "sdpa_cudnn"):
+                if ref in res:
+                    row[f"ratio_fwdbwd_vs_{ref}"] = round(res["triton"][1] / res[ref][1], 3)
+                    row[f"ratio_fwd_vs_{ref}"] = round(res["triton"][0] / res[ref][0], 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -134,20 +154,30 @@ SWEEP = {  # kernel -> candidate configs (BLOCK_M = query tile, BLOCK_N = key ti
            _cfg(64, 64, 4, 4)],
 }
 SWEEP["dkdv_atomic"] = SWEEP["dkdv"][:4]
+SWEEP["fwd_tma"] = [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(128, 64, 8, 4),
+                    _cfg(128, 128, 8, 3), _cfg(128, 32, 4, 4), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3),
+                    _cfg(64, 128, 4, 2)]
 
 
 def _sweep_call(kernel, cfg, q, k, v, do, fwd_out=None):
     """One timed call of `kernel` forced to `cfg` (the other backward kernel runs its default)."""
+    from lmforge.kernels import flash_attention_tma as tma
     from lmforge.kernels import flash_attention_triton as fa
 
     opts = dict(causal=True, window=None, softcap=None, scale=None, doc_ids=None)
     out, lse = fwd_out
-    tunable = {"fwd": fa.FWD, "dq": fa.DQ}.get(kernel, fa.DKDV)
+    tunable = {"fwd": fa.FWD, "fwd_tma": tma.FWD_TMA, "dq": fa.DQ}.get(kernel, fa.DKDV)
 
     def call():
         with tunable.force(cfg):
-            if kernel == "fwd":
-                return fa.forward(q, k, v, **opts)
+            if kernel == "fwd_tma":
+                return tma.forward(q, k, v, **opts)
+            if kernel == "fwd":  # the pointer kernel: tensor descriptors off
+                fa.USE_TMA = False
+                try:
+                    return fa.forward(q, k, v, **opts)
+                finally:
+                    fa.USE_TMA = True
             return fa.backward(q, k, v, out, lse, do, deterministic=kernel != "dkdv_atomic", **opts)
     return call
 
@@ -192,6 +222,7 @@ def sweep_shapes(device, shapes, deadline):
     """Per shape: ms of every candidate config of each kernel, the winners, and the winners' fwd+bwd."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from lmforge.kernels import flash_attention_tma as tma
     from lmforge.kernels import flash_attention_triton as fa
     from lmforge.kernels.flash_attention import flash_attention
 
@@ -224,11 +255,12 @@ def sweep_shapes(device, shapes, deadline):
         for name, det, dk_name, concurrent in (("triton_det", True, "dkdv", True),
                                                ("triton_det_1stream", True, "dkdv", False),
                                                ("triton_atomic", False, "dkdv_atomic", False)):
-            if "fwd" not in best or dk_name not in best or (det and "dq" not in best):
+            if "fwd" not in best or dk_name not in best or (det and "dq" not in best):  # forward-only sweep
                 continue
             def run(det=det, dk_name=dk_name, concurrent=concurrent):
                 fa.CONCURRENT_DQ = concurrent
-                with fa.FWD.force(best["fwd"]), fa.DKDV.force(best[dk_name]), fa.DQ.force(best.get("dq")):
+                with fa.FWD.force(best["fwd"]), tma.FWD_TMA.force(best.get("fwd_tma")), \
+                        fa.DKDV.force(best[dk_name]), fa.DQ.force(best.get("dq")):
                     out = flash_attention(q, k, v, causal=True, deterministic=det, impl="triton")
                     grads = torch.autograd.grad(out, (q, k, v), do)
                 fa.CONCURRENT_DQ = True
@@ -246,8 +278,9 @@ def sweep_shapes(device, shapes, deadline):
                 res[f"{name}_fwd_tflops"] = round(flops_fwd / bench(fwd_only) / 1e9, 1)
             except Exception as e:
                 print(f"  {name} fwd failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
-        if "fwd" in best:
-            res["triton_fwd_tflops"] = round(flops_fwd / min(t for t, _ in res["ms"]["fwd"]) / 1e9, 1)
+        for kern in ("fwd", "fwd_tma"):
+            if kern in best:
+                res[f"triton_{kern}_tflops"] = round(flops_fwd / min(t for t, _ in res["ms"][kern]) / 1e9, 1)
         grads = {}
         for name, f in combos.items():
             try:
@@ -271,6 +304,7 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="time a wide config space per kernel (see module doc)")
     p.add_argument("--sweep-shapes", default="4,16,4096,128;8,16,2048,128;1,16,16384,128;16,32,1024,64")
     p.add_argument("--workers", type=int, default=12, help="processes compiling the sweep's kernels")
+    p.add_argument("--kernels", default=",".join(SWEEP), help="which kernels --sweep times (comma-separated)")
     p.add_argument("--check-only", action="store_true", help="run the GPU correctness checks and stop")
     p.add_argument("--precompile-only", action="store_true", help="compile the sweep's kernels and stop")
     p.add_argument("--budget-s", type=float, default=150, help="stop sweeping configs after this long")
@@ -298,6 +332,8 @@ def main(argv=None):
         os.environ["LMFORGE_KERNEL_TUNE"] = "0"  # kernels not being swept run their default config
         t0 = time.perf_counter()
         sweep_shapes_ = [tuple(int(x) for x in s.split(",")) for s in args.sweep_shapes.split(";") if s]
+        for kern in set(SWEEP) - set(args.kernels.split(",")):
+            del SWEEP[kern]
         if args.workers > 1:
             precompile(sorted({(s[1], s[3]) for s in sweep_shapes_}), args.workers, SWEEP)
         if args.precompile_only:
@@ -307,35 +343,42 @@ def main(argv=None):
         with open(os.path.join(args.out, "kernels_attention_sweep.json"), "w") as f:
             json.dump({"info": info, "sweep": swept}, f, indent=1)
         print(f"\n{'shape':22s} {'triton det':>10} {'1 stream':>8} {'atomic':>8} {'flash':>8} {'cudnn':>8} | {'fwd':>6} "
-              f"{'cudnn fwd':>9}  (TFLOP/s fwd+bwd, causal bf16; winners per kernel)")
+              f"{'fwd tma':>7} {'flash fwd':>9} {'cudnn fwd':>9}  (TFLOP/s, causal bf16; winners per kernel)")
         for r in swept:
             g = lambda k: r.get(k, 0)
             print(f"{str(tuple(r['shape'])):22s} {g('triton_det_fwdbwd_tflops'):>10} "
                   f"{g('triton_det_1stream_fwdbwd_tflops'):>8} {g('triton_atomic_fwdbwd_tflops'):>8} "
                   f"{g('sdpa_flash_fwdbwd_tflops'):>8} {g('sdpa_cudnn_fwdbwd_tflops'):>8} | "
-                  f"{g('triton_fwd_tflops'):>6} {g('sdpa_cudnn_fwd_tflops'):>9}")
+                  f"{g('triton_fwd_tflops'):>6} {g('triton_fwd_tma_tflops'):>7} {g('sdpa_flash_fwd_tflops'):>9} "
+                  f"{g('sdpa_cudnn_fwd_tflops'):>9}")
             for kern, c in r["best"].items():
                 print(f"    {kern:12s} {c}")
         return 0
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s]
+    from lmforge.kernels import flash_attention_tma as tma
     from lmforge.kernels import flash_attention_triton as fa
 
     if args.workers > 1 and info["tune"] != "0":  # the autotuner then finds its candidates compiled
-        tunables = {"fwd": fa.FWD.configs, "dkdv": fa.DKDV.configs, "dq": fa.DQ.configs}
+        tunables = {"fwd": fa.FWD.configs, "fwd_tma": tma.FWD_TMA.configs, "dkdv": fa.DKDV.configs,
+                    "dq": fa.DQ.configs}
         precompile(sorted({(s[1], s[3]) for s in shapes}), args.workers, tunables)
     timings = time_shapes(device, shapes)
 
-    tuned = {n: t.best_configs() for n, t in (("fwd", fa.FWD), ("dkdv", fa.DKDV), ("dq", fa.DQ))}
+    tuned = {n: t.best_configs() for n, t in (("fwd", fa.FWD), ("fwd_tma", tma.FWD_TMA), ("dkdv", fa.DKDV),
+                                               ("dq", fa.DQ))}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "kernels_attention.json"), "w") as f:
         json.dump({"info": info, "checks": checks, "timings": timings, "tuned": tuned}, f, indent=1)
-    print(f"\n{'B':>3} {'H':>3} {'T':>6} {'D':>4} | {'triton fwd+bwd':>14} {'best sdpa':>10} {'ratio':>6} | "
-          f"{'triton fwd':>10} {'ratio':>6}  (TFLOP/s, causal bf16)")
+    print(f"\n{'B':>3} {'H':>3} {'T':>6} {'D':>4} | {'fwd+bwd: triton':>15} {'ptr-fwd':>7} {'flash':>6} {'cudnn':>6} "
+          f"{'/flash':>6} {'/cudnn':>6} | {'fwd: triton':>11} {'ptr':>6} {'flash':>6} {'cudnn':>6} {'/flash':>6} "
+          f"{'/cudnn':>6}  (TFLOP/s, causal bf16)")
     for r in timings:
-        best = r.get("best_sdpa", "")
-        print(f"{r['B']:>3} {r['H']:>3} {r['T']:>6} {r['D']:>4} | {r.get('triton_fwdbwd_tflops', 0):>14} "
-              f"{r.get(best + '_fwdbwd_tflops', 0):>10} {r.get('ratio_fwdbwd_vs_best_sdpa', 0):>6} | "
-              f"{r.get('triton_fwd_tflops', 0):>10} {r.get('ratio_fwd_vs_best_sdpa', 0):>6}  [{best}]")
+        g = lambda k: r.get(k, 0)
+        print(f"{r['B']:>3} {r['H']:>3} {r['T']:>6} {r['D']:>4} | {g('triton_fwdbwd_tflops'):>15} "
+              f"{g('triton_ptr_fwdbwd_tflops'):>7} {g('sdpa_flash_fwdbwd_tflops'):>6} {g('sdpa_cudnn_fwdbwd_tflops'):>6} "
+              f"{g('ratio_fwdbwd_vs_sdpa_flash'):>6} {g('ratio_fwdbwd_vs_sdpa_cudnn'):>6} | {g('triton_fwd_tflops'):>11} "
+              f"{g('triton_ptr_fwd_tflops'):>6} {g('sdpa_flash_fwd_tflops'):>6} {g('sdpa_cudnn_fwd_tflops'):>6} "
+              f"{g('ratio_fwd_vs_sdpa_flash'):>6} {g('ratio_fwd_vs_sdpa_cudnn'):>6}")
     return 0 if all(c["ok"] for c in checks) else 2
 
 

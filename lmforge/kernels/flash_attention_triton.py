@@ -436,7 +436,15 @@ def _common(q, k, v, softcap, scale, window, doc_ids):
 
 
 def forward(q, k, v, *, causal, window, softcap, scale, doc_ids):
-    """Returns (out [B,Hq,T,Dv] contiguous, lse [B,Hq,T] fp32, base 2)."""
+    """Returns (out [B,Hq,T,Dv] contiguous, lse [B,Hq,T] fp32, base 2).
+
+    Runs the tensor-descriptor (TMA) kernel of `flash_attention_tma` when USE_TMA is set and the
+    tensors allow it, else the pointer kernel below.
+    """
+    from lmforge.kernels import flash_attention_tma as tma
+
+    if USE_TMA and tma.usable(q, k, v) and (v.shape[-1] * v.element_size()) % 16 == 0:  # out: [.., Dv] rows
+        return tma.forward(q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, doc_ids=doc_ids)
     B, HQ, HKV, T, S, D, DV, doc, meta, scalars, strides = _common(q, k, v, softcap, scale, window, doc_ids)
     meta["CAUSAL"] = causal
     out = torch.empty(B, HQ, T, DV, device=q.device, dtype=q.dtype)
@@ -480,6 +488,9 @@ def backward(q, k, v, out, lse, dout, *, causal, window, softcap, scale, doc_ids
         torch.cuda.current_stream(q.device).wait_stream(side)
     return dq, dk, dv
 
+
+# The forward reads and writes tiles through tensor descriptors where it can (flash_attention_tma).
+USE_TMA = True
 
 # The dQ kernel does not depend on the dK/dV kernel; on a GPU it runs on a second stream so that
 # each kernel's tail (the light causal tiles at the end) overlaps the other's work.

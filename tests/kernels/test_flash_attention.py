@@ -51,17 +51,38 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_matches_reference_fp32(name, impl):
-    errs = run(impl, **CASES[name])
+@pytest.mark.parametrize("impl", ["triton", "triton_pointer_fwd", "torch"])
+def test_matches_reference_fp32(name, impl, monkeypatch):
+    """"triton": the forward through tensor descriptors (flash_attention_tma); "triton_pointer_fwd":
+    the pointer forward kernel, which runs where strides do not suit descriptors."""
+    if impl == "triton_pointer_fwd":
+        monkeypatch.setattr(fa, "USE_TMA", False)
+    errs = run(impl.removesuffix("_pointer_fwd"), **CASES[name])
     assert max(errs) < 1e-5, errs
+
+
+def test_forward_path_follows_strides(monkeypatch):
+    """Descriptor-friendly tensors take the TMA kernel; a row of 20 fp16 (40 bytes, not a multiple
+    of 16) cannot be described, so that input takes the pointer kernel and still matches."""
+    from lmforge.kernels import flash_attention_tma as tma
+
+    calls = []
+    monkeypatch.setattr(tma, "forward", lambda *a, _f=tma.forward, **k: calls.append(1) or _f(*a, **k))
+    assert max(run("triton", B=1, Hq=2, Hkv=1, T=19, S=19, D=16, dtype=torch.float16)) < 2e-3
+    assert len(calls) == 1
+    q = torch.randn(1, 2, 5, 20).half()
+    assert tma.usable(q[..., :16]) is False  # sliced view: row stride 40 bytes
+    assert max(run("triton", B=1, Hq=2, Hkv=1, T=19, S=19, D=20, dtype=torch.float16)) < 2e-3
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("blocks", [(32, 16), (16, 32)])
 @pytest.mark.parametrize("name", ["causal", "window", "doc_ids", "noncausal_s_lt_t"])
 def test_unequal_tile_sizes(monkeypatch, blocks, name):
     """The masked/unmasked loop split must hold when query and key tiles differ in size."""
-    for tunable in (fa.FWD, fa.DKDV, fa.DQ):
+    from lmforge.kernels.flash_attention_tma import FWD_TMA
+
+    for tunable in (fa.FWD, FWD_TMA, fa.DKDV, fa.DQ):
         monkeypatch.setattr(tunable, "fixed", dict(BLOCK_M=blocks[0], BLOCK_N=blocks[1]))
     case = dict(CASES[name], T=53, S=53, B=1) if name != "noncausal_s_lt_t" else CASES[name]
     if name == "doc_ids":
