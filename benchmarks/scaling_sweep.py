@@ -175,7 +175,8 @@ def main() -> None:
     ap.add_argument("--probe-variant", action="append", default=None, metavar="OVERRIDES",
                     help="space-separated SweepConfig overrides probed as one variant (repeatable; '' = as "
                          "configured), e.g. 'compile=true'")
-    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--vocab-size", type=int, default=1024,
+                    help="BPE vocabulary (1024: a small LM head, so N is mostly transformer)")
     ap.add_argument("--mfu", type=float, default=0.25, help="MFU assumed for the time estimate (--probe measures it)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     ap.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples of each fit")
