@@ -118,11 +118,14 @@ class _LayerView:
         rows, pos, length = self.view.rows, self.view.positions, self.view.length
         out = []
         for buf, t in zip(self.bufs, new):
-            part = buf[rows]  # a view
-            B, T = pos.shape
-            idx = pos.view(B, *([1] * (t.dim() - 3)), T, 1).expand(t.shape)
-            part.scatter_(t.dim() - 2, idx, t.to(part.dtype))
-            out.append(part.narrow(t.dim() - 2, 0, length))
+            # buf[row, ..., pos[b, t], :] = new[b, ..., t, :] as one index_put_ on the whole buffer:
+            # under torch.compile it stays one in-place write of the new entries (a scatter into a
+            # row view was functionalised into a copy of the whole buffer, twice per layer)
+            seq = t.dim() - 2
+            index = [self.view.row_ids] + [None] * (seq - 1) + [pos]  # None: every head
+            # advanced indices come first in the written shape: [B, T, ...]
+            torch.ops.aten.index_put_(buf, index, t.movedim(seq, 1).to(buf.dtype))
+            out.append(buf[rows].narrow(seq, 0, length))
         return tuple(out)
 
     def _update_ring(self, new: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -159,6 +162,7 @@ class CacheView:
 
     def __init__(self, cache: StaticKVCache, rows: slice, length: int, positions: torch.Tensor):
         self.rows, self.length, self.positions = rows, length, positions
+        self.row_ids = torch.arange(rows.start, rows.stop, device=positions.device)[:, None]  # [b, 1]
         self.layers = [_LayerView(bufs, self, kp) for bufs, kp in zip(cache.buffers, cache.key_positions)]
 
     def layer(self, i: int) -> _LayerView:

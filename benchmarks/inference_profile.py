@@ -1,0 +1,238 @@
+"""Where the time of a steady-state decode step goes: host loop, graph launch, GPU kernels.
+
+For one model shape and batch, the engine decodes greedy rows (prompt --prompt tokens, every row
+alive for the whole measurement); after warm-up (compilation, CUDA-graph capture) it times
+--steps steady-state `engine.step()` calls, then runs as many again under torch.profiler. Printed,
+per decode step (one token per row; an `engine.step()` that decodes k tokens per row counts k):
+  wall ms        wall time per step (host clock, synchronised at both ends, profiler off)
+  host ms        host time inside step() that is neither the decode-step call (graph launch)
+                 nor the wait for the GPU's tokens: the engine's Python (events, stop checks,
+                 buffer updates)
+  launch ms      host time inside the decode-step call (for a compiled engine: guards, cudagraph
+                 bookkeeping, the replay's launch; eager: the whole forward's Python)
+  wait ms        host time blocked on the previous step's tokens (GPU still busy): when it is ~0
+                 the loop is host-bound, when it is most of the wall time it is GPU-bound
+  gpu ms         sum of kernel durations / steps (profiler)
+  idle           share of the profiled window in which no kernel ran
+  kernels        kernels per step, and the top kernels by time
+  prefill ms     one step() that admits and prefills a fresh batch of prompts (after warm-up)
+
+  python benchmarks/inference_profile.py                               # CPU, tiny shape
+  python benchmarks/inference_profile.py --shape llama124m --batch 1 64 --compile   # lent GPU
+
+Engine options can be varied (--engine-opt name=value, passed to Engine) to profile a new path
+against the default in the same run: every --variant is one engine per batch size.
+Prints a table and writes JSON (--out, default runs/bench/inference_profile_<device>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from common import INFERENCE_SHAPES, inference_device, sync
+
+from lmforge.inference import Engine, SamplingParams
+from lmforge.inference import pipeline as pipeline_mod
+from lmforge.io import write_json
+from lmforge.model import ModelConfig, Transformer
+
+SHAPES = {**INFERENCE_SHAPES, "gpt2s": INFERENCE_SHAPES["llama124m"]}
+
+
+class StepTimer:
+    """Splits the host time of engine.step() into the decode-step call, the wait for tokens and
+    the rest, by wrapping the engine's decode function and InFlight.read (this process only)."""
+
+    def __init__(self, engine: Engine):
+        self.launch = self.wait = 0.0
+        name = "_step_fn" if engine.compiled else "_sample_step"
+        inner = getattr(engine, name)
+
+        def timed_call(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                self.launch += time.perf_counter() - t0
+
+        setattr(engine, name, timed_call)
+        self._read = pipeline_mod.InFlight.read
+        timer = self
+
+        def timed_read(inflight):
+            t0 = time.perf_counter()
+            if inflight.event is not None:
+                inflight.event.synchronize()
+            timer.wait += time.perf_counter() - t0
+            return timer._read(inflight)
+
+        pipeline_mod.InFlight.read = timed_read
+
+    def close(self) -> None:
+        pipeline_mod.InFlight.read = self._read
+
+    def reset(self) -> None:
+        self.launch = self.wait = 0.0
+
+
+def start(engine: Engine, B: int, prompt: int, max_tokens: int, vocab: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0)
+    for _ in range(B):
+        engine.add_request(torch.randint(0, vocab, (prompt,), generator=g).tolist(), sp)
+
+
+def drain(engine: Engine) -> None:
+    for rid in list(engine.requests):
+        engine.abort(rid)
+    while engine.has_work():
+        engine.step()
+
+
+def tokens_per_row(events) -> int:
+    return sum(ev.token_id is not None for ev in events)
+
+
+def kernel_stats(prof, steps: int) -> dict:
+    """Kernel time, count and idle share from the profiler's device events."""
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    spans = []
+    for e in kernels:
+        dur = e.time_range.end - e.time_range.start  # us
+        by_name[e.name][0] += dur
+        by_name[e.name][1] += 1
+        spans.append((e.time_range.start, e.time_range.end))
+    busy, end = 0.0, None
+    for s, t in sorted(spans):
+        if end is None or s > end:
+            busy += t - s
+            end = t
+        elif t > end:
+            busy += t - end
+            end = t
+    window = (max(t for _, t in spans) - min(s for s, _ in spans)) if spans else 0.0
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+    return {"gpu_ms": sum(v[0] for v in by_name.values()) / steps / 1e3,
+            "kernels": sum(v[1] for v in by_name.values()) / steps,
+            "idle": 1 - busy / window if window else None,
+            "top": [{"name": n[:90], "us_per_step": v[0] / steps, "per_step": v[1] / steps} for n, v in top[:12]]}
+
+
+def profile_one(model, B: int, args, opts: dict, device) -> dict:
+    cfg = model.cfg
+    budget = args.warmup + 2 * args.steps + 8  # tokens per row the measurement may need
+    max_len = args.prompt + budget * opts.get("decode_steps", 1) + 2
+    engine = Engine(model, max_batch=B, max_len=max_len, eos_ids=[], compile=args.compile, **opts)
+    # warm-up: compile / capture, and a whole generation so every graph exists
+    start(engine, B, args.prompt, budget, cfg.vocab_size, seed=1)
+    for _ in range(args.warmup):
+        engine.step()
+    drain(engine)
+    # prefill: one step() that admits and prefills B fresh prompts
+    start(engine, B, args.prompt, budget, cfg.vocab_size, seed=2)
+    sync(device)
+    t0 = time.perf_counter()
+    engine.step()
+    sync(device)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    for _ in range(3):  # into the steady state (pipelined)
+        engine.step()
+    timer = StepTimer(engine)
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        made = 0
+        for _ in range(args.steps):
+            made += tokens_per_row(engine.step())
+        sync(device)
+        wall = time.perf_counter() - t0
+        steps = made / B  # decode steps (tokens per row) made by these step() calls
+        launch, wait = timer.launch, timer.wait
+    finally:
+        timer.close()
+    row = {"batch": B, "variant": args.label, "opts": opts, "steps": steps,
+           "wall_ms": wall / steps * 1e3, "launch_ms": launch / steps * 1e3, "wait_ms": wait / steps * 1e3,
+           "host_ms": (wall - launch - wait) / steps * 1e3, "prefill_ms": prefill_ms,
+           "tok_s": B * steps / wall}
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            made = 0
+            for _ in range(args.steps):
+                made += tokens_per_row(engine.step())
+            sync(device)
+        try:
+            row.update(kernel_stats(prof, made / B))
+        except Exception as e:  # keep the timings (and the trace) if the event format differs
+            print(f"kernel statistics failed: {type(e).__name__}: {e}")
+        if args.trace:
+            prof.export_chrome_trace(str(Path(args.trace) / f"trace_{args.shape}_b{B}_{args.label}.json"))
+    drain(engine)
+    return row
+
+
+def parse_opts(items: list[str]) -> dict:
+    opts = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            opts[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            opts[name] = value
+    return opts
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=50, help="step() calls timed (and as many profiled)")
+    ap.add_argument("--warmup", type=int, default=10, help="step() calls before the first measurement")
+    ap.add_argument("--compile", action="store_true", help="Engine(compile=True) (CUDA graphs on CUDA)")
+    ap.add_argument("--engine-opt", nargs="*", default=[], help="name=value passed to Engine")
+    ap.add_argument("--inductor", nargs="*", default=[], help="name=value set on torch._inductor.config")
+    ap.add_argument("--label", default="default", help="name of this variant in the table")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--trace", default=None, help="folder for chrome traces (CUDA)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device, dtype = inference_device(args.threads)
+    cfg = ModelConfig(**SHAPES[args.shape], attention_backend="sdpa", tie_embeddings=False)
+    model = Transformer(cfg).to(device, dtype).eval()
+    opts = parse_opts(args.engine_opt)
+    if args.inductor:
+        import torch._inductor.config as inductor_config
+
+        for name, value in parse_opts(args.inductor).items():
+            setattr(inductor_config, name, value)
+    rows = [profile_one(model, B, args, opts, device) for B in args.batch]
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"{args.shape} on {dev_name}, compile={args.compile}, {args.label} {opts or ''} {args.inductor or ''}")
+    print(f"{'batch':>5} {'tok/s':>9} {'wall ms':>8} {'host ms':>8} {'launch ms':>9} {'wait ms':>8} "
+          f"{'gpu ms':>7} {'idle':>6} {'kernels':>7} {'prefill ms':>10}")
+    for r in rows:
+        gpu = f"{r['gpu_ms']:>7.3f} {(r['idle'] or 0):>6.1%} {r['kernels']:>7.1f}" if "gpu_ms" in r else f"{'-':>7} {'-':>6} {'-':>7}"
+        print(f"{r['batch']:>5} {r['tok_s']:>9.0f} {r['wall_ms']:>8.3f} {r['host_ms']:>8.3f} {r['launch_ms']:>9.3f} "
+              f"{r['wait_ms']:>8.3f} {gpu} {r['prefill_ms']:>10.2f}")
+    for r in rows:
+        for k in r.get("top", []):
+            print(f"  b{r['batch']} {k['us_per_step']:>8.1f} us {k['per_step']:>5.1f}x  {k['name']}")
+    out = Path(args.out or f"runs/bench/inference_profile_{device.type}.json")
+    write_json(out, {"device": dev_name, "inductor": args.inductor, "torch": torch.__version__, "shape": args.shape, "prompt": args.prompt,
+                     "command": " ".join(sys.argv), "date": datetime.date.today().isoformat(), "results": rows})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
