@@ -19,10 +19,14 @@ Causal load balancing (zig-zag): the sequence is cut into 2W chunks and rank r h
   is earlier than every key of that block).
 Without causality the plain contiguous split is used and every step is a full block.
 
-Backward (`RingAttention`, an autograd.Function): the keys/values go around the ring again together
-with a dK/dV accumulator; each rank adds its block's dK/dV contribution (flash-attention backward
-from the final output and LSE) and passes it on, so after W hops each rank holds the gradient of its
-own keys/values. dQ stays local.
+Backward (`RingAttention`, an autograd.Function): the keys/values go around the ring again; each
+rank computes its queries' share of each block's dQ/dK/dV (flash-attention backward from the final
+output and LSE). dQ stays local, and so does the own block's dK/dV share. The other ranks' shares of
+block j form one running sum that starts at rank j+1 (that first share travels as the kernel wrote
+it, in the input dtype and only for the keys it touched: exact, half or a quarter of a float32
+accumulator), grows by each rank's share on its way (float32) and reaches rank j after the last
+step. For W = 2 that is a single hop of the other rank's share, the only communication of the
+backward that compute does not hide.
 
 Each block runs on one of these implementations (`select_kernel`, per call):
 - "cudnn_cuda" / "flash_cuda" / "flash_cpu": torch's fused attention ops (cuDNN's, FlashAttention-2's,
@@ -266,9 +270,11 @@ class _Ring:
         self.next = dist.get_global_rank(group, nxt) if group is not None else nxt
         self.prev = dist.get_global_rank(group, prv) if group is not None else prv
 
-    def start(self, tensors: list[torch.Tensor]):
-        """Begin passing `tensors` on; returns (received buffers, handle for `wait`)."""
-        recv = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+    def start(self, tensors: list[torch.Tensor], recv_like: list[tuple] | None = None):
+        """Begin passing `tensors` on; returns (received buffers, handle for `wait`). The received
+        ones are shaped like `tensors`, or as `recv_like` says: [(shape, dtype), ...]."""
+        like = recv_like or [(t.shape, t.dtype) for t in tensors]
+        recv = [torch.empty(shape, dtype=dtype, device=tensors[0].device) for shape, dtype in like]
         sent = [t.contiguous() for t in tensors]
         ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in sent]
         ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in recv]
@@ -338,19 +344,39 @@ class RingAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         ring = _Ring(ctx.group)
+        W, prev = ring.world, (ring.rank - 1) % ring.world
         n_rep = q.shape[1] // k.shape[1]
         expanded = ctx.kernel not in NATIVE_GQA  # block dK/dV come per query head: sum them per kv head
         T, S = q.shape[2], k.shape[2]
         dout = dout.to(q.dtype).contiguous()
-        # kv of rank `src` and the running dK/dV of that block travel together; the accumulator's hop
-        # overlaps the next block's compute (it is needed only when that block's share is added)
+        share_dtype = q.dtype if ctx.kernel != "reference" else _up(q).dtype  # what the block kernel returns
+
+        def keys_of(rank, block):  # the keys of `block` that `rank`'s queries reach
+            return _step_slices(rank, block, T, S, ctx.causal)[1]
+
+        def incoming(step):  # what the previous rank sends at `step`: block (rank − step − 1)'s running sum
+            block = (ring.rank - step - 1) % W
+            if step == 1:  # its first share, as the kernel wrote it, for the keys it reached
+                n = len(range(S)[keys_of(prev, block)])
+                return [((*k.shape[:2], n, k.shape[3]), share_dtype), ((*v.shape[:2], n, v.shape[3]), share_dtype)]
+            return [(k.shape, _up(k).dtype), (v.shape, _up(v).dtype)]
+
+        def grow(part, step, share, ks):  # add this rank's share (keys ks) to a block's running sum
+            if step == 2:  # the first share, received as computed: into a float32 sum over all keys
+                full = torch.zeros(share.shape[:2] + (S,) + share.shape[3:], dtype=_up(share).dtype,
+                                   device=share.device)
+                full[:, :, keys_of(prev, (ring.rank - step) % W)] = part
+                part = full
+            part[:, :, ks] += share
+            return part
+
         k_cur, v_cur = k, v
-        dq = dk_acc = dv_acc = acc_handle = None
+        dq = dk = dv = part = handle = None
         with torch.autocast(q.device.type, enabled=False):
-            for step in range(ring.world):
-                if step < ring.world - 1:
+            for step in range(W):
+                if step < W - 1:
                     (k_nxt, v_nxt), kv_handle = ring.start([k_cur, v_cur])
-                src = (ring.rank - step) % ring.world
+                src = (ring.rank - step) % W
                 qs, ks, masked = _step_slices(ring.rank, src, T, S, ctx.causal)
                 kb, vb = _block_kv(ctx.kernel, k_cur, v_cur, ks, n_rep)
                 with record_function("ring.block_backward"):
@@ -358,23 +384,28 @@ class RingAttention(torch.autograd.Function):
                                                           lse[:, :, qs], dout[:, :, qs], ctx.scale, masked)
                 if expanded:
                     bdk, bdv = _reduce_kv(bdk, n_rep), _reduce_kv(bdv, n_rep)
-                if dq is None:  # step 0: the own block, all queries and keys; fp32 accumulators from here
-                    dq, dk_acc, dv_acc = _up(bdq), _up(bdk), _up(bdv)
+                if step == 0:  # the own block, all queries and keys: dQ and this rank's dK/dV start here
+                    dq, dk, dv = _up(bdq), _up(bdk), _up(bdv)
                 else:
                     with record_function("ring.grad_add"):
                         dq[:, :, qs] += bdq
-                        ring.wait(acc_handle)  # block src's accumulator, from the previous rank
-                        dk_acc[:, :, ks] += bdk
-                        dv_acc[:, :, ks] += bdv
-                # the accumulator follows its block to the next rank; after W hops it is back home
-                (dk_acc, dv_acc), acc_handle = ring.start([dk_acc, dv_acc])
-                if step < ring.world - 1:
+                        send = [bdk, bdv]  # step 1: the first share of block src after its own rank
+                        if step > 1:
+                            ring.wait(handle)  # block src's running sum, from the previous rank
+                            send = [grow(part[0], step, bdk, ks), grow(part[1], step, bdv, ks)]
+                    # on to the next rank (at the last step: block src's own rank); the sum of the next
+                    # block comes in meanwhile
+                    part, handle = ring.start(send, incoming(step))
+                if step < W - 1:
                     with record_function("ring.wait"):
                         ring.wait(kv_handle)
                     k_cur, v_cur = k_nxt, v_nxt
             with record_function("ring.wait"):
-                ring.wait(acc_handle)
-        return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype), None, None, None, None
+                ring.wait(handle)  # this rank's own block: every other rank's share
+            ks = keys_of(prev, ring.rank) if W == 2 else slice(None)
+            dk[:, :, ks] += part[0]
+            dv[:, :, ks] += part[1]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, causal: bool = True,

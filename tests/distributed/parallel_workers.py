@@ -84,6 +84,7 @@ FOUR_RANK_CHECKS = [
     "tests.distributed.test_composed:pp_dp_interleaved",
     "tests.distributed.test_composed:pp_cp",
     "tests.distributed.test_composed:pp_ep",
+    "tests.distributed.test_ring_attention:ring_four_ranks",
 ]
 _shared: dict[int, dict[str, list[dict]]] = {}
 

@@ -67,6 +67,13 @@ def ring_full_mha(rank, world):
     return _both_kernels(rank, world, causal=False, hq=3, hkv=3, T=10)
 
 
+def ring_four_ranks(rank, world):
+    """W = 4 (4-rank spawn): the running dK/dV sums that pass through ranks (steps 2 and 3)."""
+    causal = _both_kernels(rank, world, causal=True, hq=4, hkv=2, T=16)
+    full = check_ring(rank, world, causal=False, hq=3, hkv=1, T=12, D=6, Dv=6, kernel="flash_cpu")
+    return {**causal, **{f"full:{key}": err for key, err in full.items()}}
+
+
 def ring_transformer(rank, world):
     """A whole Transformer with its attention layers on the ring: logits and gradients."""
     from lmforge.model import ModelConfig, Transformer
@@ -111,6 +118,14 @@ def test_ring_matches_full_attention(results, check):
     for r in results[f"{MOD}:{check}"]:
         for key, err in r.items():
             assert err < 1e-10, (check, key, err)
+
+
+def test_ring_of_four_matches_full_attention(tmp_path_factory):
+    per_rank = shared_results(tmp_path_factory, world=4)[f"{MOD}:ring_four_ranks"]
+    assert len(per_rank) == 4 and len(per_rank[0]) == 12
+    for r in per_rank:
+        for key, err in r.items():
+            assert err < 1e-10, (key, err)
 
 
 def test_context_parallel_transformer_matches_single_process(results):
