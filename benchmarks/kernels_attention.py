@@ -18,6 +18,7 @@ candidates runs first in parallel worker processes (filling Triton's on-disk cac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -83,6 +84,16 @@ def bench(fn, reps=100):
     return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median")
 
 
+@contextlib.contextmanager
+def pointer_kernels(fa):
+    """The Triton path with its pointer kernels (tensor descriptors off), forward and backward."""
+    fa.USE_TMA = fa.USE_TMA_BWD = False
+    try:
+        yield
+    finally:
+        fa.USE_TMA = fa.USE_TMA_BWD = True
+
+
 def time_shapes(device, shapes):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -97,13 +108,7 @@ def time_shapes(device, shapes):
         flops_fwd = 4 * B * H * T * T * D / 2  # causal: half the score matrix
         impls = {"triton": lambda: flash_attention(q, k, v, causal=True, impl="triton")}
 
-        def pointer_fwd():  # the same Triton path with the pointer forward kernel (USE_TMA off)
-            fa.USE_TMA = False
-            try:
-                return flash_attention(q, k, v, causal=True, impl="triton")
-            finally:
-                fa.USE_TMA = True
-        impls["triton_ptr"] = pointer_fwd
+        impls["triton_ptr"] = impls["triton"]  # run inside pointer_kernels() below
         for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
             def run(backend=backend):
                 with sdpa_kernel(backend):
@@ -112,9 +117,10 @@ def time_shapes(device, shapes):
         res, grads = {}, {}
         for name, f in impls.items():
             try:
-                grads[name] = torch.autograd.grad(f(), (q, k, v), do)
-                fwd = bench(lambda: f())
-                fb = bench(lambda: torch.autograd.grad(f(), (q, k, v), do))
+                with pointer_kernels(fa) if name == "triton_ptr" else contextlib.nullcontext():
+                    grads[name] = torch.autograd.grad(f(), (q, k, v), do)
+                    fwd = bench(lambda: f())
+                    fb = bench(lambda: torch.autograd.grad(f(), (q, k, v), do))
                 res[name] = (flops_fwd / fwd / 1e9, 3.5 * flops_fwd / fb / 1e9, fwd, fb)
             except Exception as e:  # a backend may not support a shape on this build
                 print(f"  {name} failed at {(B, H, T, D)}: {type(e).__name__}: {str(e)[:120]}", flush=True)
@@ -143,20 +149,20 @@ def _cfg(m, n, warps, stages):
 
 
 SWEEP = {  # kernel -> candidate configs (BLOCK_M = query tile, BLOCK_N = key tile)
-    "fwd": [_cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4),
-            _cfg(128, 128, 8, 2), _cfg(128, 32, 4, 4), _cfg(64, 64, 4, 4), _cfg(64, 32, 4, 3),
-            _cfg(128, 64, 4, 3), _cfg(64, 128, 4, 2)],
-    "dkdv": [_cfg(64, 128, 8, 3), _cfg(32, 64, 4, 4), _cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2),
-             _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3), _cfg(32, 64, 4, 5), _cfg(64, 64, 8, 3),
-             _cfg(32, 128, 8, 4), _cfg(16, 64, 4, 4)],
-    "dq": [_cfg(128, 128, 8, 2), _cfg(128, 64, 8, 3), _cfg(64, 32, 4, 4), _cfg(128, 64, 8, 2),
-           _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3), _cfg(128, 32, 8, 3),
-           _cfg(64, 64, 4, 4)],
+    # pointer kernels (flash_attention_triton); the wider lists of the first sweep are cut to its winners
+    "fwd": [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 32, 4, 4), _cfg(128, 64, 4, 3),
+            _cfg(64, 64, 4, 3)],
+    "dkdv": [_cfg(64, 128, 8, 3), _cfg(32, 64, 4, 4), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 5)],
+    "dq": [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 32, 4, 3), _cfg(64, 32, 4, 4)],
+    "dkdv_atomic": [_cfg(64, 128, 8, 3), _cfg(32, 64, 4, 4)],
+    # tensor-descriptor kernels (flash_attention_tma)
+    "fwd_tma": [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(128, 128, 8, 3),
+                _cfg(128, 32, 4, 4), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3)],
+    "dkdv_tma": [_cfg(64, 128, 8, 2), _cfg(64, 128, 8, 3), _cfg(32, 128, 8, 3), _cfg(64, 64, 8, 2),
+                 _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 4), _cfg(32, 64, 8, 4)],
+    "dq_tma": [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3),
+               _cfg(128, 32, 4, 3)],
 }
-SWEEP["dkdv_atomic"] = SWEEP["dkdv"][:4]
-SWEEP["fwd_tma"] = [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(128, 64, 8, 4),
-                    _cfg(128, 128, 8, 3), _cfg(128, 32, 4, 4), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3),
-                    _cfg(64, 128, 4, 2)]
 
 
 def _sweep_call(kernel, cfg, q, k, v, do, fwd_out=None):
@@ -166,19 +172,19 @@ def _sweep_call(kernel, cfg, q, k, v, do, fwd_out=None):
 
     opts = dict(causal=True, window=None, softcap=None, scale=None, doc_ids=None)
     out, lse = fwd_out
-    tunable = {"fwd": fa.FWD, "fwd_tma": tma.FWD_TMA, "dq": fa.DQ}.get(kernel, fa.DKDV)
+    tunable = {"fwd": fa.FWD, "fwd_tma": tma.FWD_TMA, "dq": fa.DQ, "dkdv_tma": tma.DKDV_TMA,
+               "dq_tma": tma.DQ_TMA}.get(kernel, fa.DKDV)
+    use_tma = kernel.endswith("_tma")  # pointer kernels run with tensor descriptors off
 
     def call():
-        with tunable.force(cfg):
-            if kernel == "fwd_tma":
-                return tma.forward(q, k, v, **opts)
-            if kernel == "fwd":  # the pointer kernel: tensor descriptors off
-                fa.USE_TMA = False
-                try:
+        fa.USE_TMA = fa.USE_TMA_BWD = use_tma
+        try:
+            with tunable.force(cfg):
+                if kernel.startswith("fwd"):
                     return fa.forward(q, k, v, **opts)
-                finally:
-                    fa.USE_TMA = True
-            return fa.backward(q, k, v, out, lse, do, deterministic=kernel != "dkdv_atomic", **opts)
+                return fa.backward(q, k, v, out, lse, do, deterministic=kernel != "dkdv_atomic", **opts)
+        finally:
+            fa.USE_TMA = fa.USE_TMA_BWD = True
     return call
 
 
@@ -251,20 +257,24 @@ def sweep_shapes(device, shapes, deadline):
         for t in (q, k, v):
             t.requires_grad_()
         best = res["best"]
+        fa.CONCURRENT_DQ = True  # fwd+bwd as shipped: dQ on a second stream
         combos = {}
-        for name, det, dk_name, concurrent in (("triton_det", True, "dkdv", True),
-                                               ("triton_det_1stream", True, "dkdv", False),
-                                               ("triton_atomic", False, "dkdv_atomic", False)):
-            if "fwd" not in best or dk_name not in best or (det and "dq" not in best):  # forward-only sweep
+        # the winners per kernel, fwd+bwd: descriptor kernels, pointer kernels, pointer with atomic dQ
+        for name, kernels, det in (("triton_tma", ("fwd_tma", "dkdv_tma", "dq_tma"), True),
+                                   ("triton_ptr", ("fwd", "dkdv", "dq"), True),
+                                   ("triton_atomic", ("fwd", "dkdv_atomic"), False)):
+            if not all(kern in best for kern in kernels):  # e.g. a forward-only sweep
                 continue
-            def run(det=det, dk_name=dk_name, concurrent=concurrent):
-                fa.CONCURRENT_DQ = concurrent
-                with fa.FWD.force(best["fwd"]), tma.FWD_TMA.force(best.get("fwd_tma")), \
-                        fa.DKDV.force(best[dk_name]), fa.DQ.force(best.get("dq")):
-                    out = flash_attention(q, k, v, causal=True, deterministic=det, impl="triton")
-                    grads = torch.autograd.grad(out, (q, k, v), do)
-                fa.CONCURRENT_DQ = True
-                return grads
+            def run(kernels=kernels, det=det):
+                fa.USE_TMA = fa.USE_TMA_BWD = kernels[0] == "fwd_tma"
+                tunables = (fa.FWD, fa.DKDV, fa.DQ) if kernels[0] == "fwd" else (tma.FWD_TMA, tma.DKDV_TMA, tma.DQ_TMA)
+                try:
+                    with tunables[0].force(best[kernels[0]]), tunables[1].force(best[kernels[1]]), \
+                            tunables[2].force(best.get(kernels[-1]) if det else None):
+                        out = flash_attention(q, k, v, causal=True, deterministic=det, impl="triton")
+                        return torch.autograd.grad(out, (q, k, v), do)
+                finally:
+                    fa.USE_TMA = fa.USE_TMA_BWD = True
             combos[name] = run
         for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
             def run(backend=backend):
@@ -289,7 +299,7 @@ def sweep_shapes(device, shapes, deadline):
             except Exception as e:
                 print(f"  {name} failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
         if "sdpa_flash" in grads:  # the winning configs must still compute the right gradients
-            for name in ("triton_det", "triton_atomic"):
+            for name in ("triton_tma", "triton_ptr", "triton_atomic"):
                 if name in grads:
                     res[f"{name}_grad_rel_err_vs_flash"] = [f"{rel(a, b):.1e}" for a, b in zip(grads[name], grads["sdpa_flash"])]
         results.append(res)
@@ -342,15 +352,14 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "kernels_attention_sweep.json"), "w") as f:
             json.dump({"info": info, "sweep": swept}, f, indent=1)
-        print(f"\n{'shape':22s} {'triton det':>10} {'1 stream':>8} {'atomic':>8} {'flash':>8} {'cudnn':>8} | {'fwd':>6} "
-              f"{'fwd tma':>7} {'flash fwd':>9} {'cudnn fwd':>9}  (TFLOP/s, causal bf16; winners per kernel)")
+        print(f"\n{'shape':22s} {'tma':>6} {'ptr':>6} {'atomic':>6} {'flash':>6} {'cudnn':>6} | {'fwd tma':>7} "
+              f"{'fwd ptr':>7} {'flash':>6} {'cudnn':>6}  (TFLOP/s, causal bf16; fwd+bwd | fwd; winners per kernel)")
         for r in swept:
             g = lambda k: r.get(k, 0)
-            print(f"{str(tuple(r['shape'])):22s} {g('triton_det_fwdbwd_tflops'):>10} "
-                  f"{g('triton_det_1stream_fwdbwd_tflops'):>8} {g('triton_atomic_fwdbwd_tflops'):>8} "
-                  f"{g('sdpa_flash_fwdbwd_tflops'):>8} {g('sdpa_cudnn_fwdbwd_tflops'):>8} | "
-                  f"{g('triton_fwd_tflops'):>6} {g('triton_fwd_tma_tflops'):>7} {g('sdpa_flash_fwd_tflops'):>9} "
-                  f"{g('sdpa_cudnn_fwd_tflops'):>9}")
+            print(f"{str(tuple(r['shape'])):22s} {g('triton_tma_fwdbwd_tflops'):>6} {g('triton_ptr_fwdbwd_tflops'):>6} "
+                  f"{g('triton_atomic_fwdbwd_tflops'):>6} {g('sdpa_flash_fwdbwd_tflops'):>6} "
+                  f"{g('sdpa_cudnn_fwdbwd_tflops'):>6} | {g('triton_fwd_tma_tflops'):>7} {g('triton_fwd_tflops'):>7} "
+                  f"{g('sdpa_flash_fwd_tflops'):>6} {g('sdpa_cudnn_fwd_tflops'):>6}")
             for kern, c in r["best"].items():
                 print(f"    {kern:12s} {c}")
         return 0

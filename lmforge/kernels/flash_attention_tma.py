@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmforge.kernels.flash_attention_triton import _common, _kv_ranges, _tanh, _visible
+from lmforge.kernels.flash_attention_triton import _common, _kv_ranges, _q_ranges, _tanh, _visible
 from lmforge.kernels.runtime import Tunable, interpreting
 
 try:
@@ -108,13 +108,147 @@ def _fwd_kernel_tma(Q, K, V, O, LSE, DOC, sdb, sm_scale, softcap, window, T, S, 
     O.store([b, h, m0, 0], acc.to(O.dtype).reshape(1, 1, BLOCK_M, BLOCK_DV))
 
 
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, Q, DO, b, h, lse_base, delta_base, doc_ptr, kpos, start, end, T, S, window, sm_scale,
+                softcap, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW_ON: tl.constexpr, HAS_DOC: tl.constexpr,
+                SOFTCAP_ON: tl.constexpr, PRECISION: tl.constexpr):
+    """dK, dV of one key tile from query tiles start..end of head (b, h) (transposed: keys are rows)."""
+    for m in range(start, end, BLOCK_M):
+        offs_m = m + tl.arange(0, BLOCK_M)
+        q = _tile(Q, b, h, m, BLOCK_M, BLOCK_D)
+        lse = tl.load(lse_base + offs_m, mask=offs_m < T, other=0.0)
+        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+        if SOFTCAP_ON:
+            capT = _tanh(sT * sm_scale / softcap)
+            pT = tl.math.exp2(capT * (softcap * 1.4426950408889634) - lse[None, :])
+        else:
+            pT = tl.math.exp2(sT * (sm_scale * 1.4426950408889634) - lse[None, :])
+        if MASKED:
+            qpos = offs_m + (S - T)
+            doc_q = qpos
+            if HAS_DOC:
+                doc_q = tl.load(doc_ptr + qpos, mask=offs_m < T, other=-2)
+            vis = _visible(qpos, kpos, S, window, doc_q, doc_ptr, CAUSAL, WINDOW_ON, HAS_DOC)
+            vis &= offs_m[:, None] < T
+            pT = tl.where(tl.trans(vis), pT, 0.0)
+        do = _tile(DO, b, h, m, BLOCK_M, BLOCK_DV)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+        delta = tl.load(delta_base + offs_m, mask=offs_m < T, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP_ON:
+            dsT = dsT * (1.0 - capT * capT)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel_tma(Q, K, V, DO, DK, DV_, LSE, DELTA, DOC, sdb, sm_scale, softcap, window, T, S, HQ, HKV, GROUP,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr,
+                     WINDOW_ON: tl.constexpr, HAS_DOC: tl.constexpr, SOFTCAP_ON: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (key tile, batch x KV head); K and V stay in shared memory (no pre-scaling)."""
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = _tile(K, b, hk, n0, BLOCK_N, BLOCK_D)
+    v = _tile(V, b, hk, n0, BLOCK_N, BLOCK_DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    doc_ptr = DOC + b.to(tl.int64) * sdb
+    lo, pre, full, hi = _q_ranges(n0, n0 + BLOCK_N - 1, T, S, window, BLOCK_M, CAUSAL, WINDOW_ON, HAS_DOC)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        row0 = (b.to(tl.int64) * HQ + h) * T
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, b, h, LSE + row0, DELTA + row0, doc_ptr, offs_n, lo, pre, T, S,
+                             window, sm_scale, softcap, BLOCK_M, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOW_ON,
+                             HAS_DOC, SOFTCAP_ON, PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, b, h, LSE + row0, DELTA + row0, doc_ptr, offs_n, pre, full, T,
+                             S, window, sm_scale, softcap, BLOCK_M, BLOCK_D, BLOCK_DV, False, CAUSAL, WINDOW_ON,
+                             HAS_DOC, SOFTCAP_ON, PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, b, h, LSE + row0, DELTA + row0, doc_ptr, offs_n, full, hi, T, S,
+                             window, sm_scale, softcap, BLOCK_M, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOW_ON,
+                             HAS_DOC, SOFTCAP_ON, PRECISION)
+    DK.store([b, hk, n0, 0], (dk * sm_scale).to(DK.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
+    DV_.store([b, hk, n0, 0], dv.to(DV_.dtype).reshape(1, 1, BLOCK_N, BLOCK_DV))
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, K, V, b, hk, doc_ptr, doc_q, qpos, start, end, S, window, sm_scale, softcap,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, WINDOW_ON: tl.constexpr, HAS_DOC: tl.constexpr, SOFTCAP_ON: tl.constexpr,
+              PRECISION: tl.constexpr):
+    for n in range(start, end, BLOCK_N):
+        k = _tile(K, b, hk, n, BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if SOFTCAP_ON:
+            cap = _tanh(s * sm_scale / softcap)
+            p = tl.math.exp2(cap * (softcap * 1.4426950408889634) - lse[:, None])
+        else:
+            p = tl.math.exp2(s * (sm_scale * 1.4426950408889634) - lse[:, None])
+        if MASKED:
+            vis = _visible(qpos, n + tl.arange(0, BLOCK_N), S, window, doc_q, doc_ptr, CAUSAL, WINDOW_ON, HAS_DOC)
+            p = tl.where(vis, p, 0.0)
+        v = _tile(V, b, hk, n, BLOCK_N, BLOCK_DV)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP_ON:
+            ds = ds * (1.0 - cap * cap)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_kernel_tma(Q, K, V, DO, DQ, LSE, DELTA, DOC, sdb, sm_scale, softcap, window, T, S, HQ, GROUP,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW_ON: tl.constexpr,
+                   HAS_DOC: tl.constexpr, SOFTCAP_ON: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (query tile, batch x query head); Q and dO stay in shared memory."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest tiles first
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // GROUP
+    off = S - T
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    qpos = offs_m + off
+    q = _tile(Q, b, h, m0, BLOCK_M, BLOCK_D)
+    do = _tile(DO, b, h, m0, BLOCK_M, BLOCK_DV)
+    row = pid_bh.to(tl.int64) * T + offs_m
+    lse = tl.load(LSE + row, mask=offs_m < T, other=0.0)
+    delta = tl.load(DELTA + row, mask=offs_m < T, other=0.0)
+    doc_ptr = DOC + b.to(tl.int64) * sdb
+    doc_q = qpos
+    if HAS_DOC:
+        doc_q = tl.load(doc_ptr + qpos, mask=offs_m < T, other=-2)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, pre, full, hi = _kv_ranges(m0 + off, m0 + off + BLOCK_M - 1, S, window, BLOCK_N, CAUSAL, WINDOW_ON, HAS_DOC)
+    if WINDOW_ON or HAS_DOC:  # otherwise lo == pre
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, b, hk, doc_ptr, doc_q, qpos, lo, pre, S, window, sm_scale,
+                       softcap, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOW_ON, HAS_DOC, SOFTCAP_ON, PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, b, hk, doc_ptr, doc_q, qpos, pre, full, S, window, sm_scale,
+                   softcap, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, WINDOW_ON, HAS_DOC, SOFTCAP_ON, PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, b, hk, doc_ptr, doc_q, qpos, full, hi, S, window, sm_scale,
+                   softcap, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOW_ON, HAS_DOC, SOFTCAP_ON, PRECISION)
+    DQ.store([b, h, m0, 0], (dq * sm_scale).to(DQ.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+
+
+# Which descriptor argument tiles rows by BLOCK_M or BLOCK_N, and columns by BLOCK_D or BLOCK_DV.
+_BOXES = {"Q": ("BLOCK_M", "BLOCK_D"), "DO": ("BLOCK_M", "BLOCK_DV"), "O": ("BLOCK_M", "BLOCK_DV"),
+          "DQ": ("BLOCK_M", "BLOCK_D"), "K": ("BLOCK_N", "BLOCK_D"), "V": ("BLOCK_N", "BLOCK_DV"),
+          "DK": ("BLOCK_N", "BLOCK_D"), "DV_": ("BLOCK_N", "BLOCK_DV")}
+
+
 def _set_blocks(nargs):
     """Give each descriptor the box of the config about to run (host descriptors carry their box)."""
-    bm, bn, bd, bdv = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"], nargs["BLOCK_DV"]
-    nargs["Q"].block_shape = [1, 1, bm, bd]
-    nargs["K"].block_shape = [1, 1, bn, bd]
-    nargs["V"].block_shape = [1, 1, bn, bdv]
-    nargs["O"].block_shape = [1, 1, bm, bdv]
+    for name, (rows, cols) in _BOXES.items():
+        if name in nargs:
+            nargs[name].block_shape = [1, 1, nargs[rows], nargs[cols]]
 
 
 class _BoxedKernel:
@@ -151,11 +285,15 @@ def _cfg(m, n, warps, stages):
 
 
 # Hopper candidates (first = the default when tuning is off), timed by
-# `benchmarks/kernels_attention.py --sweep` (kernel "fwd_tma").
+# `benchmarks/kernels_attention.py --sweep` (kernels "fwd_tma", "dkdv_tma", "dq_tma").
+_KEY = ["T", "S", "BLOCK_D", "BLOCK_DV", "CAUSAL", "WINDOW_ON", "HAS_DOC", "SOFTCAP_ON"]
+_FIXED = dict(BLOCK_M=16, BLOCK_N=16)  # under the interpreter: tiny tiles keep CPU tests fast
 FWD_TMA = DescTunable(_fwd_kernel_tma, [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2),
-                                        _cfg(128, 32, 4, 4), _cfg(64, 64, 4, 3)],
-                      ["T", "S", "BLOCK_D", "BLOCK_DV", "CAUSAL", "WINDOW_ON", "HAS_DOC", "SOFTCAP_ON"],
-                      dict(BLOCK_M=16, BLOCK_N=16))
+                                        _cfg(128, 32, 4, 4), _cfg(64, 64, 4, 3)], _KEY, _FIXED)
+DKDV_TMA = DescTunable(_dkdv_kernel_tma, [_cfg(64, 128, 8, 2), _cfg(64, 128, 8, 3), _cfg(32, 128, 8, 3),
+                                          _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 4)], _KEY, _FIXED)
+DQ_TMA = DescTunable(_dq_kernel_tma, [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2),
+                                      _cfg(64, 64, 4, 3)], _KEY, _FIXED)
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -174,16 +312,41 @@ def usable(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def _descs(**tensors):
+    """4-D descriptors with the tensors' own shapes and strides (boxes are set per config at launch)."""
+    return {name: TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, 16]) for name, t in tensors.items()}
+
+
+def _scalars(meta, scalars, strides, HQ, HKV):
+    return dict(DOC=None, sdb=strides[-1], sm_scale=scalars[0], softcap=scalars[1], window=scalars[2], T=scalars[3],
+                S=scalars[4], HQ=HQ, GROUP=HQ // HKV, BLOCK_D=meta["BLOCK_D"], BLOCK_DV=meta["BLOCK_DV"],
+                CAUSAL=meta["CAUSAL"], WINDOW_ON=meta["WINDOW_ON"], HAS_DOC=meta["HAS_DOC"],
+                SOFTCAP_ON=meta["SOFTCAP_ON"], PRECISION=meta["PRECISION"])
+
+
 def forward(q, k, v, *, causal, window, softcap, scale, doc_ids):
-    """Same contract as `flash_attention_triton.forward`; call only when `usable(q, k, v, out)`."""
+    """Same contract as `flash_attention_triton.forward`; call only when `usable(q, k, v)`."""
     B, HQ, HKV, T, S, D, DV, doc, meta, scalars, strides = _common(q, k, v, softcap, scale, window, doc_ids)
+    meta["CAUSAL"] = causal
     out = torch.empty(B, HQ, T, DV, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
-    descs = {name: TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, 16])
-             for name, t in (("Q", q), ("K", k), ("V", v), ("O", out))}
     grid = lambda m: (B * HQ, triton.cdiv(T, m["BLOCK_M"]))
-    FWD_TMA[grid](**descs, LSE=lse, DOC=doc, sdb=strides[-1], sm_scale=scalars[0], softcap=scalars[1],
-                  window=scalars[2], T=T, S=S, HQ=HQ, GROUP=HQ // HKV, BLOCK_D=meta["BLOCK_D"],
-                  BLOCK_DV=meta["BLOCK_DV"], CAUSAL=causal, WINDOW_ON=meta["WINDOW_ON"], HAS_DOC=meta["HAS_DOC"],
-                  SOFTCAP_ON=meta["SOFTCAP_ON"], PRECISION=meta["PRECISION"])
+    FWD_TMA[grid](**_descs(Q=q, K=k, V=v, O=out), LSE=lse, **dict(_scalars(meta, scalars, strides, HQ, HKV), DOC=doc))
     return out, lse
+
+
+def dkdv(q, k, v, dout, lse, delta, dk, dv, doc, meta, scalars, strides):
+    """The dK/dV kernel (deterministic backward) into dk, dv; arguments as prepared by
+    `flash_attention_triton.backward`."""
+    B, HQ, HKV, S = q.shape[0], q.shape[1], k.shape[1], k.shape[2]
+    grid = lambda m: (B * HKV, triton.cdiv(S, m["BLOCK_N"]))
+    DKDV_TMA[grid](**_descs(Q=q, K=k, V=v, DO=dout, DK=dk, DV_=dv), LSE=lse, DELTA=delta, HKV=HKV,
+                   **dict(_scalars(meta, scalars, strides, HQ, HKV), DOC=doc))
+
+
+def dq(q, k, v, dout, lse, delta, dq_out, doc, meta, scalars, strides):
+    """The dQ kernel into dq_out."""
+    B, HQ, HKV, T = q.shape[0], q.shape[1], k.shape[1], q.shape[2]
+    grid = lambda m: (B * HQ, triton.cdiv(T, m["BLOCK_M"]))
+    DQ_TMA[grid](**_descs(Q=q, K=k, V=v, DO=dout, DQ=dq_out), LSE=lse, DELTA=delta,
+                 **dict(_scalars(meta, scalars, strides, HQ, HKV), DOC=doc))

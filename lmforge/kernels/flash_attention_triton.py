@@ -474,23 +474,35 @@ def backward(q, k, v, out, lse, dout, *, causal, window, softcap, scale, doc_ids
     side = _side_stream(q.device) if not atomic else None
     if side is not None:  # inputs (delta included) are ready once the work queued so far is done
         side.wait_stream(torch.cuda.current_stream(q.device))
+    from lmforge.kernels import flash_attention_tma as tma
+
+    # the descriptor kernels (deterministic backward only); dk/dv/dq are as aligned as k/v/q
+    use_tma = USE_TMA_BWD and not atomic and tma.usable(q, k, v, dout)
     grid_kv = lambda m: (B * HKV, triton.cdiv(S, m["BLOCK_N"]))
-    DKDV[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, doc, *strides, *scalars, HQ, HKV, HQ // HKV,
-                  ATOMIC_DQ=atomic, **meta)
+    if use_tma:
+        tma.dkdv(q, k, v, dout, lse, delta, dk, dv, doc, meta, scalars, strides)
+    else:
+        DKDV[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, doc, *strides, *scalars, HQ, HKV, HQ // HKV,
+                      ATOMIC_DQ=atomic, **meta)
     if atomic:
         # dq_acc holds dS @ K', K' = K * scale * log2(e) as the kernel pre-scaled it (K itself with a softcap)
         factor = scalars[0] if softcap is not None else 1.0 / LOG2E
         return (dq_acc * factor).to(q.dtype), dk, dv
     grid_q = lambda m: (B * HQ, triton.cdiv(T, m["BLOCK_M"]))
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        DQ[grid_q](q, k, v, dout, lse, delta, dq, doc, *strides, *scalars, HQ, HQ // HKV, **meta)
+        if use_tma:
+            tma.dq(q, k, v, dout, lse, delta, dq, doc, meta, scalars, strides)
+        else:
+            DQ[grid_q](q, k, v, dout, lse, delta, dq, doc, *strides, *scalars, HQ, HQ // HKV, **meta)
     if side is not None:  # everything the side stream touched is released only after it finished
         torch.cuda.current_stream(q.device).wait_stream(side)
     return dq, dk, dv
 
 
-# The forward reads and writes tiles through tensor descriptors where it can (flash_attention_tma).
+# The kernels read and write tiles through tensor descriptors where they can (flash_attention_tma):
+# the forward with USE_TMA, the deterministic backward with USE_TMA_BWD.
 USE_TMA = True
+USE_TMA_BWD = True
 
 # The dQ kernel does not depend on the dK/dV kernel; on a GPU it runs on a second stream so that
 # each kernel's tail (the light causal tiles at the end) overlaps the other's work.
