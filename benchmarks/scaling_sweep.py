@@ -182,6 +182,9 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples of each fit")
     ap.add_argument("--plan-flops", type=float, nargs="+", default=[1.25e18, 1e20],
                     help="budgets to plan (default: one H100-hour at 35%% MFU, and 1e20)")
+    ap.add_argument("--also", action="append", default=[], metavar="OVERRIDES",
+                    help="space-separated SweepConfig overrides of a second grid trained with the first (e.g. more "
+                         "sizes or budgets for a finished sweep); repeatable; runs of both go into one table")
     ap.add_argument("--no-fit", action="store_true",
                     help="stop after the sweep's tables (fit them elsewhere with --fit-from)")
     ap.add_argument("--fit-from", metavar="DIR",
@@ -221,6 +224,11 @@ def main() -> None:
     # 2. the grid and its estimated time
     cfg = load(SweepConfig, args.preset, args.overrides)
     grid = build_grid(cfg, vocab)
+    for extra in args.also:  # union by run id: a run in two grids is trained once
+        ids = {r.run_id for r in grid}
+        grid += [r for r in build_grid(load(SweepConfig, args.preset, [*args.overrides, *extra.split()]), vocab)
+                 if r.run_id not in ids]
+    grid.sort(key=lambda r: (r.budget, r.row()["params"]))
     total = sum(r.flops for r in grid)
     rate = args.mfu * args.peak_tflops * 1e12
     lines = [f"corpus {args.corpus}: {train_tokens:,} training tokens, vocab {vocab}",
@@ -261,7 +269,7 @@ def main() -> None:
 
     if args.resume_from:
         seed_sweep_dir(Path(args.resume_from), sweep_dir)
-    rows = run_sweep(cfg, sweep_dir, train_shards, val_shards, log=copy_tables)
+    rows = run_sweep(cfg, sweep_dir, train_shards, val_shards, log=copy_tables, grid=grid)
     timings["sweep"] = round(time.perf_counter() - start, 2)
     copy_tables()
     in_grid = {r.run_id for r in grid}

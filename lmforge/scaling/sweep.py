@@ -213,8 +213,11 @@ def train_one(run: GridRun, cfg: SweepConfig, run_dir: Path, train_shards: str, 
 
 
 def run_sweep(cfg: SweepConfig, sweep_dir: str | Path, train_shards: str, val_shards: str | None = None,
-              log=print, max_runs: int | None = None) -> list[dict]:
-    """Train every grid run not yet in sweep_dir/results.jsonl; returns all result rows."""
+              log=print, max_runs: int | None = None, grid: list[GridRun] | None = None) -> list[dict]:
+    """Train every grid run not yet in sweep_dir/results.jsonl; returns all result rows.
+
+    `grid` replaces the config's own grid (e.g. the union of several configs' grids, to add sizes or
+    budgets to a finished sweep); `cfg` still sets the training options of every run."""
     from lmforge.config import save_toml
     from lmforge.data.loader import TokenStream
 
@@ -224,7 +227,7 @@ def run_sweep(cfg: SweepConfig, sweep_dir: str | Path, train_shards: str, val_sh
     vocab = stream.vocab_size
     if not vocab:
         raise DataError(f"{train_shards}: the shard header has no vocab_size")
-    grid = build_grid(cfg, vocab)
+    grid = grid if grid is not None else build_grid(cfg, vocab)
     if not grid:
         raise ConfigError("the sweep grid is empty: every shape got fewer than min_steps steps; raise the budgets")
     check_epochs(grid, stream.total, cfg.max_epochs)
@@ -235,7 +238,7 @@ def run_sweep(cfg: SweepConfig, sweep_dir: str | Path, train_shards: str, val_sh
     curves = list(csv.DictReader(curves_path.open(encoding="utf-8"))) if curves_path.exists() else []
     done = {r["run"] for r in rows}
     todo = [r for r in grid if r.run_id not in done]
-    log(f"[sweep] {len(grid)} runs in the grid over {len(cfg.budgets)} budgets; {len(grid) - len(todo)} done, "
+    log(f"[sweep] {len(grid)} runs in the grid over {len({r.budget for r in grid})} budgets; {len(grid) - len(todo)} done, "
         f"{len(todo)} to train -> {sweep_dir}")
     todo = todo[:max_runs] if max_runs is not None else todo
 
