@@ -15,7 +15,9 @@ same process, same threads:
                the next CUDA-graph replay overwrites it.
   engine       lmforge.inference.Engine (preallocated cache, batched decode), eager
   engine_int8  the engine on the int8 weight-only quantized model
-  engine_compiled  (CUDA only) the engine with its decode step compiled into a CUDA graph
+  engine_compiled  (CUDA only) Engine(compile=True): decode steps compiled by inductor, 8 per
+               host launch captured in one CUDA graph, prefill compiled (dynamic shapes)
+  engine_compiled_k1  the same with decode_steps=1 (one step per launch and host read)
 Compiled variants get two untimed warm-up calls (compilation, CUDA-graph capture), the others one.
 Tokens/s counts generated tokens over all rows; each variant's best of --repeats rounds, the
 variants interleaved in rotating order within each round. Greedy outputs are compared with HF's (the fraction
@@ -70,7 +72,7 @@ from lmforge.train.generate import generate as naive_generate
 # "gpt2s": the name used for the first GPU numbers in docs/benchmarks.md
 SHAPES = {**INFERENCE_SHAPES, "gpt2s": INFERENCE_SHAPES["llama124m"]}
 PEAK_TBS = [("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35)]  # first match in the device name wins
-COMPILED = ("hf_compile", "engine_compiled")
+COMPILED = ("hf_compile", "engine_compiled", "engine_compiled_k1")
 
 
 def peak_tbs(device: torch.device, override: float | None) -> float | None:
@@ -119,12 +121,13 @@ def run_batch(B, prompts, model, qmodel, hf, hf_c, args, device) -> list[dict]:
         variants["hf_compile"] = lambda: hf_gen(hf_c)
     max_len = args.prompt + args.new
     sp = SamplingParams(max_tokens=args.new, temperature=0)
-    engines = [("engine", model, False), ("engine_int8", qmodel, False)]
-    if device.type == "cuda":  # the decode step captured as a CUDA graph (torch.compile reduce-overhead)
-        engines.append(("engine_compiled", model, True))
-    for name, m, compiled in engines:
+    engines = [("engine", model, False, {}), ("engine_int8", qmodel, False, {})]
+    if device.type == "cuda":  # decode steps compiled and captured as CUDA graphs
+        engines.append(("engine_compiled", model, True, {}))  # decode_steps: the default (8)
+        engines.append(("engine_compiled_k1", model, True, {"decode_steps": 1}))
+    for name, m, compiled, opts in engines:
         if name not in args.skip and m is not None:
-            engine = Engine(m, max_batch=B, max_len=max_len, eos_ids=[], compile=compiled)
+            engine = Engine(m, max_batch=B, max_len=max_len, eos_ids=[], compile=compiled, **opts)
             variants[name] = lambda engine=engine: [c[0].token_ids for c in engine.generate(prompts.tolist(), sp)]
     outs, best = {}, {}
     for name, fn in list(variants.items()):

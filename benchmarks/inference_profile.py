@@ -8,8 +8,8 @@ per decode step (one token per row; an `engine.step()` that decodes k tokens per
   host ms        host time inside step() that is neither the decode-step call (graph launch)
                  nor the wait for the GPU's tokens: the engine's Python (events, stop checks,
                  buffer updates)
-  launch ms      host time inside the decode-step call (for a compiled engine: guards, cudagraph
-                 bookkeeping, the replay's launch; eager: the whole forward's Python)
+  launch ms      host time launching the decode steps (compiled engine: the CUDA graph's
+                 replay, or its capture the first time; eager: the whole forwards' Python)
   wait ms        host time blocked on the previous step's tokens (GPU still busy): when it is ~0
                  the loop is host-bound, when it is most of the wall time it is GPU-bound
   gpu ms         sum of kernel durations / steps (profiler)
@@ -52,8 +52,9 @@ class StepTimer:
 
     def __init__(self, engine: Engine):
         self.launch = self.wait = 0.0
-        name = "_step_fn" if engine.compiled else "_sample_step"
-        inner = getattr(engine, name)
+        # compiled: the CUDA-graph replay of decode_steps steps; eager: the steps' forwards
+        owner, name = (engine.graphs, "launch") if engine.compiled else (engine.bufs, "run")
+        inner = getattr(owner, name)
 
         def timed_call(*a, **kw):
             t0 = time.perf_counter()
@@ -62,7 +63,7 @@ class StepTimer:
             finally:
                 self.launch += time.perf_counter() - t0
 
-        setattr(engine, name, timed_call)
+        setattr(owner, name, timed_call)
         self._read = pipeline_mod.InFlight.read
         timer = self
 

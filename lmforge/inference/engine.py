@@ -27,10 +27,18 @@ pending), `step()` launches step t+1 before it reads step t's tokens (pinned cop
 so the host's stop checks and streaming overlap the GPU. Tokens thus arrive one step late; a row
 that stops at step t drops the token t+1 made for it (outputs are the same as unpipelined).
 
-With `compile=True` on CUDA the decode runs at a fixed shape through
-`torch.compile(mode="reduce-overhead")`, i.e. as a CUDA graph: the steady-state step (forward and
-sampling) over all rows and an attended length rounded up to a power of two >= 256 (one graph
-per length and sampling setting), the general decode step over all rows and the whole cache.
+With `decode_steps=k` (default: 8 when compiled, else 1) a steady-state launch decodes k tokens
+per row before the host reads them (multi-step scheduling): the host's work per launch is paid
+once per k tokens; streaming gets k tokens at a time, a request waiting for a slot joins up to k
+steps later, and a row that stops mid-launch drops the rest (outputs are the same for every k).
+
+With `compile=True` on CUDA the decode runs at a fixed shape: the steady-state step (forward and
+sampling) over all rows and an attended length rounded up to a power of two >= 256 is compiled by
+inductor (no CUDA graphs of its own, coordinate-descent tuning: at batch 1 its matrix-vector
+products become fused Triton reductions) and its k steps are captured in one plain CUDA graph
+per length and sampling setting (pipeline.StepGraphs); the general decode step over all rows and
+the whole cache is `torch.compile(mode="reduce-overhead")`; prefill forwards are compiled with
+dynamic shapes (one compilation for all prompt lengths and row ranges, no per-op Python).
 
 With `prefix_blocks=N` (prefix.py) an admitted request first copies the cached KV of the longest
 known block-aligned prefix of its prompt into its row and prefills only the rest; prompts (after
@@ -49,6 +57,7 @@ when a tokenizer is given. It does not know about HTTP (server.py) or chat templ
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -57,11 +66,19 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.inference.cache import StaticKVCache
-from lmforge.inference.pipeline import DecodeBuffers, InFlight
+from lmforge.inference.pipeline import DecodeBuffers, InFlight, StepGraphs
 from lmforge.inference.prefix import PrefixCache
 from lmforge.inference.sampling import Row, SamplingParams, fast_key, sample, sample_fast
 from lmforge.inference.speculative import speculative_round
 from lmforge.inference.text import TextStream
+
+log = logging.getLogger(__name__)
+
+# inductor options of the steady-state step: coordinate-descent tuning of its kernels' block sizes
+# (and, at batch 1, matrix-vector products as fused reductions instead of cuBLAS calls); measured
+# on an H100 at batch 1 (benchmarks/inference_profile.py, llama124m): GPU time per step 0.62 ->
+# 0.56 ms and 235 -> 175 kernels
+STEP_INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}
 
 
 @dataclass
@@ -119,7 +136,8 @@ class Completion:
 class Engine:
     def __init__(self, model: nn.Module, *, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  eos_ids: list[int] | None = None, compile: bool = False, prefill_chunk: int | None = None,
-                 drafter=None, spec_k: int = 4, prefix_blocks: int = 0, block_size: int = 16):
+                 drafter=None, spec_k: int = 4, prefix_blocks: int = 0, block_size: int = 16,
+                 decode_steps: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -140,16 +158,23 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._pending_events: list[Event] = []
-        self.bufs = DecodeBuffers(max_batch, self.max_len, self.device)  # the steady-state step's inputs
-        self._inflight: InFlight | None = None  # a launched decode step whose tokens are unread
         self.compiled = compile and self.device.type == "cuda"
+        self.decode_steps = decode_steps or (8 if self.compiled else 1)
+        if self.decode_steps < 1:
+            raise ConfigError(f"decode_steps = {decode_steps} must be >= 1")
+        self.bufs = DecodeBuffers(max_batch, self.max_len, self.device, self.decode_steps)
+        self.graphs = StepGraphs(self.bufs)  # the steady-state launches (CUDA graphs when compiled)
+        self._inflight: InFlight | None = None  # a launched decode step whose tokens are unread
         if self.compiled:  # fixed addresses, so the CUDA graph may update the cache in place
             for t in [b for layer in self.cache.buffers for b in layer] + [
                     kp for kp in self.cache.key_positions if kp is not None] + [self.bufs.tokens, self.bufs.positions]:
                 torch._dynamo.mark_static_address(t)
-        compiled = lambda fn: torch.compile(fn, mode="reduce-overhead", dynamic=False) if self.compiled else None
-        self._decode_fn = compiled(self._forward_full)  # speculative rounds and rows that need `sample`
-        self._step_fn = compiled(self._sample_step)  # the steady-state step: forward + sampling
+        on = self.compiled
+        # speculative rounds and rows that need `sample`
+        self._decode_fn = torch.compile(self._forward_full, mode="reduce-overhead", dynamic=False) if on else None
+        # the steady-state step (forward + sampling); StepGraphs captures decode_steps of it
+        self._step_fn = torch.compile(self._sample_step, dynamic=False, options=STEP_INDUCTOR_OPTIONS) if on else None
+        self._prefill_fn = torch.compile(self._forward_from, dynamic=True) if on else None
         self.drafter, self.spec_k = drafter, spec_k
         self.spec_stats = {"rounds": 0, "drafted": 0, "accepted": 0}  # over all rows since start
         if drafter is not None:
@@ -213,7 +238,7 @@ class Engine:
         if self._inflight is not None:  # read the step launched last time
             prev, self._inflight = self._inflight, None
             if self._may_pipeline(prev):  # nothing to schedule: launch the next step first
-                self._inflight = self._launch(prev.seqs, prev.key, ahead=1)
+                self._inflight = self._launch(prev.seqs, prev.key, ahead=self.decode_steps)
                 return self._retire(events + self._collect(prev))
             events += self._collect(prev)
         admitted = self._admit()
@@ -270,7 +295,7 @@ class Engine:
                 ids[b, :len(t)] = torch.tensor(t)
             pos = torch.arange(T).repeat(len(group), 1) + torch.tensor([[s.length] for s in group])
             rows = slice(group[0].slot, group[-1].slot + 1)
-            logits = self._forward(ids.to(self.device), pos.to(self.device), rows, int(pos.max()) + 1)
+            logits = self._forward_prefill(ids.to(self.device), pos.to(self.device), rows, int(pos.max()) + 1)
             last = torch.tensor([len(t) - 1 for t in new], device=self.device)
             logits = logits[torch.arange(len(group), device=self.device), last]  # [b, V]
             seqs, rows_logits = [], []
@@ -312,7 +337,7 @@ class Engine:
             n = min(budget, len(prompt) - s.length)
             ids = torch.tensor([prompt[s.length:s.length + n]], device=self.device)
             pos = torch.arange(s.length, s.length + n, device=self.device)[None]
-            logits = self._forward(ids, pos, slice(s.slot, s.slot + 1), s.length + n)[0, -1]
+            logits = self._forward_prefill(ids, pos, slice(s.slot, s.slot + 1), s.length + n)[0, -1]
             s.length += n
             budget -= n
             if s.length == len(prompt):
@@ -335,42 +360,44 @@ class Engine:
         return keys.pop()
 
     def _may_pipeline(self, prev: InFlight) -> bool:
-        """Whether step t+1 may be launched before step t's tokens are read: the same rows go on
+        """Whether launch t+1 may start before launch t's tokens are read: the same rows go on
         (no abort, no chunked prefill, no request that could take a free slot), and at least one
-        row may outlive step t (otherwise step t+1 would be thrown away whole)."""
+        row may outlive launch t (otherwise launch t+1 would be thrown away whole)."""
         if self.prefilling or any(s.finish_reason is not None for s in prev.seqs):
             return False
         if self.waiting and sum(s is None for s in self.slots) >= self.waiting[0].params.n:
             return False
-        return not all(len(s.row.output_ids) + 1 >= s.request.params.max_tokens or s.length + 2 >= self.max_len
+        k = self.decode_steps
+        return not all(len(s.row.output_ids) + k >= s.request.params.max_tokens or s.length + k + 1 >= self.max_len
                        for s in prev.seqs)
 
     def _launch(self, seqs: list[Sequence], key: tuple, ahead: int) -> InFlight:
-        """Decode one token for every row from the device buffers (no host sync). `ahead` = 1
-        when the host has not read the previous step yet (its rows' lengths lag by one)."""
-        need = max(s.length for s in seqs) + 1 + ahead  # cache slots the step attends to
+        """Decode `decode_steps` tokens for every row from the device buffers (no host sync).
+        `ahead` = the tokens per row of a launch the host has not read yet (rows' lengths lag)."""
+        need = min(self.max_len, max(s.length for s in seqs) + ahead + self.decode_steps)  # slots attended
         if self.compiled:  # all rows; a few fixed lengths, one CUDA graph each
             length = min(self.max_len, max(256, 1 << (need - 1).bit_length()))
-            self._new_graph_step()
-            nxt = self._step_fn(self.bufs.tokens, self.bufs.positions, key, length)
+            self.graphs.launch(self._step_fn, key, length)
         else:
-            nb = max(s.slot for s in seqs) + 1
-            nxt = self._sample_step(self.bufs.tokens[:nb], self.bufs.positions[:nb], key, need)
-        return self.bufs.advance(nxt, seqs, key)
+            self.bufs.run(self._sample_step, max(s.slot for s in seqs) + 1, key, need)
+        return self.bufs.send(seqs, key)
 
     def _sample_step(self, tokens, pos, key: tuple, length: int) -> torch.Tensor:
         logits = self._forward(tokens, pos, slice(0, tokens.shape[0]), length)[:, -1]
         return sample_fast(logits, key)
 
     def _collect(self, prev: InFlight) -> list[Event]:
-        """Step t's tokens -> events. Rows that finished since it was launched (a stop at t - 1,
-        an abort) drop their token: it is the one extra token of the pipeline."""
-        tokens = prev.read()
+        """Launch t's tokens -> events, each row's in order. A row drops its tokens after it
+        finishes (a stop in this launch or the previous one, an abort): they are the extra
+        tokens of multi-step decoding and of the pipeline."""
+        tokens = prev.read()  # [decode_steps][rows]
         events = []
         for s in prev.seqs:
-            if s.finish_reason is None:
+            for step in tokens:
+                if s.finish_reason is not None:
+                    break
                 s.length += 1
-                events.append(self._emit(s, tokens[s.slot], None, None))
+                events.append(self._emit(s, step[s.slot], None, None))
         return events
 
     def _decode(self, running: list[Sequence]) -> list[Event]:
@@ -436,6 +463,21 @@ class Engine:
 
     def _forward_full(self, ids, pos) -> torch.Tensor:
         return self._forward(ids, pos, slice(0, self.max_batch), self.max_len)
+
+    def _forward_from(self, ids, pos, start: int, length: int) -> torch.Tensor:
+        return self._forward(ids, pos, slice(start, start + ids.shape[0]), length)
+
+    def _forward_prefill(self, ids, pos, rows: slice, length: int) -> torch.Tensor:
+        """A prefill forward; compiled (dynamic shapes) when the engine is. Should compilation
+        fail for some model, prefill runs eager from then on and the error is logged once."""
+        if self._prefill_fn is not None:
+            try:
+                return self._prefill_fn(ids, pos, rows.start, length)
+            except Exception as e:  # a compiler limitation must not take the engine down
+                log.warning("compiled prefill failed, prefill runs eager from now on: %s: %s",
+                            type(e).__name__, str(e)[:500])
+                self._prefill_fn = None
+        return self._forward(ids, pos, rows, length)
 
     # -- sampled tokens -> events -----------------------------------------------------------------
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:

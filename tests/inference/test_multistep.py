@@ -1,0 +1,115 @@
+"""Multi-step decoding (`Engine(decode_steps=k)`): k tokens per row per launch, read at once.
+Outputs equal k = 1, the slow (seeded, unpipelined) path and naive recompute, stops trimmed
+exactly mid-launch; streaming gets up to k tokens per request per step(); one host read per
+launch; the compiled path's pieces (the k-step launch and the dynamic-shape prefill) traced on CPU."""
+
+import pytest
+import torch
+
+from lmforge.inference import Engine, SamplingParams
+from lmforge.inference.pipeline import HostSyncCounter
+from lmforge.tokenizer import Tokenizer
+
+from .helpers import naive_greedy, prompts, tiny_model
+
+
+def seeded(sp: SamplingParams) -> SamplingParams:
+    return SamplingParams(**{**sp.__dict__, "seed": 0})  # greedy either way; keeps the general path
+
+
+@pytest.mark.parametrize("kind,k", [("gqa", 3), ("gqa", 5), ("mqa-window", 4)])
+def test_multistep_stops_are_trimmed_exactly(kind, k):
+    """Rows stop (stop ids, max_tokens, a full cache) at any token of a launch while others go on
+    and waiting requests take the freed slots (7 requests, 3 rows)."""
+    model = tiny_model(kind)
+    ps = prompts([3, 9, 2, 6, 4, 11, 5], seed=5)
+    refs = [naive_greedy(model, p, 30 - len(p)) for p in ps]
+    params = []
+    for i, ref in enumerate(refs):
+        stop = [ref[3 + i]] if i % 2 == 0 else []
+        params.append(SamplingParams(max_tokens=[25, 4, 9, 30, 7, 12, 6][i], temperature=0, stop_ids=stop))
+    multi = Engine(model, max_batch=3, max_len=30, eos_ids=[], decode_steps=k)
+    got = multi.generate(ps, params)
+    want = Engine(model, max_batch=3, max_len=30, eos_ids=[]).generate(ps, [seeded(sp) for sp in params])
+    for sp, ref, g, w in zip(params, refs, got, want):
+        assert g[0].token_ids == w[0].token_ids and g[0].finish_reason == w[0].finish_reason
+        expect = ref[:sp.max_tokens]
+        if sp.stop_ids and sp.stop_ids[0] in expect:
+            expect = expect[:expect.index(sp.stop_ids[0])]
+        assert g[0].token_ids == expect
+    assert not multi.has_work() and all(s is None for s in multi.slots)
+    again = multi.generate(ps[:2], [SamplingParams(max_tokens=8, temperature=0)] * 2)
+    assert [a[0].token_ids for a in again] == [r[:8] for r in refs[:2]]
+
+
+def test_multistep_streams_k_tokens_per_step_with_stop_strings():
+    tok = Tokenizer.from_merges([], special_tokens=["<|endoftext|>"])
+    model = tiny_model("gqa", vocab=257, dtype=torch.float32)
+    ps = prompts([4, 6, 3], vocab=256, seed=2)
+    base = Engine(model, tokenizer=tok, max_batch=3, max_len=40).generate(
+        ps, SamplingParams(max_tokens=20, temperature=0))
+    stops = [[b[0].text[5:7]] if len(b[0].text) > 7 else [] for b in base]
+    params = [SamplingParams(max_tokens=20, temperature=0, stop=s) for s in stops]
+
+    def stream(engine, params):
+        seen, per_step = {}, []
+        ids = [engine.add_request(p, sp) for p, sp in zip(ps, params)]
+        while engine.has_work():
+            events = engine.step()
+            per_step.append(max([sum(e.request_id == r for e in events) for r in ids]))
+            for ev in events:
+                seen.setdefault(ids.index(ev.request_id), []).append((ev.token_id, ev.text, ev.finish_reason))
+        return [seen[i] for i in range(len(ps))], per_step
+
+    k = 4
+    fast, fast_steps = stream(Engine(model, tokenizer=tok, max_batch=3, max_len=40, decode_steps=k), params)
+    ref, ref_steps = stream(Engine(model, tokenizer=tok, max_batch=3, max_len=40), [seeded(sp) for sp in params])
+    assert fast == ref  # tokens, text pieces (no partial characters), finish reasons, in order
+    assert any(e[2] == "stop" for f in fast for e in f)
+    assert max(fast_steps) == k  # events come k tokens per request per step()
+    assert len(fast_steps) <= len(ref_steps) // k + 3
+
+
+def test_multistep_reads_the_host_once_per_launch():
+    model = tiny_model("gqa")
+    engine = Engine(model, max_batch=4, max_len=60, decode_steps=5)
+    for p in prompts([3, 7, 5]):
+        engine.add_request(p, SamplingParams(max_tokens=40, temperature=0))
+    engine.step()
+    for _ in range(3):
+        with HostSyncCounter() as syncs:
+            events = engine.step()
+        assert syncs.counts == {"tolist": 1} and len(events) == 3 * 5
+
+
+def test_compiled_path_pieces_trace_on_cpu():
+    """What compile=True runs on CUDA, traced on CPU: the steady-state step (dynamo + AOT
+    autograd, fullgraph, static shapes) launched k at a time through StepGraphs (which on CPU
+    runs them instead of capturing), and the prefill forward compiled by dynamo with dynamic
+    shapes, which serves prompts of several lengths and row ranges without recompiling per shape."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("gqa", dtype=torch.float32)
+    ps = prompts([3, 8, 5, 6], seed=4)
+    engine = Engine(model, max_batch=3, max_len=300, decode_steps=3)
+    for t in [b for layer in engine.cache.buffers for b in layer] + [engine.bufs.tokens, engine.bufs.positions]:
+        torch._dynamo.mark_static_address(t)
+    calls = []
+    step = torch.compile(engine._sample_step, backend="aot_eager", dynamic=False, fullgraph=True)
+
+    def counted(t, p, key, n):
+        calls.append((t.shape[0], n))
+        return step(t, p, key, n)
+
+    engine.compiled, engine._step_fn = True, counted
+    torch._dynamo.reset()
+    counters.clear()
+    engine._prefill_fn = torch.compile(engine._forward_from, backend="eager", dynamic=True)
+    sp = [SamplingParams(max_tokens=m, temperature=0) for m in (10, 4, 7, 9)]
+    outs = engine.generate(ps, sp)
+    assert [o[0].token_ids for o in outs] == [naive_greedy(model, p, s.max_tokens) for p, s in zip(ps, sp)]
+    assert set(calls) == {(3, 256)}
+    assert engine._prefill_fn is not None  # it did not fall back to eager
+    # the step's graph, and for 4 prompts of 4 lengths in 3 row ranges two prefill graphs (one
+    # row: dynamo specialises sizes of 1; several rows), not one per shape
+    assert counters["stats"]["unique_graphs"] <= 3
