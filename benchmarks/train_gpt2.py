@@ -6,7 +6,12 @@ steps, bf16 autocast, torch.compile) for the variants in --variants (comma-separ
     with torch's default backend order, fused torch AdamW, memmap random windows with pinned
     non-blocking copies, loss.item() per step); always the first row, the 1.000x of the ratios;
   - lmforge: lmforge.model.Transformer (gpt2-small preset) + Trainer (compile, own AdamW, random-window
-    sampler + prefetcher), as a user gets it;
+    sampler + prefetcher; loss and grad norm read at log points, train.check_every = 0), as a user
+    gets it;
+  - lmforge-sync: lmforge reading the loss every step before the update (train.check_every = 1);
+  - lmforge-cudagraphs, big-cudagraphs: lmforge (at micro-batch --batch / --big-batch) with
+    train.compile_mode = "reduce-overhead" (each micro-step's forward and backward replayed as CUDA
+    graphs);
   - nano-cudnn: the recipe with SDPA asked for cuDNN attention first (torch 2.11 already picks it
     on Hopper: this row checks that);
   - lmforge-cpp-wrapper: lmforge with train.compile_cpp_wrapper (kernels launched from C++);
@@ -32,6 +37,11 @@ Quality per token (--quality): validation loss after the same number of tokens o
 with that same AdamW recipe, and lmforge with Muon; plus how many tokens each needed to reach the
 recipe's final loss.
 
+Timing: --warmup steps, then --iters steps back to back, as in a training loop (no sync between
+steps beyond the step's own: the recipe reads its loss every step, lmforge at log points, here once
+after the last step); device events mark each step's start; the rows report the median step.
+"loader ms": host time per optimizer step the training thread spends getting its batches.
+
 Writes JSON to --out and prints a table. `--smoke` runs tiny shapes on CPU to check the script.
 """
 
@@ -41,6 +51,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -86,7 +97,8 @@ class NanoAsLMForge(nn.Module):
 
 
 def lmforge_trainer(model_cfg, shard, B, T, accum, device, compile, optimizer="adamw", lr=6e-4, muon_lr=0.02,
-                    max_steps=1000, warmup=0, seed=0, module=None, cpp_wrapper=False):
+                    max_steps=1000, warmup=0, seed=0, module=None, cpp_wrapper=False, compile_mode="default",
+                    check_every=0):
     from lmforge.data.loader import Prefetcher, RandomWindowSampler, TokenStream
     from lmforge.model import Transformer
     from lmforge.train.config import TrainConfig
@@ -96,7 +108,7 @@ def lmforge_trainer(model_cfg, shard, B, T, accum, device, compile, optimizer="a
     cfg = TrainConfig(seed=seed, batch_size=B, grad_accum=accum, seq_len=T, max_steps=max_steps,
                       sampler="random", document_mask=False, optimizer=optimizer, lr=lr, muon_lr=muon_lr,
                       warmup_steps=warmup, schedule="cosine", min_lr_ratio=0.1, compile=compile,
-                      compile_cpp_wrapper=cpp_wrapper,
+                      compile_cpp_wrapper=cpp_wrapper, compile_mode=compile_mode, check_every=check_every,
                       eval_every=0, checkpoint_every=0, progress=False, log_every=10**9,
                       device=device.type)
     torch.manual_seed(seed)
@@ -305,18 +317,23 @@ VARIANTS = {  # key -> (row label, loop, model)
     "nano-cudnn": ("nanogpt recipe + cuDNN attn", "nano", "nano"),
     "lmforge-fused-loss": ("lmforge + fused linear-CE", "lmforge", "lmforge"),
     "lmforge-cpp-wrapper": ("lmforge, inductor cpp_wrapper", "lmforge", "lmforge"),
+    "lmforge-cudagraphs": ("lmforge, CUDA graphs", "lmforge", "lmforge"),
+    "lmforge-sync": ("lmforge, loss read every step", "lmforge", "lmforge"),
     "lmforge-before": ("lmforge, previous model code", "lmforge", "lmforge"),
     "lmforge-3-qkv": ("lmforge, 3 q/k/v GEMMs", "lmforge", "lmforge"),
     "big": ("lmforge big micro-batch", "lmforge", "lmforge"),
     "nano-big": ("nanogpt recipe big micro-batch", "nano", "nano"),
     "big-cpp-wrapper": ("lmforge big micro-batch, cpp_wrapper", "lmforge", "lmforge"),
+    "big-cudagraphs": ("lmforge big micro-batch, CUDA graphs", "lmforge", "lmforge"),
     "lmforge-model-nano-loop": ("lmforge model, nano loop", "nano", "lmforge"),
     "nano-model-lmforge-loop": ("nano model, lmforge loop", "lmforge", "nano"),
 }
 SAME_RUN_AS = {  # variants that must reproduce another variant's losses step for step (same init, data)
     "nano-cudnn": "nano", "lmforge-cpp-wrapper": "lmforge", "lmforge-fused-loss": "lmforge",
     "lmforge-before": "lmforge", "lmforge-3-qkv": "lmforge", "big-cpp-wrapper": "big",
+    "lmforge-cudagraphs": "lmforge", "lmforge-sync": "lmforge", "big-cudagraphs": "big",
 }
+BIG = ("big", "nano-big", "big-cpp-wrapper", "big-cudagraphs")
 
 
 def previous_code(key):
@@ -358,41 +375,103 @@ def previous_code(key):
     return stack
 
 
+class TimedBatches:
+    """Host time the training thread spends getting each batch (with the Prefetcher: waiting for
+    the background read, then issuing the copy): is the loader on the critical path?"""
+
+    def __init__(self, batches):
+        self.batches, self.seconds, self.calls = batches, 0.0, 0
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        batch = next(self.batches)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return batch
+
+    def state_dict(self):
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state):
+        self.batches.load_state_dict(state)
+
+
+def time_steps(step, device, *, iters, warmup, finish=lambda: None):
+    """Median and mean ms of `iters` steps run back to back, as in a training loop: no sync between
+    steps beyond what the step does itself (the recipe reads its loss each step; lmforge reads at
+    log points, here `finish` after the last step). Device events mark each step's start."""
+    for _ in range(warmup):
+        step()
+    finish()
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        marks = []
+        for _ in range(iters):
+            marks.append(time.perf_counter())
+            step()
+        finish()
+        marks.append(time.perf_counter())
+        deltas = [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+        return statistics.median(deltas), (marks[-1] - t0) * 1e3 / iters
+    torch.cuda.synchronize()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+    for i in range(iters):
+        events[i].record()
+        step()
+    finish()
+    events[-1].record()
+    torch.cuda.synchronize()
+    deltas = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+    return statistics.median(deltas), events[0].elapsed_time(events[-1]) / iters
+
+
 def run_variant(key, args, device, mcfg, shape, data, shard, fpt, peak, rows, profiles):
     """Build, time (and profile) one variant; appends its row to `rows`."""
-    import common
-
     from lmforge.model import Transformer
 
     T = args.seq_len
     name, loop, model_kind = VARIANTS[key]
-    B = args.big_batch if key in ("big", "nano-big", "big-cpp-wrapper") else args.batch
+    B = args.big_batch if key in BIG else args.batch
     accum = max(1, args.batch * args.accum // B)
     NanoAttention.cudnn_first = key == "nano-cudnn"
     cfg = mcfg.replace(fused_loss=True) if key == "lmforge-fused-loss" else mcfg
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+    loader = None
     if loop == "nano":
         module = LMForgeAsNano(Transformer(cfg)) if model_kind == "lmforge" else None
         runner = NanoRunner(shape, data, B, T, accum, device, compile=args.compile, module=module)
+        losses = []
+
+        def step(runner=runner, losses=losses):
+            losses.append(runner.step())
+
+        finish = lambda: None  # noqa: E731
     else:
         module = NanoAsLMForge(NanoGPT(**shape)) if model_kind == "nano" else None
         runner = lmforge_trainer(cfg, shard, B, T, accum, device, compile=args.compile, module=module,
-                                 cpp_wrapper=key in ("lmforge-cpp-wrapper", "big-cpp-wrapper"))
-    step = runner.step if loop == "nano" else runner.train_step
-    losses = []
+                                 cpp_wrapper=key in ("lmforge-cpp-wrapper", "big-cpp-wrapper"),
+                                 compile_mode="reduce-overhead" if key.endswith("cudagraphs") else "default",
+                                 check_every=1 if key == "lmforge-sync" else 0)
+        runner.batches = loader = TimedBatches(runner.batches)
+        read = runner.cfg.check_every == 1  # else the loss is read at log points (here: finish)
 
-    def fn(step=step, losses=losses):
-        out = step()
-        losses.append(out["loss"] if isinstance(out, dict) else out)
+        def step(runner=runner, read=read):
+            runner.train_step(read=read)
+
+        finish = runner.read_stats
 
     t0 = time.perf_counter()
     try:
-        sec = common.median_ms(fn, device, iters=args.iters, warmup=args.warmup) / 1e3
-        losses = losses[:]  # the timed steps only; profiling steps come after
+        step_ms, mean_ms = time_steps(step, device, iters=args.iters, warmup=args.warmup, finish=finish)
+        if loop == "lmforge":
+            losses = [r["loss"] for r in runner.history]
+            loader_ms = loader.seconds * 1e3 / (loader.calls / accum)  # per optimizer step
+        losses = losses[:]  # the warmup and timed steps; profiling steps come after
         if args.profile:
-            profiles[name] = profile_steps(fn, args.profile_steps, device)
-            profiles[name]["syncs"] = find_syncs(fn, device)
+            profiles[name] = profile_steps(step, args.profile_steps, device)
+            profiles[name]["syncs"] = find_syncs(step, device)
+            finish()
             pr = profiles[name]
             print(f"    profile: kernels {pr['total_ms']:.1f} ms/step ({pr['launches_per_step']:.0f} launches), "
                   f"host in compiled graphs {pr['compiled_graph_host_ms_per_step']:.1f} ms/step, "
@@ -403,14 +482,17 @@ def run_variant(key, args, device, mcfg, shape, data, shard, fpt, peak, rows, pr
         return
     finally:
         NanoAttention.cudnn_first = False
+    sec = step_ms / 1e3
     tps = B * T * accum / sec
-    rows.append({"variant": name, "key": key, "micro_batch": B, "accum": accum, "step_s": sec, "losses": losses,
+    rows.append({"variant": name, "key": key, "micro_batch": B, "accum": accum, "step_s": sec,
+                 "mean_step_s": mean_ms / 1e3, "losses": losses,
+                 "loader_ms_per_step": loader_ms if loop == "lmforge" else None,
                  "tokens_per_s": tps, "mfu": fpt * tps / peak if peak else None,
                  "wall_s": time.perf_counter() - t0, **graph_stats(),
                  "max_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None})
-    print(f"  {name}: {tps:,.0f} tok/s ({rows[-1]['wall_s']:.0f}s incl. compile, "
-          f"{rows[-1]['graph_breaks']} graph breaks)", flush=True)
-    del fn, runner
+    print(f"  {name}: {tps:,.0f} tok/s (median step {step_ms:.2f} ms, mean {mean_ms:.2f}; "
+          f"{rows[-1]['wall_s']:.0f}s incl. compile, {rows[-1]['graph_breaks']} graph breaks)", flush=True)
+    del step, runner
 
 
 def throughput(args, device, out):
@@ -565,18 +647,19 @@ def main():
             print_profiles(th["profiles"], th["rows"])
         print(f"\nGPT-2 small ({args.preset}, T={args.seq_len}, bf16) on {th['device']}, torch {torch.__version__}; "
               f"same function check: {'OK' if th['same_function']['ok'] else 'MISMATCH'}")
-        print(f"{'variant':<30}{'micro':>6}{'accum':>6}{'tok/s':>12}{'MFU':>8}{'vs nanoGPT':>12}{'mem GB':>8}"
-              f"{'breaks':>8}  max |loss diff| over the timed steps")
+        print(f"{'variant':<38}{'micro':>6}{'accum':>6}{'tok/s':>12}{'MFU':>8}{'vs nanoGPT':>12}{'mem GB':>8}"
+              f"{'breaks':>8}{'loader ms':>10}  max |loss diff| over warmup + timed steps")
         for r in th["rows"]:
             if "error" in r:
-                print(f"{r['variant']:<30} FAILED: {r['error'][:80]}")
+                print(f"{r['variant']:<38} FAILED: {r['error'][:80]}")
                 continue
             mfu = f"{r['mfu']:.1%}" if r["mfu"] else "n/a"
             mem = f"{r['max_mem_gb']:.1f}" if r["max_mem_gb"] else "-"
             same = next((f"{v:.1e} vs {k[len('max_loss_diff_vs_'):]}" for k, v in r.items()
                          if k.startswith("max_loss_diff_vs_")), "")
-            print(f"{r['variant']:<30}{r['micro_batch']:>6}{r['accum']:>6}{r['tokens_per_s']:>12,.0f}{mfu:>8}"
-                  f"{r['ratio_vs_nanogpt']:>11.3f}x{mem:>8}{r['graph_breaks']:>8}  {same}")
+            loader = f"{r['loader_ms_per_step']:.2f}" if r.get("loader_ms_per_step") is not None else "-"
+            print(f"{r['variant']:<38}{r['micro_batch']:>6}{r['accum']:>6}{r['tokens_per_s']:>12,.0f}{mfu:>8}"
+                  f"{r['ratio_vs_nanogpt']:>11.3f}x{mem:>8}{r['graph_breaks']:>8}{loader:>10}  {same}")
     if "quality" in result:
         q = result["quality"]
         print(f"\nquality: {q['steps']} steps x {q['tokens_per_step']:,} tokens, vocab {q['vocab']}")
