@@ -25,7 +25,8 @@ time, peak memory per GPU (the larger of the two), the ratio to the form's basel
                 backend in the row), `cp_sdpa_flash` (SDPA held to FlashAttention-2), `cp_before` (the
                 ring of --ring-before, same run), `cp_flash` (the ring, FlashAttention-2 blocks), `cp`
                 (the ring, default blocks: cuDNN where SDPA takes it), `cp_torch` (PyTorch's own
-                experimental context_parallel, its default all-gather rotation), `cp_gqa*` (8 query
+                experimental context_parallel, its default all-gather rotation; form `cp_torch`, run it
+                last), `cp_gqa*` (8 query
                 heads, 2 kv heads: SDPA with enable_gqa vs the ring passing the 2 kv heads).
                 The ring rows also report the largest error of out/dQ/dK/dV (full sequence, random
                 dout) against fp32 SDPA on one device, next to the same error of bf16 SDPA (`err_*`
@@ -64,13 +65,15 @@ VARIANTS = {  # form -> [(variant, GPUs)]
     "pp": [("pp_gpipe", 2), ("pp_1f1b", 2), ("pp_interleaved", 2), ("pp_1f1b_before", 2),
            ("pp_1f1b_balanced", 2), ("pp_interleaved_balanced", 2)],
     "cp": [("cp_sdpa", 1), ("cp_sdpa_flash", 1), ("cp_before", 2), ("cp_flash", 2), ("cp", 2),
-           ("cp_torch", 2), ("cp_gqa_sdpa", 1), ("cp_gqa", 2)],
+           ("cp_gqa_sdpa", 1), ("cp_gqa", 2)],
+    "cp_torch": [("cp_torch", 2)],  # an experimental API: its own form, run it last
     "cp_ref": [("cp_reference", 1), ("cp_ring_reference", 2)],
     "ep": [("ep_dp", 2), ("ep", 2)],
 }
 BASELINE = {"tp": "dp", "dp": "single", "tp_layer": "tp_layer_1gpu", "ep": "ep_dp", "cp_gqa": "cp_gqa_sdpa",
             **{v: "dp" for v, _ in VARIANTS["pp"]},
-            **{v: "cp_sdpa" for v, _ in VARIANTS["cp"] + VARIANTS["cp_ref"] if v not in ("cp_sdpa", "cp_gqa_sdpa", "cp_gqa")}}
+            **{v: "cp_sdpa" for v, _ in VARIANTS["cp"] + VARIANTS["cp_ref"] + VARIANTS["cp_torch"]
+               if v not in ("cp_sdpa", "cp_gqa_sdpa", "cp_gqa")}}
 BEFORE: dict = {}  # "ring" / "pipeline" -> a module of the code before a change (--ring-before / --pipeline-before)
 PP_COSTS: dict = {}  # per-stage forward/backward ms per micro-batch measured by pp_1f1b, for the balanced split
 
