@@ -2,8 +2,9 @@
 
 For one model shape and batch, the engine decodes greedy rows (prompt --prompt tokens, every row
 alive for the whole measurement); after warm-up (compilation, CUDA-graph capture) it times
---steps steady-state `engine.step()` calls, then runs as many again under torch.profiler. Printed,
-per decode step (one token per row; an `engine.step()` that decodes k tokens per row counts k):
+--steps steady-state decode steps (`engine.step()` calls until each row made that many tokens),
+then as many again under torch.profiler. Printed, per decode step (one token per row; an
+`engine.step()` that decodes k tokens per row counts k):
   wall ms        wall time per step (host clock, synchronised at both ends, profiler off)
   host ms        host time inside step() that is neither the decode-step call (graph launch)
                  nor the wait for the GPU's tokens: the engine's Python (events, stop checks,
@@ -127,15 +128,23 @@ def kernel_stats(prof, steps: int) -> dict:
             "top": [{"name": n[:90], "us_per_step": v[0] / steps, "per_step": v[1] / steps} for n, v in top[:12]]}
 
 
+def run_tokens(engine: Engine, B: int, n: int) -> tuple[int, int]:
+    """step() until every row made >= n tokens: (tokens per row, step() calls)."""
+    made = calls = 0
+    while made < n * B:
+        made += tokens_per_row(engine.step())
+        calls += 1
+    return made // B, calls
+
+
 def profile_one(model, B: int, args, opts: dict, device) -> dict:
     cfg = model.cfg
-    budget = args.warmup + 2 * args.steps + 8  # tokens per row the measurement may need
-    max_len = args.prompt + budget * opts.get("decode_steps", 1) + 2
-    engine = Engine(model, max_batch=B, max_len=max_len, eos_ids=[], compile=args.compile, **opts)
+    # every row stays alive: warm-up, timed and profiled tokens, plus one launch (<= 16) of slack each
+    budget = args.warmup + 2 * args.steps + 48
+    engine = Engine(model, max_batch=B, max_len=args.prompt + budget + 2, eos_ids=[], compile=args.compile, **opts)
     # warm-up: compile / capture, and a whole generation so every graph exists
     start(engine, B, args.prompt, budget, cfg.vocab_size, seed=1)
-    for _ in range(args.warmup):
-        engine.step()
+    run_tokens(engine, B, args.warmup)
     drain(engine)
     # prefill: one step() that admits and prefills B fresh prompts
     start(engine, B, args.prompt, budget, cfg.vocab_size, seed=2)
@@ -144,22 +153,18 @@ def profile_one(model, B: int, args, opts: dict, device) -> dict:
     engine.step()
     sync(device)
     prefill_ms = (time.perf_counter() - t0) * 1e3
-    for _ in range(3):  # into the steady state (pipelined)
-        engine.step()
+    run_tokens(engine, B, 2)  # into the steady state (pipelined)
     timer = StepTimer(engine)
     try:
         sync(device)
         t0 = time.perf_counter()
-        made = 0
-        for _ in range(args.steps):
-            made += tokens_per_row(engine.step())
+        steps, calls = run_tokens(engine, B, args.steps)  # decode steps (tokens per row)
         sync(device)
         wall = time.perf_counter() - t0
-        steps = made / B  # decode steps (tokens per row) made by these step() calls
         launch, wait = timer.launch, timer.wait
     finally:
         timer.close()
-    row = {"batch": B, "variant": args.label, "opts": opts, "steps": steps,
+    row = {"batch": B, "variant": args.label, "opts": opts, "decode_steps": engine.decode_steps, "steps": steps,
            "wall_ms": wall / steps * 1e3, "launch_ms": launch / steps * 1e3, "wait_ms": wait / steps * 1e3,
            "host_ms": (wall - launch - wait) / steps * 1e3, "prefill_ms": prefill_ms,
            "tok_s": B * steps / wall}
@@ -167,12 +172,10 @@ def profile_one(model, B: int, args, opts: dict, device) -> dict:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            made = 0
-            for _ in range(args.steps):
-                made += tokens_per_row(engine.step())
+            steps, _ = run_tokens(engine, B, args.steps)
             sync(device)
         try:
-            row.update(kernel_stats(prof, made / B))
+            row.update(kernel_stats(prof, steps))
         except Exception as e:  # keep the timings (and the trace) if the event format differs
             print(f"kernel statistics failed: {type(e).__name__}: {e}")
         if args.trace:
@@ -197,8 +200,8 @@ def main() -> int:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=50, help="step() calls timed (and as many profiled)")
-    ap.add_argument("--warmup", type=int, default=10, help="step() calls before the first measurement")
+    ap.add_argument("--steps", type=int, default=64, help="decode steps (tokens per row) timed, and as many profiled")
+    ap.add_argument("--warmup", type=int, default=16, help="decode steps before the first measurement")
     ap.add_argument("--compile", action="store_true", help="Engine(compile=True) (CUDA graphs on CUDA)")
     ap.add_argument("--engine-opt", nargs="*", default=[], help="name=value passed to Engine")
     ap.add_argument("--inductor", nargs="*", default=[], help="name=value set on torch._inductor.config")
@@ -219,6 +222,7 @@ def main() -> int:
     rows = [profile_one(model, B, args, opts, device) for B in args.batch]
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"{args.shape} on {dev_name}, compile={args.compile}, {args.label} {opts or ''} {args.inductor or ''}")
+    print("per decode step (one token per row); decode_steps per launch:", [r["decode_steps"] for r in rows])
     print(f"{'batch':>5} {'tok/s':>9} {'wall ms':>8} {'host ms':>8} {'launch ms':>9} {'wait ms':>8} "
           f"{'gpu ms':>7} {'idle':>6} {'kernels':>7} {'prefill ms':>10}")
     for r in rows:
