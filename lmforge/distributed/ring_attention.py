@@ -260,7 +260,7 @@ def attend_block_backward(kernel: str, q, k, v, out, lse, dout, scale: float, ca
 # ----------------------------------------------------------------------------- the ring
 
 class _Ring:
-    """Send to rank+1 / receive from rank−1 of the group, asynchronously, tensors of fixed shapes."""
+    """Send to rank+1 / receive from rank−1 of the group, asynchronously."""
 
     def __init__(self, group):
         self.group = group
