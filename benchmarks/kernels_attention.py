@@ -48,24 +48,24 @@ def check_cases(device):
         ("softcap 30 bf16", torch.bfloat16, 1, 4, 4, 700, 700, 128, {"softcap": 30.0}),
         ("decode S>T bf16", torch.bfloat16, 2, 8, 2, 17, 900, 128, {}),
     ]
-    # the atomic-dQ backward (deterministic=False) on a few of the same cases; the pointer forward
-    # kernel (USE_TMA off: what runs when strides do not suit tensor descriptors) on a few others
+    # the atomic-dQ backward (deterministic=False) on a few of the same cases; the pointer kernels
+    # (tensor descriptors off: what runs when strides do not suit them) on a few others
     cases += [(n + " atomic-dQ", dt, *rest[:-1], dict(rest[-1], deterministic=False))
               for n, dt, *rest in cases if n in ("causal bf16 D128 GQA", "doc_ids bf16", "softcap 30 bf16")]
-    cases += [(n + " ptr-fwd", dt, *rest[:-1], dict(rest[-1], pointer_fwd=True))
-              for n, dt, *rest in cases if n in ("causal bf16 D64", "causal bf16 D128 GQA", "window 128 bf16")]
+    cases += [(n + " ptr", dt, *rest[:-1], dict(rest[-1], pointer=True))
+              for n, dt, *rest in cases if n in ("causal bf16 D64", "causal bf16 D128 GQA", "window 128 bf16",
+                                                 "doc_ids bf16 atomic-dQ")]
     rows = []
-    print(f"checks (dQ on a second stream: {CONCURRENT_DQ}; forward through tensor descriptors unless "
-          f"'ptr-fwd')", flush=True)
+    print(f"checks (dQ on a second stream: {CONCURRENT_DQ}; kernels with tensor descriptors unless 'ptr')",
+          flush=True)
     for name, dtype, B, Hq, Hkv, T, S, D, opts in cases:
         q = torch.randn(B, Hq, T, D, device=device, dtype=dtype, requires_grad=True)
         k = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, requires_grad=True)
         v = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, requires_grad=True)
         do = torch.randn(B, Hq, T, D, device=device, dtype=dtype)
-        fa.USE_TMA = not opts.pop("pointer_fwd", False)
-        out = flash_attention(q, k, v, impl="triton", **opts)
-        grads = torch.autograd.grad(out, (q, k, v), do)
-        fa.USE_TMA = True
+        with pointer_kernels(fa) if opts.pop("pointer", False) else contextlib.nullcontext():
+            out = flash_attention(q, k, v, impl="triton", **opts)
+            grads = torch.autograd.grad(out, (q, k, v), do)
         qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
         opts.pop("deterministic", None)
         ref = attention_reference(qf, kf, vf, **opts)
@@ -162,6 +162,7 @@ SWEEP = {  # kernel -> candidate configs (BLOCK_M = query tile, BLOCK_N = key ti
                  _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 4), _cfg(32, 64, 8, 4)],
     "dq_tma": [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3),
                _cfg(128, 32, 4, 3)],
+    "dkdv_atomic_tma": [_cfg(64, 128, 8, 2), _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 4)],
 }
 
 
@@ -173,7 +174,7 @@ def _sweep_call(kernel, cfg, q, k, v, do, fwd_out=None):
     opts = dict(causal=True, window=None, softcap=None, scale=None, doc_ids=None)
     out, lse = fwd_out
     tunable = {"fwd": fa.FWD, "fwd_tma": tma.FWD_TMA, "dq": fa.DQ, "dkdv_tma": tma.DKDV_TMA,
-               "dq_tma": tma.DQ_TMA}.get(kernel, fa.DKDV)
+               "dkdv_atomic_tma": tma.DKDV_TMA, "dq_tma": tma.DQ_TMA}.get(kernel, fa.DKDV)
     use_tma = kernel.endswith("_tma")  # pointer kernels run with tensor descriptors off
 
     def call():
@@ -182,7 +183,7 @@ def _sweep_call(kernel, cfg, q, k, v, do, fwd_out=None):
             with tunable.force(cfg):
                 if kernel.startswith("fwd"):
                     return fa.forward(q, k, v, **opts)
-                return fa.backward(q, k, v, out, lse, do, deterministic=kernel != "dkdv_atomic", **opts)
+                return fa.backward(q, k, v, out, lse, do, deterministic="atomic" not in kernel, **opts)
         finally:
             fa.USE_TMA = fa.USE_TMA_BWD = True
     return call
@@ -261,6 +262,7 @@ def sweep_shapes(device, shapes, deadline):
         combos = {}
         # the winners per kernel, fwd+bwd: descriptor kernels, pointer kernels, pointer with atomic dQ
         for name, kernels, det in (("triton_tma", ("fwd_tma", "dkdv_tma", "dq_tma"), True),
+                                   ("triton_tma_atomic", ("fwd_tma", "dkdv_atomic_tma"), False),
                                    ("triton_ptr", ("fwd", "dkdv", "dq"), True),
                                    ("triton_atomic", ("fwd", "dkdv_atomic"), False)):
             if not all(kern in best for kern in kernels):  # e.g. a forward-only sweep
@@ -299,7 +301,7 @@ def sweep_shapes(device, shapes, deadline):
             except Exception as e:
                 print(f"  {name} failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
         if "sdpa_flash" in grads:  # the winning configs must still compute the right gradients
-            for name in ("triton_tma", "triton_ptr", "triton_atomic"):
+            for name in ("triton_tma", "triton_tma_atomic", "triton_ptr", "triton_atomic"):
                 if name in grads:
                     res[f"{name}_grad_rel_err_vs_flash"] = [f"{rel(a, b):.1e}" for a, b in zip(grads[name], grads["sdpa_flash"])]
         results.append(res)
@@ -352,11 +354,12 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "kernels_attention_sweep.json"), "w") as f:
             json.dump({"info": info, "sweep": swept}, f, indent=1)
-        print(f"\n{'shape':22s} {'tma':>6} {'ptr':>6} {'atomic':>6} {'flash':>6} {'cudnn':>6} | {'fwd tma':>7} "
+        print(f"\n{'shape':22s} {'tma':>6} {'tma-at':>6} {'ptr':>6} {'atomic':>6} {'flash':>6} {'cudnn':>6} | {'fwd tma':>7} "
               f"{'fwd ptr':>7} {'flash':>6} {'cudnn':>6}  (TFLOP/s, causal bf16; fwd+bwd | fwd; winners per kernel)")
         for r in swept:
             g = lambda k: r.get(k, 0)
-            print(f"{str(tuple(r['shape'])):22s} {g('triton_tma_fwdbwd_tflops'):>6} {g('triton_ptr_fwdbwd_tflops'):>6} "
+            print(f"{str(tuple(r['shape'])):22s} {g('triton_tma_fwdbwd_tflops'):>6} "
+                  f"{g('triton_tma_atomic_fwdbwd_tflops'):>6} {g('triton_ptr_fwdbwd_tflops'):>6} "
                   f"{g('triton_atomic_fwdbwd_tflops'):>6} {g('sdpa_flash_fwdbwd_tflops'):>6} "
                   f"{g('sdpa_cudnn_fwdbwd_tflops'):>6} | {g('triton_fwd_tma_tflops'):>7} {g('triton_fwd_tflops'):>7} "
                   f"{g('sdpa_flash_fwd_tflops'):>6} {g('sdpa_cudnn_fwd_tflops'):>6}")

@@ -109,11 +109,13 @@ def _fwd_kernel_tma(Q, K, V, O, LSE, DOC, sdb, sm_scale, softcap, window, T, S, 
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, b, h, lse_base, delta_base, doc_ptr, kpos, start, end, T, S, window, sm_scale,
-                softcap, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+def _dkdv_tiles(dk, dv, k, v, Q, DO, DQACC, dq_ptr, b, h, lse_base, delta_base, doc_ptr, kpos, start, end, T, S,
+                window, sm_scale, softcap, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW_ON: tl.constexpr, HAS_DOC: tl.constexpr,
-                SOFTCAP_ON: tl.constexpr, PRECISION: tl.constexpr):
-    """dK, dV of one key tile from query tiles start..end of head (b, h) (transposed: keys are rows)."""
+                SOFTCAP_ON: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                TMA_REDUCE: tl.constexpr):
+    """dK, dV of one key tile from query tiles start..end of head (b, h) (transposed: keys are rows);
+    with ATOMIC_DQ also adds this tile's share dS K of dQ into the fp32 DQACC."""
     for m in range(start, end, BLOCK_M):
         offs_m = m + tl.arange(0, BLOCK_M)
         q = _tile(Q, b, h, m, BLOCK_M, BLOCK_D)
@@ -140,15 +142,25 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, b, h, lse_base, delta_base, doc_ptr, kpos, 
         if SOFTCAP_ON:
             dsT = dsT * (1.0 - capT * capT)
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+        if ATOMIC_DQ:  # the launcher multiplies by the scale once at the end
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PRECISION)
+            if TMA_REDUCE:  # one bulk reduce-add of the tile (rows past T are dropped by the descriptor)
+                DQACC.atomic_add([b, h, m, 0], dq.reshape(1, 1, BLOCK_M, BLOCK_D))
+            else:  # the interpreter has no bulk reduce: per-element atomics, same sums
+                offs_d = tl.arange(0, BLOCK_D)
+                tl.atomic_add(dq_ptr + offs_m[:, None] * BLOCK_D + offs_d[None, :], dq, mask=offs_m[:, None] < T,
+                              sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_kernel_tma(Q, K, V, DO, DK, DV_, LSE, DELTA, DOC, sdb, sm_scale, softcap, window, T, S, HQ, HKV, GROUP,
-                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr,
+def _dkdv_kernel_tma(Q, K, V, DO, DK, DV_, DQACC, DQ_PTR, LSE, DELTA, DOC, sdb, sm_scale, softcap, window, T, S,
+                     HQ, HKV, GROUP, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr,
                      WINDOW_ON: tl.constexpr, HAS_DOC: tl.constexpr, SOFTCAP_ON: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (key tile, batch x KV head); K and V stay in shared memory (no pre-scaling)."""
+                     PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA_REDUCE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (key tile, batch x KV head); K and V stay in shared memory (no pre-scaling).
+    DQACC/DQ_PTR: the fp32 dQ accumulator [B, HQ, T, BLOCK_D] as descriptor and as pointer (ATOMIC_DQ)."""
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = pid_bh // HKV
@@ -164,15 +176,16 @@ def _dkdv_kernel_tma(Q, K, V, DO, DK, DV_, LSE, DELTA, DOC, sdb, sm_scale, softc
     for g in range(GROUP):
         h = hk * GROUP + g
         row0 = (b.to(tl.int64) * HQ + h) * T
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, b, h, LSE + row0, DELTA + row0, doc_ptr, offs_n, lo, pre, T, S,
-                             window, sm_scale, softcap, BLOCK_M, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOW_ON,
-                             HAS_DOC, SOFTCAP_ON, PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, b, h, LSE + row0, DELTA + row0, doc_ptr, offs_n, pre, full, T,
-                             S, window, sm_scale, softcap, BLOCK_M, BLOCK_D, BLOCK_DV, False, CAUSAL, WINDOW_ON,
-                             HAS_DOC, SOFTCAP_ON, PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, b, h, LSE + row0, DELTA + row0, doc_ptr, offs_n, full, hi, T, S,
-                             window, sm_scale, softcap, BLOCK_M, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOW_ON,
-                             HAS_DOC, SOFTCAP_ON, PRECISION)
+        dq_ptr = DQ_PTR + row0 * BLOCK_D
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, DQACC, dq_ptr, b, h, LSE + row0, DELTA + row0, doc_ptr, offs_n,
+                             lo, pre, T, S, window, sm_scale, softcap, BLOCK_M, BLOCK_D, BLOCK_DV, True, CAUSAL,
+                             WINDOW_ON, HAS_DOC, SOFTCAP_ON, PRECISION, ATOMIC_DQ, TMA_REDUCE)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, DQACC, dq_ptr, b, h, LSE + row0, DELTA + row0, doc_ptr, offs_n,
+                             pre, full, T, S, window, sm_scale, softcap, BLOCK_M, BLOCK_D, BLOCK_DV, False, CAUSAL,
+                             WINDOW_ON, HAS_DOC, SOFTCAP_ON, PRECISION, ATOMIC_DQ, TMA_REDUCE)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, DQACC, dq_ptr, b, h, LSE + row0, DELTA + row0, doc_ptr, offs_n,
+                             full, hi, T, S, window, sm_scale, softcap, BLOCK_M, BLOCK_D, BLOCK_DV, True, CAUSAL,
+                             WINDOW_ON, HAS_DOC, SOFTCAP_ON, PRECISION, ATOMIC_DQ, TMA_REDUCE)
     DK.store([b, hk, n0, 0], (dk * sm_scale).to(DK.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
     DV_.store([b, hk, n0, 0], dv.to(DV_.dtype).reshape(1, 1, BLOCK_N, BLOCK_DV))
 
@@ -241,7 +254,7 @@ def _dq_kernel_tma(Q, K, V, DO, DQ, LSE, DELTA, DOC, sdb, sm_scale, softcap, win
 # Which descriptor argument tiles rows by BLOCK_M or BLOCK_N, and columns by BLOCK_D or BLOCK_DV.
 _BOXES = {"Q": ("BLOCK_M", "BLOCK_D"), "DO": ("BLOCK_M", "BLOCK_DV"), "O": ("BLOCK_M", "BLOCK_DV"),
           "DQ": ("BLOCK_M", "BLOCK_D"), "K": ("BLOCK_N", "BLOCK_D"), "V": ("BLOCK_N", "BLOCK_DV"),
-          "DK": ("BLOCK_N", "BLOCK_D"), "DV_": ("BLOCK_N", "BLOCK_DV")}
+          "DK": ("BLOCK_N", "BLOCK_D"), "DV_": ("BLOCK_N", "BLOCK_DV"), "DQACC": ("BLOCK_M", "BLOCK_D")}
 
 
 def _set_blocks(nargs):
@@ -268,15 +281,16 @@ class DescTunable(Tunable):
     """`Tunable` for a kernel with descriptor arguments: every path (interpreter, forced config,
     first fitting config, autotuning) sets the descriptors' boxes from the config that runs."""
 
-    def __init__(self, kernel, configs, key, fixed):
-        super().__init__(_BoxedKernel(kernel), configs, key, fixed)
+    def __init__(self, kernel, configs, key, fixed, reset_to_zero=None):
+        super().__init__(_BoxedKernel(kernel), configs, key, fixed, reset_to_zero)
 
     def _tuned(self):
         if self._autotuned is None:
             cfgs = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
                                   num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 2),
                                   pre_hook=_set_blocks) for c in self.configs]
-            self._autotuned = triton.autotune(configs=cfgs, key=self.key)(self.kernel.kernel)
+            self._autotuned = triton.autotune(configs=cfgs, key=self.key,
+                                              reset_to_zero=self.reset_to_zero)(self.kernel.kernel)
         return self._autotuned
 
 
@@ -291,7 +305,8 @@ _FIXED = dict(BLOCK_M=16, BLOCK_N=16)  # under the interpreter: tiny tiles keep 
 FWD_TMA = DescTunable(_fwd_kernel_tma, [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2),
                                         _cfg(128, 32, 4, 4), _cfg(64, 64, 4, 3)], _KEY, _FIXED)
 DKDV_TMA = DescTunable(_dkdv_kernel_tma, [_cfg(64, 128, 8, 2), _cfg(64, 128, 8, 3), _cfg(32, 128, 8, 3),
-                                          _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 4)], _KEY, _FIXED)
+                                          _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 4)], _KEY + ["ATOMIC_DQ"], _FIXED,
+                       reset_to_zero=["DQ_PTR"])
 DQ_TMA = DescTunable(_dq_kernel_tma, [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2),
                                       _cfg(64, 64, 4, 3)], _KEY, _FIXED)
 
@@ -335,12 +350,16 @@ def forward(q, k, v, *, causal, window, softcap, scale, doc_ids):
     return out, lse
 
 
-def dkdv(q, k, v, dout, lse, delta, dk, dv, doc, meta, scalars, strides):
-    """The dK/dV kernel (deterministic backward) into dk, dv; arguments as prepared by
-    `flash_attention_triton.backward`."""
+def dkdv(q, k, v, dout, lse, delta, dk, dv, doc, meta, scalars, strides, dq_acc=None):
+    """The dK/dV kernel into dk, dv; arguments as prepared by `flash_attention_triton.backward`.
+    With `dq_acc` (zeroed fp32 [B, HQ, T, BLOCK_D]) it also adds dS K into it: dQ = dq_acc * scale."""
     B, HQ, HKV, S = q.shape[0], q.shape[1], k.shape[1], k.shape[2]
+    atomic = dq_acc is not None
+    if not atomic:  # never touched: any fp32 tensor of the right rank will do
+        dq_acc = torch.empty(1, 1, 1, meta["BLOCK_D"], device=q.device, dtype=torch.float32)
     grid = lambda m: (B * HKV, triton.cdiv(S, m["BLOCK_N"]))
-    DKDV_TMA[grid](**_descs(Q=q, K=k, V=v, DO=dout, DK=dk, DV_=dv), LSE=lse, DELTA=delta, HKV=HKV,
+    DKDV_TMA[grid](**_descs(Q=q, K=k, V=v, DO=dout, DK=dk, DV_=dv, DQACC=dq_acc), DQ_PTR=dq_acc, LSE=lse,
+                   DELTA=delta, HKV=HKV, ATOMIC_DQ=atomic, TMA_REDUCE=not interpreting(),
                    **dict(_scalars(meta, scalars, strides, HQ, HKV), DOC=doc))
 
 

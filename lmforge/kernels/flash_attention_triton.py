@@ -468,26 +468,29 @@ def backward(q, k, v, out, lse, dout, *, causal, window, softcap, scale, doc_ids
                                                  BLOCK_M=block)
     dk = torch.empty(B, HKV, S, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, HKV, S, DV, device=q.device, dtype=v.dtype)
+    from lmforge.kernels import flash_attention_tma as tma
+
     atomic = not deterministic
-    dq_acc = torch.zeros(B, HQ, T, D, device=q.device, dtype=torch.float32) if atomic else dk.new_empty(1)
+    # the descriptor kernels where strides allow (dk/dv/dq are as aligned as k/v/q)
+    use_tma = USE_TMA_BWD and tma.usable(q, k, v, dout)
+    # with atomics, dQ accumulates in fp32 rows of BLOCK_D (the descriptor kernel's padded head dim)
+    dq_acc = torch.zeros(B, HQ, T, meta["BLOCK_D"] if use_tma else D, device=q.device, dtype=torch.float32) \
+        if atomic else dk.new_empty(1)
     dq = None if atomic else torch.empty(B, HQ, T, D, device=q.device, dtype=q.dtype)
     side = _side_stream(q.device) if not atomic else None
     if side is not None:  # inputs (delta included) are ready once the work queued so far is done
         side.wait_stream(torch.cuda.current_stream(q.device))
-    from lmforge.kernels import flash_attention_tma as tma
-
-    # the descriptor kernels (deterministic backward only); dk/dv/dq are as aligned as k/v/q
-    use_tma = USE_TMA_BWD and not atomic and tma.usable(q, k, v, dout)
     grid_kv = lambda m: (B * HKV, triton.cdiv(S, m["BLOCK_N"]))
     if use_tma:
-        tma.dkdv(q, k, v, dout, lse, delta, dk, dv, doc, meta, scalars, strides)
+        tma.dkdv(q, k, v, dout, lse, delta, dk, dv, doc, meta, scalars, strides, dq_acc if atomic else None)
     else:
         DKDV[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, doc, *strides, *scalars, HQ, HKV, HQ // HKV,
                       ATOMIC_DQ=atomic, **meta)
     if atomic:
-        # dq_acc holds dS @ K', K' = K * scale * log2(e) as the kernel pre-scaled it (K itself with a softcap)
-        factor = scalars[0] if softcap is not None else 1.0 / LOG2E
-        return (dq_acc * factor).to(q.dtype), dk, dv
+        # dq_acc holds dS @ K' with K' = K for the descriptor kernel; the pointer kernel pre-scales,
+        # K' = K * scale * log2(e) (K itself with a softcap)
+        factor = scalars[0] if use_tma or softcap is not None else 1.0 / LOG2E
+        return (dq_acc[..., :D] * factor).to(q.dtype), dk, dv
     grid_q = lambda m: (B * HQ, triton.cdiv(T, m["BLOCK_M"]))
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         if use_tma:

@@ -50,14 +50,20 @@ CASES = {
 }
 
 
+def pointer_kernels(monkeypatch):
+    """The pointer kernels of flash_attention_triton, which run where strides do not suit descriptors."""
+    monkeypatch.setattr(fa, "USE_TMA", False)
+    monkeypatch.setattr(fa, "USE_TMA_BWD", False)
+
+
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("impl", ["triton", "triton_pointer_fwd", "torch"])
+@pytest.mark.parametrize("impl", ["triton", "triton_pointer", "torch"])
 def test_matches_reference_fp32(name, impl, monkeypatch):
-    """"triton": the forward through tensor descriptors (flash_attention_tma); "triton_pointer_fwd":
-    the pointer forward kernel, which runs where strides do not suit descriptors."""
-    if impl == "triton_pointer_fwd":
-        monkeypatch.setattr(fa, "USE_TMA", False)
-    errs = run(impl.removesuffix("_pointer_fwd"), **CASES[name])
+    """"triton": the kernels through tensor descriptors (flash_attention_tma); "triton_pointer":
+    the pointer kernels."""
+    if impl == "triton_pointer":
+        pointer_kernels(monkeypatch)
+    errs = run(impl.removesuffix("_pointer"), **CASES[name])
     assert max(errs) < 1e-5, errs
 
 
@@ -92,9 +98,12 @@ def test_unequal_tile_sizes(monkeypatch, blocks, name):
     assert max(run("triton", **case)) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["gqa", "softcap_scale", "decode"])
-def test_atomic_dq_backward(name):
+@pytest.mark.parametrize("kernels", ["descriptor", "pointer"])
+@pytest.mark.parametrize("name", ["gqa", "softcap_scale", "decode", "value_dim"])
+def test_atomic_dq_backward(name, kernels, monkeypatch):
     """deterministic=False: dQ accumulated with atomics inside the dK/dV kernel (no dQ kernel)."""
+    if kernels == "pointer":
+        pointer_kernels(monkeypatch)
     assert max(run("triton", deterministic=False, **CASES[name])) < 1e-5
 
 
