@@ -11,6 +11,13 @@ Contract:
   micro-batches: micro-batch 1 x accumulation 8 equals micro-batch 8 x accumulation 1.
 - `evaluate(model) -> dict`: optional periodic evaluation (e.g. val loss and bits per byte).
 
+Host syncs: a step's loss, grad norm and token count stay on the device until they are read
+(`read_stats`, one wait for the GPU for all pending steps): at log points by default
+(`train.check_every`), and always before an eval, samples or a checkpoint, so the host queues the
+next steps while the GPU runs and a non-finite step is never followed by a saved checkpoint.
+`train.check_every = 1` reads each step before its update instead. `train.compile_mode =
+"reduce-overhead"` replays each micro-step's compiled forward and backward as CUDA graphs.
+
 The trainer never imports a model class; it works on any nn.Module.
 """
 
