@@ -143,9 +143,11 @@ def profile_one(model, B: int, args, opts: dict, device) -> dict:
     budget = args.warmup + 2 * args.steps + 48
     engine = Engine(model, max_batch=B, max_len=args.prompt + budget + 2, eos_ids=[], compile=args.compile, **opts)
     # warm-up: compile / capture, and a whole generation so every graph exists
+    t0 = time.perf_counter()
     start(engine, B, args.prompt, budget, cfg.vocab_size, seed=1)
     run_tokens(engine, B, args.warmup)
     drain(engine)
+    print(f"batch {B}: warm-up (compilation, capture) {time.perf_counter() - t0:.1f} s", flush=True)
     # prefill: one step() that admits and prefills B fresh prompts
     start(engine, B, args.prompt, budget, cfg.vocab_size, seed=2)
     sync(device)
@@ -168,6 +170,7 @@ def profile_one(model, B: int, args, opts: dict, device) -> dict:
            "wall_ms": wall / steps * 1e3, "launch_ms": launch / steps * 1e3, "wait_ms": wait / steps * 1e3,
            "host_ms": (wall - launch - wait) / steps * 1e3, "prefill_ms": prefill_ms,
            "tok_s": B * steps / wall}
+    print(f"measured: {row}", flush=True)  # before the profiler run, in case the command is cut short
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 

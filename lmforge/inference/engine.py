@@ -34,8 +34,8 @@ steps later, and a row that stops mid-launch drops the rest (outputs are the sam
 
 With `compile=True` on CUDA the decode runs at a fixed shape: the steady-state step (forward and
 sampling) over all rows and an attended length rounded up to a power of two >= 256 is compiled by
-inductor (no CUDA graphs of its own, coordinate-descent tuning: at batch 1 its matrix-vector
-products become fused Triton reductions) and its k steps are captured in one plain CUDA graph
+inductor (no CUDA graphs of its own; `compile_options` are passed to it, e.g. `TUNED`) and its
+k steps are captured in one plain CUDA graph
 per length and sampling setting (pipeline.StepGraphs); the general decode step over all rows and
 the whole cache is `torch.compile(mode="reduce-overhead")`; prefill forwards are compiled with
 dynamic shapes (one compilation for all prompt lengths and row ranges, no per-op Python).
@@ -74,11 +74,12 @@ from lmforge.inference.text import TextStream
 
 log = logging.getLogger(__name__)
 
-# inductor options of the steady-state step: coordinate-descent tuning of its kernels' block sizes
-# (and, at batch 1, matrix-vector products as fused reductions instead of cuBLAS calls); measured
-# on an H100 at batch 1 (benchmarks/inference_profile.py, llama124m): GPU time per step 0.62 ->
-# 0.56 ms and 235 -> 175 kernels
-STEP_INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}
+# Inductor options for the steady-state step worth knowing (Engine(compile_options=...)):
+# {"coordinate_descent_tuning": True} tunes its kernels' block sizes and, at batch 1, turns the
+# matrix-vector products into fused Triton reductions instead of cuBLAS calls. Measured on an H100
+# at batch 1 (benchmarks/inference_profile.py, llama124m): GPU time per step 0.62 -> 0.56 ms,
+# 235 -> 175 kernels, but compilation took minutes instead of seconds, so it is not the default.
+TUNED = {"coordinate_descent_tuning": True}
 
 
 @dataclass
@@ -137,7 +138,7 @@ class Engine:
     def __init__(self, model: nn.Module, *, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  eos_ids: list[int] | None = None, compile: bool = False, prefill_chunk: int | None = None,
                  drafter=None, spec_k: int = 4, prefix_blocks: int = 0, block_size: int = 16,
-                 decode_steps: int | None = None):
+                 decode_steps: int | None = None, compile_options: dict | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -173,7 +174,7 @@ class Engine:
         # speculative rounds and rows that need `sample`
         self._decode_fn = torch.compile(self._forward_full, mode="reduce-overhead", dynamic=False) if on else None
         # the steady-state step (forward + sampling); StepGraphs captures decode_steps of it
-        self._step_fn = torch.compile(self._sample_step, dynamic=False, options=STEP_INDUCTOR_OPTIONS) if on else None
+        self._step_fn = torch.compile(self._sample_step, dynamic=False, options=compile_options) if on else None
         self._prefill_fn = torch.compile(self._forward_from, dynamic=True) if on else None
         self.drafter, self.spec_k = drafter, spec_k
         self.spec_stats = {"rounds": 0, "drafted": 0, "accepted": 0}  # over all rows since start

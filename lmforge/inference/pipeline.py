@@ -73,12 +73,19 @@ class DecodeBuffers:
         self.tokens.copy_(torch.tensor(tok)[:, None], non_blocking=True)
         self.positions.copy_(torch.tensor(pos)[:, None], non_blocking=True)
 
+    def inputs(self, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's inputs for rows 0..nb: the buffers themselves when nb covers them all (a
+        compiled step guards on them; views would be other tensors and compile it again)."""
+        if nb == self.tokens.shape[0]:
+            return self.tokens, self.positions
+        return self.tokens[:nb], self.positions[:nb]
+
     def run(self, step, nb: int, key: tuple, length: int) -> None:
         """`steps` decode steps of rows 0..nb, all on the device: step(tokens, positions, key,
         length) -> next tokens [nb], which become the rows' last tokens one position later and
         go to out[i]. No host sync, so a CUDA graph can capture it."""
         for i in range(self.steps):
-            nxt = step(self.tokens[:nb], self.positions[:nb], key, length)
+            nxt = step(*self.inputs(nb), key, length)
             self.tokens[:nb, 0].copy_(nxt)
             self.positions[:nb].add_(1).clamp_(max=self.max_len - 1)
             self.out[i, :nb].copy_(nxt)
@@ -134,7 +141,7 @@ class StepGraphs:
         side = torch.cuda.Stream(b.device)
         side.wait_stream(stream)
         with torch.cuda.stream(side):
-            step(b.tokens, b.positions, key, length)
+            step(*b.inputs(nb), key, length)
         stream.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):

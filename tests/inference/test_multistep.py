@@ -98,7 +98,9 @@ def test_compiled_path_pieces_trace_on_cpu():
     step = torch.compile(engine._sample_step, backend="aot_eager", dynamic=False, fullgraph=True)
 
     def counted(t, p, key, n):
-        calls.append((t.shape[0], n))
+        # the buffers themselves, not views (a compiled step guards on them: the captured call
+        # and the warm-up before the capture must pass the same tensors)
+        calls.append((t.shape[0], n, t is engine.bufs.tokens and p is engine.bufs.positions))
         return step(t, p, key, n)
 
     engine.compiled, engine._step_fn = True, counted
@@ -108,7 +110,7 @@ def test_compiled_path_pieces_trace_on_cpu():
     sp = [SamplingParams(max_tokens=m, temperature=0) for m in (10, 4, 7, 9)]
     outs = engine.generate(ps, sp)
     assert [o[0].token_ids for o in outs] == [naive_greedy(model, p, s.max_tokens) for p, s in zip(ps, sp)]
-    assert set(calls) == {(3, 256)}
+    assert set(calls) == {(3, 256, True)}
     assert engine._prefill_fn is not None  # it did not fall back to eager
     # the step's graph, and for 4 prompts of 4 lengths in 3 row ranges two prefill graphs (one
     # row: dynamo specialises sizes of 1; several rows), not one per shape
