@@ -252,3 +252,19 @@ def test_probe_parallel_runs_copies_at_once(shards):
     assert par["parallel"] == 2 and len(par["copies"]) == 2
     assert all(c["first_loss"] == alone["first_loss"] and c["last_loss"] == alone["last_loss"] for c in par["copies"])
     assert par["tokens_per_s"] == pytest.approx(sum(c["tokens_per_s"] for c in par["copies"]))
+
+
+@pytest.mark.filterwarnings("ignore:IsoFLOP profile")
+def test_an_added_grid_trains_only_its_new_runs_into_the_same_table(shards, tmp_path):
+    cfg = _tiny_config(budgets=[3e8])
+    out = tmp_path / "sw"
+    first = run_sweep(cfg, out, str(shards / "train"), str(shards / "val"), log=lambda m: None)
+    base = build_grid(cfg, VOCAB)
+    extra = build_grid(_tiny_config(budgets=[6e8]), VOCAB)  # a budget added to a finished sweep
+    assert not {r.run_id for r in extra} & {b.run_id for b in base}
+    logs = []
+    rows = run_sweep(cfg, out, str(shards / "train"), str(shards / "val"), log=logs.append, grid=base + extra)
+    assert f"{len(base)} done, {len(extra)} to train" in logs[0]
+    assert rows[:len(first)] == first  # the finished runs are kept, not retrained
+    assert [r["run"] for r in rows[len(first):]] == [r.run_id for r in extra]
+    assert [r["run"] for r in read_results(out)] == [r["run"] for r in rows]
