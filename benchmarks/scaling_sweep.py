@@ -1,7 +1,7 @@
 """An IsoFLOP sweep end to end on one device: tokenizer -> shards -> sweep -> fits -> plots -> plans.
 
 1. trains a small-vocabulary BPE tokenizer on --tokenizer-corpus (default: the embedded one, ~10-30
-   MB: enough text for a 4096-token vocabulary, seconds in pure Python) and encodes --corpus (files,
+   MB: enough text for the default 1024-token vocabulary, seconds) and encodes --corpus (files,
    dirs, globs; default: embedded) into train/val shards, once (kept in --work under a hash of both
    corpus specs, reused by a rerun);
 2. prints the grid (per run: N, steps, tokens, tokens per parameter, passes over the training
@@ -19,14 +19,18 @@
 5. plans --plan-flops budgets from the approach-3 and approach-2 fits (`lmforge scaling plan`).
 
 Each step's output goes to a text file in --out as well as the console; summary.json collects the
-timings, the measured TFLOP/s and the fitted exponents.
+timings, the measured TFLOP/s and the fitted exponents. On a lent machine: --no-fit stops after step 3,
+--fit-from DIR runs steps 4-5 on another machine from DIR's results.csv / curves.csv, --resume-from DIR
+continues an earlier call's sweep, --also OVERRIDES adds another grid (sizes, budgets) to the same table.
 
-  # one H100 (the preset's header has the arithmetic); first the probe (~2 minutes), then the sweep
+  # one H100 (the preset's header has the arithmetic); the probe (~1.5 minutes), the sweep (~4), the fits
   C1='/opt/torch/.venv/lib/python3.12/site-packages/**/*.py'; C2='/usr/lib/python3.12/**/*.py'  # the script globs
   python3 benchmarks/scaling_sweep.py --preset lmforge/scaling/presets/h100.toml --corpus "$C1" "$C2" \\
-      --out $OUT/probe --probe --probe-variant "" --probe-variant "fused_ops=false fused_loss=false"
+      --out $OUT/probe --probe --probe-variant "" --probe-variant "fused_ops=false fused_loss=false parallel=1"
   python3 benchmarks/scaling_sweep.py --preset lmforge/scaling/presets/h100.toml --corpus "$C1" "$C2" \\
-      --out $OUT/scaling
+      --out /tmp/scaling --no-fit    # then copy results.csv, curves.csv, results.jsonl to $OUT
+  python benchmarks/scaling_sweep.py --preset lmforge/scaling/presets/h100.toml --out runs/h100_fit \\
+      --fit-from DIR_WITH_THOSE_TABLES --plan-flops 1e18 1e20
   # the same on a CPU at a tiny budget (~6 minutes on the loaded 2-core development machine)
   python benchmarks/scaling_sweep.py --preset lmforge/scaling/presets/h100.toml --out runs/scaling_cpu \\
       --vocab-size 512 --plan-flops 1e15 --n-boot 50 budgets=[2e10,6e10,2e11] sizes_per_budget=4 \\
