@@ -16,8 +16,11 @@ def test_compiled_decode_equals_eager():
     sp = SamplingParams(max_tokens=20, temperature=0)
     eager = Engine(model, max_batch=4, max_len=40).generate(ps, sp)
     compiled = Engine(model, max_batch=4, max_len=40, compile=True)
-    assert compiled.compiled
+    assert compiled.compiled and compiled.decode_steps == 8
     assert [o[0].token_ids for o in compiled.generate(ps, sp)] == [o[0].token_ids for o in eager]
+    # the k-step launches ran as captured CUDA graphs and prefill compiled (no logged fallback)
+    assert compiled.graphs.graphs and all(g is not None for g in compiled.graphs.graphs.values())
+    assert compiled._prefill_fn is not None
 
 
 @pytest.mark.gpu
@@ -61,8 +64,9 @@ def test_compiled_speculative_round_equals_eager():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pipelined_step_on_cuda_equals_cpu():
-    """The steady-state step on CUDA (pinned host copies + events, eager and as CUDA graphs with a
-    length bucket below max_len) gives the CPU engine's greedy tokens, stops trimmed exactly; rows
+    """The steady-state step on CUDA (pinned host copies + events, eager with 1 and 3 steps per
+    launch and 8 per captured CUDA graph with a length bucket below max_len) gives the CPU
+    engine's greedy tokens, stops trimmed exactly; rows
     that sample (the captured draw) and seeded rows (the general path) run in the same engine."""
     model = tiny_model("gqa", dtype=torch.float32)
     ps = prompts([3, 9, 5, 7, 2])
@@ -72,8 +76,8 @@ def test_pipelined_step_on_cuda_equals_cpu():
               for i, (m, b) in enumerate(zip((24, 20, 11, 24, 7), base))]
     ref = [o[0].token_ids for o in Engine(model, max_batch=3, max_len=300).generate(ps, params)]
     model = model.cuda()
-    for compile in (False, True):
-        engine = Engine(model, max_batch=3, max_len=300, compile=compile)
+    for compile, k in ((False, None), (False, 3), (True, None)):  # eager 1 and 3 steps per launch; compiled 8
+        engine = Engine(model, max_batch=3, max_len=300, compile=compile, decode_steps=k)
         assert [o[0].token_ids for o in engine.generate(ps, params)] == ref
         sampled = SamplingParams(max_tokens=12, temperature=0.8, top_k=20, top_p=0.9)
         seeded = SamplingParams(max_tokens=12, temperature=0.8, seed=1)

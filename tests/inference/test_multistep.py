@@ -115,3 +115,21 @@ def test_compiled_path_pieces_trace_on_cpu():
     # the step's graph, and for 4 prompts of 4 lengths in 3 row ranges two prefill graphs (one
     # row: dynamo specialises sizes of 1; several rows), not one per shape
     assert counters["stats"]["unique_graphs"] <= 3
+
+
+def test_failed_prefill_compilation_falls_back_to_eager(caplog):
+    """A compiler error in the compiled prefill is logged once and prefill runs eager from then on."""
+    model = tiny_model("gqa")
+    ps = prompts([3, 8])
+    engine = Engine(model, max_batch=2, max_len=30)
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise RuntimeError("inductor says no")
+
+    engine._prefill_fn = broken
+    outs = engine.generate(ps, SamplingParams(max_tokens=6, temperature=0))
+    assert [o[0].token_ids for o in outs] == [naive_greedy(model, p, 6) for p in ps]
+    assert len(calls) == 1 and engine._prefill_fn is None
+    assert "compiled prefill failed" in caplog.text and "inductor says no" in caplog.text
