@@ -59,7 +59,6 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -68,6 +67,7 @@ from lmforge.errors import ConfigError
 from lmforge.inference.cache import StaticKVCache
 from lmforge.inference.pipeline import DecodeBuffers, InFlight, StepGraphs
 from lmforge.inference.prefix import PrefixCache
+from lmforge.inference.requests import Completion, Event, Request, Sequence, completion
 from lmforge.inference.sampling import Row, SamplingParams, fast_key, sample, sample_fast
 from lmforge.inference.speculative import speculative_round
 from lmforge.inference.text import TextStream
@@ -80,58 +80,6 @@ log = logging.getLogger(__name__)
 # at batch 1 (benchmarks/inference_profile.py, llama124m): GPU time per step 0.62 -> 0.56 ms,
 # 235 -> 175 kernels, but compilation took minutes instead of seconds, so it is not the default.
 TUNED = {"coordinate_descent_tuning": True}
-
-
-@dataclass
-class Event:
-    """One step's news for one sequence: a new token (None when it finished without one)."""
-
-    request_id: str
-    index: int  # which of the request's n samples
-    token_id: int | None
-    text: str = ""
-    logprob: float | None = None
-    top_logprobs: dict[int, float] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" when this is the last event
-
-
-@dataclass
-class Sequence:
-    request: Request
-    index: int
-    row: Row
-    slot: int | None = None
-    length: int = 0  # tokens in the cache
-    last: int | None = None  # sampled, not yet in the cache
-    text: TextStream | None = None
-    finish_reason: str | None = None
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[dict[int, float]] = field(default_factory=list)
-    prefix: list = field(default_factory=list)  # pinned prefix-cache blocks it was started from
-    rounds: int = 0  # speculative rounds, drafted and accepted tokens
-    drafted: int = 0
-    accepted: int = 0
-
-
-@dataclass
-class Request:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    sequences: list[Sequence] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.sequences)
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]
-    text: str | None
-    finish_reason: str
-    logprobs: list[float] | None = None
-    top_logprobs: list[dict[int, float]] | None = None
 
 
 class Engine:
@@ -540,9 +488,3 @@ class Engine:
         while any(i in self.requests for i in ids):  # finished requests leave self.requests
             self.step()
         return [[completion(s) for s in r.sequences] for r in reqs]
-
-
-def completion(s: Sequence) -> Completion:
-    want = s.request.params.logprobs is not None
-    return Completion(list(s.row.output_ids), s.text.text if s.text is not None else None, s.finish_reason,
-                      s.logprobs if want else None, s.top_logprobs if want else None)
