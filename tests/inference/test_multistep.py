@@ -1,7 +1,10 @@
 """Multi-step decoding (`Engine(decode_steps=k)`): k tokens per row per launch, read at once.
 Outputs equal k = 1, the slow (seeded, unpipelined) path and naive recompute, stops trimmed
 exactly mid-launch; streaming gets up to k tokens per request per step(); one host read per
-launch; the compiled path's pieces (the k-step launch and the dynamic-shape prefill) traced on CPU."""
+launch; the compiled path's pieces (the k-step launch and the dynamic-shape prefill) traced on CPU;
+the server streams a multi-step engine like a one-step one."""
+
+import json
 
 import pytest
 import torch
@@ -133,3 +136,33 @@ def test_failed_prefill_compilation_falls_back_to_eager(caplog):
     assert [o[0].token_ids for o in outs] == [naive_greedy(model, p, 6) for p in ps]
     assert len(calls) == 1 and engine._prefill_fn is None
     assert "compiled prefill failed" in caplog.text and "inductor says no" in caplog.text
+
+
+def test_server_streams_multistep_engine_like_one_step():
+    """The server delivers k events per request per step: a streamed greedy completion (with a stop
+    string) from a decode_steps=3 engine equals the plain completion of a one-step engine."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from lmforge.inference.server import create_app
+
+    tok = Tokenizer.from_merges([], special_tokens=["<|endoftext|>"])
+    model = tiny_model("gqa", vocab=257, dtype=torch.float32)
+    body = {"prompt": "abcab", "max_tokens": 14, "temperature": 0, "n": 2}
+    with TestClient(create_app(Engine(model, tokenizer=tok, max_batch=2, max_len=48), tok)) as c:
+        plain = c.post("/v1/completions", json=body).json()
+        text = plain["choices"][0]["text"]
+        assert len(text) > 6
+        body["stop"] = text[4:6]  # a stop string that occurs in the reply
+        plain = c.post("/v1/completions", json=body).json()
+        assert plain["choices"][0]["finish_reason"] == "stop"
+    app = create_app(Engine(model, tokenizer=tok, max_batch=2, max_len=48, decode_steps=3), tok)
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json=dict(body, stream=True, stream_options={"include_usage": True}))
+    chunks = [json.loads(ln[6:]) for ln in r.text.split("\n\n") if ln.startswith("data: ") and ln[6:] != "[DONE]"]
+    texts = ["", ""]
+    for ch in chunks[:-1]:
+        for choice in ch["choices"]:
+            texts[choice["index"]] += choice["text"]
+    assert texts == [ch["text"] for ch in plain["choices"]]
+    assert chunks[-1]["usage"] == plain["usage"]
