@@ -47,6 +47,7 @@ difference (the engine's host overhead per step) and the host-sync calls per ste
 (pipeline.HostSyncCounter: .item/.tolist/.cpu/bool of a tensor/t[i] = v/torch.tensor).
 
   PYTHONPATH=. python3 benchmarks/inference_decode.py --overhead --batch 1 8 64 --new 128
+  PYTHONPATH=. python3 benchmarks/inference_decode.py --overhead --batch 1 64 --decode-steps 1 8   # multi-step
 """
 
 from __future__ import annotations
@@ -160,13 +161,14 @@ def run_batch(B, prompts, model, qmodel, hf, hf_c, args, device) -> list[dict]:
     return rows
 
 @torch.inference_mode()
-def overhead_row(B: int, model, args, device) -> dict:
-    """Engine time per decode step, the part of it spent inside the model's forward (measured in
-    the same run by forward hooks), their difference, and host syncs per steady-state step."""
+def overhead_row(B: int, k: int, model, args, device) -> dict:
+    """Engine time per decode step (token per row) with k steps per launch, the part of it spent
+    inside the model's forward (measured in the same run by forward hooks), their difference, and
+    host syncs per steady-state decode step."""
     from lmforge.inference.pipeline import HostSyncCounter
 
     sp = SamplingParams(max_tokens=args.new, temperature=0)
-    engine = Engine(model, max_batch=B, max_len=args.prompt + args.new + 1, eos_ids=[])
+    engine = Engine(model, max_batch=B, max_len=args.prompt + args.new + 1, eos_ids=[], decode_steps=k)
     prompts = torch.randint(0, model.cfg.vocab_size, (B, args.prompt)).tolist()
     inside = [0.0, 0.0]  # seconds in forward, start of the current call
 
@@ -191,14 +193,15 @@ def overhead_row(B: int, model, args, device) -> dict:
         engine.add_request(p, sp)
     engine.step()
     engine.step()
-    with HostSyncCounter() as syncs:  # three steady-state steps
+    with HostSyncCounter() as syncs:  # three steady-state launches (3k decode steps)
         for _ in range(3):
             engine.step()
     while engine.has_work():
         engine.step()
     step, fwd = best[0] / args.new, best[1] / args.new
-    return {"batch": B, "step_us": step * 1e6, "forward_us": fwd * 1e6, "overhead_us": (step - fwd) * 1e6,
-            "syncs_per_step": {k: v / 3 for k, v in sorted(syncs.counts.items())}}
+    return {"batch": B, "decode_steps": k, "step_us": step * 1e6, "forward_us": fwd * 1e6,
+            "overhead_us": (step - fwd) * 1e6,
+            "syncs_per_step": {name: v / (3 * k) for name, v in sorted(syncs.counts.items())}}
 
 
 def overhead(args, device) -> list[dict]:
@@ -207,11 +210,11 @@ def overhead(args, device) -> list[dict]:
     cfg = ModelConfig(vocab_size=512, context_length=1024, d_model=64, n_layers=1, n_heads=2, n_kv_heads=2,
                       attention_backend="sdpa")
     model = Transformer(cfg).to(device).eval()
-    rows = [overhead_row(B, model, args, device) for B in args.batch]
-    print(f"{'batch':>5} {'step us':>9} {'forward us':>10} {'overhead us':>11}  host syncs per steady step")
+    rows = [overhead_row(B, k, model, args, device) for B in args.batch for k in args.decode_steps]
+    print(f"{'batch':>5} {'k':>3} {'step us':>9} {'forward us':>10} {'overhead us':>11}  host syncs per steady step")
     for r in rows:
-        print(f"{r['batch']:>5} {r['step_us']:>9.0f} {r['forward_us']:>10.0f} {r['overhead_us']:>11.0f}  "
-              f"{r['syncs_per_step']}")
+        print(f"{r['batch']:>5} {r['decode_steps']:>3} {r['step_us']:>9.0f} {r['forward_us']:>10.0f} "
+              f"{r['overhead_us']:>11.0f}  {r['syncs_per_step']}")
     return rows
 
 
@@ -227,6 +230,7 @@ def main() -> int:
     ap.add_argument("--peak-tbs", type=float, default=None, help="the card's peak memory bandwidth, TB/s")
     ap.add_argument("--out", default=None)
     ap.add_argument("--overhead", action="store_true", help="the engine's host overhead per step (1-layer model)")
+    ap.add_argument("--decode-steps", type=int, nargs="+", default=[1], help="--overhead: decode steps per launch")
     args = ap.parse_args()
     device, dtype = inference_device(args.threads)
     if args.overhead:
