@@ -13,7 +13,8 @@ position (the model masks by per-row positions). `step()` is one scheduler itera
    is prefilled once and its cache row copied to its other slots;
 2. decode: every running sequence advances by one token in one batched forward over the rows
    0..(highest busy slot); when all rows sample with settings the device can apply alone
-   (`sampling.fast_key`: no penalties, log-probs or seeds) this is the steady-state step below;
+   (`sampling.fast_key`: no penalties, log-probs or seeds) this is the steady-state step below,
+   `decode_steps` tokens per row at a time;
 3. finished sequences (stop id, stop string, max_tokens, cache full, or aborted) free their slots
    at once, so waiting requests join at the next step while others keep decoding.
 With `prefill_chunk=N`, step 1 feeds at most N prompt tokens per step (chunked prefill), so a
