@@ -16,6 +16,7 @@ steps, bf16 autocast, torch.compile) for the variants in --variants (comma-separ
     on Hopper: this row checks that);
   - lmforge-cpp-wrapper: lmforge with train.compile_cpp_wrapper (kernels launched from C++);
   - nano-big, big-cpp-wrapper: the recipe, and lmforge with cpp_wrapper, at micro-batch --big-batch;
+  any variant as KEY:B runs at micro-batch B (accumulation --batch * --accum / B), e.g. big:60;
   - lmforge-before: ablation, the model and optimizer code as before the speed work (x @ W.t() + b,
     written-out layer norm, gathered positions, 3 q/k/v GEMMs, multi-tensor AdamW);
   - lmforge-3-qkv: ablation, only the one-GEMM q/k/v projection undone;
@@ -396,13 +397,14 @@ class TimedBatches:
         self.batches.load_state_dict(state)
 
 
-def time_steps(step, device, *, iters, warmup, finish=lambda: None):
+def time_steps(step, device, *, iters, warmup, finish=lambda: None, after_warmup=lambda: None):
     """Median and mean ms of `iters` steps run back to back, as in a training loop: no sync between
     steps beyond what the step does itself (the recipe reads its loss each step; lmforge reads at
     log points, here `finish` after the last step). Device events mark each step's start."""
     for _ in range(warmup):
         step()
     finish()
+    after_warmup()
     if device.type != "cuda":
         t0 = time.perf_counter()
         marks = []
@@ -430,11 +432,13 @@ def run_variant(key, args, device, mcfg, shape, data, shard, fpt, peak, rows, pr
     from lmforge.model import Transformer
 
     T = args.seq_len
-    name, loop, model_kind = VARIANTS[key]
-    B = args.big_batch if key in BIG else args.batch
+    base, _, size = key.partition(":")  # "big:60": variant big at micro-batch 60
+    name, loop, model_kind = VARIANTS[base]
+    B = int(size) if size else args.big_batch if base in BIG else args.batch
+    name += f" ({B}x{max(1, args.batch * args.accum // B)})" if size else ""
     accum = max(1, args.batch * args.accum // B)
-    NanoAttention.cudnn_first = key == "nano-cudnn"
-    cfg = mcfg.replace(fused_loss=True) if key == "lmforge-fused-loss" else mcfg
+    NanoAttention.cudnn_first = base == "nano-cudnn"
+    cfg = mcfg.replace(fused_loss=True) if base == "lmforge-fused-loss" else mcfg
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     loader = None
@@ -450,9 +454,9 @@ def run_variant(key, args, device, mcfg, shape, data, shard, fpt, peak, rows, pr
     else:
         module = NanoAsLMForge(NanoGPT(**shape)) if model_kind == "nano" else None
         runner = lmforge_trainer(cfg, shard, B, T, accum, device, compile=args.compile, module=module,
-                                 cpp_wrapper=key in ("lmforge-cpp-wrapper", "big-cpp-wrapper"),
-                                 compile_mode="reduce-overhead" if key.endswith("cudagraphs") else "default",
-                                 check_every=1 if key == "lmforge-sync" else 0)
+                                 cpp_wrapper=base in ("lmforge-cpp-wrapper", "big-cpp-wrapper"),
+                                 compile_mode="reduce-overhead" if base.endswith("cudagraphs") else "default",
+                                 check_every=1 if base == "lmforge-sync" else 0)
         runner.batches = loader = TimedBatches(runner.batches)
         read = runner.cfg.check_every == 1  # else the loss is read at log points (here: finish)
 
@@ -463,7 +467,9 @@ def run_variant(key, args, device, mcfg, shape, data, shard, fpt, peak, rows, pr
 
     t0 = time.perf_counter()
     try:
-        step_ms, mean_ms = time_steps(step, device, iters=args.iters, warmup=args.warmup, finish=finish)
+        reset = (lambda: setattr(loader, "seconds", 0.0) or setattr(loader, "calls", 0)) if loader else (lambda: None)
+        step_ms, mean_ms = time_steps(step, device, iters=args.iters, warmup=args.warmup, finish=finish,
+                                      after_warmup=reset)
         if loop == "lmforge":
             losses = [r["loss"] for r in runner.history]
             loader_ms = loader.seconds * 1e3 / (loader.calls / accum)  # per optimizer step
@@ -519,25 +525,37 @@ def throughput(args, device, out):
     keys += (["big"] if args.big_batch and "big" not in keys else [])
     keys += ["lmforge-model-nano-loop", "nano-model-lmforge-loop"] if args.diagnose else []
     for key in keys:
-        if key not in VARIANTS:
+        if key.partition(":")[0] not in VARIANTS:
             raise SystemExit(f"--variants: unknown {key!r} (known: {', '.join(VARIANTS)})")
-        with previous_code(key):
+        with previous_code(key.partition(":")[0]):
             run_variant(key, args, device, mcfg, shape, data, shard, fpt, peak, rows, profiles)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # partial results survive a timeout
         Path(args.out + ".partial").write_text(json.dumps({"rows": rows, "profiles": profiles}, indent=1))
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-    base = rows[0].get("tokens_per_s")
+    recipe = rows[0].get("tokens_per_s")
     by_key = {r.get("key"): r for r in rows}
     for r in rows:
-        r["ratio_vs_nanogpt"] = r["tokens_per_s"] / base if base and "tokens_per_s" in r else None
-        ref = by_key.get(SAME_RUN_AS.get(r.get("key")))
+        r["ratio_vs_nanogpt"] = r["tokens_per_s"] / recipe if recipe and "tokens_per_s" in r else None
+        base, colon, size = (r.get("key") or "").partition(":")
+        ref = by_key.get(SAME_RUN_AS.get(base, "") + colon + size)
         if ref is not None and "losses" in r and "losses" in ref:
             n = min(len(r["losses"]), len(ref["losses"]))
             r["max_loss_diff_vs_" + ref["key"]] = max(abs(a - b) for a, b in zip(r["losses"][:n], ref["losses"][:n]))
+    # each implementation at its best micro-batch (among the rows of this call): recipe rows run the
+    # recipe's model in its loop, lmforge rows lmforge's model in the Trainer
+    best = {}
+    for r in rows:
+        _, loop, model = VARIANTS[r.get("key", "nano").partition(":")[0]]
+        if "tokens_per_s" in r and loop == model:
+            if loop not in best or r["tokens_per_s"] > best[loop]["tokens_per_s"]:
+                best[loop] = r
+    best_ratio = (best["lmforge"]["tokens_per_s"] / best["nano"]["tokens_per_s"]
+                  if "lmforge" in best and "nano" in best else None)
     return {"device": device_name(device), "flops_per_token": fpt, "peak_flops": peak, "rows": rows,
-            "same_function": check, "profiles": profiles}
+            "same_function": check, "profiles": profiles,
+            "best": {k: r["variant"] for k, r in best.items()}, "best_ratio": best_ratio}
 
 
 def quality(args, device, out):
@@ -647,19 +665,22 @@ def main():
             print_profiles(th["profiles"], th["rows"])
         print(f"\nGPT-2 small ({args.preset}, T={args.seq_len}, bf16) on {th['device']}, torch {torch.__version__}; "
               f"same function check: {'OK' if th['same_function']['ok'] else 'MISMATCH'}")
-        print(f"{'variant':<38}{'micro':>6}{'accum':>6}{'tok/s':>12}{'MFU':>8}{'vs nanoGPT':>12}{'mem GB':>8}"
+        print(f"{'variant':<44}{'micro':>6}{'accum':>6}{'tok/s':>12}{'MFU':>8}{'vs nanoGPT':>12}{'mem GB':>8}"
               f"{'breaks':>8}{'loader ms':>10}  max |loss diff| over warmup + timed steps")
         for r in th["rows"]:
             if "error" in r:
-                print(f"{r['variant']:<38} FAILED: {r['error'][:80]}")
+                print(f"{r['variant']:<44} FAILED: {r['error'][:80]}")
                 continue
             mfu = f"{r['mfu']:.1%}" if r["mfu"] else "n/a"
             mem = f"{r['max_mem_gb']:.1f}" if r["max_mem_gb"] else "-"
             same = next((f"{v:.1e} vs {k[len('max_loss_diff_vs_'):]}" for k, v in r.items()
                          if k.startswith("max_loss_diff_vs_")), "")
             loader = f"{r['loader_ms_per_step']:.2f}" if r.get("loader_ms_per_step") is not None else "-"
-            print(f"{r['variant']:<38}{r['micro_batch']:>6}{r['accum']:>6}{r['tokens_per_s']:>12,.0f}{mfu:>8}"
+            print(f"{r['variant']:<44}{r['micro_batch']:>6}{r['accum']:>6}{r['tokens_per_s']:>12,.0f}{mfu:>8}"
                   f"{r['ratio_vs_nanogpt']:>11.3f}x{mem:>8}{r['graph_breaks']:>8}{loader:>10}  {same}")
+        if th.get("best_ratio"):
+            print(f"each at its best micro-batch in this call: {th['best']['lmforge']} / {th['best']['nano']} = "
+                  f"{th['best_ratio']:.3f}x")
     if "quality" in result:
         q = result["quality"]
         print(f"\nquality: {q['steps']} steps x {q['tokens_per_step']:,} tokens, vocab {q['vocab']}")
