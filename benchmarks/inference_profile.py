@@ -169,7 +169,10 @@ def profile_one(model, B: int, args, opts: dict, device) -> dict:
     row = {"batch": B, "variant": args.label, "opts": opts, "decode_steps": engine.decode_steps, "steps": steps,
            "wall_ms": wall / steps * 1e3, "launch_ms": launch / steps * 1e3, "wait_ms": wait / steps * 1e3,
            "host_ms": (wall - launch - wait) / steps * 1e3, "prefill_ms": prefill_ms,
-           "tok_s": B * steps / wall}
+           "tok_s": B * steps / wall,
+           # compiled paths in use (False: the logged fallback to eager prefill / uncaptured steps)
+           "prefill_compiled": engine._prefill_fn is not None,
+           "graphs_captured": sum(g is not None for g in engine.graphs.graphs.values())}
     print(f"measured: {row}", flush=True)  # before the profiler run, in case the command is cut short
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
