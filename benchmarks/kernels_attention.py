@@ -318,7 +318,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=12, help="processes compiling the sweep's kernels")
     p.add_argument("--kernels", default=",".join(SWEEP), help="which kernels --sweep times (comma-separated)")
     p.add_argument("--check-only", action="store_true", help="run the GPU correctness checks and stop")
-    p.add_argument("--precompile-only", action="store_true", help="compile the sweep's kernels and stop")
+    p.add_argument("--precompile-only", action="store_true",
+                   help="compile the kernels (the sweep's, or the autotuner's candidates) and stop")
     p.add_argument("--budget-s", type=float, default=150, help="stop sweeping configs after this long")
     p.add_argument("--shapes", default="8,16,2048,128;4,16,4096,128;2,16,8192,128;1,16,16384,128;16,32,1024,64;8,32,2048,64")
     args = p.parse_args(argv)
@@ -371,13 +372,16 @@ def main(argv=None):
     from lmforge.kernels import flash_attention_triton as fa
 
     if args.workers > 1 and info["tune"] != "0":  # the autotuner then finds its candidates compiled
-        tunables = {"fwd": fa.FWD.configs, "fwd_tma": tma.FWD_TMA.configs, "dkdv": fa.DKDV.configs,
-                    "dq": fa.DQ.configs}
+        tunables = {"fwd": fa.FWD.configs, "dkdv": fa.DKDV.configs, "dq": fa.DQ.configs,
+                    "fwd_tma": tma.FWD_TMA.configs, "dkdv_tma": tma.DKDV_TMA.configs, "dq_tma": tma.DQ_TMA.configs}
         precompile(sorted({(s[1], s[3]) for s in shapes}), args.workers, tunables)
+    if args.precompile_only:  # a later run (--workers 1) finds them in Triton's on-disk cache
+        return 0
     timings = time_shapes(device, shapes)
 
-    tuned = {n: t.best_configs() for n, t in (("fwd", fa.FWD), ("fwd_tma", tma.FWD_TMA), ("dkdv", fa.DKDV),
-                                               ("dq", fa.DQ))}
+    tuned = {n: t.best_configs() for n, t in (("fwd", fa.FWD), ("dkdv", fa.DKDV), ("dq", fa.DQ),
+                                               ("fwd_tma", tma.FWD_TMA), ("dkdv_tma", tma.DKDV_TMA),
+                                               ("dq_tma", tma.DQ_TMA))}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "kernels_attention.json"), "w") as f:
         json.dump({"info": info, "checks": checks, "timings": timings, "tuned": tuned}, f, indent=1)
