@@ -458,7 +458,7 @@ def run_variant(key, args, device, mcfg, shape, data, shard, fpt, peak, rows, pr
                                  compile_mode="reduce-overhead" if base.endswith("cudagraphs") else "default",
                                  check_every=1 if base == "lmforge-sync" else 0)
         runner.batches = loader = TimedBatches(runner.batches)
-        read = runner.cfg.check_every == 1  # else the loss is read at log points (here: finish)
+        read = runner.check_every == 1  # else the loss is read at log points (here: finish)
 
         def step(runner=runner, read=read):
             runner.train_step(read=read)

@@ -55,8 +55,9 @@ class TrainConfig:
     eval_batches: int = 8
     log_every: int = 10
     # Steps between host reads of the loss and grad norm (the NaN/Inf check). 1: every step, before
-    # its update (the GPU waits for the host once per step). 0: at log points (log_every); N: every N
-    # steps. Reads also happen before every eval, sample and checkpoint, so a non-finite step stops
+    # its update (the host waits for the GPU once per step). N: every N steps, the GPU running ahead
+    # in between. 0 (auto): every step on CPU, where reading costs nothing, at log points (log_every)
+    # on GPU. Reads also happen before every eval, sample and checkpoint, so a non-finite step stops
     # the run before any later checkpoint is written.
     check_every: int = 0
     sample_every: int = 0  # 0: no samples during training (the main job samples at the end)

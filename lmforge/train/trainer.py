@@ -12,10 +12,10 @@ Contract:
 - `evaluate(model) -> dict`: optional periodic evaluation (e.g. val loss and bits per byte).
 
 Host syncs: a step's loss, grad norm and token count stay on the device until they are read
-(`read_stats`, one wait for the GPU for all pending steps): at log points by default
+(`read_stats`, one wait for the GPU for all pending steps): on GPU at log points by default
 (`train.check_every`), and always before an eval, samples or a checkpoint, so the host queues the
-next steps while the GPU runs and a non-finite step is never followed by a saved checkpoint.
-`train.check_every = 1` reads each step before its update instead. `train.compile_mode =
+next steps while the GPU runs and a non-finite step is never followed by a saved checkpoint. On CPU
+(and with `train.check_every = 1`) each step is read before its update. `train.compile_mode =
 "reduce-overhead"` replays each micro-step's compiled forward and backward as CUDA graphs.
 
 The trainer never imports a model class; it works on any nn.Module.
@@ -72,6 +72,12 @@ def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, 
     return loss_sum, n, metrics
 
 
+def steps_between_reads(cfg: TrainConfig, device: torch.device) -> int:
+    """train.check_every, with 0 (auto) resolved: every step on CPU (nothing runs ahead there, so
+    reading costs nothing), at log points on an accelerator."""
+    return cfg.check_every or (1 if device.type == "cpu" else cfg.log_every)
+
+
 def apply_activation_checkpointing(model: nn.Module) -> int:
     """Recompute each block's activations in the backward pass instead of storing them.
 
@@ -118,6 +124,7 @@ class Trainer:
         # (docs/benchmarks.md, Training: at micro-batch 12 the host launches kernels barely faster
         # than the GPU runs them).
         self._cudagraphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
+        self.check_every = steps_between_reads(cfg, self.device)
         if cfg.compile:
             # cpp_wrapper: inductor launches the kernels from C++ instead of Python: less host time
             # per kernel; slower to compile. Both are inductor options ("reduce-overhead" is
@@ -285,7 +292,7 @@ class Trainer:
         if self.step < step:  # read before its update
             when = "stopped before the update"
         else:
-            when = (f"read at step {self.step} (train.check_every = {self.cfg.check_every}); "
+            when = (f"read at step {self.step} (read every {self.check_every} steps: train.check_every); "
                     "no checkpoint was written after it")
         return (f"step {step}: loss = {loss}, grad norm = {norm} is not finite; {when} (the last good "
                 f"checkpoint is left intact{where}). Lower train.lr, raise warmup or check the data.")
@@ -305,7 +312,6 @@ class Trainer:
         start = time.perf_counter()
         window_t, window_tokens = time.perf_counter(), self.tokens
         seen = len(self.history)
-        check_every = cfg.check_every or cfg.log_every
         stop_reason = "max_steps"
 
         def report() -> None:
@@ -320,7 +326,7 @@ class Trainer:
 
         try:
             while self.step < cfg.max_steps:
-                self.train_step(read=cfg.check_every == 1)
+                self.train_step(read=self.check_every == 1)
                 step, last = self.step, self.step == cfg.max_steps
                 log_now = _every(step, cfg.log_every) or last
                 do_eval = bool(self.evaluate_fn) and (_every(step, cfg.eval_every) or (last and cfg.eval_every))
@@ -328,7 +334,7 @@ class Trainer:
                 do_save = _every(step, cfg.checkpoint_every) or (last and cfg.checkpoint_every)
                 # The GPU runs ahead of the host between reads; every step is read before anything
                 # that looks at the weights or writes them (eval, samples, checkpoints).
-                if log_now or do_eval or do_sample or do_save or _every(step, check_every):
+                if log_now or do_eval or do_sample or do_save or _every(step, self.check_every):
                     report()
                 if log_now:
                     if self.device.type == "cuda":

@@ -31,14 +31,14 @@ def _reads(trainer):
 
 
 def test_deferred_reads_give_the_losses_of_per_step_reads(tmp_path, shard_dir):
-    """check_every = 0 reads at log points and before checkpoints only, yet every step's record
+    """check_every = 3 reads every 3 steps and before checkpoints only, yet every step's record
     (loss, grad norm, tokens) and the weights equal those of a run read before every update."""
     eager = _packed_trainer(tmp_path / "a", shard_dir, 9, check_every=1)
     eager.train()
-    lazy = _packed_trainer(tmp_path / "b", shard_dir, 9, check_every=0, log_every=3, checkpoint_every=4)
+    lazy = _packed_trainer(tmp_path / "b", shard_dir, 9, check_every=3, log_every=3, checkpoint_every=4)
     reads = _reads(lazy)
     lazy.train()
-    assert reads == [(3, 3), (4, 1), (6, 2), (8, 2), (9, 1)]  # log points 3, 6, 9; checkpoints 4, 8
+    assert reads == [(3, 3), (4, 1), (6, 2), (8, 2), (9, 1)]  # reads at 3, 6, 9; checkpoints 4, 8
     keys = ("step", "loss", "grad_norm", "tokens", "lr")
     assert [[r[k] for k in keys] for r in lazy.history] == [[r[k] for k in keys] for r in eager.history]
     assert lazy.tokens == eager.tokens
@@ -53,11 +53,11 @@ def test_deferred_reads_give_the_losses_of_per_step_reads(tmp_path, shard_dir):
 def test_deferred_nan_check_stops_before_the_next_checkpoint(tmp_path, shard_dir):
     """A NaN at step 6, read at step 8 (the next log/checkpoint point): the run stops naming step 6,
     no checkpoint holds a step after it, and the last good one resumes with finite weights."""
-    t = _packed_trainer(tmp_path / "run", shard_dir, 12, check_every=0, log_every=8, checkpoint_every=4,
+    t = _packed_trainer(tmp_path / "run", shard_dir, 12, check_every=8, log_every=8, checkpoint_every=4,
                         keep_checkpoints=5)
     t.loss_fn = _poisoned_from(6)
     reads = _reads(t)
-    with pytest.raises(TrainingDiverged, match=r"step 6: loss = nan.*read at step 8.*check_every = 0"):
+    with pytest.raises(TrainingDiverged, match=r"step 6: loss = nan.*read at step 8 \(read every 8 steps"):
         t.train()
     assert reads == [(4, 4)]  # steps 5-8 were queued without waiting; the read at 8 raised
     assert [r["step"] for r in t.history] == [1, 2, 3, 4, 5]
@@ -65,6 +65,15 @@ def test_deferred_nan_check_stops_before_the_next_checkpoint(tmp_path, shard_dir
     good = _packed_trainer(tmp_path / "run", shard_dir, 12)
     assert good.resume() and good.step == 4
     assert all(torch.isfinite(p).all() for p in good.model.parameters())
+
+
+def test_check_every_auto():
+    from lmforge.train.trainer import steps_between_reads
+
+    cfg = TrainConfig(check_every=0, log_every=5)
+    assert steps_between_reads(cfg, torch.device("cpu")) == 1  # reading costs nothing on CPU
+    assert steps_between_reads(cfg, torch.device("cuda")) == 5  # log points
+    assert steps_between_reads(TrainConfig(check_every=3), torch.device("cuda")) == 3
 
 
 def test_check_every_n_reads_every_n_steps(tmp_path, shard_dir):
