@@ -15,7 +15,8 @@ Host syncs: a step's loss, grad norm and token count stay on the device until th
 (`read_stats`, one wait for the GPU for all pending steps): on GPU at log points by default
 (`train.check_every`), and always before an eval, samples or a checkpoint, so the host queues the
 next steps while the GPU runs and a non-finite step is never followed by a saved checkpoint. On CPU
-(and with `train.check_every = 1`) each step is read before its update. `train.compile_mode =
+(and with `train.check_every = 1`) each step is read before its update. Hooks and the progress bar
+see each step's record once, in order, when it is read. `train.compile_mode =
 "reduce-overhead"` replays each micro-step's compiled forward and backward as CUDA graphs.
 
 The trainer never imports a model class; it works on any nn.Module.
