@@ -313,7 +313,8 @@ DQ_TMA = DescTunable(_dq_kernel_tma, [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2),
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    """True when every tensor can be described for TMA (and the device has it)."""
+    """True when every tensor, and a contiguous tensor of its last dim (the outputs O, dQ, dK, dV),
+    can be described for TMA, and the device has it."""
     if TensorDescriptor is None:
         return False
     if not interpreting():
@@ -323,7 +324,7 @@ def usable(*tensors: torch.Tensor) -> bool:
             return False
     for t in tensors:
         size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in (*t.stride()[:-1], t.shape[-1])):
             return False
     return True
 

@@ -14,8 +14,10 @@ Query-tile programs run the heaviest (last, under a causal mask) tiles first.
 Each loop is split into masked edge tiles and unmasked interior tiles so that only the tiles on
 the causal diagonal, the window edge or the sequence end pay for masking.
 
-Written with plain pointer arithmetic (no block pointers/TMA) so it runs on Triton 3.6 (GPU) and
-3.9 (CPU interpreter). Importing this module requires triton.
+The kernels here use plain pointer arithmetic (no block pointers), so they run on Triton 3.6 (GPU)
+and 3.9 (CPU interpreter) for any strides. The launchers `forward`/`backward` call the
+tensor-descriptor (TMA) twins in `flash_attention_tma` instead wherever the strides allow
+(`USE_TMA`, `USE_TMA_BWD`). Importing this module requires triton.
 """
 
 from __future__ import annotations
@@ -436,14 +438,10 @@ def _common(q, k, v, softcap, scale, window, doc_ids):
 
 
 def forward(q, k, v, *, causal, window, softcap, scale, doc_ids):
-    """Returns (out [B,Hq,T,Dv] contiguous, lse [B,Hq,T] fp32, base 2).
-
-    Runs the tensor-descriptor (TMA) kernel of `flash_attention_tma` when USE_TMA is set and the
-    tensors allow it, else the pointer kernel below.
-    """
+    """Returns (out [B,Hq,T,Dv] contiguous, lse [B,Hq,T] fp32, base 2)."""
     from lmforge.kernels import flash_attention_tma as tma
 
-    if USE_TMA and tma.usable(q, k, v) and (v.shape[-1] * v.element_size()) % 16 == 0:  # out: [.., Dv] rows
+    if USE_TMA and tma.usable(q, k, v):
         return tma.forward(q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, doc_ids=doc_ids)
     B, HQ, HKV, T, S, D, DV, doc, meta, scalars, strides = _common(q, k, v, softcap, scale, window, doc_ids)
     meta["CAUSAL"] = causal
@@ -471,7 +469,6 @@ def backward(q, k, v, out, lse, dout, *, causal, window, softcap, scale, doc_ids
     from lmforge.kernels import flash_attention_tma as tma
 
     atomic = not deterministic
-    # the descriptor kernels where strides allow (dk/dv/dq are as aligned as k/v/q)
     use_tma = USE_TMA_BWD and tma.usable(q, k, v, dout)
     # with atomics, dQ accumulates in fp32 rows of BLOCK_D (the descriptor kernel's padded head dim)
     dq_acc = torch.zeros(B, HQ, T, meta["BLOCK_D"] if use_tma else D, device=q.device, dtype=torch.float32) \
@@ -502,8 +499,8 @@ def backward(q, k, v, out, lse, dout, *, causal, window, softcap, scale, doc_ids
     return dq, dk, dv
 
 
-# The kernels read and write tiles through tensor descriptors where they can (flash_attention_tma):
-# the forward with USE_TMA, the deterministic backward with USE_TMA_BWD.
+# The launchers use the tensor-descriptor kernels (flash_attention_tma) where the strides allow:
+# the forward with USE_TMA, the backward with USE_TMA_BWD. Off: always the pointer kernels here.
 USE_TMA = True
 USE_TMA_BWD = True
 

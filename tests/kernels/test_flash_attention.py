@@ -80,6 +80,13 @@ def test_forward_path_follows_strides(monkeypatch):
     assert tma.usable(q[..., :16]) is False  # sliced view: row stride 40 bytes
     assert max(run("triton", B=1, Hq=2, Hkv=1, T=19, S=19, D=20, dtype=torch.float16)) < 2e-3
     assert len(calls) == 1
+    # 48-byte row strides are fine, but outputs of 20 fp16 per row (O, dQ, dK, dV) are not
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 19, 24, generator=g).half()[..., :20] for _ in range(3))
+    assert tma.usable(q) is False
+    out = flash_attention(q, k, v, impl="triton")
+    ref = attention_reference(*(t.detach().double() for t in (q, k, v)))
+    assert len(calls) == 1 and rel(out, ref) < 2e-3
 
 
 @pytest.mark.parametrize("blocks", [(32, 16), (16, 32)])
