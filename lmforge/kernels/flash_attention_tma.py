@@ -1,22 +1,24 @@
-"""FlashAttention-2 forward kernel that reads Q/K/V and writes O through tensor descriptors (TMA).
+"""FlashAttention-2 kernels (forward, dK/dV, dQ) that move tiles through tensor descriptors (TMA).
 
-Same algorithm, masks and outputs (O and the base-2 LSE) as `_fwd_kernel` in
-`flash_attention_triton`, whose range helpers it reuses; only the memory access differs. Each of
-Q, K, V, O is described once on the host as a 4-D `TensorDescriptor` [B, H, T, D] with its real
-strides, so a tile load is one bulk copy (on Hopper: the TMA engine, completing on an mbarrier)
-instead of per-thread address arithmetic and `cp.async`; rows past T (or S) and columns past D read
-as zeros and are not written, so no load or store needs a mask. That frees about a third of the
-registers of the pointer kernel (offline sm_90 compile with Triton 3.6: 164 instead of 252 per
-thread at 128x64 tiles, D=128; 127 instead of 173 at D=64, which lets two programs share an SM).
+Same algorithm, masks, work split and outputs (O and the base-2 LSE; dQ, dK, dV) as the pointer
+kernels in `flash_attention_triton`, whose range and mask helpers they reuse; only the memory
+access differs. Each of Q, K, V, O (dO, dQ, dK, dV) is described once on the host as a 4-D
+`TensorDescriptor` [B, H, T, D] with its real strides, so a tile load is one bulk copy (on Hopper:
+the TMA engine, completing on an mbarrier) instead of per-thread address arithmetic and
+`cp.async`; rows past T (or S) and columns past D read as zeros and stores past them are dropped,
+so no tile load or store needs a mask. Tiles that stay put for a whole program (Q in the forward
+and dQ kernels, K and V in the dK/dV kernel) stay in shared memory as wgmma operands: nothing is
+pre-scaled into a register copy; scale * log2(e) goes into the exp2 argument (one FMA per score)
+and onto the row maximum (scale > 0, so max(s) * c = max(s * c)). Offline sm_90 compiles (Triton
+3.6) show the registers this frees: forward 164 instead of 252 per thread at 128x64 tiles, D=128
+(127 instead of 173 at D=64, two programs per SM); dQ 180 instead of 255. The dK/dV kernel still
+spills at D=128. `deterministic=False` adds dQ inside the dK/dV kernel with one bulk reduce-add
+per tile (`desc.atomic_add`); it measured slower than the separate dQ kernel on an H100.
 
-Scores are not pre-scaled: Q goes straight from shared memory into the tensor cores (both wgmma
-operands in shared memory), and scale * log2(e) is applied in the exp2 argument (one FMA per
-score) and to the row maximum (scale > 0, so max(s) * c = max(s * c)).
-
-It runs where TMA can describe the tensors (`usable`): 16-byte aligned base pointers and strides,
-unit stride in the head dimension, on a GPU of compute capability >= 9 (or under the interpreter,
-which emulates descriptors, for the CPU tests); otherwise the pointer kernel runs. It does not do
-the backward pass (the pointer kernels in `flash_attention_triton` do).
+They run where TMA can describe the tensors (`usable`): 16-byte aligned base pointers, strides
+and output rows, unit stride in the head dimension, fp16/bf16 on a GPU of compute capability >= 9
+(any dtype under the interpreter, which emulates descriptors, for the CPU tests); otherwise
+`flash_attention_triton`'s pointer kernels run.
 """
 
 from __future__ import annotations
@@ -334,8 +336,9 @@ def _descs(**tensors):
     return {name: TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, 16]) for name, t in tensors.items()}
 
 
-def _scalars(meta, scalars, strides, HQ, HKV):
-    return dict(DOC=None, sdb=strides[-1], sm_scale=scalars[0], softcap=scalars[1], window=scalars[2], T=scalars[3],
+def _shared_args(doc, meta, scalars, strides, HQ, HKV):
+    """The arguments every kernel here takes besides its tensors (from `flash_attention_triton._common`)."""
+    return dict(DOC=doc, sdb=strides[-1], sm_scale=scalars[0], softcap=scalars[1], window=scalars[2], T=scalars[3],
                 S=scalars[4], HQ=HQ, GROUP=HQ // HKV, BLOCK_D=meta["BLOCK_D"], BLOCK_DV=meta["BLOCK_DV"],
                 CAUSAL=meta["CAUSAL"], WINDOW_ON=meta["WINDOW_ON"], HAS_DOC=meta["HAS_DOC"],
                 SOFTCAP_ON=meta["SOFTCAP_ON"], PRECISION=meta["PRECISION"])
@@ -348,7 +351,7 @@ def forward(q, k, v, *, causal, window, softcap, scale, doc_ids):
     out = torch.empty(B, HQ, T, DV, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     grid = lambda m: (B * HQ, triton.cdiv(T, m["BLOCK_M"]))
-    FWD_TMA[grid](**_descs(Q=q, K=k, V=v, O=out), LSE=lse, **dict(_scalars(meta, scalars, strides, HQ, HKV), DOC=doc))
+    FWD_TMA[grid](**_descs(Q=q, K=k, V=v, O=out), LSE=lse, **_shared_args(doc, meta, scalars, strides, HQ, HKV))
     return out, lse
 
 
@@ -362,7 +365,7 @@ def dkdv(q, k, v, dout, lse, delta, dk, dv, doc, meta, scalars, strides, dq_acc=
     grid = lambda m: (B * HKV, triton.cdiv(S, m["BLOCK_N"]))
     DKDV_TMA[grid](**_descs(Q=q, K=k, V=v, DO=dout, DK=dk, DV_=dv, DQACC=dq_acc), DQ_PTR=dq_acc, LSE=lse,
                    DELTA=delta, HKV=HKV, ATOMIC_DQ=atomic, TMA_REDUCE=not interpreting(),
-                   **dict(_scalars(meta, scalars, strides, HQ, HKV), DOC=doc))
+                   **_shared_args(doc, meta, scalars, strides, HQ, HKV))
 
 
 def dq(q, k, v, dout, lse, delta, dq_out, doc, meta, scalars, strides):
@@ -370,4 +373,4 @@ def dq(q, k, v, dout, lse, delta, dq_out, doc, meta, scalars, strides):
     B, HQ, HKV, T = q.shape[0], q.shape[1], k.shape[1], q.shape[2]
     grid = lambda m: (B * HQ, triton.cdiv(T, m["BLOCK_M"]))
     DQ_TMA[grid](**_descs(Q=q, K=k, V=v, DO=dout, DQ=dq_out), LSE=lse, DELTA=delta,
-                 **dict(_scalars(meta, scalars, strides, HQ, HKV), DOC=doc))
+                 **_shared_args(doc, meta, scalars, strides, HQ, HKV))
