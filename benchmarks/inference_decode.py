@@ -15,9 +15,13 @@ same process, same threads:
                the next CUDA-graph replay overwrites it.
   engine       lmforge.inference.Engine (preallocated cache, batched decode), eager
   engine_int8  the engine on the int8 weight-only quantized model
+  engine_unpacked  the engine, eager, on an unpacked copy of the model (Engine(pack=False))
   engine_compiled  (CUDA only) Engine(compile=True): decode steps compiled by inductor, 8 per
                host launch captured in one CUDA graph, prefill compiled (dynamic shapes)
   engine_compiled_k1  the same with decode_steps=1 (one step per launch and host read)
+  engine_compiled_unpacked  engine_compiled on an unpacked copy of the model (Engine(pack=False)):
+               q/k/v and gate/up as separate GEMMs, as before packed projections
+The other engine variants pack the model (one GEMM for q/k/v and one for gate/up per layer).
 Compiled variants get two untimed warm-up calls (compilation, CUDA-graph capture), the others one.
 Tokens/s counts generated tokens over all rows; each variant's best of --repeats rounds, the
 variants interleaved in rotating order within each round. Greedy outputs are compared with HF's (the fraction
@@ -73,7 +77,7 @@ from lmforge.train.generate import generate as naive_generate
 # "gpt2s": the name used for the first GPU numbers in docs/benchmarks.md
 SHAPES = {**INFERENCE_SHAPES, "gpt2s": INFERENCE_SHAPES["llama124m"]}
 PEAK_TBS = [("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35)]  # first match in the device name wins
-COMPILED = ("hf_compile", "engine_compiled", "engine_compiled_k1")
+COMPILED = ("hf_compile", "engine_compiled", "engine_compiled_k1", "engine_compiled_unpacked")
 
 
 def peak_tbs(device: torch.device, override: float | None) -> float | None:
@@ -99,7 +103,7 @@ def step_bytes(model: torch.nn.Module, length: int) -> int:
     return weights + kv
 
 
-def run_batch(B, prompts, model, qmodel, hf, hf_c, args, device) -> list[dict]:
+def run_batch(B, prompts, model, qmodel, unpacked, hf, hf_c, args, device) -> list[dict]:
     """Time every variant at batch B; one row per variant."""
     cfg = model.cfg
     variants = {}
@@ -122,10 +126,12 @@ def run_batch(B, prompts, model, qmodel, hf, hf_c, args, device) -> list[dict]:
         variants["hf_compile"] = lambda: hf_gen(hf_c)
     max_len = args.prompt + args.new
     sp = SamplingParams(max_tokens=args.new, temperature=0)
-    engines = [("engine", model, False, {}), ("engine_int8", qmodel, False, {})]
+    engines = [("engine", model, False, {}), ("engine_int8", qmodel, False, {}),
+               ("engine_unpacked", unpacked, False, {"pack": False})]
     if device.type == "cuda":  # decode steps compiled and captured as CUDA graphs
         engines.append(("engine_compiled", model, True, {}))  # decode_steps: the default (8)
         engines.append(("engine_compiled_k1", model, True, {"decode_steps": 1}))
+        engines.append(("engine_compiled_unpacked", unpacked, True, {"pack": False}))
     for name, m, compiled, opts in engines:
         if name not in args.skip and m is not None:
             engine = Engine(m, max_batch=B, max_len=max_len, eos_ids=[], compile=compiled, **opts)
@@ -261,17 +267,20 @@ def main() -> int:
                                  "hf_compile needs transformers >= 4.49 (or pass --skip hf_compile)")
 
     qmodel = quantize_model(copy.deepcopy(model), "int8") if "engine_int8" not in args.skip else None
+    # a deep copy is never packed (its parameters are clones); the other engines pack `model`
+    wants_unpacked = {"engine_unpacked", "engine_compiled_unpacked"} - set(args.skip)
+    unpacked = copy.deepcopy(model) if wants_unpacked else None
     g = torch.Generator().manual_seed(1)
     rows = []
     for B in args.batch:
         prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt), generator=g)
-        rows += run_batch(B, prompts, model, qmodel, hf, hf_c, args, device)
+        rows += run_batch(B, prompts, model, qmodel, unpacked, hf, hf_c, args, device)
 
-    print(f"{'batch':>5} {'variant':<16} {'tok/s':>10} {'x hf':>7} {'x naive':>8} {'same as hf':>10} "
+    print(f"{'batch':>5} {'variant':<24} {'tok/s':>10} {'x hf':>7} {'x naive':>8} {'same as hf':>10} "
           f"{'TB/s':>7} {'of peak':>7}")
     for r in rows:
         f = lambda v, spec: format(v, spec) if v is not None else format("-", spec.split(".")[0])
-        print(f"{r['batch']:>5} {r['variant']:<16} {r['tokens_per_s']:>10.1f} {f(r['vs_hf'], '>7.2f')} "
+        print(f"{r['batch']:>5} {r['variant']:<24} {r['tokens_per_s']:>10.1f} {f(r['vs_hf'], '>7.2f')} "
               f"{f(r['vs_naive'], '>8.2f')} {f(r['same_as_hf'], '>10.2f')} {f(r['bandwidth_tbs'], '>7.3f')} "
               f"{f(r['bandwidth_frac'], '>7.1%')}")
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"

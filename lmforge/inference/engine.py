@@ -51,6 +51,14 @@ instead (speculative.py): every running row gets up to `spec_k` drafts, the targ
 rest of its cache. With `compile=True` the target's forward of a full round ([max_batch, spec_k + 1])
 is a second CUDA graph; the draft model's forwards run eager.
 
+With `pack=True` (the default) the engine packs the model it is given (model.transformer.
+pack_projections): each layer's q/k/v weights, and the MLP's gate/up, become views of one buffer,
+so a decode step runs one GEMM for each group instead of three and two (at batch 1 these
+matrix-vector products cost launch latency, not bytes). The parameters stay the same objects with
+the same names and values, so whoever else holds the model (GRPO's trainer sharing its policy,
+an optimizer, a checkpoint writer) keeps working, and in-place updates reach the engine. Moving
+the model afterwards (`.to()`) ends the packing (the layers fall back to separate GEMMs, logged).
+
 The engine works in token ids; text (detokenization, stop strings) goes through text.TextStream
 when a tokenizer is given. It does not know about HTTP (server.py) or chat templates.
 """
@@ -72,6 +80,7 @@ from lmforge.inference.requests import Completion, Event, Request, Sequence, com
 from lmforge.inference.sampling import Row, SamplingParams, fast_key, sample, sample_fast
 from lmforge.inference.speculative import speculative_round
 from lmforge.inference.text import TextStream
+from lmforge.model.transformer import pack_projections
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +96,10 @@ class Engine:
     def __init__(self, model: nn.Module, *, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  eos_ids: list[int] | None = None, compile: bool = False, prefill_chunk: int | None = None,
                  drafter=None, spec_k: int = 4, prefix_blocks: int = 0, block_size: int = 16,
-                 decode_steps: int | None = None, compile_options: dict | None = None):
+                 decode_steps: int | None = None, compile_options: dict | None = None, pack: bool = True):
         self.model = model.eval()
+        # one GEMM for q/k/v and one for gate/up per layer; the parameters stay the same objects
+        self.packed_layers = pack_projections(model) if pack else 0
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_len = max_len or model.cfg.context_length

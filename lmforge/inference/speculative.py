@@ -34,6 +34,7 @@ from torch import nn
 from lmforge.errors import ConfigError
 from lmforge.inference.cache import StaticKVCache
 from lmforge.inference.sampling import Row, SamplingParams, apply_penalties, probs
+from lmforge.model.transformer import pack_projections
 
 
 # -- the accept/reject rule -------------------------------------------------------------------------
@@ -134,6 +135,7 @@ class DraftModel:
                               f"{target.cfg.vocab_size} (they must share a tokenizer)")
         self.device = next(target.parameters()).device
         self.model.to(self.device)
+        pack_projections(self.model)  # after the move, which would end the packing
         self.cache = StaticKVCache.for_model(self.model, max_batch, max_len, device=self.device)
         self.held: dict[int, tuple[object, int]] = {}  # slot -> (sequence, tokens of it in the cache)
 

@@ -13,6 +13,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "Transformer": "transformer",
     "ModelOutput": "transformer",
     "Block": "transformer",
+    "pack_projections": "transformer",
     "KVCache": "cache",
     "get_preset": "presets",
     "PRESETS": "presets",
@@ -20,4 +21,4 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "flops_per_token": "accounting",
     "memory_estimate": "accounting",
 })
-__all__ = ["ModelConfig", "Transformer", "ModelOutput", "Block", "KVCache", "get_preset", "PRESETS", "count_params", "flops_per_token", "memory_estimate"]
+__all__ = ["ModelConfig", "Transformer", "ModelOutput", "Block", "pack_projections", "KVCache", "get_preset", "PRESETS", "count_params", "flops_per_token", "memory_estimate"]

@@ -37,7 +37,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError
-from lmforge.model.layers import Linear, RMSNorm, dropout, softcap, softmax, upcast
+from lmforge.model.layers import (
+    Linear,
+    PackedLinears,
+    RMSNorm,
+    cat_linears,
+    dropout,
+    run_packed,
+    softcap,
+    softmax,
+    upcast,
+)
 from lmforge.model.positions import apply_rope
 
 log = logging.getLogger(__name__)
@@ -236,7 +246,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = 
 class Attention(nn.Module):
     """Causal self-attention with MHA/GQA/MQA heads, optional QK-norm, RoPE, window and softcap.
 
-    forward(x [B, T, d_model], positions [B, T], doc_ids [B, T] | None, cache) -> [B, T, d_model].
+    forward(x [B, T, d_model], positions [B, T], doc_ids [B, T] | None, cache, rope) -> [B, T, d_model].
+    `rope`: (cos, sin) = positions.rope_cos_sin(positions, head_dim, rope_theta, float32,
+    rope_scaling), computed once per model forward for all layers (None: computed here).
     `cache` is a per-layer cache (cache.LayerCache) that appends this call's keys/values and returns
     all of them; with a cache, positions must continue from the cached length. A cache with
     `keys_at_positions = True` (inference's preallocated cache) returns its buffers, where slot s
@@ -259,25 +271,29 @@ class Attention(nn.Module):
         self.softcap = cfg.attn_softcap
         self.backend = cfg.attention_backend
         self.dropout = cfg.dropout
+        self.packed: PackedLinears | None = None  # pack(): q, k, v in one buffer
+
+    def pack(self) -> bool:
+        """Store q, k and v as one buffer (layers.PackedLinears): one GEMM computes all three, in
+        training and inference; parameter names and objects, checkpoints are unchanged."""
+        self.packed = PackedLinears.pack(self.q, self.k, self.v)
+        return self.packed is not None
 
     def project_qkv(self, x):
         """x [B, T, d] -> q, k, v [B, T, heads·head_dim] each.
 
-        With gradients on and plain Linears (not quantized or otherwise swapped), one GEMM over the
-        concatenated weights: the backward then has one input-gradient GEMM instead of three plus
-        two adds. Parameter names, checkpoints and tensor-parallel sharding are unchanged (the
-        concatenation happens here). Inference keeps three GEMMs: without the backward there is
-        little to gain, and decoding would copy the weights for every token."""
-        q, k, v = self.q, self.k, self.v
-        plain = type(q) is Linear and type(k) is Linear and type(v) is Linear
-        if torch.is_grad_enabled() and plain and (q.bias is None) == (k.bias is None) == (v.bias is None):
-            w = torch.cat((q.weight, k.weight, v.weight))
-            b = None if q.bias is None else torch.cat((q.bias, k.bias, v.bias))
-            sizes = (q.weight.shape[0], k.weight.shape[0], v.weight.shape[0])
-            return F.linear(x, w, b).split(sizes, dim=-1)
-        return q(x), k(x), v(x)
+        One GEMM when packed (`pack()`). Unpacked, with gradients on and plain Linears (not
+        quantized or otherwise swapped), one GEMM over the concatenated weights (the same numbers):
+        the backward then has one input-gradient GEMM instead of three plus two adds. Parameter
+        names, checkpoints and tensor-parallel sharding are unchanged. Unpacked inference keeps
+        three GEMMs: concatenating would copy the weights for every token."""
+        qkv = (self.q, self.k, self.v)
+        out = run_packed(self, qkv, x)
+        if out is None:
+            out = cat_linears(qkv, x)
+        return out if out is not None else (self.q(x), self.k(x), self.v(x))
 
-    def forward(self, x, positions, doc_ids=None, cache=None):
+    def forward(self, x, positions, doc_ids=None, cache=None, rope=None):
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
@@ -286,8 +302,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:
-            q = apply_rope(q, positions, self.rope_theta, scaling=self.rope_scaling)
-            k = apply_rope(k, positions, self.rope_theta, scaling=self.rope_scaling)
+            if rope is not None and rope[0].dtype != (torch.float64 if q.dtype == torch.float64 else torch.float32):
+                rope = None  # apply_rope computes in float64 for float64 inputs
+            q = apply_rope(q, positions, self.rope_theta, cos_sin=rope, scaling=self.rope_scaling)
+            k = apply_rope(k, positions, self.rope_theta, cos_sin=rope, scaling=self.rope_scaling)
         qpos = kpos = None
         if cache is not None:
             k, v = cache.update(k, v)

@@ -3,7 +3,9 @@
 Linear and Embedding (weights created empty; `init_weights` in transformer.py fills them with a
 truncated normal), RMSNorm and LayerNorm (statistics in float32), activations (SiLU, GELU exact and
 tanh, ReLU, ReLU²), the MLP (plain or gated: SwiGLU/GeGLU), a numerically stable softmax,
-cross-entropy from logits, and dropout.
+cross-entropy from logits, and dropout. `PackedLinears` stores the weights of Linears that read the
+same input (attention's q/k/v, the MLP's gate/up) as row blocks of one buffer, so that one GEMM
+computes them all (`pack()` on Attention and MLP, `pack_projections(model)` in transformer.py).
 
 Where torch has a fused equivalent (F.cross_entropy) we keep our version as the spec and use the
 fused one as the fast path; tests check that they agree. Linear and LayerNorm compute through
@@ -14,6 +16,8 @@ about the whole model.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 
 import torch
@@ -21,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -55,6 +61,130 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.d_in} -> {self.d_out}, bias={self.bias is not None}"
+
+
+class _Rows(torch.autograd.Function):
+    """The packed buffer itself (a view, no copy), differentiable with respect to the parameters that
+    are its consecutive row blocks: the buffer's gradient is split into theirs."""
+
+    @staticmethod
+    def forward(ctx, packed, *parts):
+        ctx.sizes = [p.shape[0] for p in parts]
+        return packed.view_as(packed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *grad.split(ctx.sizes))
+
+
+class PackedLinears:
+    """Linears that read the same input, re-allocated as consecutive row blocks of one buffer.
+
+    Each Linear's weight (and bias) Parameter keeps its object, name and shape; only its data
+    becomes a view of the shared buffer (`param.data = buffer[rows]`). State dicts, optimizers and
+    in-place updates (optimizer steps, `load_state_dict`) therefore see the same parameters, and
+    `self(x)` computes every Linear's output with one F.linear over the buffer (with gradients, the
+    buffer's gradient is split into the parameters'): one GEMM instead of one per Linear.
+
+    The packing ends when a parameter stops being such a view (`.to()` to another device or dtype,
+    `load_state_dict(assign=True)`, `.data = ...`, a copy) or a Linear is swapped for another module
+    (quantized, tensor-parallel, adapters): `holds` then says False and the owner goes back to
+    separate Linears. A deep copy of a packed module is not packed (its parameters are clones).
+    """
+
+    def __init__(self, linears: tuple[Linear, ...]):
+        self.weights = tuple(lin.weight for lin in linears)
+        self.biases = tuple(lin.bias for lin in linears)
+        self.sizes = [w.shape[0] for w in self.weights]
+        with torch.no_grad():
+            self.weight = torch.cat([w.detach() for w in self.weights])
+            self.bias = None if self.biases[0] is None else torch.cat([b.detach() for b in self.biases])
+        row = 0
+        for w, b, n in zip(self.weights, self.biases, self.sizes):
+            w.data = self.weight[row:row + n]
+            if b is not None:
+                b.data = self.bias[row:row + n]
+            row += n
+
+    @classmethod
+    def pack(cls, *linears) -> PackedLinears | None:
+        """Pack plain Linears with the same input width, dtype and device, all with or all without
+        biases; None (nothing changed) otherwise, or on the meta device."""
+        ws = [getattr(lin, "weight", None) for lin in linears]
+        if any(type(lin) is not Linear for lin in linears) or ws[0].device.type == "meta":
+            return None
+        if len({(w.shape[1], w.dtype, w.device) for w in ws}) != 1:
+            return None
+        biases = [lin.bias is not None for lin in linears]
+        if any(biases) and not all(biases):
+            return None
+        return cls(tuple(linears))
+
+    def __deepcopy__(self, memo):
+        return None  # the copy's parameters are separate clones (Parameter.__deepcopy__)
+
+    def holds(self, linears) -> bool:
+        """Whether `linears` are still the packed modules with views of the buffer as parameters.
+        Inside torch.compile only identity, dtype and device are checked (dynamo cannot read data
+        pointers); eager calls check the addresses too, and their owner unpacks on a mismatch."""
+        for lin, w, b in zip(linears, self.weights, self.biases):
+            if type(lin) is not Linear or lin.weight is not w or lin.bias is not b:
+                return False
+            if w.dtype != self.weight.dtype or w.device != self.weight.device:
+                return False
+        if torch.compiler.is_compiling():
+            return True
+        for parts, buf in ((self.weights, self.weight), (self.biases, self.bias)):
+            if buf is None:
+                continue
+            ptr, row_bytes = buf.data_ptr(), buf.stride(0) * buf.element_size()
+            for p, start in zip(parts, [0, *itertools.accumulate(self.sizes)]):
+                if p.data_ptr() != ptr + start * row_bytes or not p.is_contiguous():
+                    return False
+        return True
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        w, b = self.weight, self.bias
+        if torch.is_grad_enabled():
+            w = _Rows.apply(w, *self.weights)
+            b = None if b is None else _Rows.apply(b, *self.biases)
+        return F.linear(x, w, b).split(self.sizes, dim=-1)
+
+
+_warned_unpacked = False
+
+
+def run_packed(module: nn.Module, linears: tuple, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """The outputs of `linears` on x with one GEMM through `module.packed`, or None when the module
+    is not packed (any more: in eager mode a broken packing is dropped, logged once)."""
+    global _warned_unpacked
+    packed = module.packed
+    if packed is None:
+        return None
+    if packed.holds(linears):
+        return packed(x)
+    if not torch.compiler.is_compiling():
+        module.packed = None
+        if not _warned_unpacked:
+            _warned_unpacked = True
+            log.warning("%s: packed projections were replaced or moved (e.g. .to(), a module swap); they "
+                        "run as separate GEMMs now (call pack_projections(model) again to re-pack)",
+                        type(module).__name__)
+    return None
+
+
+def cat_linears(linears: tuple, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """With gradients on and plain Linears (not quantized or otherwise swapped), their outputs
+    through one GEMM over the concatenated weights (None otherwise): the backward then has one
+    input-gradient GEMM instead of one per Linear plus the adds; the same numbers as a packed
+    module's GEMM. Without gradients (decoding) the concatenation would copy the weights per token."""
+    if not torch.is_grad_enabled() or any(type(lin) is not Linear for lin in linears):
+        return None
+    if len({lin.bias is None for lin in linears}) != 1:
+        return None
+    w = torch.cat([lin.weight for lin in linears])
+    b = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+    return F.linear(x, w, b).split([lin.weight.shape[0] for lin in linears], dim=-1)
 
 
 class Embedding(nn.Module):
@@ -170,7 +300,7 @@ class MLP(nn.Module):
 
     Parameter names `gate`, `up`, `down` are an API: MoE upcycling and HF interop map them.
     `fused = "auto"` (or a kernels `impl`) computes silu(gate)·up with lmforge.kernels.swiglu
-    (SwiGLU only).
+    (SwiGLU only). `pack()` puts gate and up into one buffer, computed by one GEMM.
     """
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "silu", glu: bool = True,
@@ -182,14 +312,31 @@ class MLP(nn.Module):
         self.gate = Linear(d_model, d_ff, bias) if glu else None
         self.up = Linear(d_model, d_ff, bias)
         self.down = Linear(d_ff, d_model, bias)
+        self.packed: PackedLinears | None = None  # pack(): gate and up in one buffer
+
+    def pack(self) -> bool:
+        """Store gate and up as one buffer (PackedLinears): one GEMM computes both."""
+        self.packed = PackedLinears.pack(self.gate, self.up) if self.gate is not None else None
+        return self.packed is not None
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate(x), up(x): one GEMM when packed, or when training with plain Linears (cat_linears;
+        not with the fused SwiGLU kernel, which would copy the two non-contiguous halves)."""
+        pair = (self.gate, self.up)
+        out = run_packed(self, pair, x)
+        if out is None and not self.fused:
+            out = cat_linears(pair, x)
+        return out if out is not None else (self.gate(x), self.up(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is None:
+            return self.down(self.act(self.up(x)))
+        g, u = self.gate_up(x)
         if self.fused and self.swiglu:
             from lmforge.kernels.swiglu import swiglu
 
-            return self.down(swiglu(self.gate(x), self.up(x), impl=self.fused))
-        h = self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x))
-        return self.down(h)
+            return self.down(swiglu(g, u, impl=self.fused))
+        return self.down(self.act(g) * u)
 
 
 # -- softmax, cross-entropy, dropout -------------------------------------------------------------

@@ -42,7 +42,7 @@ from lmforge.model.layers import (
     trunc_normal_,
     upcast,
 )
-from lmforge.model.positions import sinusoidal_embedding
+from lmforge.model.positions import rope_cos_sin, sinusoidal_embedding
 
 
 @dataclass
@@ -77,8 +77,8 @@ def _feed_forward(cfg: ModelConfig, layer: int) -> nn.Module:
 class Block(nn.Module):
     """One layer: attention and feed-forward, each on a residual branch, normed per cfg.norm_placement.
 
-    forward(x [B, T, d], positions [B, T], doc_ids, cache) -> (x, aux losses, metrics); the last two
-    are empty dicts unless the feed-forward is a mixture of experts.
+    forward(x [B, T, d], positions [B, T], doc_ids, cache, rope) -> (x, aux losses, metrics); the last
+    two are empty dicts unless the feed-forward is a mixture of experts.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -98,17 +98,20 @@ class Block(nn.Module):
         y, aux, metrics = out if isinstance(out, tuple) else (out, {}, {})
         return dropout(y, self.p_drop, self.training), aux, metrics
 
-    def forward(self, x, positions, doc_ids=None, cache=None):
+    def forward(self, x, positions, doc_ids=None, cache=None, rope=None):
+        # rope: the model's per-forward (cos, sin) for standard attention layers (None: they compute it)
+        attn = (lambda h: self.attn(h, positions, doc_ids, cache)) if rope is None else (
+            lambda h: self.attn(h, positions, doc_ids, cache, rope))
         if self.parallel:  # both branches read the same input (normed first unless post-norm)
             h = x if self.placement == "post" else self.norm1(x)
             y, aux, metrics = self.ffn(h)
-            x = x + self.attn(h, positions, doc_ids, cache) + y
+            x = x + attn(h) + y
             return (self.norm1(x) if self.placement == "post" else x), aux, metrics
         if self.placement == "post":
-            x = self.norm1(x + self.attn(x, positions, doc_ids, cache))
+            x = self.norm1(x + attn(x))
             y, aux, metrics = self.ffn(x)
             return self.norm2(x + y), aux, metrics
-        x = x + self.post_attn_norm(self.attn(self.norm1(x), positions, doc_ids, cache))
+        x = x + self.post_attn_norm(attn(self.norm1(x)))
         y, aux, metrics = self.ffn(self.norm2(x))
         return x + self.post_mlp_norm(y), aux, metrics
 
@@ -206,6 +209,17 @@ class Transformer(nn.Module):
         blocks = list(self.blocks) + [m.block for m in self.mtp]
         return [b.mlp for b in blocks if not isinstance(b.mlp, MLP)]
 
+    def rope_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rotary (cos, sin) of `positions` that every standard attention layer applies, computed
+        once per forward instead of twice per layer (the compiler does not reliably share them
+        across layers); float64 for float64 activations, as apply_rope does. None without RoPE
+        layers, or with MLA (its rope dimension is its own)."""
+        cfg = self.cfg
+        if cfg.mla is not None or not any(cfg.layer_uses_rope(i) for i in range(cfg.n_layers)):
+            return None
+        return rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta,
+                            torch.float64 if dtype == torch.float64 else torch.float32, cfg.rope_scaling)
+
     def _positions(self, input_ids, positions, kv_cache):
         B, T = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
@@ -231,11 +245,12 @@ class Transformer(nn.Module):
         start = None if positions is not None else (kv_cache.length if kv_cache is not None else 0)
         positions = self._positions(input_ids, positions, kv_cache)
         x = self.embed(input_ids, positions, start)
+        rope = self.rope_cos_sin(positions, x.dtype)
         aux: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             x, block_aux, block_metrics = block(x, positions, doc_ids,
-                                                kv_cache.layer(i) if kv_cache is not None else None)
+                                                kv_cache.layer(i) if kv_cache is not None else None, rope)
             for k, v in block_aux.items():
                 aux[k] = aux[k] + v if k in aux else v
             metrics.update({f"{k}/{i}": v for k, v in block_metrics.items()})
@@ -309,3 +324,19 @@ class Transformer(nn.Module):
         if not losses:
             return h.new_zeros(())
         return self.cfg.mtp_loss_weight * torch.stack(losses).mean()
+
+
+def pack_projections(model: nn.Module) -> int:
+    """Store each attention layer's q/k/v and each gated MLP's gate/up as one buffer, so one GEMM
+    computes them (layers.PackedLinears); returns the number of layers packed.
+
+    The parameters stay the same objects with the same names, shapes and values (their data become
+    views of the buffers), so state dicts, checkpoints, optimizers and anyone else holding the
+    model (a trainer sharing it with the inference engine) keep working; in-place updates reach
+    the buffers. Layers whose Linears were swapped (quantized, tensor-parallel, adapters) are left
+    as they are. Call it after moving the model to its device and dtype (`.to()` allocates every
+    parameter anew and so ends the packing: the layers then fall back to separate GEMMs, logged).
+    """
+    from lmforge.model.attention import Attention
+
+    return sum(m.pack() for m in model.modules() if isinstance(m, Attention | MLP))
