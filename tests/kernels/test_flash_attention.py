@@ -89,6 +89,24 @@ def test_forward_path_follows_strides(monkeypatch):
     assert len(calls) == 1 and rel(out, ref) < 2e-3
 
 
+@pytest.mark.parametrize("impl", ["triton", "triton_pointer"])
+def test_head_interleaved_layout(impl, monkeypatch):
+    """q/k/v as the model makes them: [B, T, H, D] storage viewed as [B, H, T, D] (row stride H*D),
+    which the 4-D descriptors take with their strides as they are."""
+    if impl == "triton_pointer":
+        pointer_kernels(monkeypatch)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 23, 4, 16, generator=g).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(2, 23, 2, 16, generator=g).transpose(1, 2).requires_grad_() for _ in range(2))
+    do = torch.randn(2, 4, 23, 16, generator=g)
+    out = flash_attention(q, k, v, window=9, impl="triton")
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, window=9)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    assert max(rel(a, b) for a, b in zip((out, *grads), (ref, *ref_grads))) < 1e-5
+
+
 @pytest.mark.parametrize("blocks", [(32, 16), (16, 32)])
 @pytest.mark.parametrize("name", ["causal", "window", "doc_ids", "noncausal_s_lt_t"])
 def test_unequal_tile_sizes(monkeypatch, blocks, name):
