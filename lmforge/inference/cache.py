@@ -17,7 +17,8 @@ attention. Key slot s of a row always holds position s, so:
 `cache.view(rows, length, positions)` is what the model gets as `kv_cache`: it writes the call's
 new tensors at `positions` [b, T] into rows `rows` (a slice: views, never copies) and hands the
 attention the first `length` slots (ring layers: the ring plus the new tokens). It follows the model's cache contract
-(`layer(i).update(*tensors)`, `length`) plus `keys_at_positions = True`.
+(`layer(i).update(*tensors)`, `length`) plus `keys_at_positions = True` and `attention_mask(positions,
+S, window)`: the mask of the call's positions, built once per forward for the layers that share it.
 
 This module does not decide which rows are free or what positions are; the engine does.
 """
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.model.attention import attention_mask
 
 
 def _ring_size(block: nn.Module, max_len: int, ring: bool, slack: int) -> int | None:
@@ -150,6 +152,15 @@ class _LayerView:
         kp.scatter_(1, slots, tail_pos)
         return tuple(out)
 
+    def attention_mask(self, positions: torch.Tensor, S: int, window: int | None) -> torch.Tensor | None:
+        """The mask attention would build for queries at `positions` over S key slots, built once
+        per forward and shared by the layers with the same window (inductor does not merge the
+        per-layer copies); None for ring layers (their key positions are their own) and for
+        positions other than the ones this call writes at."""
+        if self.ring_positions is not None or positions is not self.view.positions:
+            return None
+        return self.view.attention_mask(S, window)
+
     @property
     def length(self) -> int:
         return self.view.length
@@ -164,6 +175,14 @@ class CacheView:
         self.rows, self.length, self.positions = rows, length, positions
         self.row_ids = torch.arange(rows.start, rows.stop, device=positions.device)[:, None]  # [b, 1]
         self.layers = [_LayerView(bufs, self, kp) for bufs, kp in zip(cache.buffers, cache.key_positions)]
+        self.masks: dict[tuple, torch.Tensor | None] = {}
+
+    def attention_mask(self, S: int, window: int | None) -> torch.Tensor | None:
+        key = (S, window)
+        if key not in self.masks:
+            self.masks[key] = attention_mask(self.positions.shape[1], S, causal=True, window=window, doc_ids=None,
+                                             device=self.positions.device, query_positions=self.positions)
+        return self.masks[key]
 
     def layer(self, i: int) -> _LayerView:
         return self.layers[i]

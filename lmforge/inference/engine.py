@@ -80,6 +80,7 @@ from lmforge.inference.requests import Completion, Event, Request, Sequence, com
 from lmforge.inference.sampling import Row, SamplingParams, fast_key, sample, sample_fast
 from lmforge.inference.speculative import speculative_round
 from lmforge.inference.text import TextStream
+from lmforge.model.layers import PackedLinears
 from lmforge.model.transformer import pack_projections
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,11 @@ class Engine:
             for t in [b for layer in self.cache.buffers for b in layer] + [
                     kp for kp in self.cache.key_positions if kp is not None] + [self.bufs.tokens, self.bufs.positions]:
                 torch._dynamo.mark_static_address(t)
+            for m in model.modules():  # packed weights are plain tensors, not parameters: static too
+                packed = getattr(m, "packed", None)
+                for t in (packed.weight, packed.bias) if isinstance(packed, PackedLinears) else ():
+                    if t is not None:
+                        torch._dynamo.mark_static_address(t)
         on = self.compiled
         # speculative rounds and rows that need `sample`
         self._decode_fn = torch.compile(self._forward_full, mode="reduce-overhead", dynamic=False) if on else None

@@ -109,15 +109,16 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def reference_attention(q, k, v, *, causal=True, window=None, softcap_value=None, scale=None,
-                        doc_ids=None, query_positions=None, key_positions=None):
+                        doc_ids=None, query_positions=None, key_positions=None, attn_mask=None):
     """softmax(mask(softcap(q kᵀ · scale))) v, scores in float32: the spec other backends match."""
     _check_shapes(q, k, v)
     n_rep = q.shape[1] // k.shape[1]
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = softcap((upcast(q) @ upcast(k).transpose(-2, -1)) * scale, softcap_value)
-    mask = attention_mask(q.shape[2], k.shape[2], causal=causal, window=window, doc_ids=doc_ids,
-                          device=q.device, query_positions=query_positions, key_positions=key_positions)
+    mask = attn_mask if attn_mask is not None else attention_mask(
+        q.shape[2], k.shape[2], causal=causal, window=window, doc_ids=doc_ids, device=q.device,
+        query_positions=query_positions, key_positions=key_positions)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return (softmax(scores, dim=-1) @ upcast(v)).to(q.dtype)
@@ -127,7 +128,7 @@ _warned: set[str] = set()
 
 
 def sdpa_attention(q, k, v, *, causal=True, window=None, softcap_value=None, scale=None, doc_ids=None,
-                   query_positions=None, key_positions=None):
+                   query_positions=None, key_positions=None, attn_mask=None):
     """torch.nn.functional.scaled_dot_product_attention with our masking rules."""
     if softcap_value is not None:
         if "softcap" not in _warned:
@@ -135,7 +136,7 @@ def sdpa_attention(q, k, v, *, causal=True, window=None, softcap_value=None, sca
             log.warning("attention softcap is not supported by SDPA: using the reference backend")
         return reference_attention(q, k, v, causal=causal, window=window, softcap_value=softcap_value,
                                    scale=scale, doc_ids=doc_ids, query_positions=query_positions,
-                                   key_positions=key_positions)
+                                   key_positions=key_positions, attn_mask=attn_mask)
     _check_shapes(q, k, v)
     T, S = q.shape[2], k.shape[2]
     n_rep = q.shape[1] // k.shape[1]
@@ -147,8 +148,9 @@ def sdpa_attention(q, k, v, *, causal=True, window=None, softcap_value=None, sca
             k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     if causal and window is None and doc_ids is None and T == S and query_positions is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **kwargs)
-    mask = attention_mask(T, S, causal=causal, window=window, doc_ids=doc_ids, device=q.device,
-                          query_positions=query_positions, key_positions=key_positions)
+    mask = attn_mask if attn_mask is not None else attention_mask(
+        T, S, causal=causal, window=window, doc_ids=doc_ids, device=q.device,
+        query_positions=query_positions, key_positions=key_positions)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kwargs)
 
 
@@ -165,13 +167,15 @@ def triton_attention(q, k, v, *, causal=True, window=None, softcap_value=None, s
                            doc_ids=doc_ids)
 
 
-def _positioned(q, k, v, *, causal, window, softcap_value, scale, doc_ids, query_positions, key_positions=None):
+def _positioned(q, k, v, *, causal, window, softcap_value, scale, doc_ids, query_positions, key_positions=None,
+                attn_mask=None):
     """SDPA for a `query_positions` call, which the Triton kernel does not take (logged once)."""
     if "query_positions" not in _warned:
         _warned.add("query_positions")
         log.info("attention with query_positions (preallocated cache) runs on SDPA")
     return sdpa_attention(q, k, v, causal=causal, window=window, softcap_value=softcap_value, scale=scale,
-                          doc_ids=doc_ids, query_positions=query_positions, key_positions=key_positions)
+                          doc_ids=doc_ids, query_positions=query_positions, key_positions=key_positions,
+                          attn_mask=attn_mask)
 
 
 def _triton_importable() -> bool:
@@ -225,9 +229,11 @@ def register_backend(name: str, fn: Callable) -> None:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
            window: int | None = None, softcap: float | None = None, scale: float | None = None,
            doc_ids: torch.Tensor | None = None, backend: str = "sdpa",
-           query_positions: torch.Tensor | None = None, key_positions: torch.Tensor | None = None
-           ) -> torch.Tensor:
-    """Scaled dot-product attention through the chosen backend (see the module docstring)."""
+           query_positions: torch.Tensor | None = None, key_positions: torch.Tensor | None = None,
+           attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention through the chosen backend (see the module docstring).
+    `attn_mask` (with query_positions only): the mask `attention_mask` would build for these
+    arguments, built once by the caller and shared by layers that attend alike."""
     try:
         fn = BACKENDS[backend]
     except KeyError:
@@ -238,6 +244,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = 
         if backend not in ("reference", "sdpa"):
             fn = _positioned
         kw = {} if key_positions is None else {"key_positions": key_positions}
+        if attn_mask is not None:
+            kw["attn_mask"] = attn_mask
         return fn(q, k, v, causal=causal, window=window, softcap_value=softcap, scale=scale, doc_ids=doc_ids,
                   query_positions=query_positions, **kw)
     return fn(q, k, v, causal=causal, window=window, softcap_value=softcap, scale=scale, doc_ids=doc_ids)
@@ -253,7 +261,8 @@ class Attention(nn.Module):
     all of them; with a cache, positions must continue from the cached length. A cache with
     `keys_at_positions = True` (inference's preallocated cache) returns its buffers, where slot s
     holds position s (or says where: `key_positions`, a ring buffer), and attention masks by
-    `positions` per row (`attend(query_positions=..., key_positions=...)`).
+    `positions` per row (`attend(query_positions=..., key_positions=...)`); such a cache may offer
+    `attention_mask(positions, S, window)`, the mask built once per forward for all layers alike.
     """
 
     def __init__(self, cfg, layer: int):
@@ -306,13 +315,16 @@ class Attention(nn.Module):
                 rope = None  # apply_rope computes in float64 for float64 inputs
             q = apply_rope(q, positions, self.rope_theta, cos_sin=rope, scaling=self.rope_scaling)
             k = apply_rope(k, positions, self.rope_theta, cos_sin=rope, scaling=self.rope_scaling)
-        qpos = kpos = None
+        qpos = kpos = mask = None
         if cache is not None:
             k, v = cache.update(k, v)
             if getattr(cache, "keys_at_positions", False):
                 qpos, kpos = positions, getattr(cache, "key_positions", None)
+                shared = getattr(cache, "attention_mask", None)  # built once per forward, if offered
+                if shared is not None and doc_ids is None:
+                    mask = shared(positions, k.shape[2], self.window)
         y = attend(q, k, v, causal=True, window=self.window, softcap=self.softcap, doc_ids=doc_ids,
-                   backend=self.backend, query_positions=qpos, key_positions=kpos)
+                   backend=self.backend, query_positions=qpos, key_positions=kpos, attn_mask=mask)
         y = self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         return dropout(y, self.dropout, self.training)
 

@@ -1,8 +1,9 @@
-"""Packed projections (model.transformer.pack_projections, layers.PackedLinears) and the per-forward
-RoPE tables: the packed model computes exactly what the unpacked one does (fp32 on CPU: the same
+"""Packed projections (model.transformer.pack_projections, layers.PackedLinears), the per-forward
+RoPE tables and the per-forward attention mask of the engine's cache: the packed model computes exactly what the unpacked one does (fp32 on CPU: the same
 bits for training losses and gradients, the same greedy tokens from the engine), keeps its
 parameters, state dict and optimizer behaviour, and falls back to separate GEMMs when the packing
-is broken. The compiled decode step traces the packed path in one graph."""
+is broken; RoPE and the mask, built once, give the same bits as built per layer. The compiled
+decode step traces all of it in one graph."""
 
 from __future__ import annotations
 
@@ -193,14 +194,35 @@ def test_rope_tables_are_computed_once_per_forward_with_the_same_numbers(monkeyp
     assert torch.equal(once, per_layer)
 
 
-def _count_linears(gm: torch.fx.GraphModule) -> int:
-    return sum(n.op == "call_function" and getattr(n.target, "__name__", "") == "linear" for n in gm.graph.nodes)
+def test_shared_attention_mask_gives_the_same_bits_as_per_layer_masks(monkeypatch):
+    """Global and sliding-window layers (rings, and a window too wide for a ring), rows at
+    different positions: the cache's once-per-forward mask changes nothing."""
+    from lmforge.inference.cache import CacheView, StaticKVCache
+
+    for kind, over in [("gqa", {}), ("mqa-window", {}), ("mqa-window", dict(window=40))]:
+        model = tiny_model(kind, dtype=torch.float32, n_layers=3, **over)
+        cache = StaticKVCache.for_model(model, 2, 30)
+        ids = torch.tensor([[5, 9, 1, 7], [2, 3, 0, 0]])
+        pos = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])
+        with torch.no_grad():
+            model(ids, positions=pos, kv_cache=cache.view(slice(0, 2), 4, pos))
+            step_ids, step_pos = torch.tensor([[4], [8]]), torch.tensor([[4], [2]])
+            shared = model(step_ids, positions=step_pos, kv_cache=cache.view(slice(0, 2), 5, step_pos)).logits
+            with monkeypatch.context() as m:
+                m.setattr(CacheView, "attention_mask", lambda self, S, window: None)
+                per_layer = model(step_ids, positions=step_pos, kv_cache=cache.view(slice(0, 2), 5, step_pos)).logits
+        assert torch.equal(shared, per_layer), kind
+
+
+def _count(gm: torch.fx.GraphModule, name: str) -> int:
+    return sum(n.op == "call_function" and getattr(n.target, "__name__", "") == name for n in gm.graph.nodes)
 
 
 @pytest.mark.parametrize("pack", [True, False])
 def test_compiled_decode_step_traces_the_packed_gemms_in_one_graph(pack):
     """fullgraph: no graph break in the engine's steady-state step; the traced graph holds one GEMM
-    for q/k/v and one for gate/up per layer when packed (4 per layer + the head, else 7 + 1)."""
+    for q/k/v and one for gate/up per layer when packed (4 per layer + the head, else 7 + 1), and
+    one RoPE table and one mask for all layers."""
     model = tiny_model("gqa", dtype=torch.float32)
     engine = Engine(model, max_batch=2, max_len=40, eos_ids=[], pack=pack)
     graphs = []
@@ -219,7 +241,9 @@ def test_compiled_decode_step_traces_the_packed_gemms_in_one_graph(pack):
         got = step(tokens, pos, key, 8)
     assert torch.equal(got, expected)
     assert len(graphs) == 1
-    assert _count_linears(graphs[0]) == (4 if pack else 7) * 2 + 1
+    assert _count(graphs[0], "linear") == (4 if pack else 7) * 2 + 1
+    assert _count(graphs[0], "cos") == _count(graphs[0], "sin") == 1
+    assert _count(graphs[0], "le") == 1  # the mask: key slot <= query position
     torch._dynamo.reset()
 
 
