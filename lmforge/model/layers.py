@@ -16,7 +16,6 @@ about the whole model.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 
@@ -105,6 +104,9 @@ class PackedLinears:
             if b is not None:
                 b.data = self.bias[row:row + n]
             row += n
+        # what `holds` compares: each parameter's address and shape inside the buffers
+        self.params = [p for p in self.weights + self.biases if p is not None]
+        self.layout = [(p.data_ptr(), p.shape) for p in self.params]
 
     @classmethod
     def pack(cls, *linears) -> PackedLinears | None:
@@ -134,14 +136,8 @@ class PackedLinears:
                 return False
         if torch.compiler.is_compiling():
             return True
-        for parts, buf in ((self.weights, self.weight), (self.biases, self.bias)):
-            if buf is None:
-                continue
-            ptr, row_bytes = buf.data_ptr(), buf.stride(0) * buf.element_size()
-            for p, start in zip(parts, [0, *itertools.accumulate(self.sizes)]):
-                if p.data_ptr() != ptr + start * row_bytes or not p.is_contiguous():
-                    return False
-        return True
+        # the buffers are alive (held here), so no other tensor on this device can have these addresses
+        return all(p.data_ptr() == ptr and p.shape == shape for p, (ptr, shape) in zip(self.params, self.layout))
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         w, b = self.weight, self.bias
