@@ -175,14 +175,16 @@ class CacheView:
         self.rows, self.length, self.positions = rows, length, positions
         self.row_ids = torch.arange(rows.start, rows.stop, device=positions.device)[:, None]  # [b, 1]
         self.layers = [_LayerView(bufs, self, kp) for bufs, kp in zip(cache.buffers, cache.key_positions)]
-        self.masks: dict[tuple, torch.Tensor | None] = {}
+        self.masks: dict[int | None, torch.Tensor] = {}  # by window
 
     def attention_mask(self, S: int, window: int | None) -> torch.Tensor | None:
-        key = (S, window)
-        if key not in self.masks:
-            self.masks[key] = attention_mask(self.positions.shape[1], S, causal=True, window=window, doc_ids=None,
-                                             device=self.positions.device, query_positions=self.positions)
-        return self.masks[key]
+        # keyed by window only: every full-length layer attends to the same S = `length` slots, and
+        # S may be symbolic in a dynamic-shape compile (not hashable)
+        if window not in self.masks:
+            self.masks[window] = attention_mask(self.positions.shape[1], S, causal=True, window=window,
+                                                doc_ids=None, device=self.positions.device,
+                                                query_positions=self.positions)
+        return self.masks[window]
 
     def layer(self, i: int) -> _LayerView:
         return self.layers[i]

@@ -259,3 +259,27 @@ def test_compiled_training_step_uses_the_packed_gemms_with_the_same_gradients():
     for n, p in a.named_parameters():
         torch.testing.assert_close(grads_b[n].grad, p.grad, rtol=1e-6, atol=1e-7, msg=n)
     torch._dynamo.reset()
+
+
+def test_compiled_prefill_with_dynamic_shapes_traces_in_one_graph():
+    """The engine's prefill is compiled with dynamic shapes (prompt length, rows, attended length as
+    symbols): packing, the RoPE table and the shared mask must not break that graph either."""
+    model = tiny_model("gqa", dtype=torch.float32)
+    engine = Engine(model, max_batch=5, max_len=40, eos_ids=[])
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    prefill = torch.compile(engine._forward_from, backend=backend, fullgraph=True, dynamic=True)
+    with torch.inference_mode():
+        for rows, T in [(3, 7), (5, 9)]:  # sizes unlike any cache dimension (duck sizing)
+            ids = torch.randint(0, 61, (rows, T), generator=torch.Generator().manual_seed(T))
+            pos = torch.arange(T).repeat(rows, 1)
+            expected = engine._forward_from(ids, pos, 0, T)
+            assert torch.equal(prefill(ids, pos, 0, T), expected)
+    assert len(graphs) == 1  # one compilation for both shapes
+    assert _count(graphs[0], "linear") == 4 * 2 + 1 and _count(graphs[0], "le") == 1
+    torch._dynamo.reset()
