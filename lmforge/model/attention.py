@@ -284,8 +284,8 @@ class Attention(nn.Module):
 
     def pack(self) -> bool:
         """Store q, k and v as one buffer (layers.PackedLinears): one GEMM computes all three, in
-        training and inference; parameter names and objects, checkpoints are unchanged."""
-        self.packed = PackedLinears.pack(self.q, self.k, self.v)
+        training and inference; parameter names and objects, checkpoints are unchanged. Idempotent."""
+        self.packed = PackedLinears.pack(self.q, self.k, self.v, current=self.packed)
         return self.packed is not None
 
     def project_qkv(self, x):

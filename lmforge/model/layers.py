@@ -109,9 +109,13 @@ class PackedLinears:
         self.layout = [(p.data_ptr(), p.shape) for p in self.params]
 
     @classmethod
-    def pack(cls, *linears) -> PackedLinears | None:
+    def pack(cls, *linears, current: PackedLinears | None = None) -> PackedLinears | None:
         """Pack plain Linears with the same input width, dtype and device, all with or all without
-        biases; None (nothing changed) otherwise, or on the meta device."""
+        biases; None (nothing changed) otherwise, or on the meta device. A `current` packing that
+        still holds is kept: re-allocating would leave compiled code and captured CUDA graphs that
+        read the old buffer (another engine on the same model) with dangling addresses."""
+        if current is not None and not torch.compiler.is_compiling() and current.holds(linears):
+            return current
         ws = [getattr(lin, "weight", None) for lin in linears]
         if any(type(lin) is not Linear for lin in linears) or ws[0].device.type == "meta":
             return None
@@ -311,8 +315,9 @@ class MLP(nn.Module):
         self.packed: PackedLinears | None = None  # pack(): gate and up in one buffer
 
     def pack(self) -> bool:
-        """Store gate and up as one buffer (PackedLinears): one GEMM computes both."""
-        self.packed = PackedLinears.pack(self.gate, self.up) if self.gate is not None else None
+        """Store gate and up as one buffer (PackedLinears): one GEMM computes both. Idempotent."""
+        if self.gate is not None:
+            self.packed = PackedLinears.pack(self.gate, self.up, current=self.packed)
         return self.packed is not None
 
     def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,6 +66,14 @@ def test_packing_keeps_parameters_names_and_values():
     with torch.no_grad():
         attn.k.weight.add_(1.0)
     assert torch.equal(w[24:36], attn.k.weight)
+    # packing again (a second engine on the same model) keeps the buffers, which compiled code and
+    # captured CUDA graphs of the first engine read
+    Engine(model, max_batch=1, max_len=8)
+    assert attn.packed.weight is w and attn.q.weight.data_ptr() == w.data_ptr()
+    # a model moved after packing is packed anew
+    model.to(torch.float64)
+    assert pack_projections(model) == 4 and attn.packed.weight.dtype == torch.float64
+    assert attn.packed.holds((attn.q, attn.k, attn.v))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
