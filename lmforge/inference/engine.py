@@ -51,13 +51,10 @@ instead (speculative.py): every running row gets up to `spec_k` drafts, the targ
 rest of its cache. With `compile=True` the target's forward of a full round ([max_batch, spec_k + 1])
 is a second CUDA graph; the draft model's forwards run eager.
 
-With `pack=True` (the default) the engine packs the model it is given (model.transformer.
-pack_projections): each layer's q/k/v weights, and the MLP's gate/up, become views of one buffer,
-so a decode step runs one GEMM for each group instead of three and two (at batch 1 these
-matrix-vector products cost launch latency, not bytes). The parameters stay the same objects with
-the same names and values, so whoever else holds the model (GRPO's trainer sharing its policy,
-an optimizer, a checkpoint writer) keeps working, and in-place updates reach the engine. Moving
-the model afterwards (`.to()`) ends the packing (the layers fall back to separate GEMMs, logged).
+With `pack=True` (the default) the engine packs the model it is given (`pack_projections`): each
+layer's q/k/v, and the MLP's gate/up, become views of one buffer, one GEMM each. The parameters
+stay the same objects, so whoever else holds the model (GRPO's trainer sharing its policy) keeps
+working and its in-place updates reach the engine; `.to()` afterwards ends the packing (logged).
 
 The engine works in token ids; text (detokenization, stop strings) goes through text.TextStream
 when a tokenizer is given. It does not know about HTTP (server.py) or chat templates.
@@ -128,14 +125,11 @@ class Engine:
         self.graphs = StepGraphs(self.bufs)  # the steady-state launches (CUDA graphs when compiled)
         self._inflight: InFlight | None = None  # a launched decode step whose tokens are unread
         if self.compiled:  # fixed addresses, so the CUDA graph may update the cache in place
+            packed = [m.packed for m in model.modules() if isinstance(getattr(m, "packed", None), PackedLinears)]
             for t in [b for layer in self.cache.buffers for b in layer] + [
-                    kp for kp in self.cache.key_positions if kp is not None] + [self.bufs.tokens, self.bufs.positions]:
+                    kp for kp in self.cache.key_positions if kp is not None] + [self.bufs.tokens, self.bufs.positions] + [
+                    t for p in packed for t in (p.weight, p.bias) if t is not None]:  # plain tensors, not parameters
                 torch._dynamo.mark_static_address(t)
-            for m in model.modules():  # packed weights are plain tensors, not parameters: static too
-                packed = getattr(m, "packed", None)
-                for t in (packed.weight, packed.bias) if isinstance(packed, PackedLinears) else ():
-                    if t is not None:
-                        torch._dynamo.mark_static_address(t)
         on = self.compiled
         # speculative rounds and rows that need `sample`
         self._decode_fn = torch.compile(self._forward_full, mode="reduce-overhead", dynamic=False) if on else None
