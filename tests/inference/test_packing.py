@@ -18,6 +18,7 @@ from lmforge.inference.quantize import quantize_model
 from lmforge.model import pack_projections
 from lmforge.model.attention import Attention
 from lmforge.model.layers import MLP
+
 from .helpers import naive_greedy, prompts, tiny_model
 
 CONFIGS = {
