@@ -27,7 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
-from lmforge.kernels.flash_attention_triton import _common, _kv_ranges, _q_ranges, _tanh, _visible
+from lmforge.kernels.flash_attention_triton import (
+    _common,
+    _kv_ranges,
+    _q_ranges,
+    _tanh,
+    _visible,
+    _visible_rows,
+)
 from lmforge.kernels.runtime import Tunable, interpreting
 
 try:
@@ -129,12 +136,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, DQACC, dq_ptr, b, h, lse_base, delta_base, 
         else:
             pT = tl.math.exp2(sT * (sm_scale * 1.4426950408889634) - lse[None, :])
         if MASKED:
-            qpos = offs_m + (S - T)
-            doc_q = qpos
-            if HAS_DOC:
-                doc_q = tl.load(doc_ptr + qpos, mask=offs_m < T, other=-2)
-            vis = _visible(qpos, kpos, S, window, doc_q, doc_ptr, CAUSAL, WINDOW_ON, HAS_DOC)
-            vis &= offs_m[:, None] < T
+            vis = _visible_rows(offs_m, T, S, kpos, window, doc_ptr, CAUSAL, WINDOW_ON, HAS_DOC)
             pT = tl.where(tl.trans(vis), pT, 0.0)
         do = _tile(DO, b, h, m, BLOCK_M, BLOCK_DV)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)

@@ -119,6 +119,19 @@ def _visible(qpos, kpos, S, window, doc_q, doc_ptr, CAUSAL: tl.constexpr, WINDOW
 
 
 @triton.jit
+def _visible_rows(offs_m, T, S, kpos, window, doc_ptr, CAUSAL: tl.constexpr, WINDOW_ON: tl.constexpr,
+                  HAS_DOC: tl.constexpr):
+    """Visibility of a key tile for query rows offs_m (the last T of S positions), rows past T
+    hidden: the backward's masked tiles, where each program loads its query tile's documents."""
+    qpos = offs_m + (S - T)
+    doc_q = qpos
+    if HAS_DOC:
+        doc_q = tl.load(doc_ptr + qpos, mask=offs_m < T, other=-2)
+    vis = _visible(qpos, kpos, S, window, doc_q, doc_ptr, CAUSAL, WINDOW_ON, HAS_DOC)
+    return vis & (offs_m[:, None] < T)
+
+
+@triton.jit
 def _prescale(x, sm_scale, SOFTCAP_ON: tl.constexpr):
     """Without a softcap, fold scale * log2(e) into one operand once per program instead of into
     every score (one multiply fewer per score element in the inner loops)."""
@@ -253,12 +266,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sq
         sT, capT = _scores(k, qT, sm_scale, softcap, SOFTCAP_ON, PRECISION)  # [BLOCK_N, BLOCK_M]
         pT = tl.math.exp2(sT - lse[None, :])
         if MASKED:
-            qpos = offs_m + (S - T)
-            doc_q = qpos
-            if HAS_DOC:
-                doc_q = tl.load(doc_ptr + qpos, mask=offs_m < T, other=-2)
-            vis = _visible(qpos, kpos, S, window, doc_q, doc_ptr, CAUSAL, WINDOW_ON, HAS_DOC)
-            vis &= offs_m[:, None] < T
+            vis = _visible_rows(offs_m, T, S, kpos, window, doc_ptr, CAUSAL, WINDOW_ON, HAS_DOC)
             pT = tl.where(tl.trans(vis), pT, 0.0)
         do = tl.load(do_base + offs_m[:, None] * DV + offs_dv[None, :], mask=domask, other=0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
