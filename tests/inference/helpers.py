@@ -41,3 +41,20 @@ def naive_greedy(model, prompt: list[int], n: int) -> list[int]:
 def prompts(lengths, vocab: int = 61, seed: int = 1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def general_path(sp):
+    """The same greedy settings with a seed: greedy tokens do not depend on it, but a seed keeps
+    the row on the general (unpipelined, per-step `sample`) path."""
+    return type(sp)(**{**sp.__dict__, "seed": 0})
+
+
+def assert_trimmed_like_reference(params, refs, got, want) -> None:
+    """Each row of `got` equals `want` (token ids and finish reason) and its naive greedy
+    reference cut at max_tokens and before its stop id."""
+    for sp, ref, g, w in zip(params, refs, got, want):
+        assert g[0].token_ids == w[0].token_ids and g[0].finish_reason == w[0].finish_reason
+        expect = ref[:sp.max_tokens]
+        if sp.stop_ids and sp.stop_ids[0] in expect:
+            expect = expect[:expect.index(sp.stop_ids[0])]
+        assert g[0].token_ids == expect

@@ -13,11 +13,7 @@ from lmforge.inference import Engine, SamplingParams
 from lmforge.inference.pipeline import HostSyncCounter
 from lmforge.tokenizer import Tokenizer
 
-from .helpers import naive_greedy, prompts, tiny_model
-
-
-def seeded(sp: SamplingParams) -> SamplingParams:
-    return SamplingParams(**{**sp.__dict__, "seed": 0})  # greedy either way; keeps the general path
+from .helpers import assert_trimmed_like_reference, general_path, naive_greedy, prompts, tiny_model
 
 
 @pytest.mark.parametrize("kind,k", [("gqa", 3), ("gqa", 5), ("mqa-window", 4)])
@@ -33,13 +29,8 @@ def test_multistep_stops_are_trimmed_exactly(kind, k):
         params.append(SamplingParams(max_tokens=[25, 4, 9, 30, 7, 12, 6][i], temperature=0, stop_ids=stop))
     multi = Engine(model, max_batch=3, max_len=30, eos_ids=[], decode_steps=k)
     got = multi.generate(ps, params)
-    want = Engine(model, max_batch=3, max_len=30, eos_ids=[]).generate(ps, [seeded(sp) for sp in params])
-    for sp, ref, g, w in zip(params, refs, got, want):
-        assert g[0].token_ids == w[0].token_ids and g[0].finish_reason == w[0].finish_reason
-        expect = ref[:sp.max_tokens]
-        if sp.stop_ids and sp.stop_ids[0] in expect:
-            expect = expect[:expect.index(sp.stop_ids[0])]
-        assert g[0].token_ids == expect
+    want = Engine(model, max_batch=3, max_len=30, eos_ids=[]).generate(ps, [general_path(sp) for sp in params])
+    assert_trimmed_like_reference(params, refs, got, want)
     assert not multi.has_work() and all(s is None for s in multi.slots)
     again = multi.generate(ps[:2], [SamplingParams(max_tokens=8, temperature=0)] * 2)
     assert [a[0].token_ids for a in again] == [r[:8] for r in refs[:2]]
@@ -66,7 +57,7 @@ def test_multistep_streams_k_tokens_per_step_with_stop_strings():
 
     k = 4
     fast, fast_steps = stream(Engine(model, tokenizer=tok, max_batch=3, max_len=40, decode_steps=k), params)
-    ref, ref_steps = stream(Engine(model, tokenizer=tok, max_batch=3, max_len=40), [seeded(sp) for sp in params])
+    ref, ref_steps = stream(Engine(model, tokenizer=tok, max_batch=3, max_len=40), [general_path(sp) for sp in params])
     assert fast == ref  # tokens, text pieces (no partial characters), finish reasons, in order
     assert any(e[2] == "stop" for f in fast for e in f)
     assert max(fast_steps) == k  # events come k tokens per request per step()

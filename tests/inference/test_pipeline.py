@@ -11,13 +11,7 @@ from lmforge.inference.pipeline import HostSyncCounter
 from lmforge.inference.sampling import Row, draw, fast_key, probs, sample, sample_fast
 from lmforge.tokenizer import Tokenizer
 
-from .helpers import naive_greedy, prompts, tiny_model
-
-
-def slow(sp: SamplingParams) -> SamplingParams:
-    """The same greedy settings with a seed: greedy tokens do not depend on it, but a seed keeps
-    the row on the general (unpipelined, per-step `sample`) path."""
-    return SamplingParams(**{**sp.__dict__, "seed": 0})
+from .helpers import assert_trimmed_like_reference, general_path, naive_greedy, prompts, tiny_model
 
 
 def test_steady_step_reads_the_host_once_and_syncs_nowhere_else():
@@ -36,7 +30,7 @@ def test_steady_step_reads_the_host_once_and_syncs_nowhere_else():
     # the general path, for contrast: a tensor built from Python lists and element writes per step
     seeded = Engine(model, max_batch=4, max_len=40)
     for p in prompts([3, 7, 5]):
-        seeded.add_request(p, slow(SamplingParams(max_tokens=20, temperature=0)))
+        seeded.add_request(p, general_path(SamplingParams(max_tokens=20, temperature=0)))
     seeded.step()
     with HostSyncCounter() as syncs:
         seeded.step()
@@ -57,13 +51,8 @@ def test_pipelined_stops_are_trimmed_exactly(kind):
     fast = Engine(model, max_batch=3, max_len=30, eos_ids=[])
     ref_engine = Engine(model, max_batch=3, max_len=30, eos_ids=[])
     got = fast.generate(ps, params)
-    want = ref_engine.generate(ps, [slow(sp) for sp in params])
-    for sp, ref, g, w in zip(params, refs, got, want):
-        assert g[0].token_ids == w[0].token_ids and g[0].finish_reason == w[0].finish_reason
-        expect = ref[:sp.max_tokens]
-        if sp.stop_ids and sp.stop_ids[0] in expect:
-            expect = expect[:expect.index(sp.stop_ids[0])]
-        assert g[0].token_ids == expect
+    want = ref_engine.generate(ps, [general_path(sp) for sp in params])
+    assert_trimmed_like_reference(params, refs, got, want)
     assert not fast.has_work() and all(s is None for s in fast.slots)
     # the engine is reusable after a run that ended with a step in flight
     again = fast.generate(ps[:2], [SamplingParams(max_tokens=8, temperature=0)] * 2)
@@ -90,7 +79,7 @@ def test_stop_strings_and_streaming_at_most_one_step_late():
 
     params = [SamplingParams(max_tokens=20, temperature=0, stop=s) for s in stops]
     fast = stream(Engine(model, tokenizer=tok, max_batch=3, max_len=40), params)
-    ref = stream(Engine(model, tokenizer=tok, max_batch=3, max_len=40), [slow(sp) for sp in params])
+    ref = stream(Engine(model, tokenizer=tok, max_batch=3, max_len=40), [general_path(sp) for sp in params])
     for f, r in zip(fast, ref):
         assert [e[1:] for e in f] == [e[1:] for e in r]  # tokens, text pieces, finish reasons
         assert all(0 <= a[0] - b[0] <= 1 for a, b in zip(f, r))  # each at most one step later
