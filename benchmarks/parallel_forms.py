@@ -23,11 +23,12 @@ time, peak memory per GPU (the larger of the two), the ratio to the form's basel
   cp_*          causal attention forward+backward at a context whose score matrices do not fit one
                 80 GB GPU: `cp_sdpa` (1 GPU, PyTorch's SDPA, O(T) memory: the speed reference; its
                 backend in the row), `cp_sdpa_flash` (SDPA held to FlashAttention-2), `cp_before` (the
-                ring of --ring-before, same run), `cp_flash` (the ring, FlashAttention-2 blocks), `cp`
-                (the ring, default blocks: cuDNN where SDPA takes it), `cp_torch` (PyTorch's own
+                ring of --ring-before, same run), `cp` (the ring, default blocks: FlashAttention-2 on a
+                GPU), `cp_cudnn` (the ring, cuDNN blocks), `cp_torch` (PyTorch's own
                 experimental context_parallel, its default all-gather rotation; form `cp_torch`, run it
                 last), `cp_gqa*` (8 query
-                heads, 2 kv heads: SDPA with enable_gqa vs the ring passing the 2 kv heads).
+                heads, 2 kv heads: SDPA with enable_gqa vs the ring passing the 2 kv heads, flash and
+                cuDNN blocks).
                 The ring rows also report the largest error of out/dQ/dK/dV (full sequence, random
                 dout) against fp32 SDPA on one device, next to the same error of bf16 SDPA (`err_*`
                 and `sdpa_err_*`). `--profile`: the ring rows add a per-step breakdown from the
@@ -64,16 +65,17 @@ VARIANTS = {  # form -> [(variant, GPUs)]
     "tp_layer": [("tp_layer_1gpu", 1), ("tp_layer", 2)],
     "pp": [("pp_gpipe", 2), ("pp_1f1b", 2), ("pp_interleaved", 2), ("pp_1f1b_before", 2),
            ("pp_1f1b_balanced", 2), ("pp_interleaved_balanced", 2)],
-    "cp": [("cp_sdpa", 1), ("cp_sdpa_flash", 1), ("cp_before", 2), ("cp_flash", 2), ("cp", 2),
-           ("cp_gqa_sdpa", 1), ("cp_gqa", 2)],
+    "cp": [("cp_sdpa", 1), ("cp_sdpa_flash", 1), ("cp_before", 2), ("cp", 2), ("cp_cudnn", 2),
+           ("cp_gqa_sdpa", 1), ("cp_gqa", 2), ("cp_gqa_cudnn", 2)],
     "cp_torch": [("cp_torch", 2)],  # an experimental API: its own form, run it last
     "cp_ref": [("cp_reference", 1), ("cp_ring_reference", 2)],
     "ep": [("ep_dp", 2), ("ep", 2)],
 }
 BASELINE = {"tp": "dp", "dp": "single", "tp_layer": "tp_layer_1gpu", "ep": "ep_dp", "cp_gqa": "cp_gqa_sdpa",
+            "cp_gqa_cudnn": "cp_gqa_sdpa",
             **{v: "dp" for v, _ in VARIANTS["pp"]},
             **{v: "cp_sdpa" for v, _ in VARIANTS["cp"] + VARIANTS["cp_ref"] + VARIANTS["cp_torch"]
-               if v not in ("cp_sdpa", "cp_gqa_sdpa", "cp_gqa")}}
+               if v not in ("cp_sdpa", "cp_gqa_sdpa") and not v.startswith("cp_gqa")}}
 BEFORE: dict = {}  # "ring" / "pipeline" -> a module of the code before a change (--ring-before / --pipeline-before)
 PP_COSTS: dict = {}  # per-stage forward/backward ms per micro-batch measured by pp_1f1b, for the balanced split
 
@@ -258,7 +260,7 @@ def _pp_variant(name, args, device, rank, world, cfg) -> dict:
 
 
 def _cp_variant(name, args, device, rank, world) -> dict:
-    from lmforge.distributed.ring_attention import block_forward, ring_attention, sdpa_backend, select_kernel
+    from lmforge.distributed.ring_attention import block_forward, resolve_kernel, ring_attention, sdpa_backend
 
     T, H, D = args.cp_seq, 8, 128
     hkv = 2 if name.startswith("cp_gqa") else H
@@ -268,14 +270,14 @@ def _cp_variant(name, args, device, rank, world) -> dict:
     q = torch.randn(1, H, t_local, D, device=device, dtype=dt, generator=g).requires_grad_()
     k, v = (torch.randn(1, hkv, t_local, D, device=device, dtype=dt, generator=g).requires_grad_() for _ in range(2))
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    ring_fn, kernel = ring_attention, {"cp_ring_reference": "reference", "cp_flash": "flash_cuda"}.get(name, "auto")
-    if name == "cp_flash" and device.type != "cuda":
-        kernel = "flash_cpu"
+    ring_fn, kernel = ring_attention, "reference" if name == "cp_ring_reference" else "auto"
+    if name.endswith("_cudnn"):
+        kernel = "cudnn_cuda" if device.type == "cuda" else "flash_cpu"  # (smoke: checks the script only)
     if name == "cp_before":
         if "ring" not in BEFORE:
             return {"error": "no --ring-before given"}
         ring_fn = BEFORE["ring"].ring_attention
-    ring = name in ("cp", "cp_flash", "cp_before", "cp_gqa", "cp_ring_reference")
+    ring = name in ("cp", "cp_cudnn", "cp_before", "cp_gqa", "cp_gqa_cudnn", "cp_ring_reference")
     row = {"context": T}
     if name == "cp_torch":
         return _cp_torch(args, device, world, T, H, D, dt)
@@ -304,8 +306,7 @@ def _cp_variant(name, args, device, rank, world) -> dict:
     if device.type == "cuda":  # before the error check below, which holds the whole sequence in fp32
         row["timed_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     if ring:
-        sdpa_choice = sdpa_backend(q, k, v, True) if device.type == "cuda" and kernel == "auto" else None
-        row["kernel"] = select_kernel(device.type, dt, D, D, kernel, sdpa_choice) if name != "cp_before" else "before"
+        row["kernel"] = resolve_kernel(q, k, v, True, kernel) if name != "cp_before" else "before"
         row.update(_cp_errors(q, k, v, kernel, device, rank, world, ring_fn))
         if args.profile:
             row["breakdown"] = _profile(step, device)

@@ -33,10 +33,11 @@ Each block runs on one of these implementations (`select_kernel`, per call):
   the CPU flash op). The forward returns the block's out and LSE with O(T_local) memory; the backward
   op takes the FINAL (merged) out and LSE of the queries and gives exactly this block's dQ/dK/dV
   share, the recomputation FlashAttention's backward does. They take fewer kv heads than query heads
-  (GQA) as they are. "auto" takes cuDNN exactly when torch's own SDPA would pick it for these
-  inputs (on Hopper with a recent cuDNN it does, and it is much faster than FlashAttention-2 there),
-  else flash. CUDA needs fp16/bf16 and a head dim that is a multiple of 8 up to 256; CPU takes any
-  float dtype.
+  (GQA) as they are. CUDA needs fp16/bf16 and a head dim that is a multiple of 8 up to 256; CPU
+  takes any float dtype. "auto" takes flash; with AUTO_CUDNN it takes cuDNN exactly where torch's
+  own SDPA would pick it for these inputs (on Hopper with cuDNN >= 9.15 SDPA does: its kernel is
+  much faster than FlashAttention-2 there). AUTO_CUDNN stays off until the cuDNN blocks' errors and
+  speed have been measured on a GPU (benchmarks/parallel_forms.py, row cp_cudnn).
 - "reference": the block math written out below, scores in float32 (float64 stays float64), O(T_local²)
   memory per step: the readable version and the one the fused kernels are tested against; used where
   no fused kernel applies (e.g. value head dim ≠ key head dim, fp32 on CUDA).
@@ -156,6 +157,7 @@ def merge_(out, lse, blk_out, blk_lse) -> None:
 # ----------------------------------------------------------------------------- one block, fused kernels
 
 KERNELS = ("cudnn_cuda", "flash_cuda", "flash_cpu", "reference")  # "auto" takes the first that applies
+AUTO_CUDNN = False  # not yet run on a GPU: until then cuDNN blocks only when asked for by name
 NATIVE_GQA = ("cudnn_cuda", "flash_cuda", "flash_cpu")  # take kv heads < query heads as they are
 
 
@@ -207,6 +209,12 @@ def select_kernel(device_type: str, dtype: torch.dtype, head_dim: int, v_head_di
     if problem:
         raise ConfigError(f"ring attention kernel: {problem}")
     return kernel
+
+
+def resolve_kernel(q, k, v, causal: bool, kernel: str = "auto") -> str:
+    """The block implementation `ring_attention` runs for these inputs."""
+    sdpa = sdpa_backend(q, k, v, causal) if kernel == "auto" and AUTO_CUDNN and q.device.type == "cuda" else None
+    return select_kernel(q.device.type, q.dtype, q.shape[-1], v.shape[-1], kernel, sdpa)
 
 
 def kernel_block_forward(kernel: str, q, k, v, scale: float, causal: bool):
@@ -414,8 +422,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
 
     q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv]: this rank's part, in the `shard_sequence`
     layout (zig-zag for causal). Returns this rank's part of the output, same layout. Differentiable.
-    `kernel`: "auto" (`select_kernel`: cuDNN where torch's SDPA would take it, else flash, else the
-    reference), or one of KERNELS to force it.
+    `kernel`: "auto" (`select_kernel`: flash, or with AUTO_CUDNN cuDNN where torch's SDPA would take
+    it; else the reference), or one of KERNELS to force it.
     """
     if q.shape[2] != k.shape[2] or k.shape[2] != v.shape[2]:
         raise ConfigError(f"ring attention needs equal local q/k/v lengths, got {q.shape[2]}, "
@@ -425,8 +433,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
     if causal and q.shape[2] % 2:
         raise ConfigError(f"causal ring attention: local length {q.shape[2]} must be even (two zig-zag chunks)")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    sdpa = sdpa_backend(q, k, v, causal) if kernel == "auto" and q.device.type == "cuda" else None
-    kernel = select_kernel(q.device.type, q.dtype, q.shape[-1], v.shape[-1], kernel, sdpa)
+    kernel = resolve_kernel(q, k, v, causal, kernel)
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         n_rep = q.shape[1] // k.shape[1]
         k, v = _expand_kv(k, n_rep), _expand_kv(v, n_rep)
