@@ -344,8 +344,9 @@ def _profile(step, device, steps: int = 3) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    step()
-    _sync(device)
+    with profile(activities=acts):  # the first session in a process starts the profiler (~0.5 s)
+        step()
+        _sync(device)
     t0 = time.perf_counter()
     with profile(activities=acts) as prof:
         for _ in range(steps):
