@@ -23,8 +23,8 @@ time, peak memory per GPU (the larger of the two), the ratio to the form's basel
   cp_*          causal attention forward+backward at a context whose score matrices do not fit one
                 80 GB GPU: `cp_sdpa` (1 GPU, PyTorch's SDPA, O(T) memory: the speed reference; its
                 backend in the row), `cp_sdpa_flash` (SDPA held to FlashAttention-2), `cp_before` (the
-                ring of --ring-before, same run), `cp` (the ring, default blocks: FlashAttention-2 on a
-                GPU), `cp_cudnn` (the ring, cuDNN blocks), `cp_torch` (PyTorch's own
+                ring of --ring-before, same run), `cp` (the ring, FlashAttention-2 blocks on a
+                GPU), `cp_cudnn` (the ring, cuDNN blocks: its default on Hopper), `cp_torch` (PyTorch's own
                 experimental context_parallel, its default all-gather rotation; form `cp_torch`, run it
                 last), `cp_gqa*` (8 query
                 heads, 2 kv heads: SDPA with enable_gqa vs the ring passing the 2 kv heads, flash and
@@ -271,8 +271,10 @@ def _cp_variant(name, args, device, rank, world) -> dict:
     k, v = (torch.randn(1, hkv, t_local, D, device=device, dtype=dt, generator=g).requires_grad_() for _ in range(2))
     sdpa = torch.nn.functional.scaled_dot_product_attention
     ring_fn, kernel = ring_attention, "reference" if name == "cp_ring_reference" else "auto"
-    if name.endswith("_cudnn"):
+    if name.endswith("_cudnn"):  # what "auto" picks on Hopper (AUTO_CUDNN)
         kernel = "cudnn_cuda" if device.type == "cuda" else "flash_cpu"  # (smoke: checks the script only)
+    elif name in ("cp", "cp_gqa") and device.type == "cuda":
+        kernel = "flash_cuda"
     if name == "cp_before":
         if "ring" not in BEFORE:
             return {"error": "no --ring-before given"}
