@@ -17,6 +17,8 @@ bootstrap sample, so its interval is consistent with the parameters'.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from lmforge.errors import LMForgeError
@@ -110,6 +112,13 @@ def fit_parametric(n, d, loss, *, n_boot: int = 100, level: float = 0.95, seed: 
                            "N and D in this data (need runs that vary both over a wider range)")
     params = dict(zip(NAMES, (float(v) for v in point)))
     params.update({k: float(v) for k, v in _derived(params).items()})
+    if params["E"] < 0.01 * y.min():
+        # The fit spends the whole loss on the power-law terms: the runs do not pin the
+        # irreducible loss down, and α, β (so a, b) then absorb it (seen on small real sweeps).
+        warnings.warn(f"parametric fit: the irreducible loss E = {params['E']:.3g} collapsed to ~0 (lowest "
+                      f"observed loss {y.min():.3g}); the data do not determine E, so α, β and the "
+                      "allocation exponents a, b of this fit are unreliable: prefer approaches 1 and 2, or "
+                      "add runs at larger N and D", stacklevel=2)
     samples: dict[str, np.ndarray] = {}
     if n_boot > 0:
         def refit(idx: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lmforge.scaling.isoflop import fit_isoflop
+from lmforge.scaling.parametric import fit_parametric
 from lmforge.scaling.runs import load_runs
 
 TABLE = Path(__file__).parent / "data" / "h100_sweep_2026-11-26.csv"
@@ -27,3 +28,11 @@ def test_h100_sweep_table_gives_the_documented_approach_2_exponents():
     assert fit.n_opt["argmin"].params["a"] == pytest.approx(0.643, abs=1e-3)
     assert fit.d_opt["argmin"].params["a"] == pytest.approx(1 - 0.643, abs=1e-3)
     assert [p.n_argmin for p in fit.profiles] == [76944, 209184, 430752, 430752, 1435040, 3475712]
+
+
+def test_h100_sweep_parametric_fit_warns_that_e_is_not_determined():
+    """On this sweep approach 3 puts E at ~0 (docs: "no usable answer"); the fit says so."""
+    runs = load_runs(TABLE)
+    with pytest.warns(UserWarning, match="irreducible loss E"):
+        fit = fit_parametric(runs["params"], runs["tokens"], runs["loss"], n_boot=0, n_starts=16)
+    assert fit.params["E"] < 0.01 * runs["loss"].min()
