@@ -78,28 +78,40 @@ def _tiles(acc, l_i, m_i, q, K, V, b, hk, doc_ptr, doc_q, qpos, start, end, S, w
 
 
 @triton.jit
-def _fwd_kernel_tma(Q, K, V, O, LSE, DOC, sdb, sm_scale, softcap, window, T, S, HQ, GROUP,
-                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr,
-                    WINDOW_ON: tl.constexpr, HAS_DOC: tl.constexpr, SOFTCAP_ON: tl.constexpr,
-                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _query_tile(HQ, GROUP, T, S, BLOCK_M: tl.constexpr):
+    """This program's (batch x query head) row, batch, query head, kv head, and query tile: its first
+    row, row offsets and absolute positions (the last T of S). Heaviest (last) tiles run first."""
     pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest (last) query tiles first
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
-    hk = h // GROUP
-    off = S - T
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    qpos = offs_m + off
-    q = _tile(Q, b, h, m0, BLOCK_M, BLOCK_D)
+    return pid_bh, b, h, h // GROUP, m0, offs_m, offs_m + (S - T)
+
+
+@triton.jit
+def _query_docs(DOC, sdb, b, offs_m, qpos, T, HAS_DOC: tl.constexpr):
+    """The batch row's document ids and those of the tile's queries (positions when there are none)."""
     doc_ptr = DOC + b.to(tl.int64) * sdb
     doc_q = qpos
     if HAS_DOC:
         doc_q = tl.load(doc_ptr + qpos, mask=offs_m < T, other=-2)
+    return doc_ptr, doc_q
+
+
+@triton.jit
+def _fwd_kernel_tma(Q, K, V, O, LSE, DOC, sdb, sm_scale, softcap, window, T, S, HQ, GROUP,
+                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr,
+                    WINDOW_ON: tl.constexpr, HAS_DOC: tl.constexpr, SOFTCAP_ON: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh, b, h, hk, m0, offs_m, qpos = _query_tile(HQ, GROUP, T, S, BLOCK_M)
+    q = _tile(Q, b, h, m0, BLOCK_M, BLOCK_D)
+    doc_ptr, doc_q = _query_docs(DOC, sdb, b, offs_m, qpos, T, HAS_DOC)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked tiles give p = 0, not NaN
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    p0 = m0 + off
+    p0 = m0 + (S - T)  # the tile's first query position
     lo, pre, full, hi = _kv_ranges(p0, p0 + BLOCK_M - 1, S, window, BLOCK_N, CAUSAL, WINDOW_ON, HAS_DOC)
     if WINDOW_ON or HAS_DOC:  # otherwise lo == pre: no leading masked tiles
         acc, l_i, m_i = _tiles(acc, l_i, m_i, q, K, V, b, hk, doc_ptr, doc_q, qpos, lo, pre, S, window, sm_scale,
@@ -225,26 +237,16 @@ def _dq_kernel_tma(Q, K, V, DO, DQ, LSE, DELTA, DOC, sdb, sm_scale, softcap, win
                    HAS_DOC: tl.constexpr, SOFTCAP_ON: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query tile, batch x query head); Q and dO stay in shared memory."""
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest tiles first
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    hk = h // GROUP
-    off = S - T
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    qpos = offs_m + off
+    pid_bh, b, h, hk, m0, offs_m, qpos = _query_tile(HQ, GROUP, T, S, BLOCK_M)
     q = _tile(Q, b, h, m0, BLOCK_M, BLOCK_D)
     do = _tile(DO, b, h, m0, BLOCK_M, BLOCK_DV)
     row = pid_bh.to(tl.int64) * T + offs_m
     lse = tl.load(LSE + row, mask=offs_m < T, other=0.0)
     delta = tl.load(DELTA + row, mask=offs_m < T, other=0.0)
-    doc_ptr = DOC + b.to(tl.int64) * sdb
-    doc_q = qpos
-    if HAS_DOC:
-        doc_q = tl.load(doc_ptr + qpos, mask=offs_m < T, other=-2)
+    doc_ptr, doc_q = _query_docs(DOC, sdb, b, offs_m, qpos, T, HAS_DOC)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, pre, full, hi = _kv_ranges(m0 + off, m0 + off + BLOCK_M - 1, S, window, BLOCK_N, CAUSAL, WINDOW_ON, HAS_DOC)
+    p0 = m0 + (S - T)  # the tile's first query position
+    lo, pre, full, hi = _kv_ranges(p0, p0 + BLOCK_M - 1, S, window, BLOCK_N, CAUSAL, WINDOW_ON, HAS_DOC)
     if WINDOW_ON or HAS_DOC:  # otherwise lo == pre
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, b, hk, doc_ptr, doc_q, qpos, lo, pre, S, window, sm_scale,
                        softcap, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOW_ON, HAS_DOC, SOFTCAP_ON, PRECISION)
