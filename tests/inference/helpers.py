@@ -49,12 +49,28 @@ def general_path(sp):
     return type(sp)(**{**sp.__dict__, "seed": 0})
 
 
-def assert_trimmed_like_reference(params, refs, got, want) -> None:
-    """Each row of `got` equals `want` (token ids and finish reason) and its naive greedy
-    reference cut at max_tokens and before its stop id."""
+
+def check_stops_trimmed_exactly(kind: str, **engine_options) -> None:
+    """7 requests through 3 rows: rows stop (stop ids that occur in their output, max_tokens, a full
+    cache) at different tokens while others go on and waiting requests take the freed slots. Every
+    output equals the general (unpipelined) path's and naive greedy cut at its stop; the engine is
+    reusable after a run that ended with a step in flight."""
+    from lmforge.inference import Engine, SamplingParams
+
+    model = tiny_model(kind)
+    ps = prompts([3, 9, 2, 6, 4, 11, 5], seed=5)
+    refs = [naive_greedy(model, p, 30 - len(p)) for p in ps]
+    params = [SamplingParams(max_tokens=m, temperature=0, stop_ids=[ref[3 + i]] if i % 2 == 0 else [])
+              for i, (ref, m) in enumerate(zip(refs, [25, 4, 9, 30, 7, 12, 6]))]
+    engine = Engine(model, max_batch=3, max_len=30, eos_ids=[], **engine_options)
+    got = engine.generate(ps, params)
+    want = Engine(model, max_batch=3, max_len=30, eos_ids=[]).generate(ps, [general_path(sp) for sp in params])
     for sp, ref, g, w in zip(params, refs, got, want):
         assert g[0].token_ids == w[0].token_ids and g[0].finish_reason == w[0].finish_reason
         expect = ref[:sp.max_tokens]
         if sp.stop_ids and sp.stop_ids[0] in expect:
             expect = expect[:expect.index(sp.stop_ids[0])]
         assert g[0].token_ids == expect
+    assert not engine.has_work() and all(s is None for s in engine.slots)
+    again = engine.generate(ps[:2], [SamplingParams(max_tokens=8, temperature=0)] * 2)
+    assert [a[0].token_ids for a in again] == [r[:8] for r in refs[:2]]

@@ -13,27 +13,14 @@ from lmforge.inference import Engine, SamplingParams
 from lmforge.inference.pipeline import HostSyncCounter
 from lmforge.tokenizer import Tokenizer
 
-from .helpers import assert_trimmed_like_reference, general_path, naive_greedy, prompts, tiny_model
+from .helpers import check_stops_trimmed_exactly, general_path, naive_greedy, prompts, tiny_model
 
 
 @pytest.mark.parametrize("kind,k", [("gqa", 3), ("gqa", 5), ("mqa-window", 4)])
 def test_multistep_stops_are_trimmed_exactly(kind, k):
     """Rows stop (stop ids, max_tokens, a full cache) at any token of a launch while others go on
     and waiting requests take the freed slots (7 requests, 3 rows)."""
-    model = tiny_model(kind)
-    ps = prompts([3, 9, 2, 6, 4, 11, 5], seed=5)
-    refs = [naive_greedy(model, p, 30 - len(p)) for p in ps]
-    params = []
-    for i, ref in enumerate(refs):
-        stop = [ref[3 + i]] if i % 2 == 0 else []
-        params.append(SamplingParams(max_tokens=[25, 4, 9, 30, 7, 12, 6][i], temperature=0, stop_ids=stop))
-    multi = Engine(model, max_batch=3, max_len=30, eos_ids=[], decode_steps=k)
-    got = multi.generate(ps, params)
-    want = Engine(model, max_batch=3, max_len=30, eos_ids=[]).generate(ps, [general_path(sp) for sp in params])
-    assert_trimmed_like_reference(params, refs, got, want)
-    assert not multi.has_work() and all(s is None for s in multi.slots)
-    again = multi.generate(ps[:2], [SamplingParams(max_tokens=8, temperature=0)] * 2)
-    assert [a[0].token_ids for a in again] == [r[:8] for r in refs[:2]]
+    check_stops_trimmed_exactly(kind, decode_steps=k)
 
 
 def test_multistep_streams_k_tokens_per_step_with_stop_strings():

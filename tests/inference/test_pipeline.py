@@ -11,7 +11,7 @@ from lmforge.inference.pipeline import HostSyncCounter
 from lmforge.inference.sampling import Row, draw, fast_key, probs, sample, sample_fast
 from lmforge.tokenizer import Tokenizer
 
-from .helpers import assert_trimmed_like_reference, general_path, naive_greedy, prompts, tiny_model
+from .helpers import check_stops_trimmed_exactly, general_path, naive_greedy, prompts, tiny_model
 
 
 def test_steady_step_reads_the_host_once_and_syncs_nowhere_else():
@@ -41,22 +41,7 @@ def test_steady_step_reads_the_host_once_and_syncs_nowhere_else():
 def test_pipelined_stops_are_trimmed_exactly(kind):
     """Rows stop (stop ids, max_tokens, a full cache) at different steps while others go on and
     waiting requests take the freed slots; every output equals the slow path's and naive greedy."""
-    model = tiny_model(kind)
-    ps = prompts([3, 9, 2, 6, 4, 11, 5], seed=5)
-    refs = [naive_greedy(model, p, 30 - len(p)) for p in ps]
-    params = []
-    for i, ref in enumerate(refs):
-        stop = [ref[3 + i]] if i % 2 == 0 else []  # some rows stop on a token that occurs in their output
-        params.append(SamplingParams(max_tokens=[25, 4, 9, 30, 7, 12, 6][i], temperature=0, stop_ids=stop))
-    fast = Engine(model, max_batch=3, max_len=30, eos_ids=[])
-    ref_engine = Engine(model, max_batch=3, max_len=30, eos_ids=[])
-    got = fast.generate(ps, params)
-    want = ref_engine.generate(ps, [general_path(sp) for sp in params])
-    assert_trimmed_like_reference(params, refs, got, want)
-    assert not fast.has_work() and all(s is None for s in fast.slots)
-    # the engine is reusable after a run that ended with a step in flight
-    again = fast.generate(ps[:2], [SamplingParams(max_tokens=8, temperature=0)] * 2)
-    assert [a[0].token_ids for a in again] == [r[:8] for r in refs[:2]]
+    check_stops_trimmed_exactly(kind)
 
 
 def test_stop_strings_and_streaming_at_most_one_step_late():
