@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lmforge.config import to_dict
-from lmforge.errors import LMForgeError
+from lmforge.errors import ConfigError, LMForgeError
 from lmforge.train.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import MetricsLog, device_name, mfu, peak_flops
@@ -125,6 +125,11 @@ class Trainer:
         # (docs/benchmarks.md, Training: at micro-batch 12 the host launches kernels barely faster
         # than the GPU runs them).
         self._cudagraphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
+        if self._cudagraphs and parallel is not None:
+            # data parallelism hooks gradients into its own buckets mid-backward; with the graphs'
+            # gradient buffers (see _zero_grads) that combination is unmeasured and untested
+            raise ConfigError("train.compile_mode = 'reduce-overhead' (CUDA graphs) runs in one process "
+                              "only; with data parallelism use train.compile_mode = 'default'")
         self.check_every = steps_between_reads(cfg, self.device)
         if cfg.compile:
             # cpp_wrapper: inductor launches the kernels from C++ instead of Python: less host time

@@ -156,3 +156,22 @@ def test_reduce_overhead_compiles_on_cpu(tmp_path, shard_dir):
     assert t.buffers[0] == t.buffers[1] == t.buffers[2]
     assert [r["loss"] for r in t.history] == pytest.approx([r["loss"] for r in eager.history], rel=1e-5)
     torch._dynamo.reset()
+
+
+def test_reduce_overhead_with_data_parallelism_is_refused(shard_dir):
+    """CUDA graphs' own gradient buffers and data parallelism's buckets are not combined: a clear
+    error names the setting instead of gradients nobody has checked."""
+    from types import SimpleNamespace
+
+    from lmforge.data.loader import DocumentPacker, TokenStream
+    from lmforge.train.optim import build_optimizer
+    from lmforge.train.trainer import Trainer, lm_loss
+
+    from .conftest import VOCAB, tiny_model
+
+    model, _ = tiny_model(seed=3)
+    cfg = TrainConfig(max_steps=1, batch_size=2, compile=True, compile_mode="reduce-overhead", progress=False)
+    opt = build_optimizer(model, "adamw", lr=cfg.lr, vocab_size=VOCAB)
+    with pytest.raises(ConfigError, match="compile_mode = 'reduce-overhead'.*data parallelism"):
+        Trainer(model, opt, DocumentPacker(TokenStream(shard_dir), 2, 23), lm_loss, cfg,
+                parallel=SimpleNamespace(is_main=True))
