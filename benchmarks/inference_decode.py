@@ -21,6 +21,9 @@ same process, same threads:
   engine_compiled_k1  the same with decode_steps=1 (one step per launch and host read)
   engine_compiled_unpacked  engine_compiled on an unpacked copy of the model (Engine(pack=False)):
                q/k/v and gate/up as separate GEMMs, as before packed projections
+  engine_compiled_tuned  (CUDA, only with --tuned) engine_compiled with inductor's coordinate-descent
+               tuning (Engine(compile_options=TUNED)): matrix-vector products as tuned Triton
+               reductions fused with their neighbours; compiling takes minutes
 The other engine variants pack the model (one GEMM for q/k/v and one for gate/up per layer).
 Compiled variants get two untimed warm-up calls (compilation, CUDA-graph capture), the others one.
 Tokens/s counts generated tokens over all rows; each variant's best of --repeats rounds, the
@@ -69,6 +72,7 @@ import torch
 from common import INFERENCE_SHAPES, inference_device, sync, timed
 
 from lmforge.inference import Engine, SamplingParams
+from lmforge.inference.engine import TUNED
 from lmforge.inference.quantize import quantize_model
 from lmforge.io import write_json
 from lmforge.model import ModelConfig, Transformer
@@ -77,7 +81,8 @@ from lmforge.train.generate import generate as naive_generate
 # "gpt2s": the name used for the first GPU numbers in docs/benchmarks.md
 SHAPES = {**INFERENCE_SHAPES, "gpt2s": INFERENCE_SHAPES["llama124m"]}
 PEAK_TBS = [("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35)]  # first match in the device name wins
-COMPILED = ("hf_compile", "engine_compiled", "engine_compiled_k1", "engine_compiled_unpacked")
+COMPILED = ("hf_compile", "engine_compiled", "engine_compiled_k1", "engine_compiled_unpacked",
+            "engine_compiled_tuned")
 
 
 def peak_tbs(device: torch.device, override: float | None) -> float | None:
@@ -132,6 +137,8 @@ def run_batch(B, prompts, model, qmodel, unpacked, hf, hf_c, args, device) -> li
         engines.append(("engine_compiled", model, True, {}))  # decode_steps: the default (8)
         engines.append(("engine_compiled_k1", model, True, {"decode_steps": 1}))
         engines.append(("engine_compiled_unpacked", unpacked, True, {"pack": False}))
+        if args.tuned:
+            engines.append(("engine_compiled_tuned", model, True, {"compile_options": TUNED}))
     for name, m, compiled, opts in engines:
         if name not in args.skip and m is not None:
             engine = Engine(m, max_batch=B, max_len=max_len, eos_ids=[], compile=compiled, **opts)
@@ -235,6 +242,8 @@ def main() -> int:
     ap.add_argument("--skip", nargs="*", default=[], help="variants to skip")
     ap.add_argument("--peak-tbs", type=float, default=None, help="the card's peak memory bandwidth, TB/s")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tuned", action="store_true",
+                    help="also engine_compiled_tuned (coordinate-descent tuning; minutes of compilation)")
     ap.add_argument("--overhead", action="store_true", help="the engine's host overhead per step (1-layer model)")
     ap.add_argument("--decode-steps", type=int, nargs="+", default=[1], help="--overhead: decode steps per launch")
     args = ap.parse_args()
