@@ -74,3 +74,18 @@ def check_stops_trimmed_exactly(kind: str, **engine_options) -> None:
     assert not engine.has_work() and all(s is None for s in engine.slots)
     again = engine.generate(ps[:2], [SamplingParams(max_tokens=8, temperature=0)] * 2)
     assert [a[0].token_ids for a in again] == [r[:8] for r in refs[:2]]
+
+
+def stop_string_requests():
+    """A byte-level tokenizer, a tiny float32 model, 3 prompts and greedy params (20 tokens) whose
+    stop strings are 2 characters of the row's own plain output, so rows stop mid-output."""
+    from lmforge.inference import Engine, SamplingParams
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_merges([], special_tokens=["<|endoftext|>"])
+    model = tiny_model("gqa", vocab=257, dtype=torch.float32)
+    ps = prompts([4, 6, 3], vocab=256, seed=2)
+    base = Engine(model, tokenizer=tok, max_batch=3, max_len=40).generate(
+        ps, SamplingParams(max_tokens=20, temperature=0))
+    stops = [[b[0].text[5:7]] if len(b[0].text) > 7 else [] for b in base]
+    return tok, model, ps, [SamplingParams(max_tokens=20, temperature=0, stop=s) for s in stops]

@@ -13,7 +13,14 @@ from lmforge.inference import Engine, SamplingParams
 from lmforge.inference.pipeline import HostSyncCounter
 from lmforge.tokenizer import Tokenizer
 
-from .helpers import check_stops_trimmed_exactly, general_path, naive_greedy, prompts, tiny_model
+from .helpers import (
+    check_stops_trimmed_exactly,
+    general_path,
+    naive_greedy,
+    prompts,
+    stop_string_requests,
+    tiny_model,
+)
 
 
 @pytest.mark.parametrize("kind,k", [("gqa", 3), ("gqa", 5), ("mqa-window", 4)])
@@ -24,13 +31,7 @@ def test_multistep_stops_are_trimmed_exactly(kind, k):
 
 
 def test_multistep_streams_k_tokens_per_step_with_stop_strings():
-    tok = Tokenizer.from_merges([], special_tokens=["<|endoftext|>"])
-    model = tiny_model("gqa", vocab=257, dtype=torch.float32)
-    ps = prompts([4, 6, 3], vocab=256, seed=2)
-    base = Engine(model, tokenizer=tok, max_batch=3, max_len=40).generate(
-        ps, SamplingParams(max_tokens=20, temperature=0))
-    stops = [[b[0].text[5:7]] if len(b[0].text) > 7 else [] for b in base]
-    params = [SamplingParams(max_tokens=20, temperature=0, stop=s) for s in stops]
+    tok, model, ps, params = stop_string_requests()
 
     def stream(engine, params):
         seen, per_step = {}, []

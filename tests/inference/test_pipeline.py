@@ -9,9 +9,15 @@ import torch
 from lmforge.inference import Engine, SamplingParams
 from lmforge.inference.pipeline import HostSyncCounter
 from lmforge.inference.sampling import Row, draw, fast_key, probs, sample, sample_fast
-from lmforge.tokenizer import Tokenizer
 
-from .helpers import check_stops_trimmed_exactly, general_path, naive_greedy, prompts, tiny_model
+from .helpers import (
+    check_stops_trimmed_exactly,
+    general_path,
+    naive_greedy,
+    prompts,
+    stop_string_requests,
+    tiny_model,
+)
 
 
 def test_steady_step_reads_the_host_once_and_syncs_nowhere_else():
@@ -45,12 +51,7 @@ def test_pipelined_stops_are_trimmed_exactly(kind):
 
 
 def test_stop_strings_and_streaming_at_most_one_step_late():
-    tok = Tokenizer.from_merges([], special_tokens=["<|endoftext|>"])
-    model = tiny_model("gqa", vocab=257, dtype=torch.float32)
-    ps = prompts([4, 6, 3], vocab=256, seed=2)
-    base = Engine(model, tokenizer=tok, max_batch=3, max_len=40).generate(
-        ps, SamplingParams(max_tokens=20, temperature=0))
-    stops = [[b[0].text[5:7]] if len(b[0].text) > 7 else [] for b in base]
+    tok, model, ps, params = stop_string_requests()
 
     def stream(engine, params):
         seen = {}  # request index -> [(step, token, text)]
@@ -62,7 +63,6 @@ def test_stop_strings_and_streaming_at_most_one_step_late():
                 seen.setdefault(ids.index(ev.request_id), []).append((step, ev.token_id, ev.text, ev.finish_reason))
         return [seen[i] for i in range(len(ps))]
 
-    params = [SamplingParams(max_tokens=20, temperature=0, stop=s) for s in stops]
     fast = stream(Engine(model, tokenizer=tok, max_batch=3, max_len=40), params)
     ref = stream(Engine(model, tokenizer=tok, max_batch=3, max_len=40), [general_path(sp) for sp in params])
     for f, r in zip(fast, ref):
