@@ -76,7 +76,7 @@ def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, 
 def steps_between_reads(cfg: TrainConfig, device: torch.device) -> int:
     """train.check_every, with 0 (auto) resolved: every step on CPU (nothing runs ahead there, so
     reading costs nothing), at log points on an accelerator."""
-    return cfg.check_every or (1 if device.type == "cpu" else cfg.log_every)
+    return cfg.check_every or (1 if device.type == "cpu" or not cfg.log_every else cfg.log_every)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> int:
@@ -131,6 +131,12 @@ class Trainer:
             raise ConfigError("train.compile_mode = 'reduce-overhead' (CUDA graphs) runs in one process "
                               "only; with data parallelism use train.compile_mode = 'default'")
         self.check_every = steps_between_reads(cfg, self.device)
+        self._grad_buffers: dict[int, torch.Tensor] = {}  # CUDA graphs: id(param) -> its .grad buffer
+        self._touched: set[int] = set()  # CUDA graphs: ids of params that got a gradient this step
+        if self._cudagraphs:
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(lambda p: self._touched.add(id(p)))
         if cfg.compile:
             # cpp_wrapper: inductor launches the kernels from C++ instead of Python: less host time
             # per kernel; slower to compile. Both are inductor options ("reduce-overhead" is
@@ -232,6 +238,8 @@ class Trainer:
             n_total += n
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
+        if self._cudagraphs:
+            self._drop_untouched_grads()
         if self.parallel is not None:  # totals over all ranks: divide by the global token count
             loss_total, n_total = self.parallel.reduce_totals(loss_total, n_total)
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -263,15 +271,22 @@ class Trainer:
         # With .grad None, autograd would adopt the first micro-step's gradient tensor as .grad
         # (pytorch/pytorch#169545: "accessing tensor output of CUDAGraphs that has been overwritten").
         # So gradients live in buffers of their own, zeroed in place, and every micro-step's
-        # gradients are added into them. (Every trainable parameter then holds a gradient, zero if
-        # it got none.)
-        grads = []
+        # gradients are added into them; _drop_untouched_grads then gives back None to parameters
+        # that got none.
         for p in self.model.parameters():
             if p.requires_grad:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
-        torch._foreach_zero_(grads)
+                if id(p) not in self._grad_buffers:
+                    self._grad_buffers[id(p)] = torch.zeros_like(p)
+                p.grad = self._grad_buffers[id(p)]
+        torch._foreach_zero_(list(self._grad_buffers.values()))
+        self._touched.clear()
+
+    def _drop_untouched_grads(self) -> None:
+        """A parameter no micro-step gave a gradient gets .grad None, as without CUDA graphs, so the
+        optimizer skips it (no weight decay, no momentum, no state)."""
+        for p in self.model.parameters():
+            if p.requires_grad and id(p) not in self._touched:
+                p.grad = None
 
     def read_stats(self) -> list[dict]:
         """Read the statistics of the steps run since the last read (one wait for the GPU), fill in
@@ -318,16 +333,32 @@ class Trainer:
         start = time.perf_counter()
         window_t, window_tokens = time.perf_counter(), self.tokens
         seen = len(self.history)
+        logged = None  # the last record written to metrics.jsonl
         stop_reason = "max_steps"
 
-        def report() -> None:
-            """Read what is pending; progress and hooks see each step's record once, in order."""
-            nonlocal seen
+        def report(log: bool = False) -> None:
+            """Read what is pending; with `log`, the newest record gets the throughput since the last
+            log and goes to metrics.jsonl. Progress and hooks see each record once, in order, when
+            it is read (so with train.check_every > 1 a hook may run a few steps after its step)."""
+            nonlocal seen, window_t, window_tokens, logged
             self.read_stats()
+            newest = self.history[-1] if self.history else None
+            log = log and newest is not None and newest is not logged
+            if log:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                tps = (self.tokens - window_tokens) / max(now - window_t, 1e-9)
+                newest["tokens_per_s"] = tps
+                newest["mfu"] = mfu(self.flops_per_token, tps, self.peak)
+                window_t, window_tokens = now, self.tokens
             for record in self.history[seen:]:
                 progress.update(record)
                 for hook in self.hooks:
                     hook(self, record)
+            if log:
+                self._log.write(newest)
+                logged = newest
             seen = len(self.history)
 
         try:
@@ -341,17 +372,7 @@ class Trainer:
                 # The GPU runs ahead of the host between reads; every step is read before anything
                 # that looks at the weights or writes them (eval, samples, checkpoints).
                 if log_now or do_eval or do_sample or do_save or _every(step, self.check_every):
-                    report()
-                if log_now:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    now = time.perf_counter()
-                    tps = (self.tokens - window_tokens) / max(now - window_t, 1e-9)
-                    record = self.history[-1]
-                    record["tokens_per_s"] = tps
-                    record["mfu"] = mfu(self.flops_per_token, tps, self.peak)
-                    window_t, window_tokens = now, self.tokens
-                    self._log.write(record)
+                    report(log=log_now)
                 if do_eval:
                     self.run_eval()
                 if do_sample:
@@ -363,9 +384,7 @@ class Trainer:
                     over = self.parallel.any_rank(over)  # every rank stops at the same step
                 if over:
                     stop_reason = "time_budget"
-                    report()
-                    if not log_now:  # the last step is logged even off the cadence
-                        self._log.write(self.history[-1])
+                    report(log=True)  # the last step is logged even off the cadence
                     self.save_checkpoint()
                     break
             report()

@@ -92,8 +92,9 @@ def test_compile_mode_config():
         TrainConfig(check_every=-1)
 
 
-def _graph_trainer(run_dir, shard_dir, **kw):
-    """A run without dropout (compiled dropout draws other random numbers than eager)."""
+def _graph_trainer(run_dir, shard_dir, unused_param=False, **kw):
+    """A run without dropout (compiled dropout draws other random numbers than eager); with
+    `unused_param`, the model has a trainable parameter no loss reaches."""
     from lmforge.data.loader import DocumentPacker, TokenStream
     from lmforge.train.optim import build_optimizer
     from lmforge.train.trainer import Trainer, lm_loss
@@ -101,6 +102,8 @@ def _graph_trainer(run_dir, shard_dir, **kw):
     from .conftest import VOCAB, tiny_model
 
     model, mcfg = tiny_model(seed=3)
+    if unused_param:
+        model.unused = torch.nn.Parameter(torch.ones(4, 4))
     cfg = TrainConfig(**{**dict(max_steps=3, batch_size=3, grad_accum=2, warmup_steps=1, lr=1e-2,
                                 eval_every=0, checkpoint_every=0, progress=False, log_every=1), **kw})
     opt = build_optimizer(model, "adamw", lr=cfg.lr, vocab_size=VOCAB)
@@ -175,3 +178,40 @@ def test_reduce_overhead_with_data_parallelism_is_refused(shard_dir):
     with pytest.raises(ConfigError, match="compile_mode = 'reduce-overhead'.*data parallelism"):
         Trainer(model, opt, DocumentPacker(TokenStream(shard_dir), 2, 23), lm_loss, cfg,
                 parallel=SimpleNamespace(is_main=True))
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_hooks_see_throughput_at_log_points_and_time_budget_stops_are_logged(tmp_path, shard_dir, check_every):
+    """Hooks (and the progress bar) get each record once, in order; log-point records carry
+    tokens_per_s and mfu when the hooks see them, as metrics.jsonl does."""
+    from lmforge.io import read_jsonl
+
+    seen = []
+    t = _packed_trainer(tmp_path, shard_dir, 6, check_every=check_every, log_every=3, checkpoint_every=0,
+                        hooks=[lambda tr, r: seen.append((r["step"], "tokens_per_s" in r, "mfu" in r))])
+    t.train()
+    assert seen == [(s, s % 3 == 0, s % 3 == 0) for s in range(1, 7)]
+    logged = list(read_jsonl(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in logged] == [3, 6] and all(r["tokens_per_s"] > 0 for r in logged)
+    # a time-budget stop off the log cadence logs its last step, with its throughput
+    stop = _packed_trainer(tmp_path / "budget", shard_dir, 6, check_every=check_every, log_every=4,
+                           checkpoint_every=0, time_budget_s=1e-9)
+    assert stop.train()["stop"] == "time_budget"
+    logged = list(read_jsonl(tmp_path / "budget" / "metrics.jsonl"))
+    assert [r["step"] for r in logged] == [1] and logged[0]["tokens_per_s"] > 0
+
+
+def test_reduce_overhead_leaves_parameters_without_gradients_alone(tmp_path, shard_dir):
+    """The graph path's own gradient buffers must not make an unused parameter look trained: it
+    keeps .grad None for the optimizer (no weight decay, momentum or state), as the plain path."""
+    plain = _graph_trainer(tmp_path / "a", shard_dir, unused_param=True, weight_decay=0.1)
+    plain.train()
+    with mock.patch.object(torch, "compile", lambda fn, options=None: fn):
+        t = _graph_trainer(tmp_path / "b", shard_dir, unused_param=True, weight_decay=0.1,
+                           compile=True, compile_mode="reduce-overhead")
+    with mock.patch.object(torch.compiler, "cudagraph_mark_step_begin"):
+        t.train()
+    for trainer in (plain, t):
+        assert torch.equal(trainer.model.unused, torch.ones(4, 4)) and trainer.model.unused.grad is None
+        assert not trainer.optimizer.state.get(trainer.model.unused)
+    assert [r["loss"] for r in t.history] == [r["loss"] for r in plain.history]
