@@ -42,6 +42,23 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+class _Unshared:
+    """A model as safetensors' save_model / load_model see it: parameters that are row views of a
+    larger buffer (packed projections, layers.PackedLinears) appear as copies, so that only tied
+    weights (one tensor under several names) count as shared storage, which safetensors stores
+    once; loading still copies into the model's own parameters (the packing stays)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size() else v
+                for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        return self.model.load_state_dict(state_dict, strict=strict)
+
+
 def save_model(directory: str | os.PathLike, model: nn.Module, cfg) -> None:
     """Write model.safetensors + model_config.json into an existing directory (e.g. an atomic_dir)."""
     from safetensors.torch import save_model as st_save_model
@@ -51,7 +68,7 @@ def save_model(directory: str | os.PathLike, model: nn.Module, cfg) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (WEIGHTS + ".tmp")
-    st_save_model(unwrap(model), str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
+    st_save_model(_Unshared(unwrap(model)), str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
     os.replace(tmp, directory / WEIGHTS)
     write_json(directory / CONFIG, {"format": FORMAT, "version": VERSION, "config": to_dict(cfg)})
 
@@ -86,7 +103,7 @@ def load_weights(directory: str | os.PathLike, model: nn.Module, device: str | t
     if not path.exists():
         raise CheckpointError(f"model weights not found: {path}")
     try:
-        missing, unexpected = st_load_model(unwrap(model), str(path), strict=False, device=str(device))
+        missing, unexpected = st_load_model(_Unshared(unwrap(model)), str(path), strict=False, device=str(device))
     except SafetensorError as e:
         raise CheckpointError(f"{path} is corrupt or truncated: {e}") from None
     except RuntimeError as e:  # shape mismatch

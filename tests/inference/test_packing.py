@@ -292,3 +292,25 @@ def test_compiled_prefill_with_dynamic_shapes_traces_in_one_graph():
     assert len(graphs) == 1  # one compilation for both shapes
     assert _count(graphs[0], "linear") == 4 * 2 + 1 and _count(graphs[0], "le") == 1
     torch._dynamo.reset()
+
+
+def test_packed_model_saves_and_loads_through_the_checkpoint_format(tmp_path):
+    """safetensors refuses parameters that are partial views of one storage; lmforge's model
+    checkpoint must still save a packed model (e.g. a policy an Engine packed, saved by the
+    trainer) and load into packed (packing kept: the engine's graphs read those buffers) and
+    unpacked models alike."""
+    from lmforge.model import pack_projections
+    from lmforge.model.checkpoint import load_weights, save_model
+
+    for kind in ("gqa", "gpt2"):
+        m = tiny_model(kind, dtype=torch.float32)
+        pack_projections(m)
+        save_model(tmp_path / kind, m, m.cfg)
+        plain, packed = tiny_model(kind, dtype=torch.float32, seed=7), tiny_model(kind, dtype=torch.float32, seed=9)
+        pack_projections(packed)
+        ptrs = [p.data_ptr() for p in packed.parameters()]
+        for target in (plain, packed):
+            load_weights(tmp_path / kind, target)
+            for (name, a), b in zip(m.state_dict().items(), target.state_dict().values()):
+                assert torch.equal(a, b), name
+        assert [p.data_ptr() for p in packed.parameters()] == ptrs
