@@ -89,21 +89,28 @@ class PackedLinears:
     `load_state_dict(assign=True)`, `.data = ...`, a copy) or a Linear is swapped for another module
     (quantized, tensor-parallel, adapters): `holds` then says False and the owner goes back to
     separate Linears. A deep copy of a packed module is not packed (its parameters are clones).
+    Known limits: compiled code checks only identity, dtype and device, so a same-shaped
+    `param.data = other` swap under torch.compile keeps running the old buffer (re-pack after such
+    a swap); autograd's version counter guards the buffer, not each parameter, so an in-place edit
+    of a packed weight between forward and backward is not detected; after `.to()` the old buffers
+    stay alive until the layer's next eager forward drops them.
     """
 
     def __init__(self, linears: tuple[Linear, ...]):
         self.weights = tuple(lin.weight for lin in linears)
         self.biases = tuple(lin.bias for lin in linears)
         self.sizes = [w.shape[0] for w in self.weights]
-        with torch.no_grad():
+        # inference_mode(False): packing inside an inference-mode region (an engine built there)
+        # must not turn the parameters into inference tensors that training can no longer use
+        with torch.inference_mode(False), torch.no_grad():
             self.weight = torch.cat([w.detach() for w in self.weights])
             self.bias = None if self.biases[0] is None else torch.cat([b.detach() for b in self.biases])
-        row = 0
-        for w, b, n in zip(self.weights, self.biases, self.sizes):
-            w.data = self.weight[row:row + n]
-            if b is not None:
-                b.data = self.bias[row:row + n]
-            row += n
+            row = 0
+            for w, b, n in zip(self.weights, self.biases, self.sizes):
+                w.data = self.weight[row:row + n]
+                if b is not None:
+                    b.data = self.bias[row:row + n]
+                row += n
         # what `holds` compares: each parameter's address and shape inside the buffers
         self.params = [p for p in self.weights + self.biases if p is not None]
         self.layout = [(p.data_ptr(), p.shape) for p in self.params]

@@ -314,3 +314,18 @@ def test_packed_model_saves_and_loads_through_the_checkpoint_format(tmp_path):
             for (name, a), b in zip(m.state_dict().items(), target.state_dict().values()):
                 assert torch.equal(a, b), name
         assert [p.data_ptr() for p in packed.parameters()] == ptrs
+
+
+def test_packing_inside_inference_mode_keeps_the_model_trainable():
+    """An engine built inside torch.inference_mode() packs the model it shares with training: the
+    parameters must stay normal tensors, so a training step still runs and gets gradients."""
+    from lmforge.model import pack_projections
+
+    m = tiny_model("gqa", dtype=torch.float32)
+    with torch.inference_mode():
+        pack_projections(m)
+    assert not any(p.is_inference() for p in m.parameters())
+    m.train()
+    ids = torch.tensor([prompts([9], seed=3)[0]])
+    m(ids).logits.float().sum().backward()
+    assert m.blocks[0].attn.q.weight.grad is not None
