@@ -9,6 +9,10 @@ Speculative decoding (exact: the same distribution, greedy text identical): `--d
 with a smaller model (any of the PATH forms; same vocabulary), `--ngram N` with prompt lookup;
 `--spec-k` drafts per round. `--prefix-cache BLOCKS` keeps the KV of shared prompt prefixes (system
 prompts, few-shot examples, earlier chat turns) in a pool of BLOCKS blocks of `--block-size` tokens.
+
+For benchmarks, `serve --batching static` turns continuous batching off (a batch starts only when
+the last one has finished) and `--ignore-eos` makes replies run to max_tokens (the end-of-text
+token is sampled like any other; stop strings and chat templates' stop ids still apply).
 """
 
 from __future__ import annotations
@@ -55,6 +59,10 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", default=None, help="model id reported by /v1/models (default: directory name)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    p.add_argument("--batching", choices=["continuous", "static"], default="continuous",
+                   help="static: new requests start only when the running batch has finished (a baseline)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="do not stop at the end-of-text token (fixed reply lengths for benchmarks)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal (streaming)")
@@ -142,8 +150,9 @@ def _engine(args):
         from lmforge.inference.quantize import quantize_model
 
         quantize_model(model, args.quantize)
+    eos_ids = [] if getattr(args, "ignore_eos", False) else None
     engine = Engine(model, tokenizer=tok, max_batch=args.max_batch, max_len=args.max_len, compile=args.compile,
-                    prefill_chunk=args.prefill_chunk, drafter=drafter_from_args(args, device, args.dtype),
+                    eos_ids=eos_ids, prefill_chunk=args.prefill_chunk, drafter=drafter_from_args(args, device, args.dtype),
                     spec_k=args.spec_k, prefix_blocks=args.prefix_cache, block_size=args.block_size)
     return engine, tok, name
 
@@ -157,7 +166,7 @@ def cmd_serve(args) -> int:
     from lmforge.inference.server import create_app
 
     engine, tok, name = _engine(args)
-    app = create_app(engine, tok, model_name=args.name or name, max_queue=args.max_queue)
+    app = create_app(engine, tok, model_name=args.name or name, max_queue=args.max_queue, batching=args.batching)
     print(f"serving {args.name or name} on http://{args.host}:{args.port} (chat page at /)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -9,7 +9,13 @@ page, static HTML + JS, no build step), `GET /health`.
 `EngineWorker` runs the engine on one background thread (the engine is not thread-safe): handlers
 submit requests through a lock-protected inbox and receive events on an asyncio queue. A client
 that disconnects has its request aborted, freeing its slot. The waiting queue is bounded: when it
-is full a request gets 429 instead of piling up. Bad requests get 400 with an OpenAI-style body
+is full a request gets 429 instead of piling up.
+
+`batching="continuous"` (the default) hands every request to the engine at once: it joins the
+running batch at the next step and finished sequences leave at once. `batching="static"` is the
+same engine without continuous batching, kept as the baseline of the serving benchmark: requests
+wait in the worker until the engine is idle (no sequence running), then as many as fit
+`max_batch` start together and the next ones wait for the whole batch to finish. Bad requests get 400 with an OpenAI-style body
 {"error": {"message", "type", "param", "code"}}.
 
 This module knows HTTP and JSON; sampling and scheduling live in the engine.
@@ -33,13 +39,19 @@ class QueueFull(LMForgeError):
     pass
 
 
+BATCHING = ("continuous", "static")
+
+
 class EngineWorker:
     """The engine on a background thread; handlers talk to it through `submit` and `abort`."""
 
-    def __init__(self, engine: Engine, max_queue: int = 64):
-        self.engine, self.max_queue = engine, max_queue
+    def __init__(self, engine: Engine, max_queue: int = 64, batching: str = "continuous"):
+        if batching not in BATCHING:
+            raise ConfigError(f"batching = {batching!r} must be one of {', '.join(BATCHING)}")
+        self.engine, self.max_queue, self.batching = engine, max_queue, batching
         self._lock = threading.Lock()
         self._inbox: list = []
+        self._held: list = []  # static batching: ("add", ...) ops waiting for the engine to be idle
         self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
@@ -48,7 +60,7 @@ class EngineWorker:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, asyncio.Queue]:
         with self._lock:
-            waiting = len(self.engine.waiting) + sum(1 for op in self._inbox if op[0] == "add")
+            waiting = len(self.engine.waiting) + len(self._held) + sum(1 for op in self._inbox if op[0] == "add")
             if waiting >= self.max_queue:
                 raise QueueFull(f"the server is busy: {waiting} requests are already waiting")
             rid = f"cmpl-{uuid.uuid4().hex[:24]}"
@@ -77,20 +89,46 @@ class EngineWorker:
             except RuntimeError:  # the client's loop is gone
                 pass
 
+    @property
+    def n_held(self) -> int:
+        """Requests waiting in the worker for the running batch to end (static batching)."""
+        return len(self._held)
+
+    def _add(self, op) -> None:
+        try:
+            self.engine.add_request(op[2], op[3], request_id=op[1])
+        except LMForgeError as e:
+            self._deliver(op[1], e)
+            self._queues.pop(op[1], None)
+
+    def _start_batch(self) -> None:
+        """Static batching: the engine is idle, so the held requests that fit its rows start."""
+        free = self.engine.max_batch
+        with self._lock:
+            while self._held and self._held[0][3].n <= free:
+                op = self._held.pop(0)
+                free -= op[3].n
+                self._add(op)
+
     def _run(self) -> None:
         eng = self.engine
         while not self._stop:
             with self._lock:
                 inbox, self._inbox = self._inbox, []
             for op in inbox:
-                if op[0] == "add":
-                    try:
-                        eng.add_request(op[2], op[3], request_id=op[1])
-                    except LMForgeError as e:
-                        self._deliver(op[1], e)
-                        self._queues.pop(op[1], None)
+                if op[0] == "add" and self.batching == "static":
+                    with self._lock:
+                        self._held.append(op)
+                elif op[0] == "add":
+                    self._add(op)
+                elif any(h[1] == op[1] for h in self._held):  # aborted before it started
+                    with self._lock:
+                        self._held = [h for h in self._held if h[1] != op[1]]
+                    self._queues.pop(op[1], None)
                 else:
                     eng.abort(op[1])
+            if self._held and not eng.has_work():  # static: the last batch has finished
+                self._start_batch()
             if not eng.has_work():
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
@@ -105,7 +143,8 @@ class EngineWorker:
                 continue
             for ev in events:
                 self._deliver(ev.request_id, ev)
-            for rid in [r for r in self._queues if r not in eng.requests and not any(o[1] == r for o in self._inbox)]:
+            live = {o[1] for o in self._inbox} | {o[1] for o in self._held}
+            for rid in [r for r in self._queues if r not in eng.requests and r not in live]:
                 self._queues.pop(rid, None)
 
 
@@ -147,12 +186,13 @@ def _params(body: dict, default_max: int) -> SamplingParams:
     return SamplingParams(**kw)
 
 
-def create_app(engine: Engine, tokenizer, model_name: str = "lmforge", max_queue: int = 64):
+def create_app(engine: Engine, tokenizer, model_name: str = "lmforge", max_queue: int = 64,
+               batching: str = "continuous"):
     require("fastapi", "the server", "serve")
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, StreamingResponse
 
-    worker = EngineWorker(engine, max_queue)
+    worker = EngineWorker(engine, max_queue, batching)
     app = FastAPI(title="lmforge", version="1")
     app.state.worker = worker
     app.router.on_shutdown.append(worker.close)
@@ -161,7 +201,8 @@ def create_app(engine: Engine, tokenizer, model_name: str = "lmforge", max_queue
 
     @app.get("/health")
     def health():
-        d = {"status": "ok", "running": engine.n_running, "waiting": len(engine.waiting)}
+        d = {"status": "ok", "batching": worker.batching, "running": engine.n_running,
+             "waiting": len(engine.waiting) + worker.n_held}
         if engine.drafter is not None:  # speculative decoding: rounds, drafted and accepted tokens so far
             d["speculative"] = dict(engine.spec_stats)
         if engine.prefix is not None:  # prompt tokens looked up / found in the prefix cache
