@@ -51,6 +51,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="rows decoding together")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--compile", action="store_true", help="(CUDA) add plain_graph / ngram_graph: compile=True")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="run only these variants (plain must be one: the speed and identity reference)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -69,6 +71,10 @@ def main() -> int:
                 "draft_int8": DraftModel(int8)}
     if args.compile and device.type == "cuda":  # the target's forwards as CUDA graphs
         drafters.update(plain_graph=None, ngram_graph=NGramDrafter(3))
+    if args.variants:
+        if "plain" not in args.variants:
+            raise SystemExit("--variants must include plain (the reference)")
+        drafters = {k: v for k, v in drafters.items() if k in args.variants}
     rows = []
     for B in args.batch:
         reference = None
