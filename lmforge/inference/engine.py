@@ -41,6 +41,14 @@ per length and sampling setting (pipeline.StepGraphs); the general decode step o
 the whole cache is `torch.compile(mode="reduce-overhead")`; prefill forwards are compiled with
 dynamic shapes (one compilation for all prompt lengths and row ranges, no per-op Python).
 
+With `fused_decode` (None, the default: on CUDA whenever supported; True: also under the Triton
+interpreter, for tests) the steady-state step's forward is fused_decode.FusedDecoder: four or
+five Triton kernels per layer (norm+qkv+RoPE+cache write, attention, o+residual,
+norm+gate/up+SwiGLU, down+residual) instead of the model's modules, for batches of up to
+fused_decode.MAX_ROWS rows of a dense Llama-family model (anything else: the model, reason
+logged). When compiled, its launches are captured in the same k-step CUDA graphs (not compiled by
+inductor); sampling, prefill, speculative rounds and the general step are unchanged.
+
 With `prefix_blocks=N` (prefix.py) an admitted request first copies the cached KV of the longest
 known block-aligned prefix of its prompt into its row and prefills only the rest; prompts (after
 prefill) and finished sequences are stored back, block by block, for later requests.
@@ -94,7 +102,8 @@ class Engine:
     def __init__(self, model: nn.Module, *, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  eos_ids: list[int] | None = None, compile: bool = False, prefill_chunk: int | None = None,
                  drafter=None, spec_k: int = 4, prefix_blocks: int = 0, block_size: int = 16,
-                 decode_steps: int | None = None, compile_options: dict | None = None, pack: bool = True):
+                 decode_steps: int | None = None, compile_options: dict | None = None, pack: bool = True,
+                 fused_decode: bool | None = None):
         self.model = model.eval()
         # one GEMM for q/k/v and one for gate/up per layer; the parameters stay the same objects
         self.packed_layers = pack_projections(model) if pack else 0
@@ -130,11 +139,14 @@ class Engine:
                     kp for kp in self.cache.key_positions if kp is not None] + [self.bufs.tokens, self.bufs.positions] + [
                     t for p in packed for t in (p.weight, p.bias) if t is not None]:  # plain tensors, not parameters
                 torch._dynamo.mark_static_address(t)
+        self.fused = self._fused_decoder(fused_decode)
         on = self.compiled
         # speculative rounds and rows that need `sample`
         self._decode_fn = torch.compile(self._forward_full, mode="reduce-overhead", dynamic=False) if on else None
         # the steady-state step (forward + sampling); StepGraphs captures decode_steps of it
-        self._step_fn = torch.compile(self._sample_step, dynamic=False, options=compile_options) if on else None
+        # (the fused step is Triton kernels already: captured as it is, not compiled)
+        self._step_fn = (self._sample_step if self.fused is not None else
+                         torch.compile(self._sample_step, dynamic=False, options=compile_options) if on else None)
         self._prefill_fn = torch.compile(self._forward_from, dynamic=True) if on else None
         self.drafter, self.spec_k = drafter, spec_k
         self.spec_stats = {"rounds": 0, "drafted": 0, "accepted": 0}  # over all rows since start
@@ -344,8 +356,24 @@ class Engine:
         return self.bufs.send(seqs, key)
 
     def _sample_step(self, tokens, pos, key: tuple, length: int) -> torch.Tensor:
-        logits = self._forward(tokens, pos, slice(0, tokens.shape[0]), length)[:, -1]
+        if self.fused is not None:
+            logits = self.fused(tokens, pos, length)
+        else:
+            logits = self._forward(tokens, pos, slice(0, tokens.shape[0]), length)[:, -1]
         return sample_fast(logits, key)
+
+    def _fused_decoder(self, wanted: bool | None):
+        """The fused steady-state step (fused_decode.py) when wanted (None: on CUDA) and supported;
+        None otherwise, with the reason logged when it was asked for or would have run on CUDA."""
+        if wanted is False or (wanted is None and self.device.type != "cuda"):
+            return None
+        from lmforge.inference.fused_decode import FusedDecoder, supports
+
+        reason = supports(self.model, self.cache, self.max_batch)
+        if reason is not None:
+            log.log(logging.WARNING if wanted else logging.INFO, "fused decode step not used: %s", reason)
+            return None
+        return FusedDecoder(self.model, self.cache)
 
     def _collect(self, prev: InFlight) -> list[Event]:
         """Launch t's tokens -> events, each row's in order. A row drops its tokens after it

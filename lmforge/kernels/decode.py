@@ -1,0 +1,394 @@
+"""Fused decode-step kernels for small batches of a dense Llama-family block, with their torch specs.
+
+A decode step at batch 1-16 is made of matrix-vector products (GEMVs) that each read a weight once:
+it is bound by memory bandwidth, or, for small models, by the latency of many tiny kernels. These
+kernels cut one layer from ~15 kernels to four (five with a split attention):
+  1. `norm_qkv_rope`: RMSNorm of the residual stream (recomputed by every program: a row is a few
+     KB) -> packed q/k/v GEMV -> RoPE on q and k -> k and v written into the static cache at each
+     row's position; q out;
+  2. `decode_attention`: each row's query heads over its cached keys 0..position (GQA: a program
+     takes all query heads of one kv head, so keys are read once), optionally split over the key
+     axis (flash-decoding) with a small combine kernel, when rows x kv heads are too few programs;
+  3. `gemv_residual`: o-projection GEMV + the residual add (into a second buffer, see below);
+  4. `norm_swiglu`: RMSNorm -> packed gate/up GEMV -> silu(gate) * up;
+  5. `gemv_residual` again for the down projection;
+plus `norm_gemv` (final norm + LM head).
+
+GEMVs: a program owns BLOCK_N output rows (a weight tile [BLOCK_N, BLOCK_K] per step of the
+reduction, wide coalesced loads), keeps the weight tile in registers and multiplies it with every
+batch row in turn (a static loop over rows, so register use does not grow with the batch), fp32
+accumulation, `tl.sum` reductions (no `tl.dot`: M is 1-16, and bf16 `tl.dot` is wrong under the
+interpreter). Rounding mirrors the model's modules (RMSNorm's cast before the gain, the linear's
+output cast before RoPE / SiLU / the residual add), so in fp32 the kernels equal the model up to
+summation order, and in bf16 to one rounding here and there.
+
+Every kernel is idempotent (running it twice gives the same buffers): the residual add writes a
+second buffer instead of updating in place, so autotuning (which runs a kernel many times) and
+a warm-up run before CUDA-graph capture change nothing.
+
+Each `*_ref` function is the readable torch spec the kernel is tested against (and the reference
+against the model's own modules). Not here: biases, LayerNorm, GELU, QK-norm, soft-capping,
+sliding windows, MLA or MoE (inference/fused_decode.py falls back to the model for those).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from lmforge.kernels.runtime import Tunable
+
+# -- torch references (the specs) ---------------------------------------------------------------
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """model.layers.RMSNorm: fp32 statistics, cast back, then the gain in x's dtype."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def norm_qkv_rope_ref(x, norm_w, eps, w_qkv, cos, sin, pos, k_cache, v_cache, n_heads: int) -> torch.Tensor:
+    """x [M, d] -> q [M, Hq, D] (rotated); writes rotated k and v [M, Hkv, D] into
+    k_cache/v_cache [>= M, Hkv, S, D] at slot pos[m] of row m. cos/sin: [S, D/2] fp32 tables."""
+    M = x.shape[0]
+    Hkv, D = k_cache.shape[1], k_cache.shape[3]
+    qkv = F.linear(rms_norm_ref(x, norm_w, eps), w_qkv).view(M, n_heads + 2 * Hkv, D)
+    c, s = cos[pos][:, None], sin[pos][:, None]  # [M, 1, D/2]
+    qk = qkv[:, :n_heads + Hkv].float()
+    lo, hi = qk[..., :D // 2], qk[..., D // 2:]
+    qk = torch.cat((lo * c - hi * s, hi * c + lo * s), dim=-1).to(x.dtype)
+    rows = torch.arange(M, device=x.device)
+    k_cache[rows, :, pos] = qk[:, n_heads:].to(k_cache.dtype)
+    v_cache[rows, :, pos] = qkv[:, n_heads + Hkv:].to(v_cache.dtype)
+    return qk[:, :n_heads]
+
+
+def decode_attention_ref(q, k_cache, v_cache, pos) -> torch.Tensor:
+    """q [M, Hq, D]: row m attends to its cache slots 0..pos[m] -> [M, Hq·D] in q's dtype."""
+    M, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    out = torch.empty(M, Hq, D, dtype=q.dtype, device=q.device)
+    for m in range(M):
+        n = int(pos[m]) + 1
+        k = k_cache[m, :, :n].float().repeat_interleave(Hq // Hkv, dim=0)  # [Hq, n, D]
+        v = v_cache[m, :, :n].float().repeat_interleave(Hq // Hkv, dim=0)
+        p = torch.softmax(q[m].float()[:, None] @ k.transpose(1, 2) / math.sqrt(D), dim=-1)  # [Hq, 1, n]
+        out[m] = (p @ v)[:, 0].to(q.dtype)
+    return out.view(M, Hq * D)
+
+
+def gemv_residual_ref(y, w, x) -> torch.Tensor:
+    """x + linear(y, w), the linear's output cast to x's dtype first (as `x + self.o(y)`)."""
+    return x + F.linear(y, w)
+
+
+def norm_swiglu_ref(x, norm_w, eps, w_gate_up) -> torch.Tensor:
+    """silu(gate) * up of RMSNorm(x), w_gate_up = [gate; up] rows: [M, d] -> [M, d_ff]."""
+    g, u = F.linear(rms_norm_ref(x, norm_w, eps), w_gate_up).chunk(2, dim=-1)
+    return g * torch.sigmoid(g) * u
+
+
+def norm_gemv_ref(x, norm_w, eps, w) -> torch.Tensor:
+    """linear(RMSNorm(x), w): the final norm and the LM head."""
+    return F.linear(rms_norm_ref(x, norm_w, eps), w)
+
+
+# -- shared pieces of the kernels ---------------------------------------------------------------
+
+
+@triton.jit
+def _rstd(X, stride_xm, M, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1/sqrt(mean(x²) + eps) of rows 0..M of X [M, K] -> [BLOCK_M] fp32."""
+    rows = tl.arange(0, BLOCK_M)
+    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
+                    other=0.0).to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+    return 1.0 / tl.sqrt(ss / K + eps)
+
+
+@triton.jit
+def _gemv(X, stride_xm, NW, rstd, W, rows_a, rows_b, row_mask, M, K,
+          NORM: tl.constexpr, TWO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr):
+    """acc_a[m, j] = sum_k h[m, k] · W[rows_a[j], k] (and acc_b for rows_b when TWO), h = x or,
+    with NORM, RMSNorm(x) rounded as the model rounds it. Each weight tile is loaded once and used
+    for every batch row (static loop over rows: registers do not grow with the batch)."""
+    ms = tl.arange(0, BLOCK_M)
+    acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    dt = X.dtype.element_ty
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        wmask = row_mask[:, None] & kmask[None, :]
+        wa = tl.load(W + rows_a[:, None].to(tl.int64) * K + ks[None, :], mask=wmask, other=0.0).to(tl.float32)
+        if TWO:
+            wb = tl.load(W + rows_b[:, None].to(tl.int64) * K + ks[None, :], mask=wmask, other=0.0).to(tl.float32)
+        if NORM:
+            g = tl.load(NW + ks, mask=kmask, other=0.0).to(tl.float32)
+        for mi in tl.static_range(BLOCK_M):
+            h = tl.load(X + mi * stride_xm + ks, mask=kmask & (ks * 0 + mi < M), other=0.0).to(tl.float32)
+            if NORM:
+                r = tl.sum(tl.where(ms == mi, rstd, 0.0), axis=0)
+                h = ((h * r).to(dt).to(tl.float32) * g).to(dt).to(tl.float32)
+            acc_a = tl.where(ms[:, None] == mi, acc_a + tl.sum(wa * h[None, :], axis=1)[None, :], acc_a)
+            if TWO:
+                acc_b = tl.where(ms[:, None] == mi, acc_b + tl.sum(wb * h[None, :], axis=1)[None, :], acc_b)
+    return acc_a, acc_b
+
+
+# -- 1. RMSNorm -> packed q/k/v -> RoPE -> cache write ----------------------------------------------
+
+
+@triton.jit
+def _norm_qkv_rope_kernel(X, NW, W, COS, SIN, POS, Q, KC, VC, M, K, eps, stride_xm, stride_cb, stride_ch,
+                          stride_cs, HQ, HKV, HALF, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    """Program (head, pair block): head indexes the packed rows [q heads; k heads; v heads], each
+    head D = 2·HALF rows; it computes output dims p and p + HALF of that head (the pairs RoPE
+    rotates together: HF's rotate-half layout)."""
+    head = tl.program_id(0)
+    p = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pmask = p < HALF
+    rows_lo = head * 2 * HALF + p
+    rstd = _rstd(X, stride_xm, M, K, eps, BLOCK_M, BLOCK_K)
+    lo, hi = _gemv(X, stride_xm, NW, rstd, W, rows_lo, rows_lo + HALF, pmask, M, K,
+                   True, True, BLOCK_M, BLOCK_N, BLOCK_K)
+    dt = X.dtype.element_ty
+    lo = lo.to(dt).to(tl.float32)  # the linear's output dtype, as the model has it before RoPE
+    hi = hi.to(dt).to(tl.float32)
+    ms = tl.arange(0, BLOCK_M)
+    mmask = ms < M
+    pos = tl.load(POS + ms, mask=mmask, other=0)
+    mask = mmask[:, None] & pmask[None, :]
+    if head < HQ + HKV:  # q and k heads rotate
+        c = tl.load(COS + pos[:, None] * HALF + p[None, :], mask=mask, other=1.0)
+        s = tl.load(SIN + pos[:, None] * HALF + p[None, :], mask=mask, other=0.0)
+        lo, hi = lo * c - hi * s, hi * c + lo * s
+    if head < HQ:
+        dst = Q + ms[:, None] * (HQ * 2 * HALF) + head * 2 * HALF + p[None, :]
+        tl.store(dst, lo.to(Q.dtype.element_ty), mask=mask)
+        tl.store(dst + HALF, hi.to(Q.dtype.element_ty), mask=mask)
+    else:
+        is_k = head < HQ + HKV
+        kvh = tl.where(is_k, head - HQ, head - HQ - HKV)
+        off = ms[:, None].to(tl.int64) * stride_cb + kvh * stride_ch + pos[:, None] * stride_cs + p[None, :]
+        if is_k:
+            tl.store(KC + off, lo.to(KC.dtype.element_ty), mask=mask)
+            tl.store(KC + off + HALF, hi.to(KC.dtype.element_ty), mask=mask)
+        else:
+            tl.store(VC + off, lo.to(VC.dtype.element_ty), mask=mask)
+            tl.store(VC + off + HALF, hi.to(VC.dtype.element_ty), mask=mask)
+
+
+# -- 2. decode attention (optionally split over keys) ----------------------------------------------
+
+
+@triton.jit
+def _attention_kernel(Q, KC, VC, POS, OUT, PART, ML, scale, HQ, HKV, D, split_len, stride_cb, stride_ch,
+                      stride_cs, GROUP, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                      SPLITS: tl.constexpr):
+    """Program (row m · kv head, split): the GROUP query heads of one kv head over keys
+    [split·split_len, ...) ∩ [0, pos[m]] (the last split runs to pos[m]). Online softmax in fp32.
+    SPLITS == 1 writes the output; otherwise the unnormalised partial and its (max, sum)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    m = pid // HKV
+    kvh = pid % HKV
+    n_keys = tl.load(POS + m).to(tl.int32) + 1
+    start = split * split_len
+    stop = tl.where(split == SPLITS - 1, n_keys, tl.minimum(start + split_len, n_keys))
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    gmask, dmask = g < GROUP, d < D
+    heads = kvh * GROUP + g
+    qmask = gmask[:, None] & dmask[None, :]
+    q = tl.load(Q + (m * HQ + heads[:, None]) * D + d[None, :], mask=qmask, other=0.0).to(tl.float32) * scale
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    base = m.to(tl.int64) * stride_cb + kvh * stride_ch
+    for s0 in range(start, stop, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        smask = s < stop
+        kvmask = smask[:, None] & dmask[None, :]
+        k = tl.load(KC + base + s[:, None] * stride_cs + d[None, :], mask=kvmask, other=0.0).to(tl.float32)
+        v = tl.load(VC + base + s[:, None] * stride_cs + d[None, :], mask=kvmask, other=0.0).to(tl.float32)
+        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, S]
+        scores = tl.where(smask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m_i = m_new
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(OUT + (m * HQ + heads[:, None]) * D + d[None, :], out.to(OUT.dtype.element_ty), mask=qmask)
+    else:
+        row = (m * HQ + heads) * SPLITS + split  # PART [M, HQ, SPLITS, D], ML [M, HQ, SPLITS, 2]
+        tl.store(PART + row[:, None] * D + d[None, :], acc, mask=qmask)
+        tl.store(ML + row * 2, m_i, mask=gmask)
+        tl.store(ML + row * 2 + 1, l_i, mask=gmask)
+
+
+@triton.jit
+def _combine_kernel(PART, ML, OUT, D, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (row · query head): out = sum_s e^(m_s - max) acc_s / sum_s e^(m_s - max) l_s."""
+    rh = tl.program_id(0)
+    sp = tl.arange(0, SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    m_s = tl.load(ML + (rh * SPLITS + sp) * 2)
+    l_s = tl.load(ML + (rh * SPLITS + sp) * 2 + 1)
+    w = tl.exp(m_s - tl.max(m_s, axis=0))  # split 0 always has keys, so the max is finite
+    part = tl.load(PART + (rh * SPLITS + sp[:, None]) * D + d[None, :], mask=dmask[None, :], other=0.0)
+    out = tl.sum(w[:, None] * part, axis=0) / tl.sum(w * l_s, axis=0)
+    tl.store(OUT + rh * D + d, out.to(OUT.dtype.element_ty), mask=dmask)
+
+
+# -- 3./5. GEMV + residual, 4. RMSNorm -> gate/up -> SwiGLU, head: RMSNorm -> GEMV ------------------
+
+
+@triton.jit
+def _gemv_residual_kernel(Y, W, X, OUT, M, N, K, stride_ym, stride_xm, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    acc, _ = _gemv(Y, stride_ym, Y, Y, W, n, n, nmask, M, K, False, False, BLOCK_M, BLOCK_N, BLOCK_K)
+    ms = tl.arange(0, BLOCK_M)
+    mask = (ms[:, None] < M) & nmask[None, :]
+    x = tl.load(X + ms[:, None] * stride_xm + n[None, :], mask=mask, other=0.0)
+    out = x.to(tl.float32) + acc.to(x.dtype).to(tl.float32)
+    tl.store(OUT + ms[:, None] * stride_xm + n[None, :], out.to(x.dtype), mask=mask)
+
+
+@triton.jit
+def _norm_swiglu_kernel(X, NW, W, H, M, K, F_, eps, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < F_
+    rstd = _rstd(X, stride_xm, M, K, eps, BLOCK_M, BLOCK_K)
+    g, u = _gemv(X, stride_xm, NW, rstd, W, n, n + F_, nmask, M, K, True, True, BLOCK_M, BLOCK_N, BLOCK_K)
+    dt = X.dtype.element_ty
+    g = g.to(dt).to(tl.float32)
+    u = u.to(dt).to(tl.float32)
+    a = (g * (1.0 / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)).to(dt).to(tl.float32)  # silu, rounded as torch
+    ms = tl.arange(0, BLOCK_M)
+    tl.store(H + ms[:, None] * F_ + n[None, :], (a * u).to(H.dtype.element_ty),
+             mask=(ms[:, None] < M) & nmask[None, :])
+
+
+@triton.jit
+def _norm_gemv_kernel(X, NW, W, OUT, M, N, K, eps, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    rstd = _rstd(X, stride_xm, M, K, eps, BLOCK_M, BLOCK_K)
+    acc, _ = _gemv(X, stride_xm, NW, rstd, W, n, n, nmask, M, K, True, False, BLOCK_M, BLOCK_N, BLOCK_K)
+    ms = tl.arange(0, BLOCK_M)
+    tl.store(OUT + ms[:, None] * N + n[None, :], acc.to(OUT.dtype.element_ty), mask=(ms[:, None] < M) & nmask[None, :])
+
+
+# -- launchers -----------------------------------------------------------------------------------
+
+# GEMV tiles (rows per program, reduction step, warps). Small row blocks give many programs (a
+# 2048-row weight in blocks of 4 is 512 programs for 132 SMs); wide K steps give each thread
+# several 16-byte loads in flight. Autotuned per shape on the GPU (do_bench flushes the L2, so
+# weights are timed streaming from memory as in a real step); the interpreter runs `fixed`.
+_GEMV_CONFIGS = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n, k, w in (
+    (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8))]
+_DUAL_CONFIGS = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n, k, w in (
+    (2, 512, 4), (2, 1024, 4), (4, 256, 4), (4, 512, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8))]
+_FIXED = dict(BLOCK_N=16, BLOCK_K=32)  # the interpreter: few programs (its cost is per program)
+
+norm_qkv_rope_tunable = Tunable(_norm_qkv_rope_kernel, _DUAL_CONFIGS, key=["M", "K", "HALF", "HQ", "HKV"], fixed=_FIXED)
+gemv_residual_tunable = Tunable(_gemv_residual_kernel, _GEMV_CONFIGS, key=["M", "N", "K"], fixed=_FIXED)
+norm_swiglu_tunable = Tunable(_norm_swiglu_kernel, _DUAL_CONFIGS, key=["M", "K", "F_"], fixed=_FIXED)
+norm_gemv_tunable = Tunable(_norm_gemv_kernel, _GEMV_CONFIGS, key=["M", "N", "K"], fixed=_FIXED)
+
+
+def _block_m(M: int) -> int:
+    return triton.next_power_of_2(M)
+
+
+def norm_qkv_rope(x, norm_w, eps, w_qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, q_out) -> torch.Tensor:
+    """The kernel of `norm_qkv_rope_ref`: q into q_out [M, Hq, D]; k/v into the caches (rows 0..M).
+    pos: [M] int64 positions."""
+    M, K = x.shape
+    Hkv, D = k_cache.shape[1], k_cache.shape[3]
+    half = D // 2
+    grid = lambda meta: (n_heads + 2 * Hkv, triton.cdiv(half, meta["BLOCK_N"]))
+    norm_qkv_rope_tunable[grid](x, norm_w, w_qkv, cos, sin, pos, q_out, k_cache, v_cache, M, K, eps, x.stride(0),
+                                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), n_heads, Hkv, half,
+                                BLOCK_M=_block_m(M))
+    return q_out
+
+
+def attention_splits(rows: int, kv_heads: int, length: int, programs: int = 132, min_keys: int = 64) -> int:
+    """Key-axis splits (a power of two) so that rows x kv heads x splits roughly fills `programs`
+    SMs, each split keeping at least `min_keys` of the `length` attended slots; 1 = no split."""
+    s = 1
+    while rows * kv_heads * s * 2 <= programs and length // (s * 2) >= min_keys:
+        s *= 2
+    return s
+
+
+def decode_attention(q, k_cache, v_cache, pos, out, splits: int = 1, length: int | None = None,
+                     scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The kernel of `decode_attention_ref` into out [M, Hq·D]. With splits > 1 (a power of two),
+    split s covers slots [s·L, (s+1)·L), L = ceil(length / splits) (the last split: to the row's
+    position), combined by a second kernel; `scratch` = (partials [M·Hq·splits·D], (max, sum)
+    [M·Hq·splits·2]) fp32, allocated when not given."""
+    M, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    group = Hq // Hkv
+    BG, BD = triton.next_power_of_2(group), triton.next_power_of_2(D)
+    BS = max(16, min(64, 4096 // (BG * BD)))  # keeps the [G, S, D] product tile near 4K elements
+    length = length or k_cache.shape[2]
+    split_len = triton.cdiv(length, splits)
+    if splits > 1 and scratch is None:
+        scratch = (torch.empty(M * Hq * splits * D, dtype=torch.float32, device=q.device),
+                   torch.empty(M * Hq * splits * 2, dtype=torch.float32, device=q.device))
+    part, ml = scratch if splits > 1 else (out, out)
+    _attention_kernel[(M * Hkv, splits)](q, k_cache, v_cache, pos, out, part, ml, 1.0 / math.sqrt(D), Hq, Hkv, D,
+                                         split_len, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), group,
+                                         BLOCK_G=BG, BLOCK_D=BD, BLOCK_S=BS, SPLITS=splits,
+                                         num_warps=4 if BG * BD >= 256 else 2)
+    if splits > 1:
+        _combine_kernel[(M * Hq,)](part, ml, out, D, SPLITS=splits, BLOCK_D=BD, num_warps=1)
+    return out
+
+
+def gemv_residual(y, w, x, out) -> torch.Tensor:
+    """out = x + linear(y, w) (the kernel of `gemv_residual_ref`); out must not be x."""
+    M, K = y.shape
+    N = w.shape[0]
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
+    gemv_residual_tunable[grid](y, w, x, out, M, N, K, y.stride(0), x.stride(0), BLOCK_M=_block_m(M))
+    return out
+
+
+def norm_swiglu(x, norm_w, eps, w_gate_up, out) -> torch.Tensor:
+    """The kernel of `norm_swiglu_ref` into out [M, d_ff]."""
+    M, K = x.shape
+    F_ = w_gate_up.shape[0] // 2
+    grid = lambda meta: (triton.cdiv(F_, meta["BLOCK_N"]),)
+    norm_swiglu_tunable[grid](x, norm_w, w_gate_up, out, M, K, F_, eps, x.stride(0), BLOCK_M=_block_m(M))
+    return out
+
+
+def norm_gemv(x, norm_w, eps, w, out) -> torch.Tensor:
+    """The kernel of `norm_gemv_ref` into out [M, N]."""
+    M, K = x.shape
+    N = w.shape[0]
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
+    norm_gemv_tunable[grid](x, norm_w, w, out, M, N, K, eps, x.stride(0), BLOCK_M=_block_m(M))
+    return out

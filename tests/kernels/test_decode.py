@@ -1,0 +1,108 @@
+"""The fused decode-step kernels (lmforge/kernels/decode.py) against their torch references, and the
+references against the model's own modules; under TRITON_INTERPRET=1, fp32, tiny odd shapes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.kernels import decode as kd
+from lmforge.model.attention import reference_attention
+from lmforge.model.layers import MLP, RMSNorm
+from lmforge.model.positions import apply_rope, rope_cos_sin
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def rand(*shape, g, scale=1.0):
+    return scale * torch.randn(*shape, generator=g)
+
+
+@pytest.mark.parametrize("M,Hq,Hkv", [(1, 3, 3), (3, 4, 2), (5, 6, 1)])
+def test_norm_qkv_rope(M, Hq, Hkv):
+    g = torch.Generator().manual_seed(M)
+    d, D, S = 37, 10, 23
+    x, nw = rand(M, d, g=g, scale=2), 1 + rand(d, g=g, scale=0.3)
+    w = rand((Hq + 2 * Hkv) * D, d, g=g, scale=0.2)
+    cos, sin = rope_cos_sin(torch.arange(S), D, 500.0)
+    pos = torch.randint(0, S, (M,), generator=g)
+    caches = [rand(M + 1, Hkv, S, D, g=g) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    q = kd.norm_qkv_rope(x, nw, 1e-5, w, cos, sin, pos, *caches, Hq, torch.full((M, Hq, D), float("nan")))
+    q_ref = kd.norm_qkv_rope_ref(x, nw, 1e-5, w, cos, sin, pos, *ref_caches, Hq)
+    assert rel(q, q_ref) < 1e-5
+    for c, r in zip(caches, ref_caches):
+        assert rel(c, r) < 1e-5
+    # the reference is the model's math: RMSNorm module, linear, apply_rope at each row's position
+    norm = RMSNorm(d, 1e-5)
+    norm.weight.data.copy_(nw)
+    qkv = F.linear(norm(x), w).view(M, Hq + 2 * Hkv, D)
+    want_q = apply_rope(qkv[:, None, :Hq].transpose(1, 2), pos[:, None], 500.0)[:, :, 0]  # [M, Hq, D]
+    want_k = apply_rope(qkv[:, None, Hq:Hq + Hkv].transpose(1, 2), pos[:, None], 500.0)[:, :, 0]
+    assert rel(q_ref, want_q) < 1e-6
+    for m in range(M):
+        assert torch.allclose(ref_caches[0][m, :, pos[m]], want_k[m], atol=1e-6)
+        assert torch.equal(ref_caches[1][m, :, pos[m]], qkv[m, Hq + Hkv:])
+    untouched = torch.ones(M + 1, S, dtype=torch.bool)
+    untouched[torch.arange(M), pos] = False
+    assert torch.equal(caches[0].transpose(1, 2)[untouched], ref_caches[0].transpose(1, 2)[untouched])
+
+
+@pytest.mark.parametrize("M,Hq,Hkv,splits", [(1, 3, 3, 1), (3, 6, 2, 1), (3, 6, 2, 4), (2, 5, 1, 2)])
+def test_decode_attention(M, Hq, Hkv, splits):
+    g = torch.Generator().manual_seed(10 * M + splits)
+    D, S = 12, 41
+    q = rand(M, Hq, D, g=g)
+    kc, vc = rand(M + 1, Hkv, S, D, g=g, scale=2), rand(M + 1, Hkv, S, D, g=g)
+    pos = torch.tensor([40, 0, 17][:M], dtype=torch.long)
+    out = kd.decode_attention(q, kc, vc, pos, torch.full((M, Hq * D), float("nan")), splits=splits, length=S)
+    ref = kd.decode_attention_ref(q, kc, vc, pos)
+    assert rel(out, ref) < 1e-5
+    # the reference is the model's attention with per-row query positions over the cache
+    want = reference_attention(q[:, :, None], kc[:M], vc[:M], query_positions=pos[:, None])  # [M, Hq, 1, D]
+    assert rel(ref, want.reshape(M, Hq * D)) < 1e-6
+
+
+def test_attention_splits_rule():
+    assert kd.attention_splits(64, 12, 256) == 1  # enough programs already
+    assert kd.attention_splits(1, 12, 256) == 4  # 48 programs, 64 keys per split
+    assert kd.attention_splits(1, 4, 4096) == 32  # fills ~132 programs
+    assert kd.attention_splits(1, 4, 100) == 1  # too few keys to split
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_gemv_residual(M):
+    g = torch.Generator().manual_seed(M)
+    y, w, x = rand(M, 45, g=g), rand(29, 45, g=g, scale=0.3), rand(M, 29, g=g)
+    out = kd.gemv_residual(y, w, x, torch.full_like(x, float("nan")))
+    assert rel(out, kd.gemv_residual_ref(y, w, x)) < 1e-6
+    assert rel(kd.gemv_residual_ref(y, w, x), x + y @ w.T) < 1e-6
+
+
+@pytest.mark.parametrize("M", [1, 6])
+def test_norm_swiglu(M):
+    g = torch.Generator().manual_seed(M)
+    d, f = 31, 19
+    x, nw = rand(M, d, g=g, scale=3), 1 + rand(d, g=g, scale=0.3)
+    w = rand(2 * f, d, g=g, scale=0.3)
+    out = kd.norm_swiglu(x, nw, 1e-5, w, torch.full((M, f), float("nan")))
+    ref = kd.norm_swiglu_ref(x, nw, 1e-5, w)
+    assert rel(out, ref) < 1e-5
+    mlp, norm = MLP(d, f), RMSNorm(d, 1e-5)
+    mlp.gate.weight.data.copy_(w[:f])
+    mlp.up.weight.data.copy_(w[f:])
+    norm.weight.data.copy_(nw)
+    h = norm(x)
+    assert rel(ref, mlp.act(mlp.gate(h)) * mlp.up(h)) < 1e-6
+
+
+@pytest.mark.parametrize("M", [1, 4])
+def test_norm_gemv(M):
+    g = torch.Generator().manual_seed(M)
+    x, nw, w = rand(M, 33, g=g), 1 + rand(33, g=g, scale=0.3), rand(71, 33, g=g)
+    out = kd.norm_gemv(x, nw, 1e-6, w, torch.full((M, 71), float("nan")))
+    assert rel(out, kd.norm_gemv_ref(x, nw, 1e-6, w)) < 1e-6
+    norm = RMSNorm(33, 1e-6)
+    norm.weight.data.copy_(nw)
+    assert rel(kd.norm_gemv_ref(x, nw, 1e-6, w), norm(x) @ w.T) < 1e-6
