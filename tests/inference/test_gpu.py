@@ -85,3 +85,26 @@ def test_pipelined_step_on_cuda_equals_cpu():
             outs = engine.generate(ps[:3], rows)
             assert all(len(o[0].token_ids) == 12 and max(o[0].token_ids) < model.cfg.vocab_size for o in outs)
             assert not engine.has_work() and engine._inflight is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_decode_step_on_cuda_equals_cpu():
+    """The compiled engine with the fused decode step (Triton kernels captured in the 8-step CUDA
+    graphs; the default on CUDA for small batches) gives the CPU engine's greedy tokens, stops
+    trimmed; batches above MAX_ROWS fall back to the compiled model step."""
+    from lmforge.inference.fused_decode import MAX_ROWS
+
+    model = tiny_model("gqa", dtype=torch.float32)
+    ps = prompts([3, 9, 5, 7])
+    base = [o[0].token_ids for o in Engine(model, max_batch=3, max_len=300).generate(
+        ps, SamplingParams(max_tokens=24, temperature=0))]
+    params = [SamplingParams(max_tokens=24, temperature=0, stop_ids=[b[5]] if i % 2 else [])
+              for i, b in enumerate(base)]
+    ref = [o[0].token_ids for o in Engine(model, max_batch=3, max_len=300).generate(ps, params)]
+    model = model.cuda()
+    engine = Engine(model, max_batch=3, max_len=300, compile=True)
+    assert engine.fused is not None
+    assert [o[0].token_ids for o in engine.generate(ps, params)] == ref
+    assert engine.graphs.graphs and all(g is not None for g in engine.graphs.graphs.values())
+    assert Engine(model, max_batch=MAX_ROWS + 1, max_len=64, compile=True).fused is None
