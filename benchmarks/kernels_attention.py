@@ -86,15 +86,27 @@ def bench(fn, reps=100):
 
 @contextlib.contextmanager
 def pointer_kernels(fa):
-    """The Triton path with its pointer kernels (tensor descriptors off), forward and backward."""
+    """The Triton path with its pointer kernels (tensor descriptors and the Gluon forward off)."""
     fa.USE_TMA = fa.USE_TMA_BWD = False
+    with gluon_forward(fa, False):
+        try:
+            yield
+        finally:
+            fa.USE_TMA = fa.USE_TMA_BWD = True
+
+
+@contextlib.contextmanager
+def gluon_forward(fa, on):
+    """The Gluon forward (flash_attention_gluon) on for head dims 64/128, or off (Triton kernels)."""
+    previous = fa.GLUON_HEAD_DIMS
+    fa.GLUON_HEAD_DIMS = {64, 128} if on else set()
     try:
         yield
     finally:
-        fa.USE_TMA = fa.USE_TMA_BWD = True
+        fa.GLUON_HEAD_DIMS = previous
 
 
-def time_shapes(device, shapes):
+def time_shapes(device, shapes, forward_only=False):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from lmforge.kernels import flash_attention_triton as fa
@@ -109,6 +121,7 @@ def time_shapes(device, shapes):
         impls = {"triton": lambda: flash_attention(q, k, v, causal=True, impl="triton")}
 
         impls["triton_ptr"] = impls["triton"]  # run inside pointer_kernels() below
+        impls["gluon"] = impls["triton"]  # run with the Gluon forward on; "triton" runs with it off
         for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
             def run(backend=backend):
                 with sdpa_kernel(backend):
@@ -117,10 +130,10 @@ def time_shapes(device, shapes):
         res, grads = {}, {}
         for name, f in impls.items():
             try:
-                with pointer_kernels(fa) if name == "triton_ptr" else contextlib.nullcontext():
+                with pointer_kernels(fa) if name == "triton_ptr" else gluon_forward(fa, name == "gluon"):
                     grads[name] = torch.autograd.grad(f(), (q, k, v), do)
                     fwd = bench(lambda: f())
-                    fb = bench(lambda: torch.autograd.grad(f(), (q, k, v), do))
+                    fb = float("nan") if forward_only else bench(lambda: torch.autograd.grad(f(), (q, k, v), do))
                 res[name] = (flops_fwd / fwd / 1e9, 3.5 * flops_fwd / fb / 1e9, fwd, fb)
             except Exception as e:  # a backend may not support a shape on this build
                 print(f"  {name} failed at {(B, H, T, D)}: {type(e).__name__}: {str(e)[:120]}", flush=True)
@@ -128,8 +141,9 @@ def time_shapes(device, shapes):
         row = {"B": B, "H": H, "T": T, "D": D, **{f"{n}_fwd_tflops": round(r[0], 1) for n, r in res.items()},
                **{f"{n}_fwdbwd_tflops": round(r[1], 1) for n, r in res.items()},
                **{f"{n}_fwdbwd_ms": round(r[3], 4) for n, r in res.items()}}
-        if "triton" in grads and "sdpa_flash" in grads:  # the tuned configs compute the same gradients
-            row["triton_grad_rel_err_vs_flash"] = [f"{rel(a, b):.1e}" for a, b in zip(grads["triton"], grads["sdpa_flash"])]
+        for name in ("triton", "gluon"):  # the tuned configs compute the same gradients
+            if name in grads and "sdpa_flash" in grads:
+                row[f"{name}_grad_rel_err_vs_flash"] = [f"{rel(a, b):.1e}" for a, b in zip(grads[name], grads["sdpa_flash"])]
         del grads
         if best and "triton" in res:
             row["best_sdpa"] = best
@@ -139,6 +153,12 @@ def time_shapes(device, shapes):
                 if ref in res:
                     row[f"ratio_fwdbwd_vs_{ref}"] = round(res["triton"][1] / res[ref][1], 3)
                     row[f"ratio_fwd_vs_{ref}"] = round(res["triton"][0] / res[ref][0], 3)
+                    if "gluon" in res:
+                        row[f"gluon_ratio_fwdbwd_vs_{ref}"] = round(res["gluon"][1] / res[ref][1], 3)
+                        row[f"gluon_ratio_fwd_vs_{ref}"] = round(res["gluon"][0] / res[ref][0], 3)
+            if "gluon" in res:
+                row["gluon_ratio_fwd_vs_triton"] = round(res["gluon"][0] / res["triton"][0], 3)
+                row["gluon_ratio_fwdbwd_vs_triton"] = round(res["gluon"][1] / res["triton"][1], 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -309,6 +329,40 @@ def sweep_shapes(device, shapes, deadline):
     return results
 
 
+def gluon_sweep(device, shapes, configs):
+    """Forward only, per shape: the Gluon kernel under each (BLOCK_M, BLOCK_N, stages, warps) config next
+    to the Triton descriptor forward (autotuned) and SDPA cuDNN/flash, with each config's error vs Triton."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lmforge.kernels import flash_attention_gluon as gluon
+    from lmforge.kernels import flash_attention_tma as tma
+
+    rows = []
+    for B, H, T, D in shapes:
+        q, k, v = (torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16) for _ in range(3))
+        flops = 4 * B * H * T * T * D / 2
+        opts = dict(causal=True, window=None, softcap=None, scale=None, doc_ids=None)
+        ref_out, ref_lse = tma.forward(q, k, v, **opts)
+        row = {"shape": [B, H, T, D], "triton_tma_fwd_tflops": round(flops / bench(lambda: tma.forward(q, k, v, **opts)) / 1e9, 1)}
+        for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def run(backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            row[f"{name}_fwd_tflops"] = round(flops / bench(run) / 1e9, 1)
+        for cfg in configs:
+            try:
+                out, lse = gluon.forward(q, k, v, causal=True, scale=D ** -0.5, config=cfg)
+                err = (rel(out, ref_out), (lse - ref_lse).abs().max().item())
+                t = bench(lambda: gluon.forward(q, k, v, causal=True, scale=D ** -0.5, config=cfg))
+                row[f"gluon{list(cfg)}"] = {"tflops": round(flops / t / 1e9, 1), "rel_err_o": f"{err[0]:.1e}",
+                                             "max_err_lse": f"{err[1]:.1e}"}
+            except Exception as e:  # e.g. out of shared memory
+                row[f"gluon{list(cfg)}"] = f"{type(e).__name__}: {str(e)[:150]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench")
@@ -318,6 +372,9 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=12, help="processes compiling the sweep's kernels")
     p.add_argument("--kernels", default=",".join(SWEEP), help="which kernels --sweep times (comma-separated)")
     p.add_argument("--check-only", action="store_true", help="run the GPU correctness checks and stop")
+    p.add_argument("--gluon-sweep", default="", help="time the Gluon forward under these configs "
+                   "(BLOCK_M,BLOCK_N,stages,warps;...) at --shapes, next to Triton and SDPA, and stop")
+    p.add_argument("--forward-only", action="store_true", help="time the forward only (no fwd+bwd)")
     p.add_argument("--precompile-only", action="store_true",
                    help="compile the kernels (the sweep's, or the autotuner's candidates) and stop")
     p.add_argument("--budget-s", type=float, default=150, help="stop sweeping configs after this long")
@@ -341,6 +398,14 @@ def main(argv=None):
         with open(os.path.join(args.out, "kernels_attention_checks.json"), "w") as f:
             json.dump({"info": info, "checks": checks}, f, indent=1)
         return 0 if all(c["ok"] for c in checks) else 2
+    if args.gluon_sweep:
+        cfgs = [tuple(int(x) for x in c.split(",")) for c in args.gluon_sweep.split(";") if c]
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s]
+        rows = gluon_sweep(device, shapes, cfgs)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "kernels_attention_gluon_sweep.json"), "w") as f:
+            json.dump({"info": info, "checks": checks, "gluon_sweep": rows}, f, indent=1)
+        return 0
     if args.sweep:
         os.environ["LMFORGE_KERNEL_TUNE"] = "0"  # kernels not being swept run their default config
         t0 = time.perf_counter()
@@ -377,7 +442,7 @@ def main(argv=None):
         precompile(sorted({(s[1], s[3]) for s in shapes}), args.workers, tunables)
     if args.precompile_only:  # a later run (--workers 1) finds them in Triton's on-disk cache
         return 0
-    timings = time_shapes(device, shapes)
+    timings = time_shapes(device, shapes, forward_only=args.forward_only)
 
     tuned = {n: t.best_configs() for n, t in (("fwd", fa.FWD), ("dkdv", fa.DKDV), ("dq", fa.DQ),
                                                ("fwd_tma", tma.FWD_TMA), ("dkdv_tma", tma.DKDV_TMA),
@@ -395,6 +460,17 @@ def main(argv=None):
               f"{g('ratio_fwdbwd_vs_sdpa_flash'):>6} {g('ratio_fwdbwd_vs_sdpa_cudnn'):>6} | {g('triton_fwd_tflops'):>11} "
               f"{g('triton_ptr_fwd_tflops'):>6} {g('sdpa_flash_fwd_tflops'):>6} {g('sdpa_cudnn_fwd_tflops'):>6} "
               f"{g('ratio_fwd_vs_sdpa_flash'):>6} {g('ratio_fwd_vs_sdpa_cudnn'):>6}")
+    if any("gluon_fwd_tflops" in r for r in timings):
+        print(f"\n{'B':>3} {'H':>3} {'T':>6} {'D':>4} | {'fwd: gluon':>10} {'triton':>6} {'flash':>6} {'cudnn':>6} "
+              f"{'/triton':>7} {'/cudnn':>6} | {'fwd+bwd: gluon':>14} {'triton':>6} {'cudnn':>6} {'/triton':>7} "
+              f"{'/cudnn':>6}  (TFLOP/s, causal bf16; gluon = Gluon forward + Triton backward)")
+        for r in timings:
+            g = lambda k: r.get(k, 0)
+            print(f"{r['B']:>3} {r['H']:>3} {r['T']:>6} {r['D']:>4} | {g('gluon_fwd_tflops'):>10} "
+                  f"{g('triton_fwd_tflops'):>6} {g('sdpa_flash_fwd_tflops'):>6} {g('sdpa_cudnn_fwd_tflops'):>6} "
+                  f"{g('gluon_ratio_fwd_vs_triton'):>7} {g('gluon_ratio_fwd_vs_sdpa_cudnn'):>6} | "
+                  f"{g('gluon_fwdbwd_tflops'):>14} {g('triton_fwdbwd_tflops'):>6} {g('sdpa_cudnn_fwdbwd_tflops'):>6} "
+                  f"{g('gluon_ratio_fwdbwd_vs_triton'):>7} {g('gluon_ratio_fwdbwd_vs_sdpa_cudnn'):>6}")
     return 0 if all(c["ok"] for c in checks) else 2
 
 

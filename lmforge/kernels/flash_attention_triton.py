@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmforge.kernels.runtime import Tunable, interpreting
+from lmforge.kernels.runtime import Tunable, interpreting, log
 
 LOG2E = 1.4426950408889634
 
@@ -449,6 +449,11 @@ def forward(q, k, v, *, causal, window, softcap, scale, doc_ids):
     """Returns (out [B,Hq,T,Dv] contiguous, lse [B,Hq,T] fp32, base 2)."""
     from lmforge.kernels import flash_attention_tma as tma
 
+    if gluon_reason(q, k, v, window=window, softcap=softcap, doc_ids=doc_ids) is None:
+        from lmforge.kernels import flash_attention_gluon as gluon
+
+        scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        return gluon.forward(q, k, v, causal=causal, scale=scale)
     if USE_TMA and tma.usable(q, k, v):
         return tma.forward(q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, doc_ids=doc_ids)
     B, HQ, HKV, T, S, D, DV, doc, meta, scalars, strides = _common(q, k, v, softcap, scale, window, doc_ids)
@@ -511,6 +516,33 @@ def backward(q, k, v, out, lse, dout, *, causal, window, softcap, scale, doc_ids
 # the forward with USE_TMA, the backward with USE_TMA_BWD. Off: always the pointer kernels here.
 USE_TMA = True
 USE_TMA_BWD = True
+
+# The forward runs the warp-specialised Gluon kernel (flash_attention_gluon) on Hopper for the head
+# dims in GLUON_HEAD_DIMS, where it measured faster than the descriptor kernel; elsewhere, or when
+# Gluon is missing, the Triton kernels run and the reason is logged once.
+GLUON_HEAD_DIMS: set[int] = set()  # off until measured faster (docs/kernels.md)
+_gluon_logged: set[str] = set()
+
+
+def gluon_reason(q, k, v, *, window=None, softcap=None, doc_ids=None) -> str | None:
+    """None when the forward would run the Gluon kernel on these inputs, else why not (logged once)."""
+    reason = None
+    if q.shape[-1] not in GLUON_HEAD_DIMS:
+        reason = f"head dim {q.shape[-1]} is not in GLUON_HEAD_DIMS {sorted(GLUON_HEAD_DIMS)}"
+    else:
+        try:
+            from lmforge.kernels import flash_attention_gluon as gluon
+        except Exception as e:  # noqa: BLE001  (a broken Gluon must never break the Triton path)
+            reason = f"lmforge.kernels.flash_attention_gluon failed to import ({type(e).__name__}: {e})"
+    if reason is None and interpreting():
+        reason = "TRITON_INTERPRET is set (Gluon kernels have no interpreter)"
+    if reason is None:
+        reason = gluon.unusable_reason(q, k, v, window=window, softcap=softcap, doc_ids=doc_ids)
+    if reason is not None and reason not in _gluon_logged:
+        _gluon_logged.add(reason)
+        log.info("flash_attention forward: Triton kernels instead of the Gluon kernel because %s", reason)
+    return reason
+
 
 # The dQ kernel does not depend on the dK/dV kernel; on a GPU it runs on a second stream so that
 # each kernel's tail (the light causal tiles at the end) overlaps the other's work.
