@@ -21,6 +21,8 @@ TPOT (per request: (last token - first token) / (tokens - 1)) p50/p90, ITL (all 
 request's consecutive streamed chunks) p50/p90, end-to-end latency p50/p90, requests/s and
 generated tokens/s (over first send -> last reply). With --compile the engine decodes 8 tokens per
 launch, so chunks arrive in bursts: ITL p50 is then ~0 and TPOT is the meaningful per-token time.
+Server-side diagnostics per run (printed as each run ends, and in the JSON): engine steps, their
+total, median and longest time, steps over 50 ms, and graphs dynamo compiled during the run.
 benchmarks/inference_serving.py measures the scheduler alone (clients simulated in the engine loop).
 
   python benchmarks/inference_serving_http.py                      # CPU, tiny model
@@ -200,6 +202,8 @@ def main() -> int:
     ap.add_argument("--min-new", type=int, default=4)
     ap.add_argument("--max-new", type=int, default=32)
     ap.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    ap.add_argument("--warm-requests", type=int, default=None, help="requests of the unrecorded HTTP warm-up "
+                    "(default: --requests)")
     ap.add_argument("--rounds", type=int, default=1, help="runs per policy, alternating (medians reported)")
     ap.add_argument("--compile", action="store_true", help="CUDA-graph decode (CUDA only)")
     ap.add_argument("--threads", type=int, default=None)
@@ -208,6 +212,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.role == "client":
         return client_main(args)
+    args.warm_requests = args.warm_requests or args.requests
 
     import torch
     import uvicorn
@@ -235,9 +240,8 @@ def main() -> int:
     rng = random.Random(args.seed + 1)  # warm-up: compilation, graph capture for every attended length
     warm = [[rng.randrange(args.vocab) for _ in range(n)]
             for n in [args.max_prompt] + [rng.randint(args.min_prompt, args.max_prompt) for _ in range(args.max_batch - 1)]]
-    for _ in range(2):
-        engine.generate(warm[:1], SamplingParams(max_tokens=args.max_new, temperature=0))
-        engine.generate(warm, SamplingParams(max_tokens=args.max_new, temperature=0))
+    engine.generate(warm[:1], SamplingParams(max_tokens=args.max_new, temperature=0))
+    engine.generate(warm, SamplingParams(max_tokens=args.max_new, temperature=0))
     warm_s = time.perf_counter() - t
     app = create_app(engine, tok, model_name=name, max_queue=sargs.max_queue)
     port = free_port()
@@ -251,20 +255,52 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     worker = app.state.worker
     result = tmp / "result.json"
-    # the HTTP path once (connections, JSON/SSE, the engine thread's first steps), not recorded
-    run_clients(args, url, result, requests=min(args.requests, 2 * args.max_batch))
+    steps: list[tuple[float, int]] = []  # (seconds, requests admitted) of every engine step: diagnostics
+    plain_step = engine.step
+
+    def timed_step():
+        t, waiting = time.perf_counter(), len(engine.waiting)
+        events = plain_step()
+        steps.append((time.perf_counter() - t, waiting - len(engine.waiting)))
+        return events
+
+    def med_ms(xs):
+        return 1e3 * statistics.median(xs) if xs else 0.0
+
+    engine.step = timed_step
+    from torch._dynamo.utils import counters
+
+    graphs = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
     runs: dict[str, list[dict]] = {p: [] for p in args.policies}
-    for r in range(args.rounds):  # alternate the order: the machine's load drifts
-        for policy in (args.policies if r % 2 == 0 else list(reversed(args.policies))):
-            while engine.has_work() or worker.n_held:
-                time.sleep(0.05)
-            worker.batching = policy
-            runs[policy].append(run_clients(args, url, result))
+    # the whole workload once through HTTP with continuous batching, not recorded: connections,
+    # JSON/SSE, and whatever the engine compiles or captures for admissions into busy batches
+    phases = [("warm-up", "continuous", args.warm_requests)] + [
+        (p, p, args.requests) for r in range(args.rounds)  # alternate the order: the machine's load drifts
+        for p in (args.policies if r % 2 == 0 else list(reversed(args.policies)))]
+    for label, policy, n in phases:
+        while engine.has_work() or worker.n_held:
+            time.sleep(0.05)
+        worker.batching = policy
+        steps.clear()
+        g0, t0 = graphs(), time.perf_counter()
+        x = run_clients(args, url, result, requests=n)
+        secs = sorted(d for d, _ in steps)
+        x["server"] = {"phase_s": time.perf_counter() - t0, "steps": len(secs), "step_s_total": sum(secs),
+                       "step_ms_p50": med_ms(secs), "step_ms_max": 1e3 * max(secs, default=0.0),
+                       "steps_over_50ms": sum(d > 0.05 for d in secs),
+                       "admitting_steps": sum(a > 0 for _, a in steps),
+                       "admitting_step_ms_p50": med_ms([d for d, a in steps if a > 0]),
+                       "other_step_ms_p50": med_ms([d for d, a in steps if a == 0]), "new_graphs": graphs() - g0}
+        print(f"[{label}] {n} requests: {x['tok_per_s']:.0f} tok/s, TTFT p50 {x['ttft_p50_s'] * 1e3:.1f} ms, TPOT p50 "
+              f"{x['tpot_p50_s'] * 1e3:.2f} ms, failed {x['failed']}; server: "
+              + ", ".join(f"{k} {v:.3g}" for k, v in x["server"].items()), flush=True)
+        if label != "warm-up":
+            runs[policy].append(x)
     server.should_exit = True
     thread.join(timeout=10)
-    keys = [k for k in runs[args.policies[0]][0] if k != "errors"]
+    keys = [k for k in runs[args.policies[0]][0] if k not in ("errors", "server")]
     rows = [dict({k: statistics.median(x[k] for x in runs[p]) for k in keys}, policy=p,
-                 errors=sorted({e for x in runs[p] for e in x["errors"]})) for p in args.policies]
+                 errors=sorted({e for x in runs[p] for e in x["errors"]}), runs=runs[p]) for p in args.policies]
     print(f"{args.shape}, {device.type}, compiled {engine.compiled}, max batch {args.max_batch}, {args.requests} "
           f"requests at {args.rate}/s, prompts {args.min_prompt}-{args.max_prompt}, replies {args.min_new}-"
           f"{args.max_new}; warm-up {warm_s:.1f}s")

@@ -93,6 +93,7 @@ def main() -> int:
                          "acceptance": st["accepted"] / st["drafted"] if st["drafted"] else None,
                          "tokens_per_round": n / st["rounds"] if st["rounds"] else 1.0,
                          "identical_to_plain": sum(a == b for a, b in zip(tokens, reference)) / len(tokens)})
+            print(f"[batch {B}] {name}: {rows[-1]['tokens_per_s']:.1f} tok/s", flush=True)  # a timeout keeps these
     print(f"{'batch':>5} {'variant':<12} {'tok/s':>8} {'x plain':>8} {'accept':>7} {'tok/round':>9} {'identical':>9}")
     for r in rows:
         base = next(x["tokens_per_s"] for x in rows if x["batch"] == r["batch"] and x["variant"] == "plain")
