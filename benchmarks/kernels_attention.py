@@ -402,6 +402,13 @@ def main(argv=None):
         cfgs = [tuple(int(x) for x in c.split(",")) for c in args.gluon_sweep.split(";") if c]
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s]
         rows = gluon_sweep(device, shapes, cfgs)
+        print(f"\n{'B x H x T x D':16s} {'triton':>6} {'cudnn':>6} {'flash':>6} | " + " ".join(f"{str(c):>18}" for c in cfgs)
+              + "  (forward TFLOP/s, causal bf16; Gluon configs: BLOCK_M, BLOCK_N, stages, consumers, ping-pong)")
+        for r in rows:
+            cells = [r[f"gluon{list(c)}"] for c in cfgs]
+            print(f"{'x'.join(map(str, r['shape'])):16s} {r['triton_tma_fwd_tflops']:>6} {r['sdpa_cudnn_fwd_tflops']:>6} "
+                  f"{r['sdpa_flash_fwd_tflops']:>6} | " + " ".join(f"{c['tflops'] if isinstance(c, dict) else 'error':>18}"
+                                                             for c in cells))
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "kernels_attention_gluon_sweep.json"), "w") as f:
             json.dump({"info": info, "checks": checks, "gluon_sweep": rows}, f, indent=1)

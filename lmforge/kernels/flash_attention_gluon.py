@@ -244,9 +244,21 @@ if IMPORT_ERROR is None:
             ], [4, 1], [CONSUMER_REGS, 24])
 
 
-# (BLOCK_M, BLOCK_N, NUM_STAGES, CONSUMERS, PINGPONG) per head dim; BLOCK_M = CONSUMERS x rows per
-# consumer; PINGPONG (two consumers only): they take turns issuing their matmuls.
-CONFIGS = {64: (128, 128, 2, 2, 1), 128: (128, 128, 2, 2, 1)}
+HEAD_DIMS = (64, 128)
+
+
+def config_for(D: int, S: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, NUM_STAGES, CONSUMERS, PINGPONG) for head dim D and S keys; BLOCK_M = CONSUMERS x
+    64 rows; PINGPONG (two consumers): they take turns issuing their matmuls.
+
+    The winners of `benchmarks/kernels_attention.py --gluon-sweep` on an H100 (2026-11-26, causal bf16):
+    three consumers of 192x64 tiles for short sequences (S 2048: 392 TFLOP/s against 319 for two),
+    two ping-pong consumers of 128x128 tiles from S = 4096 on (S 16384: 605 against 534)."""
+    if S < 4096:
+        return (192, 64, 3, 3, 0)
+    return (128, 128, 2, 2, 1)
+
+
 # setmaxnreg of each worker consumer's warpgroup by consumer count (the loader's warp gets 24)
 CONSUMER_REGS = {1: 24, 2: 240, 3: 160}
 
@@ -264,8 +276,8 @@ def unusable_reason(q, k, v, *, window=None, softcap=None, doc_ids=None) -> str 
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} (the Gluon kernel takes fp16/bf16)"
     D, DV = q.shape[-1], v.shape[-1]
-    if D != DV or D not in CONFIGS:
-        return f"head dims {D}/{DV} (the Gluon kernel takes equal q/k and v head dims in {sorted(CONFIGS)})"
+    if D != DV or D not in HEAD_DIMS:
+        return f"head dims {D}/{DV} (the Gluon kernel takes equal q/k and v head dims in {HEAD_DIMS})"
     for t in (q, k, v):
         size = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
@@ -275,10 +287,10 @@ def unusable_reason(q, k, v, *, window=None, softcap=None, doc_ids=None) -> str 
 
 def forward(q, k, v, *, causal, scale, config=None):
     """(out [B,Hq,T,D] contiguous, lse [B,Hq,T] fp32 base 2); call only when `unusable_reason` is None.
-    `config`: (BLOCK_M, BLOCK_N, NUM_STAGES, CONSUMERS, PINGPONG) instead of CONFIGS[D] (for benchmarks)."""
+    `config`: (BLOCK_M, BLOCK_N, NUM_STAGES, CONSUMERS, PINGPONG) instead of `config_for` (benchmarks, tests)."""
     B, HQ, T, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
-    BLOCK_M, BLOCK_N, stages, consumers, pingpong = config or CONFIGS[D]
+    BLOCK_M, BLOCK_N, stages, consumers, pingpong = config or config_for(D, S)
     rows = BLOCK_M // consumers
     out = torch.empty(B, HQ, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)

@@ -127,6 +127,22 @@ def test_gluon_forward_feeds_triton_backward(name, monkeypatch):
 
 @pytest.mark.gpu
 @needs_hopper
+def test_default_dispatch(monkeypatch):
+    """As shipped: the Gluon forward for D = 128 (measured faster), the Triton forward for D = 64."""
+    from lmforge.kernels import flash_attention_gluon as gluon
+
+    calls = []
+    real = gluon.forward
+    monkeypatch.setattr(gluon, "forward", lambda *a, **kw: calls.append(a[0].shape[-1]) or real(*a, **kw))
+    for D in (64, 128):
+        q, k, v = inputs(1, 2, 2, 300, 300, D, torch.bfloat16)
+        out = flash_attention(q, k, v, impl="triton")
+        assert rel(out, attention_reference(q.float(), k.float(), v.float())) < 2e-2
+    assert calls == [128]
+
+
+@pytest.mark.gpu
+@needs_hopper
 def test_unsupported_options_take_triton_path(monkeypatch):
     from lmforge.kernels import flash_attention_gluon as gluon
 
