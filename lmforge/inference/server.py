@@ -7,7 +7,9 @@ server-sent events ending in `data: [DONE]`, `stream_options.include_usage`), `G
 page, static HTML + JS, no build step), `GET /health`.
 
 `EngineWorker` runs the engine on one background thread (the engine is not thread-safe): handlers
-submit requests through a lock-protected inbox and receive events on an asyncio queue. A client
+submit requests through a lock-protected inbox and receive events on an asyncio queue (a list of a
+request's events per engine step: one cross-thread wake-up and one write to the socket per step,
+not per token, as a step decodes up to `decode_steps` tokens per row). A client
 that disconnects has its request aborted, freeing its slot. The waiting queue is bounded: when it
 is full a request gets 429 instead of piling up.
 
@@ -141,8 +143,11 @@ class EngineWorker:
                     eng.abort(rid)
                 eng.step()
                 continue
+            per_request: dict[str, list[Event]] = {}
             for ev in events:
-                self._deliver(ev.request_id, ev)
+                per_request.setdefault(ev.request_id, []).append(ev)
+            for rid, evs in per_request.items():
+                self._deliver(rid, evs)
             live = {o[1] for o in self._inbox} | {o[1] for o in self._held}
             for rid in [r for r in self._queues if r not in eng.requests and r not in live]:
                 self._queues.pop(rid, None)
@@ -289,7 +294,8 @@ def create_app(engine: Engine, tokenizer, model_name: str = "lmforge", max_queue
         def usage(n_out):
             return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
 
-        async def next_event(timeout: float | None = None) -> Event:
+        async def next_events(timeout: float | None = None) -> list[Event]:
+            """The request's events of the next engine step."""
             item = await (asyncio.wait_for(queue.get(), timeout) if timeout else queue.get())
             if isinstance(item, Exception):
                 raise item
@@ -315,18 +321,21 @@ def create_app(engine: Engine, tokenizer, model_name: str = "lmforge", max_queue
                                      "finish_reason": None}
                             yield "data: " + json.dumps(chunk([first])) + "\n\n"
                     while left:
-                        ev = await next_event()
-                        n_out += ev.token_id is not None
-                        left -= ev.finish_reason is not None
-                        if not ev.text and ev.finish_reason is None and params.logprobs is None:
-                            continue  # a held-back partial character or stop-string prefix
-                        c = {"index": ev.index, "finish_reason": ev.finish_reason,
-                             "logprobs": lp_choice([ev]) if ev.token_id is not None else None}
-                        if chat:
-                            c["delta"] = {"content": ev.text} if ev.text else {}
-                        else:
-                            c["text"] = ev.text
-                        yield "data: " + json.dumps(chunk([c])) + "\n\n"
+                        pieces = []  # one SSE event per token, written together per engine step
+                        for ev in await next_events():
+                            n_out += ev.token_id is not None
+                            left -= ev.finish_reason is not None
+                            if not ev.text and ev.finish_reason is None and params.logprobs is None:
+                                continue  # a held-back partial character or stop-string prefix
+                            c = {"index": ev.index, "finish_reason": ev.finish_reason,
+                                 "logprobs": lp_choice([ev]) if ev.token_id is not None else None}
+                            if chat:
+                                c["delta"] = {"content": ev.text} if ev.text else {}
+                            else:
+                                c["text"] = ev.text
+                            pieces.append("data: " + json.dumps(chunk([c])) + "\n\n")
+                        if pieces:
+                            yield "".join(pieces)
                     if include_usage:
                         yield "data: " + json.dumps(chunk([], usage(n_out))) + "\n\n"
                     yield "data: [DONE]\n\n"
@@ -347,18 +356,19 @@ def create_app(engine: Engine, tokenizer, model_name: str = "lmforge", max_queue
         try:
             while left:
                 try:
-                    ev = await next_event(timeout=0.5)
+                    evs = await next_events(timeout=0.5)
                 except TimeoutError:
                     if await request.is_disconnected():
                         return _error(499, "client disconnected")
                     continue
                 except LMForgeError as e:
                     return _error(500, f"generation failed: {e}", "server_error")
-                per[ev.index].append(ev)
-                texts[ev.index] += ev.text
-                if ev.finish_reason is not None:
-                    reasons[ev.index] = ev.finish_reason
-                    left -= 1
+                for ev in evs:
+                    per[ev.index].append(ev)
+                    texts[ev.index] += ev.text
+                    if ev.finish_reason is not None:
+                        reasons[ev.index] = ev.finish_reason
+                        left -= 1
         finally:
             if left:
                 worker.abort(rid)

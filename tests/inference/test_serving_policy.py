@@ -7,6 +7,7 @@ builds an engine that samples past the end-of-text token."""
 
 import argparse
 import asyncio
+import json
 import time
 
 import pytest
@@ -40,18 +41,18 @@ def _worker(batching: str):
 async def _two_requests(worker, ps, params):
     """Submit A; once A's first token is out, submit B; drain both. Returns their token ids."""
     rid_a, qa = worker.submit(ps[0], params)
-    first = await qa.get()
+    first = await qa.get()  # a list: the request's events of one engine step
     rid_b, qb = worker.submit(ps[1], params)
-    toks = {rid_a: [first.token_id], rid_b: []}
+    toks = {rid_a: [e.token_id for e in first if e.token_id is not None], rid_b: []}
 
     async def drain(rid, q, done):
         while not done:
-            ev = await q.get()
-            if ev.token_id is not None:
-                toks[rid].append(ev.token_id)
-            done = ev.finish_reason is not None
+            for ev in await q.get():
+                if ev.token_id is not None:
+                    toks[rid].append(ev.token_id)
+                done = ev.finish_reason is not None
 
-    await asyncio.gather(drain(rid_a, qa, first.finish_reason is not None), drain(rid_b, qb, False))
+    await asyncio.gather(drain(rid_a, qa, first[-1].finish_reason is not None), drain(rid_b, qb, False))
     return rid_a, rid_b, toks
 
 
@@ -90,7 +91,7 @@ def test_static_batch_takes_what_fits_and_held_aborts_never_start():
         for rid, q in [long] + held[1:]:
             n_fin = 0
             while n_fin < (2 if rid == held[1][0] else 1):
-                n_fin += (await q.get()).finish_reason is not None
+                n_fin += sum(ev.finish_reason is not None for ev in await q.get())
         return held
 
     try:
@@ -124,3 +125,27 @@ def test_serve_flags_build_the_engine(tmp_path):
     assert engine.eos_ids == set()
     default, _, _ = _engine(p.parse_args(["serve", str(tmp_path / "m"), "--device", "cpu"]))
     assert default.eos_ids == {tok.eot_id}
+
+
+def test_stream_of_multi_token_steps_has_one_event_per_token():
+    """With several tokens per engine step the worker hands a request's events over as one list
+    and the SSE stream writes them together: still one `data:` event per token, same text."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from lmforge.inference.server import create_app
+
+    tok = Tokenizer.from_merges([], special_tokens=["<|endoftext|>"])
+    engine = Engine(tiny_model("gqa", vocab=257, dtype=torch.float32), tokenizer=tok, max_batch=2, max_len=48,
+                    eos_ids=[], decode_steps=3)
+    body = {"prompt": [5, 66, 67, 68], "max_tokens": 13, "temperature": 0}
+    with TestClient(create_app(engine, tok)) as c:
+        plain = c.post("/v1/completions", json=body).json()
+        r = c.post("/v1/completions", json=dict(body, stream=True, stream_options={"include_usage": True}))
+    events = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: ") and x != "data: [DONE]"]
+    token_chunks = [e for e in events if e["choices"]]
+    assert plain["usage"]["completion_tokens"] == 13 == events[-1]["usage"]["completion_tokens"]
+    assert "".join(e["choices"][0]["text"] for e in token_chunks) == plain["choices"][0]["text"]
+    ref = Engine(engine.model, tokenizer=tok, max_batch=2, max_len=48, eos_ids=[]).generate(
+        [body["prompt"]], SamplingParams(max_tokens=13, temperature=0))[0][0]
+    assert plain["choices"][0]["text"] == ref.text and token_chunks[-1]["choices"][0]["finish_reason"] == "length"
