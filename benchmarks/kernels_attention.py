@@ -8,6 +8,13 @@ run (median of do_bench), and prints a table with the ratio to the best SDPA bac
     python benchmarks/kernels_attention.py --out runs/bench   # writes kernels_attention.json
     python benchmarks/kernels_attention.py --sweep --skip-check   # also writes kernels_attention_sweep.json
 
+    python benchmarks/kernels_attention.py --skip-check --gluon-sweep "192,64,3,3,0;128,128,2,2,1"
+    python benchmarks/kernels_attention.py --forward-only   # no fwd+bwd timing
+
+Variants: "triton" (the Triton kernels, Gluon forward off), "gluon" (the Gluon Hopper forward of
+`flash_attention_gluon` for D 64 and 128 + the Triton backward), "triton_ptr" (pointer kernels).
+`--gluon-sweep` times the Gluon forward under each given config (BLOCK_M, BLOCK_N, stages,
+consumers, ping-pong) next to the autotuned Triton descriptor forward and SDPA, forward only.
 `--sweep` times each Triton kernel (forward, dK/dV, dQ, and dK/dV with atomic dQ) under every
 config of a wide candidate list per shape, prints the winner per kernel and shape, then times the
 winning combination fwd+bwd (deterministic and atomic dQ) next to SDPA. Compilation of all

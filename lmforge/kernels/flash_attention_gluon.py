@@ -3,20 +3,27 @@
 Same contract as `flash_attention_triton.forward` (O and the base-2 log-sum-exp [B, Hq, T], so the
 Triton backward consumes it unchanged), for the common case only: causal or not, no window,
 doc_ids or softcap, fp16/bf16, head dims 64 or 128 (value head dim equal), GQA through the kv
-head index, S >= T when causal. `usable` says when it applies; otherwise the Triton kernels run.
+head index, S >= T when causal. `unusable_reason` says when it does not apply; the dispatcher in
+`flash_attention_triton.forward` then runs the Triton kernels (and uses this one only for the
+head dims where it measured faster, `GLUON_HEAD_DIMS` there).
 
 Why it exists: Triton 3.6 on sm_90 waits for each QK^T wgmma before the softmax and has no working
 warp specialisation, so the tensor cores idle during every softmax. Gluon exposes the controls
 that FlashAttention-3 uses, and this kernel uses them:
-- a loader partition (1 warp, 24 registers) streams K and V tiles with TMA through a ring of
-  NUM_STAGES shared-memory slots, each with a "ready" mbarrier (TMA completion) and an "empty"
-  mbarrier (the consumer is done with the slot);
-- the default partition (8 warps = two warpgroups, each 64 of the 128 query rows) computes
-  S = Q K^T and O += P V with asynchronous wgmma, software-pipelined inside the warpgroup:
-  it issues S_{j+1} = Q K_{j+1}^T and O += P_j V_j, waits only for S_{j+1}, runs the softmax of
-  tile j+1 while P_j V_j is still on the tensor cores, then waits for it and rescales O;
+- a loader partition (1 warp, 24 registers) streams each consumer's Q rows once, then K and V
+  tiles with TMA through a ring of NUM_STAGES shared-memory slots, each with a "ready" mbarrier
+  (TMA completion) and an "empty" mbarrier (every consumer has released the slot);
+- CONSUMERS partitions of one warpgroup each (4 warps, 64 query rows; the default partition is
+  one of them) share the K/V tiles and run independently. Each computes S = Q K^T and O += P V
+  with asynchronous wgmma, software-pipelined inside the warpgroup: it issues S_{j+1} = Q K_{j+1}^T
+  and O += P_j V_j, waits only for S_{j+1}, runs the softmax of tile j+1 while P_j V_j is still on
+  the tensor cores, then waits for it and rescales O. With PINGPONG the two consumers take turns
+  issuing their matmuls (an mbarrier pair), so one's softmax overlaps the other's matmuls.
+  CONSUMERS = 1 is the first version: one 8-warp default partition whose two warpgroups meet at a
+  partition-wide barrier at every mbarrier arrive (kept for comparison in the benchmarks);
 - the softmax works in base 2 with scale * log2(e) folded into one multiply-add; only the tiles
-  that cross the causal diagonal or the key end S are masked.
+  that cross the causal diagonal or the key end S are masked; the output tile goes out through
+  the Q buffer with a TMA store.
 
 It does not run anywhere but a Hopper GPU (Gluon kernels have no interpreter mode): the Triton
 kernel is the CPU-tested reference, and tests/kernels/test_gluon_attention.py checks this one
