@@ -144,7 +144,8 @@ def time_shapes(device, shapes, forward_only=False):
                 res[name] = (flops_fwd / fwd / 1e9, 3.5 * flops_fwd / fb / 1e9, fwd, fb)
             except Exception as e:  # a backend may not support a shape on this build
                 print(f"  {name} failed at {(B, H, T, D)}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-        best = max((n for n in res if n.startswith("sdpa")), key=lambda n: res[n][1], default=None)
+        best = max((n for n in res if n.startswith("sdpa")), key=lambda n: res[n][0 if forward_only else 1],
+                   default=None)
         row = {"B": B, "H": H, "T": T, "D": D, **{f"{n}_fwd_tflops": round(r[0], 1) for n, r in res.items()},
                **{f"{n}_fwdbwd_tflops": round(r[1], 1) for n, r in res.items()},
                **{f"{n}_fwdbwd_ms": round(r[3], 4) for n, r in res.items()}}
