@@ -47,6 +47,10 @@ try:  # Gluon's API moves between Triton versions: anything missing means "not u
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    # Triton 3.6 names the TMA copies async_copy_global_to_shared / async_copy_shared_to_global;
+    # later releases renamed them async_load / async_store (same arguments) and made the old names raise
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     IMPORT_ERROR = None
 except Exception as e:  # noqa: BLE001  (any failure: the Triton path runs, with this reason logged)
     IMPORT_ERROR = f"triton.experimental.gluon (Hopper) is not importable ({type(e).__name__}: {e})"
@@ -64,17 +68,17 @@ if IMPORT_ERROR is None:
         ROWS: gl.constexpr = q_desc.block_type.shape[2]
         for i in gl.static_range(CONSUMERS):
             mbarrier.expect(q_bars.index(i), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [b, h, m0 + i * ROWS, 0], q_bars.index(i), q_bufs.index(i))
+            _tma_load(q_desc, [b, h, m0 + i * ROWS, 0], q_bars.index(i), q_bufs.index(i))
         for j in range(n_tiles):
             slot = j % NUM_STAGES
             phase = (j // NUM_STAGES) & 1
             # a fresh mbarrier counts as having completed phase 1: the first round does not wait
             mbarrier.wait(k_empty.index(slot), phase ^ 1)
             mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b, hk, j * BLOCK_N, 0], k_ready.index(slot), k_bufs.index(slot))
+            _tma_load(k_desc, [b, hk, j * BLOCK_N, 0], k_ready.index(slot), k_bufs.index(slot))
             mbarrier.wait(v_empty.index(slot), phase ^ 1)
             mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [b, hk, j * BLOCK_N, 0], v_ready.index(slot), v_bufs.index(slot))
+            _tma_load(v_desc, [b, hk, j * BLOCK_N, 0], v_ready.index(slot), v_bufs.index(slot))
 
     @gluon.jit
     def _softmax_step(s, m_i, l_i, j, n_full, qpos, S, c, s_layout: gl.constexpr, CAUSAL: gl.constexpr,
@@ -180,7 +184,7 @@ if IMPORT_ERROR is None:
         # every wgmma reading Q has completed: its buffer takes the output rows (D == DV) for the TMA store
         q_smem.store(out.to(dtype).reshape([1, 1, ROWS, BLOCK_DV]))
         fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [b, h, r0, 0], q_smem)
+        _tma_store(o_desc, [b, h, r0, 0], q_smem)
         tma.store_wait(0)
 
     @gluon.jit
