@@ -449,7 +449,7 @@ def forward(q, k, v, *, causal, window, softcap, scale, doc_ids):
     """Returns (out [B,Hq,T,Dv] contiguous, lse [B,Hq,T] fp32, base 2)."""
     from lmforge.kernels import flash_attention_tma as tma
 
-    if gluon_reason(q, k, v, window=window, softcap=softcap, doc_ids=doc_ids) is None:
+    if USE_TMA and gluon_reason(q, k, v, window=window, softcap=softcap, doc_ids=doc_ids) is None:
         from lmforge.kernels import flash_attention_gluon as gluon
 
         scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -521,6 +521,7 @@ USE_TMA_BWD = True
 # dims in GLUON_HEAD_DIMS, where it measured faster than the autotuned descriptor kernel (H100,
 # causal bf16, D 128: 1.12-1.27x; D 64: 0.92x at T 1024, 1.05x at 2048, so D 64 stays on Triton);
 # elsewhere, or when Gluon is missing, the Triton kernels run and the reason is logged once.
+# It is a descriptor (TMA) kernel too: USE_TMA = False switches it off with the others.
 GLUON_HEAD_DIMS = {128}
 _gluon_logged: set[str] = set()
 
