@@ -37,6 +37,7 @@ CASES = {
     "noncausal_d64_s_lt_t": (2, 4, 2, 300, 129, 64, False),
     "causal_d64_decode_s_gt_t": (2, 8, 2, 17, 900, 64, True),
     "causal_d128_long": (1, 2, 1, 4099, 4099, 128, True),
+    "causal_d128_prefill_s_gt_t": (1, 4, 2, 5, 4700, 128, True),  # added after the last GPU call
 }
 
 
