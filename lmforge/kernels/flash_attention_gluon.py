@@ -55,8 +55,6 @@ try:  # Gluon's API moves between Triton versions: anything missing means "not u
 except Exception as e:  # noqa: BLE001  (any failure: the Triton path runs, with this reason logged)
     IMPORT_ERROR = f"triton.experimental.gluon (Hopper) is not importable ({type(e).__name__}: {e})"
 
-LOG2E = 1.4426950408889634
-
 if IMPORT_ERROR is None:
 
     @gluon.jit
@@ -315,5 +313,5 @@ def forward(q, k, v, *, causal, scale, config=None):
     _fwd_kernel[grid](desc(q, rows), desc(k, BLOCK_N), desc(v, BLOCK_N), desc(out, rows), lse,
                       float(scale), T, S, HQ, HQ // HKV, CAUSAL=bool(causal), NUM_STAGES=stages, CONSUMERS=consumers,
                       CONSUMER_REGS=CONSUMER_REGS[consumers],
-                      PINGPONG=pingpong and consumers == 2, num_warps=4 * rows // 64)
+                      PINGPONG=bool(pingpong) and consumers == 2, num_warps=4 * rows // 64)
     return out, lse
