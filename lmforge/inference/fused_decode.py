@@ -88,9 +88,11 @@ class FusedDecoder:
     """One decode step of `model` over rows 0..M of `cache` (see the module docstring). Work
     buffers for up to `cache.max_batch` rows are allocated once (fixed addresses for CUDA graphs)."""
 
-    def __init__(self, model: nn.Module, cache: StaticKVCache, impl: str = "triton", attn_splits: int | None = None):
+    def __init__(self, model: nn.Module, cache: StaticKVCache, impl: str = "triton", attn_splits: int | None = None,
+                 attn_impl: str = "sum"):
         cfg = model.cfg
         self.model, self.cache, self.impl, self.attn_splits = model, cache, impl, attn_splits
+        self.attn_impl = attn_impl  # "sum" (measured) or "dot" (tl.dot; not yet measured on a GPU)
         w = model.tok_emb.weight
         dev, dt, R = w.device, w.dtype, cache.max_batch
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
@@ -144,7 +146,7 @@ class FusedDecoder:
                 x.copy_(kd.gemv_residual_ref(h, mlp.down.weight, x2))
                 continue
             kd.norm_qkv_rope(x, n1.weight, n1.eps, a.packed.weight, self.cos, self.sin, pos, kc, vc, self.n_heads, q)
-            kd.decode_attention(q, kc, vc, pos, y, splits, length, scratch)
+            kd.decode_attention(q, kc, vc, pos, y, splits, length, scratch, self.attn_impl)
             kd.gemv_residual(y, a.o.weight, x, x2)
             kd.norm_swiglu(x2, n2.weight, n2.eps, mlp.packed.weight, h)
             kd.gemv_residual(h, mlp.down.weight, x2, x)

@@ -240,6 +240,55 @@ def _attention_kernel(Q, KC, VC, POS, OUT, PART, ML, scale, HQ, HKV, D, split_le
 
 
 @triton.jit
+def _attention_dot_kernel(Q, KC, VC, POS, OUT, PART, ML, scale, HQ, HKV, D, split_len, stride_cb, stride_ch,
+                          stride_cs, GROUP, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                          SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+    """`_attention_kernel` with the two products as `tl.dot` (flash-decoding style): the GROUP
+    query heads padded to BLOCK_G >= 16 rows (the matrix units' smallest tile; padded rows load
+    zeros and are never stored), scores and the output accumulated in fp32, the probabilities cast
+    to the cache's dtype for the second product (as flash attention does)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    m = pid // HKV
+    kvh = pid % HKV
+    n_keys = tl.load(POS + m).to(tl.int32) + 1
+    start = split * split_len
+    stop = tl.where(split == SPLITS - 1, n_keys, tl.minimum(start + split_len, n_keys))
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    gmask, dmask = g < GROUP, d < D
+    heads = kvh * GROUP + g
+    qmask = gmask[:, None] & dmask[None, :]
+    q = tl.load(Q + (m * HQ + heads[:, None]) * D + d[None, :], mask=qmask, other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    base = m.to(tl.int64) * stride_cb + kvh * stride_ch
+    for s0 in range(start, stop, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        smask = s < stop
+        kvmask = smask[:, None] & dmask[None, :]
+        k = tl.load(KC + base + s[:, None] * stride_cs + d[None, :], mask=kvmask, other=0.0)
+        v = tl.load(VC + base + s[:, None] * stride_cs + d[None, :], mask=kvmask, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, S] fp32
+        scores = tl.where(smask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(OUT + (m * HQ + heads[:, None]) * D + d[None, :], out.to(OUT.dtype.element_ty), mask=qmask)
+    else:
+        row = (m * HQ + heads) * SPLITS + split
+        tl.store(PART + row[:, None] * D + d[None, :], acc, mask=qmask)
+        tl.store(ML + row * 2, m_i, mask=gmask)
+        tl.store(ML + row * 2 + 1, l_i, mask=gmask)
+
+
+@triton.jit
 def _combine_kernel(PART, ML, OUT, D, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (row · query head): out = sum_s e^(m_s - max) acc_s / sum_s e^(m_s - max) l_s."""
     rh = tl.program_id(0)
@@ -342,26 +391,32 @@ def attention_splits(rows: int, kv_heads: int, length: int, programs: int = 132,
 
 
 def decode_attention(q, k_cache, v_cache, pos, out, splits: int = 1, length: int | None = None,
-                     scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     scratch: tuple[torch.Tensor, torch.Tensor] | None = None, impl: str = "sum") -> torch.Tensor:
     """The kernel of `decode_attention_ref` into out [M, Hq·D]. With splits > 1 (a power of two),
     split s covers slots [s·L, (s+1)·L), L = ceil(length / splits) (the last split: to the row's
     position), combined by a second kernel; `scratch` = (partials [M·Hq·splits·D], (max, sum)
-    [M·Hq·splits·2]) fp32, allocated when not given."""
+    [M·Hq·splits·2]) fp32, allocated when not given. impl "sum": products by broadcast and
+    `tl.sum` (measured, the default); "dot": `tl.dot` on query heads padded to 16 rows."""
     M, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     group = Hq // Hkv
     BG, BD = triton.next_power_of_2(group), triton.next_power_of_2(D)
-    BS = max(16, min(64, 4096 // (BG * BD)))  # keeps the [G, S, D] product tile near 4K elements
     length = length or k_cache.shape[2]
     split_len = triton.cdiv(length, splits)
     if splits > 1 and scratch is None:
         scratch = (torch.empty(M * Hq * splits * D, dtype=torch.float32, device=q.device),
                    torch.empty(M * Hq * splits * 2, dtype=torch.float32, device=q.device))
     part, ml = scratch if splits > 1 else (out, out)
-    _attention_kernel[(M * Hkv, splits)](q, k_cache, v_cache, pos, out, part, ml, 1.0 / math.sqrt(D), Hq, Hkv, D,
-                                         split_len, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), group,
-                                         BLOCK_G=BG, BLOCK_D=BD, BLOCK_S=BS, SPLITS=splits,
-                                         num_warps=4 if BG * BD >= 256 else 2)
+    args = (q, k_cache, v_cache, pos, out, part, ml, 1.0 / math.sqrt(D), Hq, Hkv, D, split_len,
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), group)
+    if impl == "dot":
+        precision = "ieee" if q.dtype == torch.float32 else None  # fp32 products exact, not tf32
+        _attention_dot_kernel[(M * Hkv, splits)](*args, BLOCK_G=max(16, BG), BLOCK_D=max(16, BD), BLOCK_S=64,
+                                                 SPLITS=splits, PRECISION=precision, num_warps=4)
+    else:
+        BS = max(16, min(64, 4096 // (BG * BD)))  # keeps the [G, S, D] product tile near 4K elements
+        _attention_kernel[(M * Hkv, splits)](*args, BLOCK_G=BG, BLOCK_D=BD, BLOCK_S=BS, SPLITS=splits,
+                                             num_warps=4 if BG * BD >= 256 else 2)
     if splits > 1:
         _combine_kernel[(M * Hq,)](part, ml, out, D, SPLITS=splits, BLOCK_D=BD, num_warps=1)
     return out

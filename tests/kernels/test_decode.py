@@ -49,14 +49,15 @@ def test_norm_qkv_rope(M, Hq, Hkv):
     assert torch.equal(caches[0].transpose(1, 2)[untouched], ref_caches[0].transpose(1, 2)[untouched])
 
 
+@pytest.mark.parametrize("impl", ["sum", "dot"])
 @pytest.mark.parametrize("M,Hq,Hkv,splits", [(1, 3, 3, 1), (3, 6, 2, 1), (3, 6, 2, 4), (2, 5, 1, 2)])
-def test_decode_attention(M, Hq, Hkv, splits):
+def test_decode_attention(M, Hq, Hkv, splits, impl):
     g = torch.Generator().manual_seed(10 * M + splits)
     D, S = 12, 41
     q = rand(M, Hq, D, g=g)
     kc, vc = rand(M + 1, Hkv, S, D, g=g, scale=2), rand(M + 1, Hkv, S, D, g=g)
     pos = torch.tensor([40, 0, 17][:M], dtype=torch.long)
-    out = kd.decode_attention(q, kc, vc, pos, torch.full((M, Hq * D), float("nan")), splits=splits, length=S)
+    out = kd.decode_attention(q, kc, vc, pos, torch.full((M, Hq * D), float("nan")), splits=splits, length=S, impl=impl)
     ref = kd.decode_attention_ref(q, kc, vc, pos)
     assert rel(out, ref) < 1e-5
     # the reference is the model's attention with per-row query positions over the cache
