@@ -25,6 +25,7 @@ same process, same threads:
                (Engine(fused_decode=True): 4-5 Triton kernels per layer instead of the compiled
                model's ~15, captured in the same 8-step CUDA graphs); every other engine variant
                here runs with fused_decode=False
+  engine_fused_dot  engine_fused with the tl.dot decode attention (FusedDecoder(attn_impl="dot"))
   engine_compiled_tuned  (CUDA, only with --tuned) engine_compiled with inductor's coordinate-descent
                tuning (Engine(compile_options=TUNED)): matrix-vector products as tuned Triton
                reductions fused with their neighbours; compiling takes minutes
@@ -77,7 +78,7 @@ from common import INFERENCE_SHAPES, inference_device, sync, timed
 
 from lmforge.inference import Engine, SamplingParams
 from lmforge.inference.engine import TUNED
-from lmforge.inference.fused_decode import MAX_ROWS
+from lmforge.inference.fused_decode import MAX_ROWS, FusedDecoder
 from lmforge.inference.quantize import quantize_model
 from lmforge.io import write_json
 from lmforge.model import ModelConfig, Transformer
@@ -87,7 +88,7 @@ from lmforge.train.generate import generate as naive_generate
 SHAPES = {**INFERENCE_SHAPES, "gpt2s": INFERENCE_SHAPES["llama124m"]}
 PEAK_TBS = [("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35)]  # first match in the device name wins
 COMPILED = ("hf_compile", "engine_compiled", "engine_compiled_k1", "engine_compiled_unpacked",
-            "engine_compiled_tuned", "engine_fused")
+            "engine_compiled_tuned", "engine_fused", "engine_fused_dot")
 
 
 def peak_tbs(device: torch.device, override: float | None) -> float | None:
@@ -146,10 +147,13 @@ def run_batch(B, prompts, model, qmodel, unpacked, hf, hf_c, args, device) -> li
             engines.append(("engine_compiled_tuned", model, True, {"compile_options": TUNED}))
         if B <= MAX_ROWS:
             engines.append(("engine_fused", model, True, {"fused_decode": True}))
+            engines.append(("engine_fused_dot", model, True, {"fused_decode": True}))
     for name, m, compiled, opts in engines:
         if name not in args.skip and m is not None:
             opts = {"fused_decode": False, **opts}  # the fused step only where named
             engine = Engine(m, max_batch=B, max_len=max_len, eos_ids=[], compile=compiled, **opts)
+            if name == "engine_fused_dot":  # the fused step with the tl.dot decode attention
+                engine.fused = FusedDecoder(m, engine.cache, attn_impl="dot")
             variants[name] = lambda engine=engine: [c[0].token_ids for c in engine.generate(prompts.tolist(), sp)]
     outs, best = {}, {}
     for name, fn in list(variants.items()):

@@ -4,15 +4,19 @@ against cuBLAS, attention against SDPA, and one whole decode step against the co
 Per shape (llama124m, llama1b; random bf16 weights):
   check      each kernel against its torch reference in fp32 (rel. error of the kernel and, for
              scale, of torch's own bf16 computation against the same fp32 reference)
-  gemv       median microseconds (triton.testing.do_bench, L2 flushed between runs, so weights stream
-             from memory as in a real step) and achieved TB/s (weight bytes / time) of each fused
-             op and of the plain GEMV (+ residual) kernel, against F.linear (cuBLAS) on the same
-             weight, and the fraction of the card's peak bandwidth
-  attention  decode attention of one row at a few cache lengths (key splits chosen by the rule, and
-             no split) against F.scaled_dot_product_attention over the same cache slice
+  gemv       microseconds per call inside a CUDA graph (no Python launch cost; the graph cycles
+             through copies of the weight totalling > 200 MB, so weights stream from memory as
+             in a real step, not from the 50 MB L2) and achieved TB/s (weight bytes / time) of
+             each fused op and of the plain GEMV (+ residual) kernel, against F.linear (cuBLAS)
+             timed the same way, the fraction of the card's peak bandwidth, and the eager time
+             (triton.testing.do_bench median, L2 flushed: includes Triton's Python launch cost)
+  attention  decode attention of one row at a few cache lengths (key splits chosen by the rule,
+             and no split; the broadcast-and-sum kernel and the tl.dot one) against
+             F.scaled_dot_product_attention over the same cache slice, all inside CUDA graphs
   step       GPU time per decode step of the engine's captured k-step graph (Engine(compile=True),
-             batch 1, 8 steps per replay, timed with CUDA events over replays): the fused step vs
-             the inductor-compiled model step (fused_decode=False), same model, same run
+             batch 1, 8 steps per replay, timed with CUDA events over replays): the inductor-
+             compiled model step (fused_decode=False), the fused step, and the fused step with
+             the tl.dot attention (FusedDecoder(attn_impl="dot")), same model, same run
 
   python benchmarks/inference_fused_decode.py --shape llama124m llama1b --out runs/bench/fused.json
 
@@ -42,7 +46,33 @@ def rel(a, b) -> float:
 def bench_us(fn) -> float:
     import triton.testing
 
-    return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+    return 1e3 * triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
+
+
+ROTATE_BYTES = 200_000_000  # weight copies per timed graph: > the 50 MB L2 of an H100 several times
+
+
+def graph_us(fn, args: list) -> float:
+    """Microseconds per call of fn(a), a in args, captured once each in one CUDA graph (no launch
+    cost from Python) and replayed 10 times; first run outside the graph (autotuning, handles)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for a in args:
+            fn(a)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for a in args:
+            fn(a)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (10 * len(args))
 
 
 def kernel_rows(shape: str, M: int, peak: float) -> tuple[list[dict], list[dict], list[dict]]:
@@ -96,44 +126,51 @@ def kernel_rows(shape: str, M: int, peak: float) -> tuple[list[dict], list[dict]
     xo, hq = torch.empty_like(x), torch.empty(M, ff, dtype=bf, device=dev)
     logits = torch.empty(M, V, dtype=bf, device=dev)
     cases = [
-        ("qkv: norm+GEMV+RoPE+cache", w_qkv, lambda: kd.norm_qkv_rope(x, nw, 1e-5, w_qkv, cos, sin, pos, kc, vc, Hq, q),
-         lambda: F.linear(x, w_qkv)),
-        ("o: GEMV+residual", w_o, lambda: kd.gemv_residual(y, w_o, x, xo), lambda: F.linear(y, w_o)),
-        ("gate/up: norm+GEMV+SwiGLU", w_gu, lambda: kd.norm_swiglu(x, nw, 1e-5, w_gu, hq), lambda: F.linear(x, w_gu)),
-        ("down: GEMV+residual", w_down, lambda: kd.gemv_residual(h, w_down, x, xo), lambda: F.linear(h, w_down)),
-        ("head: norm+GEMV", w_head, lambda: kd.norm_gemv(x, nw, 1e-5, w_head, logits), lambda: F.linear(x, w_head)),
+        ("qkv: norm+GEMV+RoPE+cache", w_qkv, lambda w: kd.norm_qkv_rope(x, nw, 1e-5, w, cos, sin, pos, kc, vc, Hq, q),
+         lambda w: F.linear(x, w)),
+        ("o: GEMV+residual", w_o, lambda w: kd.gemv_residual(y, w, x, xo), lambda w: F.linear(y, w)),
+        ("gate/up: norm+GEMV+SwiGLU", w_gu, lambda w: kd.norm_swiglu(x, nw, 1e-5, w, hq), lambda w: F.linear(x, w)),
+        ("down: GEMV+residual", w_down, lambda w: kd.gemv_residual(h, w, x, xo), lambda w: F.linear(h, w)),
+        ("head: norm+GEMV", w_head, lambda w: kd.norm_gemv(x, nw, 1e-5, w, logits), lambda w: F.linear(x, w)),
     ]
     for label, w in (("qkv", w_qkv), ("gate/up", w_gu)):  # the GEMV alone (+ a residual of zeros)
         zero, res = x.new_zeros(M, w.shape[0]), x.new_empty(M, w.shape[0])
-        cases.append((f"plain GEMV ({label} weight)", w, lambda w=w, zero=zero, res=res: kd.gemv_residual(x, w, zero, res),
-                      lambda w=w: F.linear(x, w)))
+        cases.append((f"plain GEMV ({label} weight)", w, lambda w, zero=zero, res=res: kd.gemv_residual(x, w, zero, res),
+                      lambda w: F.linear(x, w)))
     for name, w, mine, cublas in cases:
-        mine(), cublas()  # autotune, handles
         nbytes = w.numel() * w.element_size()
-        t_mine, t_cublas = bench_us(mine), bench_us(cublas)
+        # copies of the weight, used in turn, so that they stream from memory as in a real step
+        copies = [w] + [w.clone() for _ in range(min(255, max(1, -(-ROTATE_BYTES // nbytes) - 1)))]
+        t_mine, t_cublas = graph_us(mine, copies), graph_us(cublas, copies)
+        t_eager = bench_us(lambda mine=mine, w=w: mine(w))
         gemv.append({"shape": shape, "rows": M, "op": name, "N": w.shape[0], "K": w.shape[1], "mb": nbytes / 1e6,
-                     "us": t_mine, "tbs": nbytes / t_mine / 1e6, "cublas_us": t_cublas,
+                     "us": t_mine, "tbs": nbytes / t_mine / 1e6, "cublas_us": t_cublas, "eager_us": t_eager,
                      "cublas_tbs": nbytes / t_cublas / 1e6, "speedup": t_cublas / t_mine, "of_peak": nbytes / t_mine / 1e6 / peak})
+        del copies
 
-    # -- decode attention against SDPA
+    # -- decode attention against SDPA (in graphs too; one cache, L2-resident at these lengths)
     out = torch.empty(M, Hq * D, dtype=bf, device=dev)
     qq = q.view(M, Hq, 1, D)
 
     def attn_row(L: int) -> dict:
         p = torch.full((M,), L - 1, device=dev)
         auto = kd.attention_splits(M, Hkv, L)
-        sdpa = lambda: F.scaled_dot_product_attention(qq, kc[:, :, :L], vc[:, :, :L], enable_gqa=Hq != Hkv)
-        return {"shape": shape, "rows": M, "length": L, "splits": auto, "sdpa_us": bench_us(sdpa),
-                "us": bench_us(lambda: kd.decode_attention(q, kc, vc, p, out, auto, L)),
-                "us_no_split": bench_us(lambda: kd.decode_attention(q, kc, vc, p, out, 1, L))}
+        reps = [None] * 20
+        sdpa = lambda _: F.scaled_dot_product_attention(qq, kc[:, :, :L], vc[:, :, :L], enable_gqa=Hq != Hkv)
+        return {"shape": shape, "rows": M, "length": L, "splits": auto, "sdpa_us": graph_us(sdpa, reps),
+                "us": graph_us(lambda _: kd.decode_attention(q, kc, vc, p, out, auto, L), reps),
+                "us_no_split": graph_us(lambda _: kd.decode_attention(q, kc, vc, p, out, 1, L), reps),
+                "dot_us": graph_us(lambda _: kd.decode_attention(q, kc, vc, p, out, auto, L, impl="dot"), reps),
+                "dot_no_split_us": graph_us(lambda _: kd.decode_attention(q, kc, vc, p, out, 1, L, impl="dot"), reps)}
 
     attn = [attn_row(L) for L in (160, 1024)]
     return check_rows, gemv, attn
 
 
 def step_rows(shape: str, peak: float) -> list[dict]:
-    """GPU time per decode step of the engine's captured 8-step graph, fused vs compiled."""
+    """GPU time per decode step of the engine's captured 8-step graph: compiled, fused, fused with tl.dot attention."""
     from lmforge.inference import Engine, SamplingParams
+    from lmforge.inference.fused_decode import FusedDecoder
     from lmforge.model import ModelConfig, Transformer
 
     torch.manual_seed(0)
@@ -141,11 +178,14 @@ def step_rows(shape: str, peak: float) -> list[dict]:
     model = Transformer(cfg).to("cuda", torch.bfloat16).eval()
     prompt = torch.randint(0, cfg.vocab_size, (32,)).tolist()
     rows, tokens = [], {}
-    for fused in (False, True):
+    for variant in ("compiled", "fused", "fused_dot"):
+        fused = variant != "compiled"
         engine = Engine(model, max_batch=1, max_len=256, eos_ids=[], compile=True, fused_decode=fused)
         assert (engine.fused is not None) == fused
+        if variant == "fused_dot":
+            engine.fused = FusedDecoder(model, engine.cache, attn_impl="dot")
         out = engine.generate([prompt], SamplingParams(max_tokens=40, temperature=0))  # compile, tune, capture
-        tokens[fused] = out[0][0].token_ids
+        tokens[variant] = out[0][0].token_ids
         (graph,) = [g for g in engine.graphs.graphs.values() if g is not None]
         engine.bufs.positions.fill_(32)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -156,12 +196,38 @@ def step_rows(shape: str, peak: float) -> list[dict]:
         end.record()
         torch.cuda.synchronize()
         us = start.elapsed_time(end) * 1e3 / (20 * engine.decode_steps)
-        rows.append({"shape": shape, "variant": "fused" if fused else "compiled", "us_per_step": us,
+        rows.append({"shape": shape, "variant": variant, "us_per_step": us,
                      "tokens_per_s": 1e6 / us})
-    same = sum(a == b for a, b in zip(tokens[False], tokens[True]))
     for r in rows:
-        r["greedy_tokens_same_as_compiled"] = f"{same}/{len(tokens[False])}"
+        same = sum(a == b for a, b in zip(tokens["compiled"], tokens[r["variant"]]))
+        r["greedy_tokens_same_as_compiled"] = f"{same}/{len(tokens['compiled'])}"
     return rows
+
+
+def print_tables(checks, gemv, attn, steps) -> None:
+    if checks:
+        print(f"\n{'shape':<10} {'rows':>4} {'kernel':<28} {'rel err':>9} {'torch bf16':>10}")
+    for r in checks:
+        t = r["torch_bf16_rel_err"]
+        print(f"{r['shape']:<10} {r['rows']:>4} {r['kernel']:<28} {r['rel_err']:>9.2e} "
+              f"{'-' if t is None else format(t, '.2e'):>10}")
+    if gemv:
+        print(f"\n{'shape':<10} {'rows':>4} {'op':<28} {'MB':>6} {'us':>7} {'TB/s':>6} {'peak':>6} {'cuBLAS us':>9} "
+              f"{'TB/s':>6} {'x cuBLAS':>8} {'eager us':>8}")
+    for r in gemv:
+        print(f"{r['shape']:<10} {r['rows']:>4} {r['op']:<28} {r['mb']:>6.1f} {r['us']:>7.1f} {r['tbs']:>6.2f} "
+              f"{r['of_peak']:>6.1%} {r['cublas_us']:>9.1f} {r['cublas_tbs']:>6.2f} {r['speedup']:>8.2f} {r['eager_us']:>8.1f}")
+    if attn:
+        print(f"\n{'shape':<10} {'rows':>4} {'length':>6} {'splits':>6} {'us':>7} {'no split':>8} {'dot us':>7} "
+              f"{'no split':>8} {'SDPA us':>8}")
+    for r in attn:
+        print(f"{r['shape']:<10} {r['rows']:>4} {r['length']:>6} {r['splits']:>6} {r['us']:>7.1f} "
+              f"{r['us_no_split']:>8.1f} {r['dot_us']:>7.1f} {r['dot_no_split_us']:>8.1f} {r['sdpa_us']:>8.1f}")
+    if steps:
+        print(f"\n{'shape':<10} {'step':<9} {'us/step':>8} {'tok/s':>8}  greedy tokens same")
+    for r in steps:
+        print(f"{r['shape']:<10} {r['variant']:<9} {r['us_per_step']:>8.1f} {r['tokens_per_s']:>8.0f}  "
+              f"{r['greedy_tokens_same_as_compiled']}", flush=True)
 
 
 def main() -> int:
@@ -176,35 +242,19 @@ def main() -> int:
     name = torch.cuda.get_device_name()
     peak = next((t for k, t in PEAK_TBS if k in name), 3.35)
     checks, gemv, attn, steps = [], [], [], []
-    for shape in args.shape:
+    for shape in args.shape:  # tables printed per shape, JSON rewritten after each (a timeout keeps them)
         for M in args.rows:
             c, g, a = kernel_rows(shape, M, peak)
             checks += c
             gemv += g
             attn += a
+            print_tables(c, g, a, [])
         if not args.no_step:
             steps += step_rows(shape, peak)
-    print(f"\n{'shape':<10} {'rows':>4} {'kernel':<28} {'rel err':>9} {'torch bf16':>10}")
-    for r in checks:
-        t = r["torch_bf16_rel_err"]
-        print(f"{r['shape']:<10} {r['rows']:>4} {r['kernel']:<28} {r['rel_err']:>9.2e} {t if t is None else format(t, '.2e'):>10}")
-    print(f"\n{'shape':<10} {'rows':>4} {'op':<28} {'MB':>6} {'us':>7} {'TB/s':>6} {'peak':>6} {'cuBLAS us':>9} "
-          f"{'TB/s':>6} {'x cuBLAS':>8}")
-    for r in gemv:
-        print(f"{r['shape']:<10} {r['rows']:>4} {r['op']:<28} {r['mb']:>6.1f} {r['us']:>7.1f} {r['tbs']:>6.2f} "
-              f"{r['of_peak']:>6.1%} {r['cublas_us']:>9.1f} {r['cublas_tbs']:>6.2f} {r['speedup']:>8.2f}")
-    print(f"\n{'shape':<10} {'rows':>4} {'length':>6} {'splits':>6} {'us':>7} {'no split':>8} {'SDPA us':>8}")
-    for r in attn:
-        print(f"{r['shape']:<10} {r['rows']:>4} {r['length']:>6} {r['splits']:>6} {r['us']:>7.1f} "
-              f"{r['us_no_split']:>8.1f} {r['sdpa_us']:>8.1f}")
-    if steps:
-        print(f"\n{'shape':<10} {'step':<9} {'us/step':>8} {'tok/s':>8}  greedy tokens same")
-        for r in steps:
-            print(f"{r['shape']:<10} {r['variant']:<9} {r['us_per_step']:>8.1f} {r['tokens_per_s']:>8.0f}  "
-                  f"{r['greedy_tokens_same_as_compiled']}")
-    write_json(Path(args.out), {"device": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-                                "command": " ".join(sys.argv), "peak_tbs": peak, "checks": checks, "gemv": gemv,
-                                "attention": attn, "step": steps})
+            print_tables([], [], [], steps[-3:])
+        write_json(Path(args.out), {"device": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+                                    "command": " ".join(sys.argv), "peak_tbs": peak, "checks": checks, "gemv": gemv,
+                                    "attention": attn, "step": steps})
     print(f"wrote {args.out}")
     return 0
 

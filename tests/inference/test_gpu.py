@@ -93,7 +93,7 @@ def test_fused_decode_step_on_cuda_equals_cpu():
     """The compiled engine with the fused decode step (Triton kernels captured in the 8-step CUDA
     graphs; the default on CUDA for small batches) gives the CPU engine's greedy tokens, stops
     trimmed; batches above MAX_ROWS fall back to the compiled model step."""
-    from lmforge.inference.fused_decode import MAX_ROWS
+    from lmforge.inference.fused_decode import MAX_ROWS, FusedDecoder
 
     model = tiny_model("gqa", dtype=torch.float32)
     ps = prompts([3, 9, 5, 7])
@@ -107,4 +107,7 @@ def test_fused_decode_step_on_cuda_equals_cpu():
     assert engine.fused is not None
     assert [o[0].token_ids for o in engine.generate(ps, params)] == ref
     assert engine.graphs.graphs and all(g is not None for g in engine.graphs.graphs.values())
+    dot = Engine(model, max_batch=3, max_len=300, compile=True)
+    dot.fused = FusedDecoder(model, dot.cache, attn_impl="dot")  # the tl.dot decode attention
+    assert [o[0].token_ids for o in dot.generate(ps, params)] == ref
     assert Engine(model, max_batch=MAX_ROWS + 1, max_len=64, compile=True).fused is None
