@@ -16,7 +16,8 @@ Per shape (llama124m, llama1b; random bf16 weights):
   step       GPU time per decode step of the engine's captured k-step graph (Engine(compile=True),
              batch 1, 8 steps per replay, timed with CUDA events over replays): the inductor-
              compiled model step (fused_decode=False), the fused step, and the fused step with
-             the tl.dot attention (FusedDecoder(attn_impl="dot")), same model, same run
+             the tl.dot attention (FusedDecoder(attn_impl="dot")) with the split rule and without
+             splits, same model, same run
 
   python benchmarks/inference_fused_decode.py --shape llama124m llama1b --out runs/bench/fused.json
 
@@ -178,12 +179,13 @@ def step_rows(shape: str, peak: float) -> list[dict]:
     model = Transformer(cfg).to("cuda", torch.bfloat16).eval()
     prompt = torch.randint(0, cfg.vocab_size, (32,)).tolist()
     rows, tokens = [], {}
-    for variant in ("compiled", "fused", "fused_dot"):
+    for variant in ("compiled", "fused", "fused_dot", "fused_dot_nosplit"):
         fused = variant != "compiled"
         engine = Engine(model, max_batch=1, max_len=256, eos_ids=[], compile=True, fused_decode=fused)
         assert (engine.fused is not None) == fused
-        if variant == "fused_dot":
-            engine.fused = FusedDecoder(model, engine.cache, attn_impl="dot")
+        if variant.startswith("fused_dot"):  # the tl.dot attention, with the split rule or none
+            engine.fused = FusedDecoder(model, engine.cache, attn_impl="dot",
+                                        attn_splits=1 if variant.endswith("nosplit") else None)
         out = engine.generate([prompt], SamplingParams(max_tokens=40, temperature=0))  # compile, tune, capture
         tokens[variant] = out[0][0].token_ids
         (graph,) = [g for g in engine.graphs.graphs.values() if g is not None]
@@ -224,9 +226,9 @@ def print_tables(checks, gemv, attn, steps) -> None:
         print(f"{r['shape']:<10} {r['rows']:>4} {r['length']:>6} {r['splits']:>6} {r['us']:>7.1f} "
               f"{r['us_no_split']:>8.1f} {r['dot_us']:>7.1f} {r['dot_no_split_us']:>8.1f} {r['sdpa_us']:>8.1f}")
     if steps:
-        print(f"\n{'shape':<10} {'step':<9} {'us/step':>8} {'tok/s':>8}  greedy tokens same")
+        print(f"\n{'shape':<10} {'step':<17} {'us/step':>8} {'tok/s':>8}  greedy tokens same")
     for r in steps:
-        print(f"{r['shape']:<10} {r['variant']:<9} {r['us_per_step']:>8.1f} {r['tokens_per_s']:>8.0f}  "
+        print(f"{r['shape']:<10} {r['variant']:<17} {r['us_per_step']:>8.1f} {r['tokens_per_s']:>8.0f}  "
               f"{r['greedy_tokens_same_as_compiled']}", flush=True)
 
 
@@ -251,7 +253,7 @@ def main() -> int:
             print_tables(c, g, a, [])
         if not args.no_step:
             steps += step_rows(shape, peak)
-            print_tables([], [], [], steps[-3:])
+            print_tables([], [], [], steps[-4:])
         write_json(Path(args.out), {"device": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
                                     "command": " ".join(sys.argv), "peak_tbs": peak, "checks": checks, "gemv": gemv,
                                     "attention": attn, "step": steps})
