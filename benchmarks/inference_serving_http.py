@@ -22,7 +22,9 @@ request's consecutive streamed chunks) p50/p90, end-to-end latency p50/p90, requ
 generated tokens/s (over first send -> last reply). With --compile the engine decodes 8 tokens per
 launch, so chunks arrive in bursts: ITL p50 is then ~0 and TPOT is the meaningful per-token time.
 Server-side diagnostics per run (printed as each run ends, and in the JSON): engine steps, their
-total, median and longest time, steps over 50 ms, and graphs dynamo compiled during the run.
+total, median and longest time, steps over 50 ms, steps that admitted requests and their median
+time against the others', prefill forwards and the rows they prefilled, whether prefill still runs
+compiled, and graphs dynamo compiled during the run.
 benchmarks/inference_serving.py measures the scheduler alone (clients simulated in the engine loop).
 
   python benchmarks/inference_serving_http.py                      # CPU, tiny model
@@ -268,6 +270,14 @@ def main() -> int:
         return 1e3 * statistics.median(xs) if xs else 0.0
 
     engine.step = timed_step
+    prefills: list[int] = []  # rows of every prefill forward
+    plain_prefill = engine._forward_prefill
+
+    def counted_prefill(ids, *rest):
+        prefills.append(ids.shape[0])
+        return plain_prefill(ids, *rest)
+
+    engine._forward_prefill = counted_prefill
     from torch._dynamo.utils import counters
 
     graphs = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
@@ -282,6 +292,7 @@ def main() -> int:
             time.sleep(0.05)
         worker.batching = policy
         steps.clear()
+        prefills.clear()
         g0, t0 = graphs(), time.perf_counter()
         x = run_clients(args, url, result, requests=n)
         secs = sorted(d for d, _ in steps)
@@ -290,7 +301,9 @@ def main() -> int:
                        "steps_over_50ms": sum(d > 0.05 for d in secs),
                        "admitting_steps": sum(a > 0 for _, a in steps),
                        "admitting_step_ms_p50": med_ms([d for d, a in steps if a > 0]),
-                       "other_step_ms_p50": med_ms([d for d, a in steps if a == 0]), "new_graphs": graphs() - g0}
+                       "other_step_ms_p50": med_ms([d for d, a in steps if a == 0]),
+                       "prefill_forwards": len(prefills), "prefill_rows": sum(prefills),
+                       "prefill_compiled": engine._prefill_fn is not None, "new_graphs": graphs() - g0}
         print(f"[{label}] {n} requests: {x['tok_per_s']:.0f} tok/s, TTFT p50 {x['ttft_p50_s'] * 1e3:.1f} ms, TPOT p50 "
               f"{x['tpot_p50_s'] * 1e3:.2f} ms, failed {x['failed']}; server: "
               + ", ".join(f"{k} {v:.3g}" for k, v in x["server"].items()), flush=True)
