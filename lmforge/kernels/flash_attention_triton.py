@@ -482,6 +482,9 @@ def backward(q, k, v, out, lse, dout, *, causal, window, softcap, scale, doc_ids
     from lmforge.kernels import flash_attention_tma as tma
 
     atomic = not deterministic
+    if USE_TMA_BWD and gluon_bwd_reason(q, k, v, dout, atomic, window=window, softcap=softcap,
+                                        doc_ids=doc_ids) is None:
+        return _gluon_backward(q, k, v, dout, lse, delta, doc, meta, scalars, strides, causal, atomic)
     use_tma = USE_TMA_BWD and tma.usable(q, k, v, dout)
     # with atomics, dQ accumulates in fp32 rows of BLOCK_D (the descriptor kernel's padded head dim)
     dq_acc = torch.zeros(B, HQ, T, meta["BLOCK_D"] if use_tma else D, device=q.device, dtype=torch.float32) \
@@ -544,6 +547,62 @@ def gluon_reason(q, k, v, *, window=None, softcap=None, doc_ids=None) -> str | N
         _gluon_logged.add(reason)
         log.info("flash_attention forward: Triton kernels instead of the Gluon kernel because %s", reason)
     return reason
+
+
+# The backward runs the warp-specialised Gluon dK/dV kernel (flash_attention_gluon_bwd) on Hopper for the
+# head dims in GLUON_BWD_HEAD_DIMS (deterministic: the Triton dQ kernel runs beside it on the side
+# stream) and GLUON_BWD_ATOMIC_HEAD_DIMS (deterministic=False: dQ from the same pass, added with
+# atomics), where it measured faster than the Triton dK/dV kernel (see docs/kernels.md); elsewhere
+# the Triton kernels run and the reason is logged once.
+GLUON_BWD_HEAD_DIMS: set[int] = set()
+GLUON_BWD_ATOMIC_HEAD_DIMS: set[int] = set()
+
+
+def gluon_bwd_reason(q, k, v, dout, atomic, *, window=None, softcap=None, doc_ids=None) -> str | None:
+    """None when the backward would run the Gluon dK/dV kernel on these inputs, else why not (logged once)."""
+    dims = GLUON_BWD_ATOMIC_HEAD_DIMS if atomic else GLUON_BWD_HEAD_DIMS
+    reason = None
+    if q.shape[-1] not in dims:
+        name = "GLUON_BWD_ATOMIC_HEAD_DIMS" if atomic else "GLUON_BWD_HEAD_DIMS"
+        reason = f"head dim {q.shape[-1]} is not in {name} {sorted(dims)}"
+    elif interpreting():
+        reason = "TRITON_INTERPRET is set (Gluon kernels have no interpreter)"
+    else:
+        try:
+            from lmforge.kernels import flash_attention_gluon_bwd as gluon_bwd
+        except Exception as e:  # noqa: BLE001  (a broken Gluon must never break the Triton path)
+            reason = f"lmforge.kernels.flash_attention_gluon_bwd failed to import ({type(e).__name__}: {e})"
+        else:
+            reason = gluon_bwd.unusable_reason(q, k, v, dout, window=window, softcap=softcap, doc_ids=doc_ids)
+    if reason is not None and reason not in _gluon_logged:
+        _gluon_logged.add(reason)
+        log.info("flash_attention backward: Triton kernels instead of the Gluon kernel because %s", reason)
+    return reason
+
+
+def _gluon_backward(q, k, v, dout, lse, delta, doc, meta, scalars, strides, causal, atomic):
+    """dK, dV (and with `atomic` dQ) from the Gluon kernel; else dQ from the Triton dQ kernel on the side stream."""
+    from lmforge.kernels import flash_attention_gluon_bwd as gluon_bwd
+    from lmforge.kernels import flash_attention_tma as tma
+
+    scale = scalars[0]
+    if atomic:
+        return gluon_bwd.dkdv(q, k, v, dout, lse, delta, causal=causal, scale=scale, atomic_dq=True)
+    B, HQ, T, D = q.shape
+    dq = torch.empty(B, HQ, T, D, device=q.device, dtype=q.dtype)
+    side = _side_stream(q.device)
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(q.device))
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        if tma.usable(q, k, v, dout):
+            tma.dq(q, k, v, dout, lse, delta, dq, doc, meta, scalars, strides)
+        else:
+            grid_q = lambda m: (B * HQ, triton.cdiv(T, m["BLOCK_M"]))
+            DQ[grid_q](q, k, v, dout, lse, delta, dq, doc, *strides, *scalars, HQ, HQ // k.shape[1], **meta)
+    _, dk, dv = gluon_bwd.dkdv(q, k, v, dout, lse, delta, causal=causal, scale=scale, atomic_dq=False)
+    if side is not None:
+        torch.cuda.current_stream(q.device).wait_stream(side)
+    return dq, dk, dv
 
 
 # The dQ kernel does not depend on the dK/dV kernel; on a GPU it runs on a second stream so that
