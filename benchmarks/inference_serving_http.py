@@ -23,8 +23,8 @@ generated tokens/s (over first send -> last reply). With --compile the engine de
 launch, so chunks arrive in bursts: ITL p50 is then ~0 and TPOT is the meaningful per-token time.
 Server-side diagnostics per run (printed as each run ends, and in the JSON): engine steps, their
 total, median and longest time, steps over 50 ms, steps that admitted requests and their median
-time against the others', prefill forwards and the rows they prefilled, whether prefill still runs
-compiled, and graphs dynamo compiled during the run.
+time against the others', prefill forwards, the rows they prefilled and their time (synchronized
+around each forward), whether prefill still runs compiled, and graphs dynamo compiled during the run.
 benchmarks/inference_serving.py measures the scheduler alone (clients simulated in the engine loop).
 
   python benchmarks/inference_serving_http.py                      # CPU, tiny model
@@ -270,12 +270,17 @@ def main() -> int:
         return 1e3 * statistics.median(xs) if xs else 0.0
 
     engine.step = timed_step
-    prefills: list[int] = []  # rows of every prefill forward
+    prefills: list[tuple[int, float]] = []  # (rows, seconds) of every prefill forward
     plain_prefill = engine._forward_prefill
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def counted_prefill(ids, *rest):
-        prefills.append(ids.shape[0])
-        return plain_prefill(ids, *rest)
+        sync()  # the admitting step waits for the device right after (sampling) anyway
+        t = time.perf_counter()
+        out = plain_prefill(ids, *rest)
+        sync()
+        prefills.append((ids.shape[0], time.perf_counter() - t))
+        return out
 
     engine._forward_prefill = counted_prefill
     from torch._dynamo.utils import counters
@@ -302,7 +307,9 @@ def main() -> int:
                        "admitting_steps": sum(a > 0 for _, a in steps),
                        "admitting_step_ms_p50": med_ms([d for d, a in steps if a > 0]),
                        "other_step_ms_p50": med_ms([d for d, a in steps if a == 0]),
-                       "prefill_forwards": len(prefills), "prefill_rows": sum(prefills),
+                       "prefill_forwards": len(prefills), "prefill_rows": sum(r for r, _ in prefills),
+                       "prefill_ms_p50": med_ms([d for _, d in prefills]),
+                       "prefill_s_total": sum(d for _, d in prefills),
                        "prefill_compiled": engine._prefill_fn is not None, "new_graphs": graphs() - g0}
         print(f"[{label}] {n} requests: {x['tok_per_s']:.0f} tok/s, TTFT p50 {x['ttft_p50_s'] * 1e3:.1f} ms, TPOT p50 "
               f"{x['tpot_p50_s'] * 1e3:.2f} ms, failed {x['failed']}; server: "
