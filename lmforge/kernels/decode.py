@@ -116,31 +116,52 @@ def _rstd(X, stride_xm, M, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr)
 @triton.jit
 def _gemv(X, stride_xm, NW, rstd, W, rows_a, rows_b, row_mask, M, K,
           NORM: tl.constexpr, TWO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_K: tl.constexpr):
+          BLOCK_K: tl.constexpr, DEFER: tl.constexpr):
     """acc_a[m, j] = sum_k h[m, k] · W[rows_a[j], k] (and acc_b for rows_b when TWO), h = x or,
     with NORM, RMSNorm(x) rounded as the model rounds it. Each weight tile is loaded once and used
-    for every batch row (static loop over rows: registers do not grow with the batch)."""
+    for every batch row (static loop over rows: registers do not grow with the batch). With DEFER
+    and one row, products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile and are reduced once
+    after the loop (no cross-thread reduction per step); autotuning picks either way per shape."""
     ms = tl.arange(0, BLOCK_M)
-    acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     dt = X.dtype.element_ty
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < K
-        wmask = row_mask[:, None] & kmask[None, :]
-        wa = tl.load(W + rows_a[:, None].to(tl.int64) * K + ks[None, :], mask=wmask, other=0.0).to(tl.float32)
-        if TWO:
-            wb = tl.load(W + rows_b[:, None].to(tl.int64) * K + ks[None, :], mask=wmask, other=0.0).to(tl.float32)
-        if NORM:
-            g = tl.load(NW + ks, mask=kmask, other=0.0).to(tl.float32)
-        for mi in tl.static_range(BLOCK_M):
-            h = tl.load(X + mi * stride_xm + ks, mask=kmask & (ks * 0 + mi < M), other=0.0).to(tl.float32)
+    if DEFER and BLOCK_M == 1:
+        pa = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        pb = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            wmask = row_mask[:, None] & kmask[None, :]
+            h = tl.load(X + ks, mask=kmask, other=0.0).to(tl.float32)
             if NORM:
-                r = tl.sum(tl.where(ms == mi, rstd, 0.0), axis=0)
-                h = ((h * r).to(dt).to(tl.float32) * g).to(dt).to(tl.float32)
-            acc_a = tl.where(ms[:, None] == mi, acc_a + tl.sum(wa * h[None, :], axis=1)[None, :], acc_a)
+                g = tl.load(NW + ks, mask=kmask, other=0.0).to(tl.float32)
+                h = ((h * tl.sum(rstd, axis=0)).to(dt).to(tl.float32) * g).to(dt).to(tl.float32)
+            wa = tl.load(W + rows_a[:, None].to(tl.int64) * K + ks[None, :], mask=wmask, other=0.0)
+            pa += wa.to(tl.float32) * h[None, :]
             if TWO:
-                acc_b = tl.where(ms[:, None] == mi, acc_b + tl.sum(wb * h[None, :], axis=1)[None, :], acc_b)
+                wb = tl.load(W + rows_b[:, None].to(tl.int64) * K + ks[None, :], mask=wmask, other=0.0)
+                pb += wb.to(tl.float32) * h[None, :]
+        acc_a = tl.sum(pa, axis=1)[None, :]
+        acc_b = tl.sum(pb, axis=1)[None, :]
+    else:
+        acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            wmask = row_mask[:, None] & kmask[None, :]
+            wa = tl.load(W + rows_a[:, None].to(tl.int64) * K + ks[None, :], mask=wmask, other=0.0).to(tl.float32)
+            if TWO:
+                wb = tl.load(W + rows_b[:, None].to(tl.int64) * K + ks[None, :], mask=wmask, other=0.0).to(tl.float32)
+            if NORM:
+                g = tl.load(NW + ks, mask=kmask, other=0.0).to(tl.float32)
+            for mi in tl.static_range(BLOCK_M):
+                h = tl.load(X + mi * stride_xm + ks, mask=kmask & (ks * 0 + mi < M), other=0.0).to(tl.float32)
+                if NORM:
+                    r = tl.sum(tl.where(ms == mi, rstd, 0.0), axis=0)
+                    h = ((h * r).to(dt).to(tl.float32) * g).to(dt).to(tl.float32)
+                acc_a = tl.where(ms[:, None] == mi, acc_a + tl.sum(wa * h[None, :], axis=1)[None, :], acc_a)
+                if TWO:
+                    acc_b = tl.where(ms[:, None] == mi, acc_b + tl.sum(wb * h[None, :], axis=1)[None, :], acc_b)
     return acc_a, acc_b
 
 
@@ -150,7 +171,7 @@ def _gemv(X, stride_xm, NW, rstd, W, rows_a, rows_b, row_mask, M, K,
 @triton.jit
 def _norm_qkv_rope_kernel(X, NW, W, COS, SIN, POS, Q, KC, VC, M, K, eps, stride_xm, stride_cb, stride_ch,
                           stride_cs, HQ, HKV, HALF, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+                          BLOCK_K: tl.constexpr, DEFER: tl.constexpr):
     """Program (head, pair block): head indexes the packed rows [q heads; k heads; v heads], each
     head D = 2·HALF rows; it computes output dims p and p + HALF of that head (the pairs RoPE
     rotates together: HF's rotate-half layout)."""
@@ -160,7 +181,7 @@ def _norm_qkv_rope_kernel(X, NW, W, COS, SIN, POS, Q, KC, VC, M, K, eps, stride_
     rows_lo = head * 2 * HALF + p
     rstd = _rstd(X, stride_xm, M, K, eps, BLOCK_M, BLOCK_K)
     lo, hi = _gemv(X, stride_xm, NW, rstd, W, rows_lo, rows_lo + HALF, pmask, M, K,
-                   True, True, BLOCK_M, BLOCK_N, BLOCK_K)
+                   True, True, BLOCK_M, BLOCK_N, BLOCK_K, DEFER)
     dt = X.dtype.element_ty
     lo = lo.to(dt).to(tl.float32)  # the linear's output dtype, as the model has it before RoPE
     hi = hi.to(dt).to(tl.float32)
@@ -308,10 +329,10 @@ def _combine_kernel(PART, ML, OUT, D, SPLITS: tl.constexpr, BLOCK_D: tl.constexp
 
 @triton.jit
 def _gemv_residual_kernel(Y, W, X, OUT, M, N, K, stride_ym, stride_xm, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEFER: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
-    acc, _ = _gemv(Y, stride_ym, Y, Y, W, n, n, nmask, M, K, False, False, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc, _ = _gemv(Y, stride_ym, Y, Y, W, n, n, nmask, M, K, False, False, BLOCK_M, BLOCK_N, BLOCK_K, DEFER)
     ms = tl.arange(0, BLOCK_M)
     mask = (ms[:, None] < M) & nmask[None, :]
     x = tl.load(X + ms[:, None] * stride_xm + n[None, :], mask=mask, other=0.0)
@@ -321,11 +342,11 @@ def _gemv_residual_kernel(Y, W, X, OUT, M, N, K, stride_ym, stride_xm, BLOCK_M: 
 
 @triton.jit
 def _norm_swiglu_kernel(X, NW, W, H, M, K, F_, eps, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, DEFER: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < F_
     rstd = _rstd(X, stride_xm, M, K, eps, BLOCK_M, BLOCK_K)
-    g, u = _gemv(X, stride_xm, NW, rstd, W, n, n + F_, nmask, M, K, True, True, BLOCK_M, BLOCK_N, BLOCK_K)
+    g, u = _gemv(X, stride_xm, NW, rstd, W, n, n + F_, nmask, M, K, True, True, BLOCK_M, BLOCK_N, BLOCK_K, DEFER)
     dt = X.dtype.element_ty
     g = g.to(dt).to(tl.float32)
     u = u.to(dt).to(tl.float32)
@@ -337,26 +358,33 @@ def _norm_swiglu_kernel(X, NW, W, H, M, K, F_, eps, stride_xm, BLOCK_M: tl.const
 
 @triton.jit
 def _norm_gemv_kernel(X, NW, W, OUT, M, N, K, eps, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      BLOCK_K: tl.constexpr, DEFER: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     rstd = _rstd(X, stride_xm, M, K, eps, BLOCK_M, BLOCK_K)
-    acc, _ = _gemv(X, stride_xm, NW, rstd, W, n, n, nmask, M, K, True, False, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc, _ = _gemv(X, stride_xm, NW, rstd, W, n, n, nmask, M, K, True, False, BLOCK_M, BLOCK_N, BLOCK_K, DEFER)
     ms = tl.arange(0, BLOCK_M)
     tl.store(OUT + ms[:, None] * N + n[None, :], acc.to(OUT.dtype.element_ty), mask=(ms[:, None] < M) & nmask[None, :])
 
 
 # -- launchers -----------------------------------------------------------------------------------
 
-# GEMV tiles (rows per program, reduction step, warps). Small row blocks give many programs (a
-# 2048-row weight in blocks of 4 is 512 programs for 132 SMs); wide K steps give each thread
-# several 16-byte loads in flight. Autotuned per shape on the GPU (do_bench flushes the L2, so
-# weights are timed streaming from memory as in a real step); the interpreter runs `fixed`.
-_GEMV_CONFIGS = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n, k, w in (
-    (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8))]
-_DUAL_CONFIGS = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n, k, w in (
-    (2, 512, 4), (2, 1024, 4), (4, 256, 4), (4, 512, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8))]
-_FIXED = dict(BLOCK_N=16, BLOCK_K=32)  # the interpreter: few programs (its cost is per program)
+# GEMV tiles (rows per program, reduction step, warps, deferred reduction). Small row blocks give
+# many programs (a 2048-row weight in blocks of 4 is 512 programs for 132 SMs); wide K steps give
+# each thread several 16-byte loads in flight; DEFER (one batch row only) reduces once after the
+# loop instead of every step. The DEFER=False configs are the ones measured on the H100 for
+# docs/benchmarks.md (2026-11-26); the DEFER=True ones were added after that run, unmeasured, and
+# compete with them in the autotuning (per shape on the GPU: do_bench flushes the L2, so weights
+# are timed streaming from memory as in a real step); the interpreter runs `fixed`.
+_GEMV_CONFIGS = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, DEFER=False) for n, k, w in (
+    (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8))] + [
+    dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, DEFER=True) for n, k, w in (
+        (2, 1024, 4), (4, 512, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (32, 256, 8))]
+_DUAL_CONFIGS = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, DEFER=False) for n, k, w in (
+    (2, 512, 4), (2, 1024, 4), (4, 256, 4), (4, 512, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8))] + [
+    dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, DEFER=True) for n, k, w in (
+        (2, 1024, 4), (4, 256, 4), (4, 512, 4), (8, 256, 4), (8, 512, 8))]
+_FIXED = dict(BLOCK_N=16, BLOCK_K=32, DEFER=True)  # the interpreter: few programs (its cost is per program)
 
 norm_qkv_rope_tunable = Tunable(_norm_qkv_rope_kernel, _DUAL_CONFIGS, key=["M", "K", "HALF", "HQ", "HKV"], fixed=_FIXED)
 gemv_residual_tunable = Tunable(_gemv_residual_kernel, _GEMV_CONFIGS, key=["M", "N", "K"], fixed=_FIXED)
