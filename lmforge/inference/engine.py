@@ -41,8 +41,8 @@ per length and sampling setting (pipeline.StepGraphs); the general decode step o
 the whole cache is `torch.compile(mode="reduce-overhead")`; prefill forwards are compiled with
 dynamic shapes (one compilation for all prompt lengths and row ranges, no per-op Python).
 
-With `fused_decode` (None, the default: on CUDA whenever supported; True: also under the Triton
-interpreter, for tests) the steady-state step's forward is fused_decode.FusedDecoder: four or
+With `fused_decode` (None, the default: with compile=True on CUDA whenever supported; True: also
+eager and under the Triton interpreter, for tests) the steady-state step's forward is fused_decode.FusedDecoder: four or
 five Triton kernels per layer (norm+qkv+RoPE+cache write, attention, o+residual,
 norm+gate/up+SwiGLU, down+residual) instead of the model's modules, for batches of up to
 fused_decode.MAX_ROWS rows of a dense Llama-family model (anything else: the model, reason
@@ -363,9 +363,10 @@ class Engine:
         return sample_fast(logits, key)
 
     def _fused_decoder(self, wanted: bool | None):
-        """The fused steady-state step (fused_decode.py) when wanted (None: on CUDA) and supported;
-        None otherwise, with the reason logged when it was asked for or would have run on CUDA."""
-        if wanted is False or (wanted is None and self.device.type != "cuda"):
+        """The fused steady-state step (fused_decode.py) when wanted (None: when compiled, i.e. on
+        CUDA, where it was measured; an eager engine would autotune again for every row count) and
+        supported; None otherwise, with the reason logged when it was asked for or would have run."""
+        if wanted is False or (wanted is None and not self.compiled):
             return None
         from lmforge.inference.fused_decode import FusedDecoder, supports
 
