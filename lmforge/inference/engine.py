@@ -356,6 +356,9 @@ class Engine:
         return self.bufs.send(seqs, key)
 
     def _sample_step(self, tokens, pos, key: tuple, length: int) -> torch.Tensor:
+        if self.fused is not None and not self.fused.holds():
+            log.warning("fused decode step off: the model's packed projections were dropped")
+            self.fused = None
         if self.fused is not None:
             logits = self.fused(tokens, pos, length)
         else:

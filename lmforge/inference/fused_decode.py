@@ -105,6 +105,11 @@ class FusedDecoder:
         self.h, self.logits = new(R, cfg.d_ff), new(R, cfg.vocab_size)
         self._scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # attention partials by splits
 
+    def holds(self) -> bool:
+        """Whether the model still has the packed layers this step reads (an eager forward drops a
+        packing that a `.to()` or a module swap broke; the engine then goes back to the model)."""
+        return all(b.attn.packed is not None and b.mlp.packed is not None for b in self.model.blocks)
+
     def splits(self, rows: int, length: int) -> int:
         from lmforge.kernels.decode import attention_splits
 

@@ -88,6 +88,11 @@ def test_engine_with_fused_step_equals_naive_greedy():
     outs = engine.generate(ps, params)
     assert outs[1][0].token_ids == refs[1][:stop] and outs[1][0].finish_reason == "stop"
     assert outs[0][0].token_ids == refs[0] and outs[2][0].token_ids == refs[2]
+    # a packing dropped after the engine was built (as an eager forward does after a `.to()`):
+    # the engine goes back to the model's forward, same tokens
+    model.blocks[1].mlp.packed = None
+    again = engine.generate(ps[:1], params[:1])
+    assert engine.fused is None and again[0][0].token_ids == refs[0]
     assert Engine(model, max_batch=2, max_len=20).fused is None  # CPU default: the model's forward
     unpacked = copy.deepcopy(model)  # a deep copy is not packed
     assert Engine(unpacked, max_batch=2, max_len=20, fused_decode=True, pack=False).fused is None  # logged
