@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One lent-GPU call for the serving-side inference benchmarks, in order of value:
 #   serving  HTTP serving, continuous vs static batching (inference_serving_http.py)
+#   inloop   the same workload with the clients simulated in the engine loop (inference_serving.py):
+#            no HTTP thread, so a gap between the two is the server's, not the engine's (own
+#            compilation: ~90 s of its cap on an H100)
 #   prefix   prefix-cache prefill (inference_prefix.py)
 #   spec     speculative decoding, plain vs n-gram, eager and CUDA-graph target (inference_speculative.py)
 #   quant    int8 / int4 decode speed vs bf16 (inference_quant.py --decode), only if STEPS names it
@@ -42,6 +45,8 @@ for s in $STEPS; do
   case $s in
     serving) step serving "${CAP_SERVING:-210}" python3 benchmarks/inference_serving_http.py $SERVE $C \
                --out "$OUT/serving.json" ;;
+    inloop) step inloop "${CAP_INLOOP:-150}" python3 benchmarks/inference_serving.py $SERVE $C --rounds 1 \
+              --out "$OUT/inloop.json" ;;
     prefix) step prefix "${CAP_PREFIX:-45}" python3 benchmarks/inference_prefix.py $PREFIX --out "$OUT/prefix.json" ;;
     spec) step spec "${CAP_SPEC:-170}" python3 benchmarks/inference_speculative.py $SPEC --batch 1 4 $C \
             --variants plain ngram plain_graph ngram_graph --out "$OUT/spec.json" ;;
