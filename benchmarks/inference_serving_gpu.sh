@@ -11,7 +11,14 @@
 # so a step that times out costs only itself.
 #   OUT=/tmp/o SMALL=1 bash benchmarks/inference_serving_gpu.sh          # CPU rehearsal, tiny sizes
 #   bash benchmarks/inference_serving_gpu.sh                             # lent GPU ($OUT set there)
-# The GPU image lacks fastapi/uvicorn: their wheels travel in .whl_serve (carry it).
+# The GPU image (python 3.12) lacks fastapi/uvicorn: their wheels travel in .whl_serve (carry it
+# with .whl; add /.whl_serve/ to .git/info/exclude). Fetch them once, here:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl_serve fastapi==0.165.0 starlette==1.10.0 pydantic==2.13.4 \
+#     pydantic_core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 uvicorn==0.54.0 \
+#     typing_extensions==4.16.0 opentelemetry-api==1.45.2
+# Lent-GPU call (carry [".whl", ".whl_serve"]), after the preamble's pip/PYTHONPATH line:
+#   STEPS="serving inloop" bash benchmarks/inference_serving_gpu.sh
 set -u
 OUT=${OUT:-/tmp/lmforge_gpu_out}
 mkdir -p "$OUT"
