@@ -8,7 +8,9 @@ kernels cut one layer from ~15 kernels to four (five with a split attention):
      row's position; q out;
   2. `decode_attention`: each row's query heads over its cached keys 0..position (GQA: a program
      takes all query heads of one kv head, so keys are read once), optionally split over the key
-     axis (flash-decoding) with a small combine kernel, when rows x kv heads are too few programs;
+     axis (flash-decoding) with a small combine kernel, when rows x kv heads are too few programs
+     (products by broadcast and `tl.sum`, the measured default; `impl="dot"`: `tl.dot` on query
+     heads padded to 16 rows);
   3. `gemv_residual`: o-projection GEMV + the residual add (into a second buffer, see below);
   4. `norm_swiglu`: RMSNorm -> packed gate/up GEMV -> silu(gate) * up;
   5. `gemv_residual` again for the down projection;
@@ -21,6 +23,9 @@ accumulation, `tl.sum` reductions (no `tl.dot`: M is 1-16, and bf16 `tl.dot` is 
 interpreter). Rounding mirrors the model's modules (RMSNorm's cast before the gain, the linear's
 output cast before RoPE / SiLU / the residual add), so in fp32 the kernels equal the model up to
 summation order, and in bf16 to one rounding here and there.
+
+Tests run fp32 under TRITON_INTERPRET=1: the interpreter truncates fp32 -> bf16 casts instead of
+rounding them, so bf16 is checked on the GPU (benchmarks/inference_fused_decode.py).
 
 Every kernel is idempotent (running it twice gives the same buffers): the residual add writes a
 second buffer instead of updating in place, so autotuning (which runs a kernel many times) and
