@@ -36,17 +36,35 @@ from lmforge.kernels import flash_attention_gluon as _fwd
 
 IMPORT_ERROR = _fwd.IMPORT_ERROR
 if IMPORT_ERROR is None:
+    try:  # the TMA reduce-add is reached through the IR builder (no Python wrapper in 3.6): check it exists
+        from triton._C.libtriton import gluon_ir, ir
+
+        _REDUCE_ADD = ir.DESCRIPTOR_REDUCE_KIND.ADD
+        assert hasattr(gluon_ir.GluonOpBuilder, "create_async_tma_reduce")
+    except Exception as e:  # noqa: BLE001
+        IMPORT_ERROR = f"this Triton's Gluon builds no TMA reduce-add ({type(e).__name__}: {e})"
+if IMPORT_ERROR is None:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language._core import builtin
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
         mbarrier,
+        tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     _tma_load = _fwd._tma_load
+
+    @builtin
+    def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+        """global[coord box] += shared src, by the TMA unit (cp.reduce.async.bulk.tensor .add). Triton 3.6's
+        Gluon builds the op (AsyncTMAReduceOp) but has no Python wrapper for it; `tma.store_wait` waits
+        for it like for a TMA store."""
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(_REDUCE_ADD, tensor_desc.handle, coord, src.handle)
 
     @gluon.jit
     def _loader(k_desc, v_desc, q_desc, do_desc, k_bufs, v_bufs, q_bufs, do_bufs, bars, b, hk, k0, GROUP, m_lo,
@@ -86,9 +104,9 @@ if IMPORT_ERROR is None:
         return gl.where(vis, pT, 0.0)
 
     @gluon.jit
-    def _consumer(k_bufs, v_bufs, q_bufs, do_bufs, ds_bufs, bars, LSE, DELTA, DQ, DK, DV, pid_kv, b, hk, k0, T, S,
-                  HQ, GROUP, m_lo, n_m, sm_scale, WG: gl.constexpr, CAUSAL: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  ATOMIC_DQ: gl.constexpr, DQ_SPLIT: gl.constexpr):
+    def _consumer(k_bufs, v_bufs, q_bufs, do_bufs, ds_bufs, dq_bufs, bars, LSE, DELTA, DQ, dq_desc, DK, DV, pid_kv,
+                  b, hk, k0, T, S, HQ, GROUP, m_lo, n_m, sm_scale, WG: gl.constexpr, CAUSAL: gl.constexpr,
+                  NUM_STAGES: gl.constexpr, ATOMIC_DQ: gl.constexpr, DQ_SPLIT: gl.constexpr, DQ_TMA: gl.constexpr):
         """Consumer WG: keys k0 + WG*64 .. +64 against every query tile of the kv head's query heads."""
         kv_bar, q_ready, q_empty, do_ready, do_empty = bars
         ROWS: gl.constexpr = k_bufs.shape[3]
@@ -149,7 +167,17 @@ if IMPORT_ERROR is None:
             ds_smem.store(dsT.to(dtype))
             fence_async_shared()
             dk = warpgroup_mma(ds_smem, q_smem, dk, is_async=True)
-            if ATOMIC_DQ:
+            if ATOMIC_DQ and DQ_TMA:
+                tma.store_wait(0)  # the last tile's reduce-adds have read their staging buffers
+                for half in gl.static_range(DQ_SPLIT):
+                    dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(half * DQ_N, DQ_N, dim=1), dq_zero,
+                                       use_acc=False, is_async=True)
+                    dq = warpgroup_mma_wait(0, deps=(dq,))
+                    dq_smem = dq_bufs.index(WG * DQ_SPLIT + half)
+                    dq_smem.store(dq.reshape([1, 1, BLOCK_M, DQ_N]))
+                    fence_async_shared()
+                    _tma_reduce_add(dq_desc, [b, h, m, half * DQ_N], dq_smem)  # rows past T are clipped
+            elif ATOMIC_DQ:
                 dq_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_layout))
                 dq_mask = (m + dq_rows)[:, None] < T
                 dq_tile = DQ + (row0 + m) * BLOCK_D  # a scalar pointer and int32 offsets: fewer registers
@@ -171,12 +199,14 @@ if IMPORT_ERROR is None:
         nmask = (kw0 + rows_n)[:, None] < S
         gl.store(DK + base + out, (dk * sm_scale).to(dtype), mask=nmask)
         gl.store(DV + base + out, dv.to(dtype), mask=nmask)
+        if ATOMIC_DQ and DQ_TMA:
+            tma.store_wait(0)
 
     @gluon.jit
-    def _bwd_kernel(k_desc, v_desc, q_desc, do_desc, LSE, DELTA, DQ, DK, DV, sm_scale, T, S, HQ, HKV, GROUP,
+    def _bwd_kernel(k_desc, v_desc, q_desc, do_desc, dq_desc, LSE, DELTA, DQ, DK, DV, sm_scale, T, S, HQ, HKV, GROUP,
                     CAUSAL: gl.constexpr, NUM_STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, ATOMIC_DQ: gl.constexpr, DQ_SPLIT: gl.constexpr,
-                    DS_LAYOUT: gl.constexpr):
+                    DQ_TMA: gl.constexpr, DS_LAYOUT: gl.constexpr):
         """One program per (key tile of CONSUMERS x 64 keys, batch x kv head); the first key tiles (the most
         query tiles under a causal mask) start first."""
         ROWS: gl.constexpr = k_desc.block_type.shape[2]
@@ -196,6 +226,11 @@ if IMPORT_ERROR is None:
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [NUM_STAGES] + q_desc.block_type.shape, q_desc.layout)
         do_bufs = gl.allocate_shared_memory(do_desc.dtype, [NUM_STAGES] + do_desc.block_type.shape, do_desc.layout)
         ds_bufs = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS, ROWS, BLOCK_M], DS_LAYOUT)
+        if ATOMIC_DQ and DQ_TMA:  # fp32 staging of each consumer's dQ halves for the TMA reduce-add
+            dq_bufs = gl.allocate_shared_memory(gl.float32, [CONSUMERS * DQ_SPLIT] + dq_desc.block_type.shape,
+                                                dq_desc.layout)
+        else:
+            dq_bufs = gl.allocate_shared_memory(gl.float32, [1, 1, 1, 8, 32], dq_desc.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -210,17 +245,20 @@ if IMPORT_ERROR is None:
         bars = (kv_bar, q_ready, q_empty, do_ready, do_empty)
         if CONSUMERS == 1:
             gl.warp_specialize([
-                (_consumer, (k_bufs, v_bufs, q_bufs, do_bufs, ds_bufs, bars, LSE, DELTA, DQ, DK, DV, pid_kv, b, hk, k0,
-                             T, S, HQ, GROUP, m_lo, n_m, sm_scale, 0, CAUSAL, NUM_STAGES, ATOMIC_DQ, DQ_SPLIT)),
+                (_consumer, (k_bufs, v_bufs, q_bufs, do_bufs, ds_bufs, dq_bufs, bars, LSE, DELTA, DQ, dq_desc, DK, DV,
+                             pid_kv, b, hk, k0, T, S, HQ, GROUP, m_lo, n_m, sm_scale, 0, CAUSAL, NUM_STAGES, ATOMIC_DQ,
+                             DQ_SPLIT, DQ_TMA)),
                 (_loader, (k_desc, v_desc, q_desc, do_desc, k_bufs, v_bufs, q_bufs, do_bufs, bars, b, hk, k0, GROUP,
                            m_lo, n_m, NUM_STAGES, CONSUMERS)),
             ], [1], [24])
         else:
             gl.warp_specialize([
-                (_consumer, (k_bufs, v_bufs, q_bufs, do_bufs, ds_bufs, bars, LSE, DELTA, DQ, DK, DV, pid_kv, b, hk, k0,
-                             T, S, HQ, GROUP, m_lo, n_m, sm_scale, 0, CAUSAL, NUM_STAGES, ATOMIC_DQ, DQ_SPLIT)),
-                (_consumer, (k_bufs, v_bufs, q_bufs, do_bufs, ds_bufs, bars, LSE, DELTA, DQ, DK, DV, pid_kv, b, hk, k0,
-                             T, S, HQ, GROUP, m_lo, n_m, sm_scale, 1, CAUSAL, NUM_STAGES, ATOMIC_DQ, DQ_SPLIT)),
+                (_consumer, (k_bufs, v_bufs, q_bufs, do_bufs, ds_bufs, dq_bufs, bars, LSE, DELTA, DQ, dq_desc, DK, DV,
+                             pid_kv, b, hk, k0, T, S, HQ, GROUP, m_lo, n_m, sm_scale, 0, CAUSAL, NUM_STAGES, ATOMIC_DQ,
+                             DQ_SPLIT, DQ_TMA)),
+                (_consumer, (k_bufs, v_bufs, q_bufs, do_bufs, ds_bufs, dq_bufs, bars, LSE, DELTA, DQ, dq_desc, DK, DV,
+                             pid_kv, b, hk, k0, T, S, HQ, GROUP, m_lo, n_m, sm_scale, 1, CAUSAL, NUM_STAGES, ATOMIC_DQ,
+                             DQ_SPLIT, DQ_TMA)),
                 (_loader, (k_desc, v_desc, q_desc, do_desc, k_bufs, v_bufs, q_bufs, do_bufs, bars, b, hk, k0, GROUP,
                            m_lo, n_m, NUM_STAGES, CONSUMERS)),
             ], [4, 1], [CONSUMER_REGS, 24])
@@ -228,9 +266,10 @@ if IMPORT_ERROR is None:
 
 HEAD_DIMS = (64, 128)
 
-# (BLOCK_M query rows per tile, NUM_STAGES, CONSUMERS, DQ_SPLIT) by head dim: two consumers of 64 keys
-# each (a 128-key tile), 64-row query tiles.
-DEFAULT_CONFIG = {64: (64, 2, 2, 1), 128: (64, 2, 2, 2)}
+# (BLOCK_M query rows per tile, NUM_STAGES, CONSUMERS, DQ_SPLIT, DQ_TMA) by head dim: two consumers of 64
+# keys each (a 128-key tile), 64-row query tiles, dQ in DQ_SPLIT column blocks; DQ_TMA: atomic dQ by TMA
+# reduce-add from shared memory (else per-element atomics, kept for comparison).
+DEFAULT_CONFIG = {64: (64, 2, 2, 1, 1), 128: (64, 2, 2, 2, 1)}
 CONSUMER_REGS = 240
 
 
@@ -248,26 +287,30 @@ def dkdv(q, k, v, dout, lse, delta, *, causal, scale, atomic_dq, config=None):
     """(dq or None, dk, dv): dK and dV in k's dtype; with atomic_dq also dQ (q's dtype) from the same pass.
 
     Call only when `unusable_reason` is None. `delta` [B,Hq,T] fp32 = rowsum(dO * O); `lse` the
-    forward's base-2 log-sum-exp. `config`: (BLOCK_M, NUM_STAGES, CONSUMERS, DQ_SPLIT) instead of the
+    forward's base-2 log-sum-exp. `config`: (BLOCK_M, NUM_STAGES, CONSUMERS, DQ_SPLIT, DQ_TMA) instead of the
     default (benchmarks, tests)."""
     B, HQ, T, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
-    BLOCK_M, stages, consumers, dq_split = config or DEFAULT_CONFIG[D]
+    BLOCK_M, stages, consumers, dq_split, dq_tma = config or DEFAULT_CONFIG[D]
     rows = 64
     dk = torch.empty(B, HKV, S, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, HKV, S, D, device=q.device, dtype=v.dtype)
-    dq_acc = torch.zeros(B, HQ, T, D, device=q.device, dtype=torch.float32) if atomic_dq else dk
+    # without atomic_dq the kernel never touches dq_acc; a small buffer still makes a valid descriptor
+    dq_acc = torch.zeros(B, HQ, T, D, device=q.device, dtype=torch.float32) if atomic_dq else \
+        torch.empty(1, 1, BLOCK_M, D, device=q.device, dtype=torch.float32)
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
 
-    def desc(t, n):
-        box = [1, 1, n, D]
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), box, gl.NVMMASharedLayout.get_default_for(box, gdt))
+    def desc(t, n, cols=D, dtype=gdt):
+        box = [1, 1, n, cols]
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), box,
+                                gl.NVMMASharedLayout.get_default_for(box, dtype))
 
     grid = (B * HKV, triton.cdiv(S, consumers * rows))
-    _bwd_kernel[grid](desc(k, rows), desc(v, rows), desc(q, BLOCK_M), desc(dout, BLOCK_M), lse, delta, dq_acc, dk, dv,
+    _bwd_kernel[grid](desc(k, rows), desc(v, rows), desc(q, BLOCK_M), desc(dout, BLOCK_M),
+                      desc(dq_acc, BLOCK_M, D // dq_split, gl.float32), lse, delta, dq_acc, dk, dv,
                       float(scale), T, S, HQ, HKV, HQ // HKV, CAUSAL=bool(causal), NUM_STAGES=stages,
                       CONSUMERS=consumers, CONSUMER_REGS=CONSUMER_REGS, ATOMIC_DQ=bool(atomic_dq),
-                      DQ_SPLIT=dq_split, DS_LAYOUT=gl.NVMMASharedLayout.get_default_for([rows, BLOCK_M], gdt),
-                      num_warps=4)
+                      DQ_SPLIT=dq_split, DQ_TMA=bool(dq_tma),
+                      DS_LAYOUT=gl.NVMMASharedLayout.get_default_for([rows, BLOCK_M], gdt), num_warps=4)
     dq = (dq_acc * scale).to(q.dtype) if atomic_dq else None
     return dq, dk, dv
