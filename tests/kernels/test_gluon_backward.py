@@ -94,11 +94,13 @@ def test_gluon_backward_configs(name, config):
     if D == 64 and config[3] == 2:
         config = config[:3] + (1,) + config[4:]
     q, k, v, do, out, lse, spec = setup(B, Hq, Hkv, T, S, D, causal, torch.bfloat16, seed=3)
+    from triton.runtime.errors import OutOfResources
+
     try:
         dq, dk, dv = gbwd.dkdv(q, k, v, do, lse, delta_of(out, do), causal=causal, scale=D ** -0.5,
                                atomic_dq=True, config=config)
-    except Exception as e:  # a config may not fit (shared memory, registers); say which
-        pytest.skip(f"config {config} does not compile or launch: {type(e).__name__}: {str(e)[:200]}")
+    except OutOfResources as e:  # 3 stages + the fp32 dQ staging exceed shared memory at D = 128
+        pytest.skip(f"config {config} does not fit: {str(e)[:200]}")
     for g, r in zip((dq, dk, dv), spec):
         assert rel(g, r) < 3e-2
 
