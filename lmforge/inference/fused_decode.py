@@ -89,10 +89,12 @@ class FusedDecoder:
     buffers for up to `cache.max_batch` rows are allocated once (fixed addresses for CUDA graphs)."""
 
     def __init__(self, model: nn.Module, cache: StaticKVCache, impl: str = "triton", attn_splits: int | None = None,
-                 attn_impl: str = "sum"):
+                 attn_impl: str | None = None):
+        from lmforge.kernels.decode import argmax_scratch, attention_scratch
+
         cfg = model.cfg
         self.model, self.cache, self.impl, self.attn_splits = model, cache, impl, attn_splits
-        self.attn_impl = attn_impl  # "sum" (measured) or "dot" (tl.dot; not yet measured on a GPU)
+        self.attn_impl = attn_impl  # "head", "dot", "sum"; None (with attn_splits None): tuned per shape
         w = model.tok_emb.weight
         dev, dt, R = w.device, w.dtype, cache.max_batch
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
@@ -102,32 +104,26 @@ class FusedDecoder:
         new = lambda *shape: torch.empty(*shape, dtype=dt, device=dev)
         self.x = [new(R, cfg.d_model), new(R, cfg.d_model)]  # residual stream, ping-pong
         self.q, self.y = new(R, cfg.n_heads, cfg.head_dim), new(R, cfg.n_heads * cfg.head_dim)
-        self.h, self.logits = new(R, cfg.d_ff), new(R, cfg.vocab_size)
-        self._scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # attention partials by splits
+        self.h = new(R, cfg.d_ff)
+        # fp32 logits holding the model dtype's values (the sampler's .float() is then no copy)
+        self.logits = torch.empty(R, cfg.vocab_size, dtype=torch.float32, device=dev)
+        self.tokens = torch.empty(R, dtype=torch.long, device=dev)  # greedy steps: the argmax only
+        self.attn_scratch = attention_scratch(R, cfg.n_heads, cfg.head_dim, dev)
+        self.argmax_scratch = argmax_scratch(R, dev)
 
     def holds(self) -> bool:
         """Whether the model still has the packed layers this step reads (an eager forward drops a
         packing that a `.to()` or a module swap broke; the engine then goes back to the model)."""
         return all(b.attn.packed is not None and b.mlp.packed is not None for b in self.model.blocks)
 
-    def splits(self, rows: int, length: int) -> int:
-        from lmforge.kernels.decode import attention_splits
-
-        return self.attn_splits or attention_splits(rows, self.cache.buffers[0][0].shape[1], length)
-
-    def _scratch_for(self, splits: int):
-        if splits not in self._scratch:  # allocated by the warm-up run, before any graph capture
-            R, n = self.cache.max_batch, self.n_heads * splits
-            dev = self.q.device
-            self._scratch[splits] = (torch.empty(R * n * self.head_dim, dtype=torch.float32, device=dev),
-                                     torch.empty(R * n * 2, dtype=torch.float32, device=dev))
-        return self._scratch[splits]
-
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, length: int | None = None) -> torch.Tensor:
-        """tokens, positions [M, 1] (row m of the batch is cache row m) -> logits [M, V] (a view of
-        a buffer the next call overwrites). `length`: slots the attention split plans for (default
-        the whole cache; rows always attend to exactly their slots 0..position)."""
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, length: int | None = None,
+                 greedy: bool = False) -> torch.Tensor:
+        """tokens, positions [M, 1] (row m of the batch is cache row m) -> logits [M, V] fp32 (the
+        model dtype's values; a view of a buffer the next call overwrites), or with `greedy` the
+        argmax token of each row [M] int64 (computed in the head kernel, no logits written).
+        `length`: slots the attention's key split plans for (default the whole cache; rows always
+        attend to exactly their slots 0..position)."""
         from lmforge.kernels import decode as kd
 
         model, ref = self.model, self.impl == "torch"
@@ -137,8 +133,6 @@ class FusedDecoder:
         q, y, h, logits = self.q[:M], self.y[:M], self.h[:M], self.logits[:M]
         torch.index_select(model.tok_emb.weight, 0, tokens[:, 0], out=x)
         length = length or self.cache.max_len
-        splits = 1 if ref else self.splits(M, length)
-        scratch = self._scratch_for(splits) if splits > 1 else None
         for block, (kc, vc) in zip(model.blocks, self.cache.buffers):
             a, mlp = block.attn, block.mlp
             n1, n2 = block.norm1, block.norm2
@@ -151,7 +145,7 @@ class FusedDecoder:
                 x.copy_(kd.gemv_residual_ref(h, mlp.down.weight, x2))
                 continue
             kd.norm_qkv_rope(x, n1.weight, n1.eps, a.packed.weight, self.cos, self.sin, pos, kc, vc, self.n_heads, q)
-            kd.decode_attention(q, kc, vc, pos, y, splits, length, scratch, self.attn_impl)
+            kd.decode_attention(q, kc, vc, pos, y, length, self.attn_scratch, self.attn_impl, self.attn_splits)
             kd.gemv_residual(y, a.o.weight, x, x2)
             kd.norm_swiglu(x2, n2.weight, n2.eps, mlp.packed.weight, h)
             kd.gemv_residual(h, mlp.down.weight, x2, x)
@@ -159,6 +153,7 @@ class FusedDecoder:
         nf = model.norm_f
         if ref:
             logits.copy_(kd.norm_gemv_ref(x, nf.weight, nf.eps, head))
-        else:
-            kd.norm_gemv(x, nf.weight, nf.eps, head, logits)
-        return logits
+            return logits.argmax(dim=-1) if greedy else logits
+        if greedy:
+            return kd.norm_gemv(x, nf.weight, nf.eps, head, None, self.tokens[:M], self.argmax_scratch)
+        return kd.norm_gemv(x, nf.weight, nf.eps, head, logits)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from lmforge.kernels.runtime import Tunable
+from lmforge.kernels.runtime import Tunable, log
 
 # -- torch references (the specs) ---------------------------------------------------------------
 
@@ -214,119 +214,113 @@ def _norm_qkv_rope_kernel(X, NW, W, COS, SIN, POS, Q, KC, VC, M, K, eps, stride_
             tl.store(VC + off + HALF, hi.to(VC.dtype.element_ty), mask=mask)
 
 
-# -- 2. decode attention (optionally split over keys) ----------------------------------------------
+# -- 2. decode attention (optionally split over keys, the splits combined in the same kernel) -------
 
 
 @triton.jit
-def _attention_kernel(Q, KC, VC, POS, OUT, PART, ML, scale, HQ, HKV, D, split_len, stride_cb, stride_ch,
-                      stride_cs, GROUP, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                      SPLITS: tl.constexpr):
-    """Program (row m · kv head, split): the GROUP query heads of one kv head over keys
-    [split·split_len, ...) ∩ [0, pos[m]] (the last split runs to pos[m]). Online softmax in fp32.
-    SPLITS == 1 writes the output; otherwise the unnormalised partial and its (max, sum)."""
+def _attention_kernel(Q, KC, VC, POS, OUT, PART, ML, CNT, scale, HQ, HKV, D, length, stride_cb, stride_ch,
+                      stride_cs, GROUP, IMPL: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (pid, split). IMPL 0 ("sum") and 1 ("dot"): pid = row m · kv head, the GROUP query
+    heads of that kv head (keys read once); IMPL 2 ("head"): pid = row m · query head, one head per
+    program (2-D tiles only; the kv head's keys are read by each of its GROUP programs, from L2).
+    Keys [split·L, ...) ∩ [0, pos[m]], L = ceil(length / SPLITS) (the last split runs to pos[m]).
+    Online softmax in fp32. SPLITS > 1: each split stores its unnormalised partial and (max, sum);
+    the last split of a pid to finish (an atomic counter per pid) combines them and resets the
+    counter, so no second kernel runs."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    m = pid // HKV
-    kvh = pid % HKV
+    if IMPL == 2:
+        m = pid // HQ
+        h0 = pid % HQ
+        kvh = h0 // GROUP
+        ng = 1
+    else:
+        m = pid // HKV
+        kvh = pid % HKV
+        h0 = kvh * GROUP
+        ng = GROUP
     n_keys = tl.load(POS + m).to(tl.int32) + 1
+    split_len = tl.cdiv(length, SPLITS)
     start = split * split_len
     stop = tl.where(split == SPLITS - 1, n_keys, tl.minimum(start + split_len, n_keys))
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
-    gmask, dmask = g < GROUP, d < D
-    heads = kvh * GROUP + g
+    gmask, dmask = g < ng, d < D
+    heads = h0 + g
     qmask = gmask[:, None] & dmask[None, :]
-    q = tl.load(Q + (m * HQ + heads[:, None]) * D + d[None, :], mask=qmask, other=0.0).to(tl.float32) * scale
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     base = m.to(tl.int64) * stride_cb + kvh * stride_ch
-    for s0 in range(start, stop, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        smask = s < stop
-        kvmask = smask[:, None] & dmask[None, :]
-        k = tl.load(KC + base + s[:, None] * stride_cs + d[None, :], mask=kvmask, other=0.0).to(tl.float32)
-        v = tl.load(VC + base + s[:, None] * stride_cs + d[None, :], mask=kvmask, other=0.0).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, S]
-        scores = tl.where(smask[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        m_i = m_new
-    if SPLITS == 1:
-        out = acc / l_i[:, None]
-        tl.store(OUT + (m * HQ + heads[:, None]) * D + d[None, :], out.to(OUT.dtype.element_ty), mask=qmask)
+    if IMPL == 2:
+        qv = tl.load(Q + (m * HQ + h0) * D + d, mask=dmask, other=0.0).to(tl.float32) * scale
+        m_1 = tl.full([1], float("-inf"), dtype=tl.float32)
+        l_1 = tl.zeros([1], dtype=tl.float32)
+        acc_1 = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s0 in range(start, stop, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            smask = s < stop
+            kvmask = smask[:, None] & dmask[None, :]
+            k = tl.load(KC + base + s[:, None] * stride_cs + d[None, :], mask=kvmask, other=0.0).to(tl.float32)
+            v = tl.load(VC + base + s[:, None] * stride_cs + d[None, :], mask=kvmask, other=0.0).to(tl.float32)
+            scores = tl.where(smask, tl.sum(k * qv[None, :], axis=1), float("-inf"))  # [S]
+            m_new = tl.maximum(m_1, tl.max(scores, axis=0))
+            alpha = tl.exp(m_1 - m_new)
+            p = tl.exp(scores - m_new)
+            l_1 = l_1 * alpha + tl.sum(p, axis=0)
+            acc_1 = acc_1 * alpha + tl.sum(p[:, None] * v, axis=0)
+            m_1 = m_new
+        acc = acc_1[None, :]  # [1, D]: the group shapes below with BLOCK_G = 1
+        m_i = m_1
+        l_i = l_1
     else:
-        row = (m * HQ + heads) * SPLITS + split  # PART [M, HQ, SPLITS, D], ML [M, HQ, SPLITS, 2]
-        tl.store(PART + row[:, None] * D + d[None, :], acc, mask=qmask)
-        tl.store(ML + row * 2, m_i, mask=gmask)
-        tl.store(ML + row * 2 + 1, l_i, mask=gmask)
-
-
-@triton.jit
-def _attention_dot_kernel(Q, KC, VC, POS, OUT, PART, ML, scale, HQ, HKV, D, split_len, stride_cb, stride_ch,
-                          stride_cs, GROUP, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                          SPLITS: tl.constexpr, PRECISION: tl.constexpr):
-    """`_attention_kernel` with the two products as `tl.dot` (flash-decoding style): the GROUP
-    query heads padded to BLOCK_G >= 16 rows (the matrix units' smallest tile; padded rows load
-    zeros and are never stored), scores and the output accumulated in fp32, the probabilities cast
-    to the cache's dtype for the second product (as flash attention does)."""
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    m = pid // HKV
-    kvh = pid % HKV
-    n_keys = tl.load(POS + m).to(tl.int32) + 1
-    start = split * split_len
-    stop = tl.where(split == SPLITS - 1, n_keys, tl.minimum(start + split_len, n_keys))
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    gmask, dmask = g < GROUP, d < D
-    heads = kvh * GROUP + g
-    qmask = gmask[:, None] & dmask[None, :]
-    q = tl.load(Q + (m * HQ + heads[:, None]) * D + d[None, :], mask=qmask, other=0.0)
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    base = m.to(tl.int64) * stride_cb + kvh * stride_ch
-    for s0 in range(start, stop, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        smask = s < stop
-        kvmask = smask[:, None] & dmask[None, :]
-        k = tl.load(KC + base + s[:, None] * stride_cs + d[None, :], mask=kvmask, other=0.0)
-        v = tl.load(VC + base + s[:, None] * stride_cs + d[None, :], mask=kvmask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, S] fp32
-        scores = tl.where(smask[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        q = tl.load(Q + (m * HQ + heads[:, None]) * D + d[None, :], mask=qmask, other=0.0)
+        if IMPL == 0:
+            q = q.to(tl.float32) * scale
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        for s0 in range(start, stop, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            smask = s < stop
+            kvmask = smask[:, None] & dmask[None, :]
+            k = tl.load(KC + base + s[:, None] * stride_cs + d[None, :], mask=kvmask, other=0.0)
+            v = tl.load(VC + base + s[:, None] * stride_cs + d[None, :], mask=kvmask, other=0.0)
+            if IMPL == 0:  # products by broadcast and tl.sum over [G, S, D]
+                scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+            else:  # tl.dot on query heads padded to BLOCK_G >= 16 rows (padded rows load zeros)
+                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            scores = tl.where(smask[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if IMPL == 0:
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+            else:  # the probabilities in the cache's dtype for the second product (as flash attention)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+    dst = OUT + (m * HQ + heads[:, None]) * D + d[None, :]
     if SPLITS == 1:
-        out = acc / l_i[:, None]
-        tl.store(OUT + (m * HQ + heads[:, None]) * D + d[None, :], out.to(OUT.dtype.element_ty), mask=qmask)
+        tl.store(dst, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=qmask)
     else:
-        row = (m * HQ + heads) * SPLITS + split
-        tl.store(PART + row[:, None] * D + d[None, :], acc, mask=qmask)
-        tl.store(ML + row * 2, m_i, mask=gmask)
-        tl.store(ML + row * 2 + 1, l_i, mask=gmask)
-
-
-@triton.jit
-def _combine_kernel(PART, ML, OUT, D, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (row · query head): out = sum_s e^(m_s - max) acc_s / sum_s e^(m_s - max) l_s."""
-    rh = tl.program_id(0)
-    sp = tl.arange(0, SPLITS)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    m_s = tl.load(ML + (rh * SPLITS + sp) * 2)
-    l_s = tl.load(ML + (rh * SPLITS + sp) * 2 + 1)
-    w = tl.exp(m_s - tl.max(m_s, axis=0))  # split 0 always has keys, so the max is finite
-    part = tl.load(PART + (rh * SPLITS + sp[:, None]) * D + d[None, :], mask=dmask[None, :], other=0.0)
-    out = tl.sum(w[:, None] * part, axis=0) / tl.sum(w * l_s, axis=0)
-    tl.store(OUT + rh * D + d, out.to(OUT.dtype.element_ty), mask=dmask)
+        rows = (m * HQ + heads) * SPLITS  # PART [M, HQ, SPLITS, D], ML [M, HQ, SPLITS, 2]
+        tl.store(PART + (rows + split)[:, None] * D + d[None, :], acc, mask=qmask)
+        tl.store(ML + (rows + split) * 2, m_i, mask=gmask)
+        tl.store(ML + (rows + split) * 2 + 1, l_i, mask=gmask)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        done = tl.atomic_add(CNT + pid, 1, sem="acq_rel")
+        if done == SPLITS - 1:  # the last split: out = sum_s e^(m_s - max) acc_s / sum_s e^(m_s - max) l_s
+            mx = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+            for sp in range(SPLITS):  # ".cg": past L1, which may hold an earlier step's partials
+                mx = tl.maximum(mx, tl.load(ML + (rows + sp) * 2, mask=gmask, other=0.0, cache_modifier=".cg"))
+            num = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+            den = tl.zeros([BLOCK_G], dtype=tl.float32)
+            for sp in range(SPLITS):  # split 0 always has keys, so the max is finite
+                w = tl.exp(tl.load(ML + (rows + sp) * 2, mask=gmask, other=0.0, cache_modifier=".cg") - mx)
+                den += w * tl.load(ML + (rows + sp) * 2 + 1, mask=gmask, other=1.0, cache_modifier=".cg")
+                num += w[:, None] * tl.load(PART + (rows + sp)[:, None] * D + d[None, :], mask=qmask, other=0.0,
+                                            cache_modifier=".cg")
+            tl.store(dst, (num / den[:, None]).to(OUT.dtype.element_ty), mask=qmask)
+            tl.atomic_xchg(CNT + pid, 0)  # ready for the next call (and for CUDA-graph replays)
 
 
 # -- 3./5. GEMV + residual, 4. RMSNorm -> gate/up -> SwiGLU, head: RMSNorm -> GEMV ------------------
@@ -362,14 +356,37 @@ def _norm_swiglu_kernel(X, NW, W, H, M, K, F_, eps, stride_xm, BLOCK_M: tl.const
 
 
 @triton.jit
-def _norm_gemv_kernel(X, NW, W, OUT, M, N, K, eps, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, DEFER: tl.constexpr):
+def _norm_gemv_kernel(X, NW, W, OUT, BEST, CNT, TOK, M, N, K, eps, stride_xm, STORE: tl.constexpr,
+                      ARGMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      DEFER: tl.constexpr):
+    """OUT (when STORE) = the products rounded to X's dtype (so fp32 logits equal the model's bf16
+    ones upcast). ARGMAX: each program folds its columns into one int64 key per row, (value as an
+    order-preserving int32) << 32 | (2³² - 1 - column), and atomic-maxes it into BEST[m]: the
+    largest value wins, ties go to the lowest column (torch.argmax's rule); the last program to
+    finish (an atomic counter) writes the winning columns to TOK and resets BEST and the counter."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     rstd = _rstd(X, stride_xm, M, K, eps, BLOCK_M, BLOCK_K)
     acc, _ = _gemv(X, stride_xm, NW, rstd, W, n, n, nmask, M, K, True, False, BLOCK_M, BLOCK_N, BLOCK_K, DEFER)
     ms = tl.arange(0, BLOCK_M)
-    tl.store(OUT + ms[:, None] * N + n[None, :], acc.to(OUT.dtype.element_ty), mask=(ms[:, None] < M) & nmask[None, :])
+    mmask = ms < M
+    mask = mmask[:, None] & nmask[None, :]
+    val = acc.to(X.dtype.element_ty).to(tl.float32)
+    if STORE:
+        tl.store(OUT + ms[:, None] * N + n[None, :], val.to(OUT.dtype.element_ty), mask=mask)
+    if ARGMAX:
+        val = tl.where(val == 0.0, 0.0, val)  # -0.0 ties with +0.0, as in torch
+        bits = val.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # negative floats: larger magnitude, smaller
+        key = ordered.to(tl.int64) * 4294967296 + (4294967295 - n.to(tl.int64))[None, :]
+        key = tl.where(mask, key, -9223372036854775807)
+        tl.atomic_max(BEST + ms, tl.max(key, axis=1), mask=mmask, sem="acq_rel")
+        tl.debug_barrier()  # every thread's atomic is done before the counter says so
+        done = tl.atomic_add(CNT, 1, sem="acq_rel")
+        if done == tl.num_programs(0) - 1:
+            won = tl.atomic_xchg(BEST + ms, tl.full([BLOCK_M], -9223372036854775807, tl.int64), mask=mmask)
+            tl.store(TOK + ms, 4294967295 - (won & 4294967295), mask=mmask)
+            tl.atomic_xchg(CNT, 0)  # ready for the next call (and for CUDA-graph replays)
 
 
 # -- launchers -----------------------------------------------------------------------------------
@@ -423,35 +440,104 @@ def attention_splits(rows: int, kv_heads: int, length: int, programs: int = 132,
     return s
 
 
-def decode_attention(q, k_cache, v_cache, pos, out, splits: int = 1, length: int | None = None,
-                     scratch: tuple[torch.Tensor, torch.Tensor] | None = None, impl: str = "sum") -> torch.Tensor:
-    """The kernel of `decode_attention_ref` into out [M, Hq·D]. With splits > 1 (a power of two),
-    split s covers slots [s·L, (s+1)·L), L = ceil(length / splits) (the last split: to the row's
-    position), combined by a second kernel; `scratch` = (partials [M·Hq·splits·D], (max, sum)
-    [M·Hq·splits·2]) fp32, allocated when not given. impl "sum": products by broadcast and
-    `tl.sum` (measured, the default); "dot": `tl.dot` on query heads padded to 16 rows."""
+ATTN_IMPLS = {"sum": 0, "dot": 1, "head": 2}
+MAX_SPLITS = 32  # the most key splits a scratch from `attention_scratch` holds
+_attn_choice: dict[tuple, dict] = {}  # tuned attention configs by shape
+
+
+def attention_scratch(rows: int, q_heads: int, head_dim: int, device) -> tuple[torch.Tensor, ...]:
+    """Work buffers of `decode_attention` for up to `rows` rows and MAX_SPLITS splits: partials,
+    (max, sum) pairs (fp32) and one int32 counter per (row, head), zero (the kernel leaves them so)."""
+    n = rows * q_heads
+    return (torch.empty(n * MAX_SPLITS * head_dim, dtype=torch.float32, device=device),
+            torch.empty(n * MAX_SPLITS * 2, dtype=torch.float32, device=device),
+            torch.zeros(n, dtype=torch.int32, device=device))
+
+
+def attention_candidates(rows: int, q_heads: int, kv_heads: int, length: int, impl: str | None = None,
+                         splits: int | None = None, num_warps: int | None = None) -> list[dict]:
+    """The attention configs tuned for a shape (the given fields fixed): "head" (one query head per
+    program, 2 or 4 warps) and "dot" (a kv head's query group per program), each with 1, 2, 4, ...
+    key splits while a split keeps >= 32 of the `length` slots and programs stay <= 4 per SM."""
+    out = []
+    for im in [impl] if impl else ["head", "dot"]:
+        progs = rows * (q_heads if im == "head" else kv_heads)
+        ss = [splits] if splits else [s for s in (1, 2, 4, 8, 16, 32)
+                                      if s == 1 or (length // s >= 32 and progs * s <= 4 * 132)]
+        ws = [num_warps] if num_warps else ([2, 4] if im == "head" else [4])
+        out += [dict(impl=im, splits=s, num_warps=w) for s in ss for w in ws]
+    return out
+
+
+def _attention_launch(cfg: dict, q, k_cache, v_cache, pos, out, length: int, scratch) -> None:
     M, Hq, D = q.shape
     Hkv = k_cache.shape[1]
-    group = Hq // Hkv
-    BG, BD = triton.next_power_of_2(group), triton.next_power_of_2(D)
-    length = length or k_cache.shape[2]
-    split_len = triton.cdiv(length, splits)
-    if splits > 1 and scratch is None:
-        scratch = (torch.empty(M * Hq * splits * D, dtype=torch.float32, device=q.device),
-                   torch.empty(M * Hq * splits * 2, dtype=torch.float32, device=q.device))
-    part, ml = scratch if splits > 1 else (out, out)
-    args = (q, k_cache, v_cache, pos, out, part, ml, 1.0 / math.sqrt(D), Hq, Hkv, D, split_len,
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), group)
-    if impl == "dot":
-        precision = "ieee" if q.dtype == torch.float32 else None  # fp32 products exact, not tf32
-        _attention_dot_kernel[(M * Hkv, splits)](*args, BLOCK_G=max(16, BG), BLOCK_D=max(16, BD), BLOCK_S=64,
-                                                 SPLITS=splits, PRECISION=precision, num_warps=4)
+    im, splits = ATTN_IMPLS[cfg["impl"]], cfg["splits"]
+    if splits > MAX_SPLITS or splits & (splits - 1):
+        raise ValueError(f"decode_attention: splits={splits}; expected a power of two <= {MAX_SPLITS}")
+    BG, BD = triton.next_power_of_2(Hq // Hkv), triton.next_power_of_2(D)
+    if im == 2:
+        BG, BS = 1, max(16, min(64, 4096 // BD))
+    elif im == 1:
+        BG, BD, BS = max(16, BG), max(16, BD), 64
     else:
         BS = max(16, min(64, 4096 // (BG * BD)))  # keeps the [G, S, D] product tile near 4K elements
-        _attention_kernel[(M * Hkv, splits)](*args, BLOCK_G=BG, BLOCK_D=BD, BLOCK_S=BS, SPLITS=splits,
-                                             num_warps=4 if BG * BD >= 256 else 2)
-    if splits > 1:
-        _combine_kernel[(M * Hq,)](part, ml, out, D, SPLITS=splits, BLOCK_D=BD, num_warps=1)
+    precision = "ieee" if q.dtype == torch.float32 else None  # fp32 tl.dot exact, not tf32
+    grid = (M * (Hq if im == 2 else Hkv), splits)
+    _attention_kernel[grid](q, k_cache, v_cache, pos, out, *scratch, 1.0 / math.sqrt(D), Hq, Hkv, D, length,
+                            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), Hq // Hkv, IMPL=im, BLOCK_G=BG,
+                            BLOCK_D=BD, BLOCK_S=BS, SPLITS=splits, PRECISION=precision, num_warps=cfg["num_warps"])
+
+
+def _attention_tune(cands: list[dict], q, k_cache, v_cache, pos, out, length: int, scratch) -> dict:
+    """The fastest candidate (median GPU time, L2 flushed between runs) with every row at position
+    length/2 (the middle of the lengths a graph for `length` slots serves; attention reads only)."""
+    from triton.runtime.errors import OutOfResources
+    from triton.testing import do_bench
+
+    mid = torch.full_like(pos, max(0, min(length, k_cache.shape[2]) // 2 - 1))
+    best, best_t = None, float("inf")
+    for c in cands:
+        run = lambda c=c: _attention_launch(c, q, k_cache, v_cache, mid, out, length, scratch)
+        try:
+            t = do_bench(run, warmup=5, rep=20, return_mode="median")
+        except OutOfResources:
+            continue
+        if t < best_t:
+            best, best_t = c, t
+    log.info("decode attention for M=%d Hq=%d Hkv=%d D=%d length=%d: %s (%.1f us)", q.shape[0], q.shape[1],
+             k_cache.shape[1], q.shape[2], length, best, best_t * 1e3)
+    return best
+
+
+def decode_attention(q, k_cache, v_cache, pos, out, length: int | None = None, scratch=None, impl: str | None = None,
+                     splits: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """The kernel of `decode_attention_ref` into out [M, Hq·D]. With splits > 1 (a power of two),
+    split s covers slots [s·L, (s+1)·L), L = ceil(length / splits) (the last split: to the row's
+    position), combined inside the same kernel. impl "head" (one query head per program), "dot"
+    (`tl.dot` on a kv head's query group padded to 16 rows) or "sum" (the group by broadcast and
+    `tl.sum`, the first version). Fields left None are chosen per shape by timing the candidates
+    (`attention_candidates`) once on the GPU (not during a CUDA-graph capture: the warm-up run
+    tunes); under the interpreter the first candidate runs. `scratch`: `attention_scratch(...)`
+    for at least M rows (allocated when not given)."""
+    M, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    length = length or k_cache.shape[2]
+    if impl is not None and impl not in ATTN_IMPLS:
+        raise ValueError(f"decode_attention: impl={impl!r}; expected one of {sorted(ATTN_IMPLS)}")
+    scratch = scratch if scratch is not None else attention_scratch(M, Hq, D, q.device)
+    cands = attention_candidates(M, Hq, Hkv, length, impl, splits, num_warps)
+    if len(cands) == 1 or q.device.type != "cuda":
+        cfg = cands[0]
+    else:
+        key = (M, Hq, Hkv, D, length, q.dtype, impl, splits, num_warps, q.device)
+        cfg = _attn_choice.get(key)
+        if cfg is None:
+            if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: the rule's pick
+                cfg = dict(impl=impl or "head", splits=splits or attention_splits(M, Hq, length), num_warps=4)
+            else:
+                cfg = _attn_choice[key] = _attention_tune(cands, q, k_cache, v_cache, pos, out, length, scratch)
+    _attention_launch(cfg, q, k_cache, v_cache, pos, out, length, scratch)
     return out
 
 
@@ -473,10 +559,26 @@ def norm_swiglu(x, norm_w, eps, w_gate_up, out) -> torch.Tensor:
     return out
 
 
-def norm_gemv(x, norm_w, eps, w, out) -> torch.Tensor:
-    """The kernel of `norm_gemv_ref` into out [M, N]."""
+def argmax_scratch(rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Work buffers of `norm_gemv(..., tokens=...)`: per-row best keys (at their reset value) and the counter."""
+    return (torch.full((rows,), -(2 ** 63 - 1), dtype=torch.int64, device=device),
+            torch.zeros(1, dtype=torch.int32, device=device))
+
+
+def norm_gemv(x, norm_w, eps, w, out, tokens=None, scratch=None) -> torch.Tensor:
+    """The kernel of `norm_gemv_ref` into out [M, N] (any float dtype; the values are rounded to x's
+    dtype first). With `tokens` ([M] int64): also the argmax of each row into it (greedy decoding,
+    first index on ties as torch.argmax), in the same kernel; out may then be None (not written).
+    `scratch`: `argmax_scratch(M, ...)` (allocated when not given)."""
     M, K = x.shape
     N = w.shape[0]
+    if N >= 2 ** 31:
+        raise ValueError(f"norm_gemv: {N} output columns; the argmax packs indices in 32 bits")
+    greedy = tokens is not None
+    if greedy and scratch is None:
+        scratch = argmax_scratch(M, x.device)
+    best, cnt = scratch if greedy else (x, x)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-    norm_gemv_tunable[grid](x, norm_w, w, out, M, N, K, eps, x.stride(0), BLOCK_M=_block_m(M))
-    return out
+    norm_gemv_tunable[grid](x, norm_w, w, x if out is None else out, best, cnt, x if tokens is None else tokens,
+                            M, N, K, eps, x.stride(0), STORE=out is not None, ARGMAX=greedy, BLOCK_M=_block_m(M))
+    return tokens if greedy else out

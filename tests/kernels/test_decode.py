@@ -49,7 +49,7 @@ def test_norm_qkv_rope(M, Hq, Hkv):
     assert torch.equal(caches[0].transpose(1, 2)[untouched], ref_caches[0].transpose(1, 2)[untouched])
 
 
-@pytest.mark.parametrize("impl", ["sum", "dot"])
+@pytest.mark.parametrize("impl", ["head", "sum", "dot"])
 @pytest.mark.parametrize("M,Hq,Hkv,splits", [(1, 3, 3, 1), (3, 6, 2, 1), (3, 6, 2, 4), (2, 5, 1, 2)])
 def test_decode_attention(M, Hq, Hkv, splits, impl):
     g = torch.Generator().manual_seed(10 * M + splits)
@@ -57,12 +57,29 @@ def test_decode_attention(M, Hq, Hkv, splits, impl):
     q = rand(M, Hq, D, g=g)
     kc, vc = rand(M + 1, Hkv, S, D, g=g, scale=2), rand(M + 1, Hkv, S, D, g=g)
     pos = torch.tensor([40, 0, 17][:M], dtype=torch.long)
-    out = kd.decode_attention(q, kc, vc, pos, torch.full((M, Hq * D), float("nan")), splits=splits, length=S, impl=impl)
+    scratch = kd.attention_scratch(M, Hq, D, "cpu")
+    out = kd.decode_attention(q, kc, vc, pos, torch.full((M, Hq * D), float("nan")), S, scratch, impl, splits)
     ref = kd.decode_attention_ref(q, kc, vc, pos)
     assert rel(out, ref) < 1e-5
+    assert torch.equal(scratch[2], torch.zeros_like(scratch[2]))  # the split counters are reset
+    # a second call with the same scratch (as graph replays do), new queries
+    q2 = rand(M, Hq, D, g=g)
+    out2 = kd.decode_attention(q2, kc, vc, pos, torch.full((M, Hq * D), float("nan")), S, scratch, impl, splits)
+    assert rel(out2, kd.decode_attention_ref(q2, kc, vc, pos)) < 1e-5
     # the reference is the model's attention with per-row query positions over the cache
     want = reference_attention(q[:, :, None], kc[:M], vc[:M], query_positions=pos[:, None])  # [M, Hq, 1, D]
     assert rel(ref, want.reshape(M, Hq * D)) < 1e-6
+
+
+def test_attention_candidates():
+    c = kd.attention_candidates(1, 12, 12, 256)
+    assert {x["impl"] for x in c} == {"head", "dot"}
+    assert sorted({x["splits"] for x in c if x["impl"] == "head"}) == [1, 2, 4, 8]  # >= 32 keys per split
+    assert kd.attention_candidates(8, 32, 4, 2048, impl="dot", splits=4) == [dict(impl="dot", splits=4, num_warps=4)]
+    assert max(x["splits"] for x in kd.attention_candidates(8, 32, 4, 4096, impl="head")) == 2  # <= 4 programs/SM
+    with pytest.raises(ValueError, match="impl='bad'"):
+        kd.decode_attention(torch.zeros(1, 2, 4), torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4),
+                            torch.zeros(1, dtype=torch.long), torch.zeros(1, 8), impl="bad")
 
 
 def test_attention_splits_rule():
@@ -107,3 +124,32 @@ def test_norm_gemv(M):
     norm = RMSNorm(33, 1e-6)
     norm.weight.data.copy_(nw)
     assert rel(kd.norm_gemv_ref(x, nw, 1e-6, w), norm(x) @ w.T) < 1e-6
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_norm_gemv_argmax(M):
+    """The head kernel's argmax equals torch.argmax of the reference logits, ties included (a
+    duplicated weight row: the first column wins) and all-negative / zero rows, over repeated
+    calls with one scratch (the kernel resets it)."""
+    g = torch.Generator().manual_seed(M)
+    N, K = 203, 29
+    scratch = kd.argmax_scratch(M, "cpu")
+    for trial in range(3):
+        x, nw, w = rand(M, K, g=g), 1 + rand(K, g=g, scale=0.3), rand(N, K, g=g)
+        ref = kd.norm_gemv_ref(x, nw, 1e-6, w)
+        top = ref.argmax(dim=-1)
+        w[N - 1 - trial] = w[top[0]]  # a later column ties with row 0's winner
+        if trial == 1:
+            w[:] = -w.abs()[:, :1] * 0  # every logit is +-0: column 0 wins
+        if trial == 2:
+            x = x.abs()
+            w = -w.abs()  # every logit negative: the one nearest zero wins
+        ref = kd.norm_gemv_ref(x, nw, 1e-6, w)
+        tokens = torch.full((M,), -1, dtype=torch.long)
+        logits = torch.full((M, N), float("nan"))
+        got = kd.norm_gemv(x, nw, 1e-6, w, logits, tokens, scratch)
+        assert got is tokens and torch.equal(tokens, logits.argmax(dim=-1)), trial  # the same values' argmax
+        assert torch.equal(tokens, ref.argmax(dim=-1)) and torch.allclose(logits, ref, rtol=1e-5, atol=1e-6)
+        assert kd.norm_gemv(x, nw, 1e-6, w, None, torch.zeros(M, dtype=torch.long), scratch).tolist() == tokens.tolist()
+        assert scratch[1].item() == 0 and (scratch[0] == -(2 ** 63 - 1)).all()
+    assert tokens[0] == 0 or trial != 1
