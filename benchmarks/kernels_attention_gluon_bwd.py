@@ -6,7 +6,7 @@ Per shape (causal bf16), after one forward (the shipped forward: Gluon at D 128)
   (deterministic), Gluon dK/dV with atomic dQ; each one's dQ/dK/dV error against the Triton
   deterministic backward;
 - the Gluon kernel alone under each `--configs` entry (BLOCK_M, stages, consumers, dQ split, dQ by
-  TMA reduce-add or by atomics), with and without dQ;
+  TMA reduce-add or by atomics, dS^T shared between the consumers), with and without dQ;
 - forward+backward through `flash_attention` (autograd) with the Triton backward, each Gluon
   backward, and SDPA's cuDNN and flash backends;
 - the Gluon forward timed directly and through `flash_attention` (the open 8192 gap).
@@ -114,8 +114,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--shapes", default="8,16,2048,128;4,16,4096,128;2,16,8192,128;1,16,16384,128")
-    p.add_argument("--configs", default="64,2,2,2,1;64,3,2,2,1;64,2,2,1,1;64,2,2,2,0",
-                   help="Gluon kernel configs BLOCK_M,stages,consumers,dq_split,dq_tma;... timed alone")
+    p.add_argument("--configs", default="64,2,2,2,1,0;64,2,2,2,1,1;64,3,2,2,1,1;64,2,2,2,0,0",
+                   help="Gluon kernel configs BLOCK_M,stages,consumers,dq_split,dq_tma,dq_shared;... timed alone")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)

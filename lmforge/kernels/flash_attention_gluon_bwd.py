@@ -19,8 +19,14 @@ Structure (FlashAttention-3's): one program per (key tile of CONSUMERS x 64 keys
   atomics: 5 matmuls per tile pair, where the Triton backward (dK/dV kernel + dQ kernel) does 7.
   Without ATOMIC_DQ it computes dK and dV only (4 matmuls) and the caller runs the Triton dQ
   kernel: deterministic, like the default Triton backward.
-Triton 3.6's Gluon has no TMA reduce-add on Hopper, hence atomics for dQ (run-to-run differences
-in the last bits of dQ, as with `deterministic=False` in the Triton path).
+  dQ goes into the fp32 buffer by TMA reduce-add from shared memory (Triton 3.6's Gluon builds the
+  op but has no Python wrapper: `_tma_reduce_add`), or per element with atomics (a config kept for
+  comparison); either way the last bits of dQ vary run to run, as with `deterministic=False` in the
+  Triton path. DQ_SHARED (D 128; compiled offline, not yet run on a GPU): the two consumers share
+  dS^T through shared memory (an mbarrier pair) and each reduce-adds half of dQ's columns over all
+  128 keys, half the reduce traffic.
+Measured on an H100 (docs/benchmarks.md): the dK/dV-only form is as fast as the Triton backward's
+dK/dV kernel, the 5-matmul form slower (its dQ reduction), so the dispatcher's switches are off.
 
 It does not run anywhere but a Hopper GPU (Gluon kernels have no interpreter mode);
 tests/kernels/test_gluon_backward.py checks it on the GPU against the fp32 spec and the Triton
@@ -71,7 +77,7 @@ if IMPORT_ERROR is None:
                 n_m, NUM_STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
         """One warp: K and V rows of every consumer once, then (Q, dO) tile it into slot it % NUM_STAGES as
         soon as every consumer has released the slot."""
-        kv_bar, q_ready, q_empty, do_ready, do_empty = bars
+        kv_bar, q_ready, q_empty, do_ready, do_empty, ds_ready, ds_free = bars
         ROWS: gl.constexpr = k_desc.block_type.shape[2]
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
         mbarrier.expect(kv_bar, CONSUMERS * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
@@ -106,9 +112,10 @@ if IMPORT_ERROR is None:
     @gluon.jit
     def _consumer(k_bufs, v_bufs, q_bufs, do_bufs, ds_bufs, dq_bufs, bars, LSE, DELTA, DQ, dq_desc, DK, DV, pid_kv,
                   b, hk, k0, T, S, HQ, GROUP, m_lo, n_m, sm_scale, WG: gl.constexpr, CAUSAL: gl.constexpr,
-                  NUM_STAGES: gl.constexpr, ATOMIC_DQ: gl.constexpr, DQ_SPLIT: gl.constexpr, DQ_TMA: gl.constexpr):
+                  NUM_STAGES: gl.constexpr, ATOMIC_DQ: gl.constexpr, DQ_SPLIT: gl.constexpr, DQ_TMA: gl.constexpr,
+                  DQ_SHARED: gl.constexpr):
         """Consumer WG: keys k0 + WG*64 .. +64 against every query tile of the kv head's query heads."""
-        kv_bar, q_ready, q_empty, do_ready, do_empty = bars
+        kv_bar, q_ready, q_empty, do_ready, do_empty, ds_ready, ds_free = bars
         ROWS: gl.constexpr = k_bufs.shape[3]
         BLOCK_D: gl.constexpr = k_bufs.shape[4]
         BLOCK_M: gl.constexpr = q_bufs.shape[3]
@@ -164,10 +171,31 @@ if IMPORT_ERROR is None:
             # dV's wgmma completes here too: P^T's registers are free before dS^T needs its own
             dpT, dv, pa = warpgroup_mma_wait(0, deps=(dpT, dv, pa))
             dsT = pT * (dpT - delta[None, :])
+            if DQ_SHARED:  # the other consumer's dQ matmul has read this half of the previous tile's dS^T
+                mbarrier.wait(ds_free, (it & 1) ^ 1)
             ds_smem.store(dsT.to(dtype))
             fence_async_shared()
+            if DQ_SHARED:
+                mbarrier.arrive(ds_ready, count=1)
             dk = warpgroup_mma(ds_smem, q_smem, dk, is_async=True)
-            if ATOMIC_DQ and DQ_TMA:
+            if DQ_SHARED:
+                # dQ[:, this consumer's D/2 columns] = dS [BLOCK_M x both consumers' keys] K[those keys, columns]:
+                # one [BLOCK_M, D/2] partial per consumer, half the reduce traffic of a partial per key half
+                tma.store_wait(0)
+                mbarrier.wait(ds_ready, it & 1)
+                C0: gl.constexpr = WG * DQ_N
+                dq = warpgroup_mma(ds_bufs.index(0).permute((1, 0)),
+                                   k_bufs.index(0).reshape([ROWS, BLOCK_D]).slice(C0, DQ_N, dim=1), dq_zero,
+                                   use_acc=False, is_async=True)
+                dq = warpgroup_mma(ds_bufs.index(1).permute((1, 0)),
+                                   k_bufs.index(1).reshape([ROWS, BLOCK_D]).slice(C0, DQ_N, dim=1), dq, is_async=True)
+                dq = warpgroup_mma_wait(0, deps=(dq,))
+                mbarrier.arrive(ds_free, count=1)
+                dq_smem = dq_bufs.index(WG)
+                dq_smem.store(dq.reshape([1, 1, BLOCK_M, DQ_N]))
+                fence_async_shared()
+                _tma_reduce_add(dq_desc, [b, h, m, C0], dq_smem)
+            elif ATOMIC_DQ and DQ_TMA:
                 tma.store_wait(0)  # the last tile's reduce-adds have read their staging buffers
                 for half in gl.static_range(DQ_SPLIT):
                     dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(half * DQ_N, DQ_N, dim=1), dq_zero,
@@ -206,7 +234,7 @@ if IMPORT_ERROR is None:
     def _bwd_kernel(k_desc, v_desc, q_desc, do_desc, dq_desc, LSE, DELTA, DQ, DK, DV, sm_scale, T, S, HQ, HKV, GROUP,
                     CAUSAL: gl.constexpr, NUM_STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, ATOMIC_DQ: gl.constexpr, DQ_SPLIT: gl.constexpr,
-                    DQ_TMA: gl.constexpr, DS_LAYOUT: gl.constexpr):
+                    DQ_TMA: gl.constexpr, DQ_SHARED: gl.constexpr, DS_LAYOUT: gl.constexpr):
         """One program per (key tile of CONSUMERS x 64 keys, batch x kv head); the first key tiles (the most
         query tiles under a causal mask) start first."""
         ROWS: gl.constexpr = k_desc.block_type.shape[2]
@@ -226,7 +254,9 @@ if IMPORT_ERROR is None:
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [NUM_STAGES] + q_desc.block_type.shape, q_desc.layout)
         do_bufs = gl.allocate_shared_memory(do_desc.dtype, [NUM_STAGES] + do_desc.block_type.shape, do_desc.layout)
         ds_bufs = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS, ROWS, BLOCK_M], DS_LAYOUT)
-        if ATOMIC_DQ and DQ_TMA:  # fp32 staging of each consumer's dQ halves for the TMA reduce-add
+        if DQ_SHARED:  # fp32 staging of each consumer's dQ columns for the TMA reduce-add
+            dq_bufs = gl.allocate_shared_memory(gl.float32, [CONSUMERS] + dq_desc.block_type.shape, dq_desc.layout)
+        elif ATOMIC_DQ and DQ_TMA:  # the same, per consumer and dQ column block
             dq_bufs = gl.allocate_shared_memory(gl.float32, [CONSUMERS * DQ_SPLIT] + dq_desc.block_type.shape,
                                                 dq_desc.layout)
         else:
@@ -236,18 +266,22 @@ if IMPORT_ERROR is None:
         q_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         do_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        ds_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ds_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
+        mbarrier.init(ds_ready, count=CONSUMERS)  # DQ_SHARED: each consumer's dS^T half is in shared memory
+        mbarrier.init(ds_free, count=CONSUMERS)  # DQ_SHARED: each consumer's dQ matmul has read both halves
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(q_empty.index(i), count=CONSUMERS)  # each consumer releases each slot once
             mbarrier.init(do_ready.index(i), count=1)
             mbarrier.init(do_empty.index(i), count=CONSUMERS)
-        bars = (kv_bar, q_ready, q_empty, do_ready, do_empty)
+        bars = (kv_bar, q_ready, q_empty, do_ready, do_empty, ds_ready, ds_free)
         if CONSUMERS == 1:
             gl.warp_specialize([
                 (_consumer, (k_bufs, v_bufs, q_bufs, do_bufs, ds_bufs, dq_bufs, bars, LSE, DELTA, DQ, dq_desc, DK, DV,
                              pid_kv, b, hk, k0, T, S, HQ, GROUP, m_lo, n_m, sm_scale, 0, CAUSAL, NUM_STAGES, ATOMIC_DQ,
-                             DQ_SPLIT, DQ_TMA)),
+                             DQ_SPLIT, DQ_TMA, DQ_SHARED)),
                 (_loader, (k_desc, v_desc, q_desc, do_desc, k_bufs, v_bufs, q_bufs, do_bufs, bars, b, hk, k0, GROUP,
                            m_lo, n_m, NUM_STAGES, CONSUMERS)),
             ], [1], [24])
@@ -255,10 +289,10 @@ if IMPORT_ERROR is None:
             gl.warp_specialize([
                 (_consumer, (k_bufs, v_bufs, q_bufs, do_bufs, ds_bufs, dq_bufs, bars, LSE, DELTA, DQ, dq_desc, DK, DV,
                              pid_kv, b, hk, k0, T, S, HQ, GROUP, m_lo, n_m, sm_scale, 0, CAUSAL, NUM_STAGES, ATOMIC_DQ,
-                             DQ_SPLIT, DQ_TMA)),
+                             DQ_SPLIT, DQ_TMA, DQ_SHARED)),
                 (_consumer, (k_bufs, v_bufs, q_bufs, do_bufs, ds_bufs, dq_bufs, bars, LSE, DELTA, DQ, dq_desc, DK, DV,
                              pid_kv, b, hk, k0, T, S, HQ, GROUP, m_lo, n_m, sm_scale, 1, CAUSAL, NUM_STAGES, ATOMIC_DQ,
-                             DQ_SPLIT, DQ_TMA)),
+                             DQ_SPLIT, DQ_TMA, DQ_SHARED)),
                 (_loader, (k_desc, v_desc, q_desc, do_desc, k_bufs, v_bufs, q_bufs, do_bufs, bars, b, hk, k0, GROUP,
                            m_lo, n_m, NUM_STAGES, CONSUMERS)),
             ], [4, 1], [CONSUMER_REGS, 24])
@@ -266,10 +300,12 @@ if IMPORT_ERROR is None:
 
 HEAD_DIMS = (64, 128)
 
-# (BLOCK_M query rows per tile, NUM_STAGES, CONSUMERS, DQ_SPLIT, DQ_TMA) by head dim: two consumers of 64
-# keys each (a 128-key tile), 64-row query tiles, dQ in DQ_SPLIT column blocks; DQ_TMA: atomic dQ by TMA
-# reduce-add from shared memory (else per-element atomics, kept for comparison).
-DEFAULT_CONFIG = {64: (64, 2, 2, 1, 1), 128: (64, 2, 2, 2, 1)}
+# (BLOCK_M query rows per tile, NUM_STAGES, CONSUMERS, DQ_SPLIT, DQ_TMA, DQ_SHARED) by head dim: two
+# consumers of 64 keys each (a 128-key tile), 64-row query tiles, dQ in DQ_SPLIT column blocks; DQ_TMA:
+# atomic dQ by TMA reduce-add from shared memory (else per-element atomics, kept for comparison);
+# DQ_SHARED (D 128, two consumers, DQ_SPLIT 2): the consumers share dS^T and each computes and
+# reduce-adds half of dQ's columns over all 128 keys (half the traffic; not yet run on a GPU).
+DEFAULT_CONFIG = {64: (64, 2, 2, 1, 1, 0), 128: (64, 2, 2, 2, 1, 0)}
 CONSUMER_REGS = 240
 
 
@@ -287,11 +323,14 @@ def dkdv(q, k, v, dout, lse, delta, *, causal, scale, atomic_dq, config=None):
     """(dq or None, dk, dv): dK and dV in k's dtype; with atomic_dq also dQ (q's dtype) from the same pass.
 
     Call only when `unusable_reason` is None. `delta` [B,Hq,T] fp32 = rowsum(dO * O); `lse` the
-    forward's base-2 log-sum-exp. `config`: (BLOCK_M, NUM_STAGES, CONSUMERS, DQ_SPLIT, DQ_TMA) instead of the
+    forward's base-2 log-sum-exp. `config`: (BLOCK_M, NUM_STAGES, CONSUMERS, DQ_SPLIT, DQ_TMA, DQ_SHARED) instead of the
     default (benchmarks, tests)."""
     B, HQ, T, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
-    BLOCK_M, stages, consumers, dq_split, dq_tma = config or DEFAULT_CONFIG[D]
+    BLOCK_M, stages, consumers, dq_split, dq_tma, dq_shared = config or DEFAULT_CONFIG[D]
+    dq_shared = bool(dq_shared and atomic_dq)
+    if dq_shared and (consumers != 2 or dq_split != 2 or D != 128):
+        raise ValueError(f"dq_shared needs two consumers and dq_split 2 at D 128; got config {config}")
     rows = 64
     dk = torch.empty(B, HKV, S, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, HKV, S, D, device=q.device, dtype=v.dtype)
@@ -310,7 +349,7 @@ def dkdv(q, k, v, dout, lse, delta, *, causal, scale, atomic_dq, config=None):
                       desc(dq_acc, BLOCK_M, D // dq_split, gl.float32), lse, delta, dq_acc, dk, dv,
                       float(scale), T, S, HQ, HKV, HQ // HKV, CAUSAL=bool(causal), NUM_STAGES=stages,
                       CONSUMERS=consumers, CONSUMER_REGS=CONSUMER_REGS, ATOMIC_DQ=bool(atomic_dq),
-                      DQ_SPLIT=dq_split, DQ_TMA=bool(dq_tma),
+                      DQ_SPLIT=dq_split, DQ_TMA=bool(dq_tma), DQ_SHARED=dq_shared,
                       DS_LAYOUT=gl.NVMMASharedLayout.get_default_for([rows, BLOCK_M], gdt), num_warps=4)
     dq = (dq_acc * scale).to(q.dtype) if atomic_dq else None
     return dq, dk, dv

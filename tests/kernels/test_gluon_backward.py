@@ -84,15 +84,17 @@ def test_gluon_backward_matches_spec(name, dtype, atomic):
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("config", [(64, 2, 2, 1, 1), (64, 3, 2, 2, 1), (64, 2, 1, 2, 1), (64, 2, 2, 2, 0)])
+@pytest.mark.parametrize("config", [(64, 2, 2, 1, 1, 0), (64, 3, 2, 2, 1, 0), (64, 2, 1, 2, 1, 0), (64, 2, 2, 2, 0, 0),
+                                    (64, 2, 2, 2, 1, 1), (64, 3, 2, 2, 1, 1)])
 @pytest.mark.parametrize("name", ["causal_d128_gqa_tiny", "noncausal_d128_mqa", "causal_d64_gqa"])
 def test_gluon_backward_configs(name, config):
-    """Every variant (stages, one or two consumers, dQ in one or two halves, TMA reduce-add or atomics) agrees."""
+    """Every variant (stages, one or two consumers, dQ in one or two halves, TMA reduce-add or atomics, dS^T
+    shared between the consumers) agrees."""
     from lmforge.kernels import flash_attention_gluon_bwd as gbwd
 
     B, Hq, Hkv, T, S, D, causal = CASES[name]
-    if D == 64 and config[3] == 2:
-        config = config[:3] + (1,) + config[4:]
+    if D == 64:  # one dQ column block; the shared-dS form is D 128 only
+        config = config[:3] + (1, config[4], 0)
     q, k, v, do, out, lse, spec = setup(B, Hq, Hkv, T, S, D, causal, torch.bfloat16, seed=3)
     from triton.runtime.errors import OutOfResources
 
