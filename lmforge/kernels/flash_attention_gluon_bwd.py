@@ -15,11 +15,11 @@ Structure (FlashAttention-3's): one program per (key tile of CONSUMERS x 64 keys
   registers) and share the Q/dO tiles. Per query tile each computes, with asynchronous wgmma,
   S^T = K Q^T and dP^T = V dO^T (both issued before either is awaited), P^T = exp2(S^T c - lse),
   dV += P^T dO (P^T from registers), dS^T = P^T (dP^T - delta), and, through a shared-memory copy
-  of dS^T, dK += dS^T Q and (ATOMIC_DQ) dQ_part = dS K, which it adds into an fp32 dQ buffer with
-  atomics: 5 matmuls per tile pair, where the Triton backward (dK/dV kernel + dQ kernel) does 7.
-  Without ATOMIC_DQ it computes dK and dV only (4 matmuls) and the caller runs the Triton dQ
-  kernel: deterministic, like the default Triton backward.
-  dQ goes into the fp32 buffer by TMA reduce-add from shared memory (Triton 3.6's Gluon builds the
+  of dS^T, dK += dS^T Q and (ATOMIC_DQ) dQ_part = dS K, added into an fp32 dQ buffer: 5 matmuls per
+  tile pair, where the Triton backward (dK/dV kernel + dQ kernel) does 7. Without ATOMIC_DQ it
+  computes dK and dV only (4 matmuls) and the caller runs the Triton dQ kernel: deterministic,
+  like the default Triton backward.
+- dQ goes into the fp32 buffer by TMA reduce-add from shared memory (Triton 3.6's Gluon builds the
   op but has no Python wrapper: `_tma_reduce_add`), or per element with atomics (a config kept for
   comparison); either way the last bits of dQ vary run to run, as with `deterministic=False` in the
   Triton path. DQ_SHARED (D 128; compiled offline, not yet run on a GPU): the two consumers share
