@@ -26,6 +26,7 @@ same process, same threads:
                model's ~15, captured in the same 8-step CUDA graphs); every other engine variant
                here runs with fused_decode=False
   engine_fused_dot  engine_fused with the tl.dot decode attention (FusedDecoder(attn_impl="dot"))
+  engine_fused_head  engine_fused with the one-query-head-per-program attention (attn_impl="head")
   engine_compiled_tuned  (CUDA, only with --tuned) engine_compiled with inductor's coordinate-descent
                tuning (Engine(compile_options=TUNED)): matrix-vector products as tuned Triton
                reductions fused with their neighbours; compiling takes minutes
@@ -88,7 +89,7 @@ from lmforge.train.generate import generate as naive_generate
 SHAPES = {**INFERENCE_SHAPES, "gpt2s": INFERENCE_SHAPES["llama124m"]}
 PEAK_TBS = [("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35)]  # first match in the device name wins
 COMPILED = ("hf_compile", "engine_compiled", "engine_compiled_k1", "engine_compiled_unpacked",
-            "engine_compiled_tuned", "engine_fused", "engine_fused_dot")
+            "engine_compiled_tuned", "engine_fused", "engine_fused_dot", "engine_fused_head")
 
 
 def peak_tbs(device: torch.device, override: float | None) -> float | None:
@@ -148,12 +149,13 @@ def run_batch(B, prompts, model, qmodel, unpacked, hf, hf_c, args, device) -> li
         if B <= MAX_ROWS:
             engines.append(("engine_fused", model, True, {"fused_decode": True}))
             engines.append(("engine_fused_dot", model, True, {"fused_decode": True}))
+            engines.append(("engine_fused_head", model, True, {"fused_decode": True}))
     for name, m, compiled, opts in engines:
         if name not in args.skip and m is not None:
             opts = {"fused_decode": False, **opts}  # the fused step only where named
             engine = Engine(m, max_batch=B, max_len=max_len, eos_ids=[], compile=compiled, **opts)
-            if name == "engine_fused_dot":  # the fused step with the tl.dot decode attention
-                engine.fused = FusedDecoder(m, engine.cache, attn_impl="dot")
+            if name in ("engine_fused_dot", "engine_fused_head"):  # the fused step, one attention kernel
+                engine.fused = FusedDecoder(m, engine.cache, attn_impl=name.split("_")[-1])
             variants[name] = lambda engine=engine: [c[0].token_ids for c in engine.generate(prompts.tolist(), sp)]
     outs, best = {}, {}
     for name, fn in list(variants.items()):
@@ -270,22 +272,25 @@ def main() -> int:
         print(f"wrote {out}")
         return 0
     cfg = ModelConfig(**SHAPES[args.shape], attention_backend="sdpa", tie_embeddings=False)
-    model = Transformer(cfg).to(device, dtype).eval()
+    with torch.device(device):  # initialised where it runs: a 1.1B model's CPU init took > 100 s
+        model = Transformer(cfg).to(dtype).eval()
 
     import transformers
 
     from lmforge.interop.hf import export_hf
 
-    with tempfile.TemporaryDirectory() as tmp:
-        export_hf(model, Path(tmp) / "hf")
-        hf = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=dtype).to(device).eval()
-        hf_c = None
-        if device.type == "cuda" and "hf_compile" not in args.skip:  # generate compiles the decode step
-            hf_c = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=dtype).to(device).eval()
-            hf_c.generation_config.cache_implementation = "static"
-            if not hasattr(hf_c.generation_config, "compile_config"):
-                raise SystemExit(f"transformers {transformers.__version__} has no generation compile_config: "
-                                 "hf_compile needs transformers >= 4.49 (or pass --skip hf_compile)")
+    hf = hf_c = None
+    if {"hf", "hf_static", "hf_compile"} - set(args.skip):  # no export or HF load when no HF row runs
+        with tempfile.TemporaryDirectory() as tmp:
+            export_hf(model, Path(tmp) / "hf")
+            hf = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=dtype).to(device).eval()
+            if device.type == "cuda" and "hf_compile" not in args.skip:  # generate compiles the decode step
+                hf_c = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=dtype).to(device)
+                hf_c = hf_c.eval()
+                hf_c.generation_config.cache_implementation = "static"
+                if not hasattr(hf_c.generation_config, "compile_config"):
+                    raise SystemExit(f"transformers {transformers.__version__} has no generation compile_config: "
+                                     "hf_compile needs transformers >= 4.49 (or pass --skip hf_compile)")
 
     qmodel = quantize_model(copy.deepcopy(model), "int8") if "engine_int8" not in args.skip else None
     # a deep copy is never packed (its parameters are clones); the other engines pack `model`

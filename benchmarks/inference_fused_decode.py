@@ -107,10 +107,17 @@ def kernel_rows(shape: str, M: int, peak: float) -> tuple[list[dict], list[dict]
     torch_q = kd.norm_qkv_rope_ref(x, nw, 1e-5, w_qkv, cos, sin, pos, kc.clone(), vc.clone(), Hq)
     checks.append(("norm_qkv_rope q", rel(got_q, want_q), rel(torch_q, want_q)))
     checks.append(("norm_qkv_rope k cache", rel(kc[rows, :, pos], kc2[rows, :, pos]), None))
-    for splits in (1, kd.attention_splits(M, Hkv, 1024)):
-        out = kd.decode_attention(q, kc, vc, pos, torch.empty(M, Hq * D, dtype=bf, device=dev), splits, 1024)
-        want = kd.decode_attention_ref(f32(q), f32(kc), f32(vc), pos)
-        checks.append((f"decode_attention splits={splits}", rel(out, want), rel(kd.decode_attention_ref(q, kc, vc, pos), want)))
+    want = kd.decode_attention_ref(f32(q), f32(kc), f32(vc), pos)
+    torch_attn = rel(kd.decode_attention_ref(q, kc, vc, pos), want)
+    for impl in ("head", "dot", "sum"):  # each with its tuned key splits
+        out = kd.decode_attention(q, kc, vc, pos, torch.empty(M, Hq * D, dtype=bf, device=dev), 1024, impl=impl)
+        checks.append((f"decode_attention {impl}", rel(out, want), torch_attn))
+        out = kd.decode_attention(q, kc, vc, pos, torch.empty(M, Hq * D, dtype=bf, device=dev), 1024, impl=impl,
+                                  splits=8)
+        checks.append((f"decode_attention {impl} 8 splits", rel(out, want), torch_attn))
+    tok, lg = torch.full((M,), -1, device=dev), torch.empty(M, V, device=dev)
+    kd.norm_gemv(x, nw, 1e-5, r(V, d, scale=d ** -0.5).to(bf), lg, tok)
+    checks.append(("head argmax == argmax(logits)", float((tok != lg.argmax(-1)).sum()), None))
     out = kd.gemv_residual(y, w_o, x, torch.empty_like(x))
     checks.append(("gemv_residual (o)", rel(out, kd.gemv_residual_ref(f32(y), f32(w_o), f32(x))),
                    rel(kd.gemv_residual_ref(y, w_o, x), kd.gemv_residual_ref(f32(y), f32(w_o), f32(x)))))
@@ -155,55 +162,66 @@ def kernel_rows(shape: str, M: int, peak: float) -> tuple[list[dict], list[dict]
 
     def attn_row(L: int) -> dict:
         p = torch.full((M,), L - 1, device=dev)
-        auto = kd.attention_splits(M, Hkv, L)
         reps = [None] * 20
         sdpa = lambda _: F.scaled_dot_product_attention(qq, kc[:, :, :L], vc[:, :, :L], enable_gqa=Hq != Hkv)
-        return {"shape": shape, "rows": M, "length": L, "splits": auto, "sdpa_us": graph_us(sdpa, reps),
-                "us": graph_us(lambda _: kd.decode_attention(q, kc, vc, p, out, auto, L), reps),
-                "us_no_split": graph_us(lambda _: kd.decode_attention(q, kc, vc, p, out, 1, L), reps),
-                "dot_us": graph_us(lambda _: kd.decode_attention(q, kc, vc, p, out, auto, L, impl="dot"), reps),
-                "dot_no_split_us": graph_us(lambda _: kd.decode_attention(q, kc, vc, p, out, 1, L, impl="dot"), reps)}
+        row = {"shape": shape, "rows": M, "length": L, "sdpa_us": graph_us(sdpa, reps)}
+        for name, kw in (("tuned", {}), ("head", dict(impl="head")), ("head_nosplit", dict(impl="head", splits=1)),
+                         ("dot", dict(impl="dot")), ("sum", dict(impl="sum", splits=kd.attention_splits(M, Hkv, L)))):
+            row[f"{name}_us"] = graph_us(lambda _, kw=kw: kd.decode_attention(q, kc, vc, p, out, L, **kw), reps)
+            if name in ("tuned", "head", "dot"):
+                key = (M, Hq, Hkv, D, L, bf, kw.get("impl"), None, None, q.device)
+                row[f"{name}_config"] = kd.attention_choices.get(key)
+        return row
 
     attn = [attn_row(L) for L in (160, 1024)]
     return check_rows, gemv, attn
 
 
-def step_rows(shape: str, peak: float) -> list[dict]:
-    """GPU time per decode step of the engine's captured 8-step graph: compiled, fused, fused with tl.dot attention."""
+def step_rows(shape: str, rows_list: list[int], variants: list[str]) -> list[dict]:
+    """GPU time per decode step of the engine's captured 8-step graph at each batch size: the
+    inductor-compiled model step and the fused step (attention tuned per shape, or fixed)."""
     from lmforge.inference import Engine, SamplingParams
     from lmforge.inference.fused_decode import FusedDecoder
     from lmforge.model import ModelConfig, Transformer
 
     torch.manual_seed(0)
-    cfg = ModelConfig(**INFERENCE_SHAPES[shape], attention_backend="sdpa")
-    model = Transformer(cfg).to("cuda", torch.bfloat16).eval()
-    prompt = torch.randint(0, cfg.vocab_size, (32,)).tolist()
-    rows, tokens = [], {}
-    for variant in ("compiled", "fused", "fused_dot", "fused_dot_nosplit"):
-        fused = variant != "compiled"
-        engine = Engine(model, max_batch=1, max_len=256, eos_ids=[], compile=True, fused_decode=fused)
-        assert (engine.fused is not None) == fused
-        if variant.startswith("fused_dot"):  # the tl.dot attention, with the split rule or none
-            engine.fused = FusedDecoder(model, engine.cache, attn_impl="dot",
-                                        attn_splits=1 if variant.endswith("nosplit") else None)
-        out = engine.generate([prompt], SamplingParams(max_tokens=40, temperature=0))  # compile, tune, capture
-        tokens[variant] = out[0][0].token_ids
-        (graph,) = [g for g in engine.graphs.graphs.values() if g is not None]
-        engine.bufs.positions.fill_(32)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        graph.replay()
-        start.record()
-        for _ in range(20):  # 160 steps, positions 40..200
+    cfg = ModelConfig(**INFERENCE_SHAPES[shape], attention_backend="sdpa", tie_embeddings=False)
+    with torch.device("cuda"):  # initialised on the GPU: a 1.1B model's CPU init took > 100 s
+        model = Transformer(cfg).to(torch.bfloat16).eval()
+    emb = model.tok_emb.weight
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - (emb.shape[0] - 1) * emb.shape[1] * 2
+    out = []
+    for M in rows_list:
+        prompts = [torch.randint(0, cfg.vocab_size, (32,)).tolist() for _ in range(M)]
+        rows, tokens = [], {}
+        for variant in variants:
+            fused = variant != "compiled"
+            engine = Engine(model, max_batch=M, max_len=256, eos_ids=[], compile=True, fused_decode=fused)
+            assert (engine.fused is not None) == fused, variant
+            if variant in ("fused_head", "fused_dot", "fused_sum"):  # one attention kernel, splits tuned
+                engine.fused = FusedDecoder(model, engine.cache, attn_impl=variant.split("_")[1])
+            res = engine.generate(prompts, SamplingParams(max_tokens=40, temperature=0))  # compile, tune, capture
+            tokens[variant] = [t for o in res for t in o[0].token_ids]
+            (graph,) = [g for g in engine.graphs.graphs.values() if g is not None]
+            engine.bufs.positions.fill_(32)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        us = start.elapsed_time(end) * 1e3 / (20 * engine.decode_steps)
-        rows.append({"shape": shape, "variant": variant, "us_per_step": us,
-                     "tokens_per_s": 1e6 / us})
-    for r in rows:
-        same = sum(a == b for a, b in zip(tokens["compiled"], tokens[r["variant"]]))
-        r["greedy_tokens_same_as_compiled"] = f"{same}/{len(tokens['compiled'])}"
-    return rows
+            start.record()
+            for _ in range(20):  # 160 steps, positions 40..200
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            us = start.elapsed_time(end) * 1e3 / (20 * engine.decode_steps)
+            rows.append({"shape": shape, "rows": M, "variant": variant, "us_per_step": us, "tokens_per_s": M * 1e6 / us,
+                         "weight_tbs": weight_bytes / us / 1e6})
+            del engine
+        first = tokens[variants[0]]
+        for r in rows:
+            same = sum(a == b for a, b in zip(first, tokens[r["variant"]]))
+            r[f"greedy_tokens_same_as_{variants[0]}"] = f"{same}/{len(first)}"
+        out += rows
+        print_tables([], [], [], rows)
+    return out
 
 
 def print_tables(checks, gemv, attn, steps) -> None:
@@ -220,16 +238,18 @@ def print_tables(checks, gemv, attn, steps) -> None:
         print(f"{r['shape']:<10} {r['rows']:>4} {r['op']:<28} {r['mb']:>6.1f} {r['us']:>7.1f} {r['tbs']:>6.2f} "
               f"{r['of_peak']:>6.1%} {r['cublas_us']:>9.1f} {r['cublas_tbs']:>6.2f} {r['speedup']:>8.2f} {r['eager_us']:>8.1f}")
     if attn:
-        print(f"\n{'shape':<10} {'rows':>4} {'length':>6} {'splits':>6} {'us':>7} {'no split':>8} {'dot us':>7} "
-              f"{'no split':>8} {'SDPA us':>8}")
+        print(f"\n{'shape':<10} {'rows':>4} {'length':>6} {'tuned us':>8} {'head':>6} {'1 split':>7} {'dot':>6} "
+              f"{'sum':>6} {'SDPA':>6}  tuned config")
     for r in attn:
-        print(f"{r['shape']:<10} {r['rows']:>4} {r['length']:>6} {r['splits']:>6} {r['us']:>7.1f} "
-              f"{r['us_no_split']:>8.1f} {r['dot_us']:>7.1f} {r['dot_no_split_us']:>8.1f} {r['sdpa_us']:>8.1f}")
+        print(f"{r['shape']:<10} {r['rows']:>4} {r['length']:>6} {r['tuned_us']:>8.1f} {r['head_us']:>6.1f} "
+              f"{r['head_nosplit_us']:>7.1f} {r['dot_us']:>6.1f} {r['sum_us']:>6.1f} {r['sdpa_us']:>6.1f}  "
+              f"{r['tuned_config']}")
     if steps:
-        print(f"\n{'shape':<10} {'step':<17} {'us/step':>8} {'tok/s':>8}  greedy tokens same")
+        print(f"\n{'shape':<10} {'rows':>4} {'step':<17} {'us/step':>8} {'tok/s':>8} {'TB/s':>5}  greedy same as first")
     for r in steps:
-        print(f"{r['shape']:<10} {r['variant']:<17} {r['us_per_step']:>8.1f} {r['tokens_per_s']:>8.0f}  "
-              f"{r['greedy_tokens_same_as_compiled']}", flush=True)
+        same = next(v for k, v in r.items() if k.startswith("greedy_tokens_same"))
+        print(f"{r['shape']:<10} {r['rows']:>4} {r['variant']:<17} {r['us_per_step']:>8.1f} {r['tokens_per_s']:>8.0f} "
+              f"{r['weight_tbs']:>5.2f}  {same}", flush=True)
 
 
 def main() -> int:
@@ -237,6 +257,10 @@ def main() -> int:
     ap.add_argument("--shape", nargs="+", default=["llama124m", "llama1b"], choices=sorted(INFERENCE_SHAPES))
     ap.add_argument("--rows", type=int, nargs="+", default=[1], help="batch rows for the kernel timings")
     ap.add_argument("--no-step", action="store_true", help="skip the whole-step comparison")
+    ap.add_argument("--no-kernels", action="store_true", help="only the whole-step comparison")
+    ap.add_argument("--step-rows", type=int, nargs="+", default=[1], help="batch rows for the step timings")
+    ap.add_argument("--step-variants", nargs="+", default=["compiled", "fused", "fused_head", "fused_dot"],
+                    choices=["compiled", "fused", "fused_head", "fused_dot", "fused_sum"])
     ap.add_argument("--out", default="runs/bench/inference_fused_decode.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -245,15 +269,15 @@ def main() -> int:
     peak = next((t for k, t in PEAK_TBS if k in name), 3.35)
     checks, gemv, attn, steps = [], [], [], []
     for shape in args.shape:  # tables printed per shape, JSON rewritten after each (a timeout keeps them)
-        for M in args.rows:
+        for M in [] if args.no_kernels else args.rows:
             c, g, a = kernel_rows(shape, M, peak)
             checks += c
             gemv += g
             attn += a
             print_tables(c, g, a, [])
+            write_json(Path(args.out), {"device": name, "partial": True, "checks": checks, "gemv": gemv, "attention": attn})
         if not args.no_step:
-            steps += step_rows(shape, peak)
-            print_tables([], [], [], steps[-4:])
+            steps += step_rows(shape, args.step_rows, args.step_variants)
         write_json(Path(args.out), {"device": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
                                     "command": " ".join(sys.argv), "peak_tbs": peak, "checks": checks, "gemv": gemv,
                                     "attention": attn, "step": steps})

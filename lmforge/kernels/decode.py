@@ -394,16 +394,19 @@ def _norm_gemv_kernel(X, NW, W, OUT, BEST, CNT, TOK, M, N, K, eps, stride_xm, ST
 # GEMV tiles (rows per program, reduction step, warps, deferred reduction). Small row blocks give
 # many programs (a 2048-row weight in blocks of 4 is 512 programs for 132 SMs); wide K steps give
 # each thread several 16-byte loads in flight; DEFER (one batch row only) reduces once after the
-# loop instead of every step. The DEFER=False configs are the ones measured on the H100 for
-# docs/benchmarks.md (2026-11-26); the DEFER=True ones were added after that run, unmeasured, and
+# loop instead of every step. The first eight DEFER=False configs (seven dual) are the ones measured
+# on the H100 for docs/benchmarks.md (2026-11-26); the DEFER=True ones and the 1024-wide 8-warp
+# tiles (more bytes in flight per program, for the 1.1B shapes) were added after that run and
 # compete with them in the autotuning (per shape on the GPU: do_bench flushes the L2, so weights
 # are timed streaming from memory as in a real step); the interpreter runs `fixed`.
 _GEMV_CONFIGS = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, DEFER=False) for n, k, w in (
-    (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8))] + [
+    (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8),
+    (8, 1024, 8), (16, 1024, 8))] + [
     dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, DEFER=True) for n, k, w in (
         (2, 1024, 4), (4, 512, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (32, 256, 8))]
 _DUAL_CONFIGS = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, DEFER=False) for n, k, w in (
-    (2, 512, 4), (2, 1024, 4), (4, 256, 4), (4, 512, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8))] + [
+    (2, 512, 4), (2, 1024, 4), (4, 256, 4), (4, 512, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8),
+    (4, 1024, 8), (8, 1024, 8))] + [
     dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, DEFER=True) for n, k, w in (
         (2, 1024, 4), (4, 256, 4), (4, 512, 4), (8, 256, 4), (8, 512, 8))]
 _FIXED = dict(BLOCK_N=16, BLOCK_K=32, DEFER=True)  # the interpreter: few programs (its cost is per program)
@@ -442,7 +445,7 @@ def attention_splits(rows: int, kv_heads: int, length: int, programs: int = 132,
 
 ATTN_IMPLS = {"sum": 0, "dot": 1, "head": 2}
 MAX_SPLITS = 32  # the most key splits a scratch from `attention_scratch` holds
-_attn_choice: dict[tuple, dict] = {}  # tuned attention configs by shape
+attention_choices: dict[tuple, dict] = {}  # tuned attention configs by shape key (see decode_attention)
 
 
 def attention_scratch(rows: int, q_heads: int, head_dim: int, device) -> tuple[torch.Tensor, ...]:
@@ -476,10 +479,11 @@ def _attention_launch(cfg: dict, q, k_cache, v_cache, pos, out, length: int, scr
     if splits > MAX_SPLITS or splits & (splits - 1):
         raise ValueError(f"decode_attention: splits={splits}; expected a power of two <= {MAX_SPLITS}")
     BG, BD = triton.next_power_of_2(Hq // Hkv), triton.next_power_of_2(D)
+    span = triton.next_power_of_2(triton.cdiv(length, splits))  # no key block longer than a split
     if im == 2:
-        BG, BS = 1, max(16, min(64, 4096 // BD))
+        BG, BS = 1, max(16, min(64, 4096 // BD, span))
     elif im == 1:
-        BG, BD, BS = max(16, BG), max(16, BD), 64
+        BG, BD, BS = max(16, BG), max(16, BD), max(16, min(64, span))
     else:
         BS = max(16, min(64, 4096 // (BG * BD)))  # keeps the [G, S, D] product tile near 4K elements
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32 tl.dot exact, not tf32
@@ -531,12 +535,12 @@ def decode_attention(q, k_cache, v_cache, pos, out, length: int | None = None, s
         cfg = cands[0]
     else:
         key = (M, Hq, Hkv, D, length, q.dtype, impl, splits, num_warps, q.device)
-        cfg = _attn_choice.get(key)
+        cfg = attention_choices.get(key)
         if cfg is None:
             if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: the rule's pick
                 cfg = dict(impl=impl or "head", splits=splits or attention_splits(M, Hq, length), num_warps=4)
             else:
-                cfg = _attn_choice[key] = _attention_tune(cands, q, k_cache, v_cache, pos, out, length, scratch)
+                cfg = attention_choices[key] = _attention_tune(cands, q, k_cache, v_cache, pos, out, length, scratch)
     _attention_launch(cfg, q, k_cache, v_cache, pos, out, length, scratch)
     return out
 

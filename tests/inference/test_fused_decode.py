@@ -49,8 +49,10 @@ def test_fused_step_equals_model_forward(kind, over, impl):
     pos = torch.tensor(lengths)[:, None]
     want = model(tokens, positions=pos, kv_cache=cache.view(slice(0, 3), max(lengths) + 1, pos)).logits[:, -1]
     attn = "dot" if over.get("n_kv_heads") == 1 else "sum"  # the tl.dot attention on the MQA case
-    got = FusedDecoder(model, mine, impl=impl, attn_splits=2 if impl == "triton" else None, attn_impl=attn)(tokens, pos, 16)
+    step = FusedDecoder(model, mine, impl=impl, attn_splits=2 if impl == "triton" else None, attn_impl=attn)
+    got = step(tokens, pos, 16).clone()
     assert rel(got, want) < 1e-5
+    assert torch.equal(step(tokens, pos, 16, greedy=True), got.argmax(dim=-1))  # the head kernel's argmax
     for a, b in zip(mine.buffers, cache.buffers):
         for x, y in zip(a, b):
             assert rel(x, y) < 1e-5
