@@ -16,7 +16,10 @@ attention. Key slot s of a row always holds position s, so:
 
 `cache.view(rows, length, positions)` is what the model gets as `kv_cache`: it writes the call's
 new tensors at `positions` [b, T] into rows `rows` (a slice: views, never copies) and hands the
-attention the first `length` slots (ring layers: the ring plus the new tokens). It follows the model's cache contract
+attention the first `length` slots (ring layers: the ring plus the new tokens). `rows` may also be
+a 1-D tensor of row ids in any order (full-length layers only): the writes go to those rows and
+the attention gets a gathered copy of their first `length` slots, so prompts admitted into
+scattered free slots are prefilled in one forward. It follows the model's cache contract
 (`layer(i).update(*tensors)`, `length`) plus `keys_at_positions = True` and `attention_mask(positions,
 S, window)`: the mask of the call's positions, built once per forward for the layers that share it.
 
@@ -86,10 +89,14 @@ class StaticKVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.buffers for t in layer)
 
-    def view(self, rows: slice, length: int, positions: torch.Tensor) -> CacheView:
-        """The cache as the model sees it for one forward over `rows` (new tokens at `positions`)."""
+    def view(self, rows: slice | torch.Tensor, length: int, positions: torch.Tensor) -> CacheView:
+        """The cache as the model sees it for one forward over `rows` (new tokens at `positions`);
+        rows: a slice, or a 1-D tensor of row ids (no ring layers: a gathered ring could not be
+        written back)."""
         if not 0 < length <= self.max_len:
             raise ConfigError(f"cache view length {length} is outside [1, {self.max_len}]")
+        if isinstance(rows, torch.Tensor) and self.has_rings:
+            raise ConfigError("a cache with sliding-window rings takes rows as a slice, not a tensor of row ids")
         return CacheView(self, rows, length, positions)
 
     def copy_rows(self, src: int, dsts: list[int], length: int) -> None:
@@ -127,7 +134,10 @@ class _LayerView:
             index = [self.view.row_ids] + [None] * (seq - 1) + [pos]  # None: every head
             # advanced indices come first in the written shape: [B, T, ...]
             torch.ops.aten.index_put_(buf, index, t.movedim(seq, 1).to(buf.dtype))
-            out.append(buf[rows].narrow(seq, 0, length))
+            if isinstance(rows, slice):
+                out.append(buf[rows].narrow(seq, 0, length))
+            else:  # scattered rows: a copy of their first `length` slots
+                out.append(buf.narrow(seq, 0, length).index_select(0, rows))
         return tuple(out)
 
     def _update_ring(self, new: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -167,13 +177,14 @@ class _LayerView:
 
 
 class CacheView:
-    """Rows `rows` of a StaticKVCache, `length` slots visible, new tokens written at `positions`."""
+    """Rows `rows` (a slice or row ids) of a StaticKVCache, `length` slots visible, new tokens written at `positions`."""
 
     keys_at_positions = True
 
-    def __init__(self, cache: StaticKVCache, rows: slice, length: int, positions: torch.Tensor):
+    def __init__(self, cache: StaticKVCache, rows: slice | torch.Tensor, length: int, positions: torch.Tensor):
         self.rows, self.length, self.positions = rows, length, positions
-        self.row_ids = torch.arange(rows.start, rows.stop, device=positions.device)[:, None]  # [b, 1]
+        self.row_ids = (rows[:, None] if isinstance(rows, torch.Tensor) else  # [b, 1]
+                        torch.arange(rows.start, rows.stop, device=positions.device)[:, None])
         self.layers = [_LayerView(bufs, self, kp) for bufs, kp in zip(cache.buffers, cache.key_positions)]
         self.masks: dict[int | None, torch.Tensor] = {}  # by window
 

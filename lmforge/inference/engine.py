@@ -8,9 +8,10 @@ The engine owns a `StaticKVCache` with `max_batch` row slots. Each sequence live
 slot s of its row holds position s, so rows of different lengths decode together, each at its own
 position (the model masks by per-row positions). `step()` is one scheduler iteration:
 1. admit: waiting requests take free slots while there are enough (a request with n samples needs
-   n); prompts of requests whose slots are adjacent are prefilled in one forward (right-padded;
-   padding writes land beyond the row's length, where the mask never looks); a request with n > 1
-   is prefilled once and its cache row copied to its other slots;
+   n); all prompts admitted in the step are prefilled in one forward whatever their slots (the
+   cache view takes row ids; right-padded; padding writes land beyond the row's length, where the
+   mask never looks; sliding-window rings: one forward per prompt); a request with n > 1 is
+   prefilled once and its cache row copied to its other slots;
 2. decode: every running sequence advances by one token in one batched forward over the rows
    0..(highest busy slot); when all rows sample with settings the device can apply alone
    (`sampling.fast_key`: no penalties, log-probs or seeds) this is the steady-state step below,
@@ -39,7 +40,8 @@ inductor (no CUDA graphs of its own; `compile_options` are passed to it, e.g. `T
 k steps are captured in one plain CUDA graph
 per length and sampling setting (pipeline.StepGraphs); the general decode step over all rows and
 the whole cache is `torch.compile(mode="reduce-overhead")`; prefill forwards are compiled with
-dynamic shapes (one compilation for all prompt lengths and row ranges, no per-op Python).
+dynamic shapes, at shapes chosen so that one graph serves every admission (rows, prompt lengths,
+slots, prefix hits; see `_prefill_batch`), compiled at the first admission.
 
 With `fused_decode` (None, the default: with compile=True on CUDA whenever supported; True: also
 eager and under the Triton interpreter, for tests) the steady-state step's forward is fused_decode.FusedDecoder: four or
@@ -147,7 +149,9 @@ class Engine:
         # (the fused step is Triton kernels already: captured as it is, not compiled)
         self._step_fn = (self._sample_step if self.fused is not None else
                          torch.compile(self._sample_step, dynamic=False, options=compile_options) if on else None)
-        self._prefill_fn = torch.compile(self._forward_from, dynamic=True) if on else None
+        self._prefill_fn = torch.compile(self._forward_from, dynamic=True, fullgraph=True) if on else None
+        self.prefill_forwards = 0  # prefill forwards since start (admissions: one per step)
+        self._prefill_warm = False  # whether _warm_prefill ran
         self.drafter, self.spec_k = drafter, spec_k
         self.spec_stats = {"rounds": 0, "drafted": 0, "accepted": 0}  # over all rows since start
         if drafter is not None:
@@ -258,71 +262,102 @@ class Engine:
         return admitted
 
     def _prefill(self, firsts: list[Sequence]) -> list[Event]:
-        events = []
-        for group in self._prefill_groups(firsts):
-            # each row's new tokens start after its cached prefix (s.length), right-padded to T
-            new = [s.request.prompt_ids[s.length:] for s in group]
-            T = max(map(len, new))
-            ids = torch.zeros(len(group), T, dtype=torch.long)
-            for b, t in enumerate(new):
-                ids[b, :len(t)] = torch.tensor(t)
-            pos = torch.arange(T).repeat(len(group), 1) + torch.tensor([[s.length] for s in group])
-            rows = slice(group[0].slot, group[-1].slot + 1)
-            logits = self._forward_prefill(ids.to(self.device), pos.to(self.device), rows, int(pos.max()) + 1)
-            last = torch.tensor([len(t) - 1 for t in new], device=self.device)
-            logits = logits[torch.arange(len(group), device=self.device), last]  # [b, V]
-            seqs, rows_logits = [], []
-            for b, s in enumerate(group):
-                n = len(s.request.prompt_ids)
-                if self.prefix is not None:
-                    self.prefix.store(s.request.prompt_ids, s.slot)
-                sibs = s.request.sequences
-                self.cache.copy_rows(s.slot, [t.slot for t in sibs[1:]], n)
-                for t in sibs:
-                    t.length = n
-                    seqs.append(t)
-                    rows_logits.append(logits[b])
-            events += self._accept(seqs, torch.stack(rows_logits))
-        return events
-
-    def _prefill_groups(self, firsts: list[Sequence]) -> list[list[Sequence]]:
-        """Sequences in adjacent slots are prefilled in one right-padded forward, as long as the
-        padding stays inside the cache; ring buffers keep a row's last tokens, so with rings a
-        right-padded row must be prefilled alone."""
-        groups: list[list[Sequence]] = []
-        for s in sorted(firsts, key=lambda s: s.slot):
-            g = groups[-1] if groups else None
-            if g is not None and s.slot == g[-1].slot + 1 and not self.cache.has_rings:
-                T = max(len(t.request.prompt_ids) - t.length for t in g + [s])
-                if all(t.length + T <= self.max_len for t in g + [s]):
-                    g.append(s)
-                    continue
-            groups.append([s])
-        return groups
+        """Prefill the prompts admitted this step (after any cached prefix) and sample their
+        first tokens."""
+        chunks = [(s, len(s.request.prompt_ids) - s.length) for s in firsts]
+        return self._prefilled(chunks, self._prefill_rows(chunks))
 
     def _prefill_chunked(self) -> list[Event]:
-        """Feed at most `prefill_chunk` prompt tokens this step (one sequence per forward), so a
-        long prompt delays the running sequences' next token by a bounded amount."""
-        events, budget = [], self.prefill_chunk
-        while self.prefilling and budget > 0:
-            s = self.prefilling[0]
-            prompt = s.request.prompt_ids
-            n = min(budget, len(prompt) - s.length)
-            ids = torch.tensor([prompt[s.length:s.length + n]], device=self.device)
-            pos = torch.arange(s.length, s.length + n, device=self.device)[None]
-            logits = self._forward_prefill(ids, pos, slice(s.slot, s.slot + 1), s.length + n)[0, -1]
-            s.length += n
+        """Feed at most `prefill_chunk` prompt tokens this step (oldest prompts first, all chunks
+        in one forward), so a long prompt delays the running sequences' next token by a bounded
+        amount."""
+        chunks, budget = [], self.prefill_chunk
+        for s in self.prefilling:
+            if budget == 0:
+                break
+            n = min(budget, len(s.request.prompt_ids) - s.length)
+            chunks.append((s, n))
             budget -= n
-            if s.length == len(prompt):
-                self.prefilling.pop(0)
-                if self.prefix is not None:
-                    self.prefix.store(prompt, s.slot)
-                sibs = s.request.sequences
-                self.cache.copy_rows(s.slot, [t.slot for t in sibs[1:]], s.length)
-                for t in sibs[1:]:
-                    t.length = s.length
-                events += self._accept(sibs, logits.expand(len(sibs), -1))
-        return events
+        if not chunks:
+            return []
+        return self._prefilled(chunks, self._prefill_rows(chunks))
+
+    def _prefilled(self, chunks: list[tuple[Sequence, int]], logits: torch.Tensor) -> list[Event]:
+        """Sequences fed n more prompt tokens (logits [len(chunks), V] at each one's last): those
+        whose prompt is now complete are stored in the prefix cache, copied to their siblings'
+        rows (n > 1) and sample their first tokens, all rows in one `sample`."""
+        seqs, rows = [], []
+        for (s, n), lg in zip(chunks, logits):
+            s.length += n
+            prompt = s.request.prompt_ids
+            if s.length < len(prompt):  # chunked prefill: more to come
+                continue
+            self.prefilling = [t for t in self.prefilling if t is not s]
+            if self.prefix is not None:
+                self.prefix.store(prompt, s.slot)
+            sibs = s.request.sequences
+            self.cache.copy_rows(s.slot, [t.slot for t in sibs[1:]], s.length)
+            for t in sibs:
+                t.length = s.length
+                seqs.append(t)
+                rows.append(lg)
+        return self._accept(seqs, torch.stack(rows)) if seqs else []
+
+    # at most this many (padded) tokens per prefill forward: its logits are [rows, T, vocab]
+    PREFILL_TOKENS = 32768
+
+    def _prefill_rows(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Feed each sequence s its next n prompt tokens (positions s.length..) -> the logits at
+        each one's last fed token [len(chunks), V]; s.length is left to the caller.
+
+        All rows go into one forward whatever their slots (the cache view takes row ids; rows
+        right-padded to the longest), as long as the padded batch stays within PREFILL_TOKENS.
+        Padding tokens sit after a row's last real position, where its queries never look, and
+        at position max_len - 1 at the latest: no prompt token holds that slot (prompts are
+        shorter than max_len), and a row writes it before it reads it. Sliding-window rings keep
+        a row's last tokens, padding included, so with rings each row is fed alone."""
+        if self.cache.has_rings:
+            return torch.cat([self._prefill_one(s, n) for s, n in chunks])
+        order = sorted(range(len(chunks)), key=lambda i: -chunks[i][1])  # longest first: less padding
+        out = [None] * len(chunks)
+        while order:
+            T = chunks[order[0]][1]
+            k = max(1, min(len(order), self.PREFILL_TOKENS // T))
+            part, order = order[:k], order[k:]
+            for i, lg in zip(part, self._prefill_batch([chunks[i] for i in part], T)):
+                out[i] = lg
+        return torch.stack(out)
+
+    def _prefill_batch(self, chunks: list[tuple[Sequence, int]], T: int) -> torch.Tensor:
+        """One forward for chunks of at most T tokens. Compiled, its shapes avoid what would
+        make dynamo compile again (one graph then serves every admission): at least 2 rows (a
+        dummy row of padding) of 2 tokens, since sizes of 1 are specialised, and at least one
+        slot more than tokens, since attention branches on T == S (the extra slot lies beyond
+        every real query's position, so it is masked)."""
+        fixed = self._prefill_fn is not None
+        k, T, end = max(2 if fixed else 1, len(chunks)), max(2 if fixed else 1, T), self.max_len - 1
+        ids = torch.zeros(k, T, dtype=torch.long)
+        pos = torch.full((k, T), end, dtype=torch.long)  # a dummy row: only padding, at `end`
+        rows = [chunks[0][0].slot] * k
+        for b, (s, n) in enumerate(chunks):
+            ids[b, :n] = torch.tensor(s.request.prompt_ids[s.length:s.length + n])
+            pos[b] = torch.arange(s.length, s.length + T).clamp_(max=end)
+            rows[b] = s.slot
+        length = max(s.length + n for s, n in chunks)
+        if fixed:
+            length = min(self.max_len, max(T + 1, length))
+        dev = self.device
+        self.prefill_forwards += 1
+        logits = self._forward_prefill(ids.to(dev), pos.to(dev), torch.tensor(rows, device=dev), length)
+        last = torch.tensor([n - 1 for _, n in chunks], device=dev)
+        return logits[torch.arange(len(chunks), device=dev), last]
+
+    def _prefill_one(self, s: Sequence, n: int) -> torch.Tensor:
+        """Feed one sequence its next n prompt tokens from its own row (no padding) -> [1, V]."""
+        ids = torch.tensor([s.request.prompt_ids[s.length:s.length + n]], device=self.device)
+        pos = torch.arange(s.length, s.length + n, device=self.device)[None]
+        self.prefill_forwards += 1
+        return self._forward_prefill(ids, pos, slice(s.slot, s.slot + 1), s.length + n)[:, -1]
 
     # -- the steady-state decode step (pipeline.py) ------------------------------------------------
     def _fast_key(self, running: list[Sequence]) -> tuple | None:
@@ -459,20 +494,45 @@ class Engine:
     def _forward_full(self, ids, pos) -> torch.Tensor:
         return self._forward(ids, pos, slice(0, self.max_batch), self.max_len)
 
-    def _forward_from(self, ids, pos, start: int, length: int) -> torch.Tensor:
-        return self._forward(ids, pos, slice(start, start + ids.shape[0]), length)
+    def _forward_from(self, ids, pos, rows, length: int) -> torch.Tensor:
+        """rows: a tensor of row ids, or the first of ids.shape[0] adjacent rows (an int)."""
+        if not isinstance(rows, torch.Tensor):
+            rows = slice(rows, rows + ids.shape[0])
+        return self._forward(ids, pos, rows, length)
 
-    def _forward_prefill(self, ids, pos, rows: slice, length: int) -> torch.Tensor:
-        """A prefill forward; compiled (dynamic shapes) when the engine is. Should compilation
-        fail for some model, prefill runs eager from then on and the error is logged once."""
+    def _forward_prefill(self, ids, pos, rows: torch.Tensor | slice, length: int) -> torch.Tensor:
+        """A prefill forward; compiled (dynamic shapes, one graph, fullgraph so that a graph
+        break or dynamo's recompile limit raises instead of running eager unnoticed) when the
+        engine is. Should compilation fail, prefill runs eager from then on, logged once."""
         if self._prefill_fn is not None:
+            import torch.fx.experimental._config  # noqa: F401 (loaded by the compiler anyway)
+
             try:
-                return self._prefill_fn(ids, pos, rows.start, length)
+                if not self._prefill_warm:
+                    self._prefill_warm = True
+                    self._warm_prefill(rows)
+                # no duck sizing: sizes that happen to be equal at the first call (2 rows, 2 kv
+                # heads) would otherwise be guarded equal and compile again at the next call
+                with torch.fx.experimental._config.patch(use_duck_shape=False):
+                    return self._prefill_fn(ids, pos, rows.start if isinstance(rows, slice) else rows, length)
             except Exception as e:  # a compiler limitation must not take the engine down
                 log.warning("compiled prefill failed, prefill runs eager from now on: %s: %s",
                             type(e).__name__, str(e)[:500])
                 self._prefill_fn = None
         return self._forward(ids, pos, rows, length)
+
+    def _warm_prefill(self, rows: torch.Tensor | slice) -> None:
+        """Compile the prefill at sizes that are all different and > 1 (3 rows, 5 tokens, 7 slots
+        attended) before its first real call: dynamo compiles a graph for the sizes it sees
+        first, and would treat sizes of 1, or a length that happens to equal the token count,
+        as constants there and compile again for the next shape. The call writes only slot
+        max_len - 1, which no prompt token holds and every row writes before it reads it."""
+        if isinstance(rows, slice):  # ring caches: one row at a time, from an int start
+            return
+        ids = torch.zeros(3, 5, dtype=torch.long, device=self.device)
+        pos = torch.full((3, 5), self.max_len - 1, device=self.device)
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            self._prefill_fn(ids, pos, rows[:1].repeat(3), min(7, self.max_len))
 
     # -- sampled tokens -> events -----------------------------------------------------------------
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
