@@ -152,6 +152,7 @@ class Engine:
         self._prefill_fn = torch.compile(self._forward_from, dynamic=True, fullgraph=True) if on else None
         self.prefill_forwards = 0  # prefill forwards since start (admissions: one per step)
         self._prefill_warm = False  # whether _warm_prefill ran
+        self._prefill_fullgraph = True  # False after a graph break (then compiled with breaks)
         self.drafter, self.spec_k = drafter, spec_k
         self.spec_stats = {"rounds": 0, "drafted": 0, "accepted": 0}  # over all rows since start
         if drafter is not None:
@@ -501,9 +502,11 @@ class Engine:
         return self._forward(ids, pos, rows, length)
 
     def _forward_prefill(self, ids, pos, rows: torch.Tensor | slice, length: int) -> torch.Tensor:
-        """A prefill forward; compiled (dynamic shapes, one graph, fullgraph so that a graph
-        break or dynamo's recompile limit raises instead of running eager unnoticed) when the
-        engine is. Should compilation fail, prefill runs eager from then on, logged once."""
+        """A prefill forward; compiled (dynamic shapes, one graph) when the engine is. It is
+        compiled with fullgraph, so that dynamo's recompile limit raises instead of running
+        eager unnoticed; should the model have a graph break (e.g. a log call), it is compiled
+        again without fullgraph. Should compilation fail, prefill runs eager from then on. Both
+        are logged once."""
         if self._prefill_fn is not None:
             import torch.fx.experimental._config  # noqa: F401 (loaded by the compiler anyway)
 
@@ -515,11 +518,22 @@ class Engine:
                 # heads) would otherwise be guarded equal and compile again at the next call
                 with torch.fx.experimental._config.patch(use_duck_shape=False):
                     return self._prefill_fn(ids, pos, rows.start if isinstance(rows, slice) else rows, length)
+            except torch._dynamo.exc.Unsupported as e:  # a graph break under fullgraph
+                if self._prefill_fullgraph:
+                    log.warning("compiled prefill is not one graph, compiling it with graph breaks: %s",
+                                str(e).splitlines()[0][:300])
+                    self._prefill_fullgraph, self._prefill_warm = False, False
+                    self._prefill_fn = torch.compile(self._forward_from, dynamic=True)
+                    return self._forward_prefill(ids, pos, rows, length)
+                self._eager_prefill(e)
             except Exception as e:  # a compiler limitation must not take the engine down
-                log.warning("compiled prefill failed, prefill runs eager from now on: %s: %s",
-                            type(e).__name__, str(e)[:500])
-                self._prefill_fn = None
+                self._eager_prefill(e)
         return self._forward(ids, pos, rows, length)
+
+    def _eager_prefill(self, e: Exception) -> None:
+        log.warning("compiled prefill failed, prefill runs eager from now on: %s: %s",
+                    type(e).__name__, str(e)[:500])
+        self._prefill_fn = None
 
     def _warm_prefill(self, rows: torch.Tensor | slice) -> None:
         """Compile the prefill at sizes that are all different and > 1 (3 rows, 5 tokens, 7 slots

@@ -164,3 +164,33 @@ def test_row_ids_view_equals_slice_view():
     ring = StaticKVCache.for_model(tiny_model("mqa-window"), 2, 40)
     with pytest.raises(Exception, match="rings"):
         ring.view(torch.tensor([0]), 4, pos[:1])
+
+
+def test_graph_break_compiles_again_without_fullgraph(monkeypatch, caplog):
+    """A graph break under fullgraph (e.g. a model's log call) is logged and the prefill compiled
+    again with breaks allowed, not dropped to eager; a recompile-limit hit goes eager, logged."""
+    model = tiny_model("gqa")
+    ps = prompts([3, 8], seed=6)
+    engine = Engine(model, max_batch=2, max_len=30, eos_ids=[])
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: compiled.append(kw) or f)
+
+    def breaks(*args):
+        raise torch._dynamo.exc.Unsupported("logging.Logger method not supported")
+
+    engine._prefill_fn = breaks
+    outs = engine.generate(ps, SamplingParams(max_tokens=4, temperature=0))
+    assert [o[0].token_ids for o in outs] == [naive_greedy(model, p, 4) for p in ps]
+    assert compiled == [{"dynamic": True}] and engine._prefill_fn is not None
+    assert "not one graph" in caplog.text and "logging.Logger" in caplog.text
+
+    class FailOnRecompileLimitHit(Exception):  # what dynamo raises under fullgraph at the limit
+        pass
+
+    def limit(*args):
+        raise FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+
+    engine._prefill_fn, engine._prefill_fullgraph = limit, True
+    outs = engine.generate(ps, SamplingParams(max_tokens=4, temperature=0))
+    assert [o[0].token_ids for o in outs] == [naive_greedy(model, p, 4) for p in ps]
+    assert engine._prefill_fn is None and "runs eager from now on: FailOnRecompileLimitHit" in caplog.text
