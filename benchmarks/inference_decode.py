@@ -169,6 +169,7 @@ def run_batch(B, prompts, model, qmodel, unpacked, hf, hf_c, args, device) -> li
     for r in range(args.repeats):  # interleaved, rotating order: the shared machine's load drifts
         for name in names[r % len(names):] + names[:r % len(names)]:
             secs, outs[name] = timed(variants[name], device)
+            print(f"batch {B} round {r}: {name} {B * args.new / secs:.1f} tok/s", flush=True)  # kept if a cap hits
             best[name] = min(best.get(name, float("inf")), secs)
     rows = [{"batch": B, "variant": n, "seconds": best[n], "tokens_per_s": B * args.new / best[n]} for n in names]
     speed = {r["variant"]: r["tokens_per_s"] for r in rows}

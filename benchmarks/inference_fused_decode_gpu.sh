@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Lent-GPU steps for the fused decode step (issue 5), each with its own time cap, JSON and log
 # under $OUT (all output also in $OUT/all.log), so a step that times out costs only itself:
+#   checks   bf16 checks of every kernel variant (attention splits twice, head argmax), no timings
 #   tests    the gpu tests of the fused path (CUDA engine == CPU engine, every attention kernel)
 #   e2e124   end to end, llama124m batch 1: fused vs compiled model step vs HF compiled decode
 #   e2e1b    end to end, llama1b batch 1: fused vs compiled model step (achieved TB/s)
@@ -34,9 +35,11 @@ for s in $STEPS; do
     e2e124) run e2e124 "${CAP_E2E124:-150}" python3 benchmarks/inference_decode.py --shape llama124m $E2E \
       --skip $SKIP --out "$OUT/e2e124.json" ;;
     e2e1b) run e2e1b "${CAP_E2E1B:-110}" python3 benchmarks/inference_decode.py --shape llama1b $E2E \
-      --skip $SKIP hf_compile --out "$OUT/e2e1b.json" ;;
+      --skip $SKIP hf_compile ${SKIP1B:-} --out "$OUT/e2e1b.json" ;;
     kernels) run kernels "${CAP_KERNELS:-120}" python3 benchmarks/inference_fused_decode.py --shape llama124m \
       --rows 1 8 --no-step --out "$OUT/kernels.json" ;;
+    checks) run checks "${CAP_CHECKS:-45}" env LMFORGE_KERNEL_TUNE=0 python3 benchmarks/inference_fused_decode.py \
+      --shape llama124m llama1b --rows 1 3 --check-only --no-step --out "$OUT/checks.json" ;;
     rows) run rows "${CAP_ROWS:-120}" python3 benchmarks/inference_fused_decode.py --shape llama124m --no-kernels \
       --step-rows 1 4 8 --step-variants compiled fused --out "$OUT/rows.json" ;;
     *) echo "unknown step $s" ;;
