@@ -2,19 +2,22 @@
 
 A decode step at batch 1-16 is made of matrix-vector products (GEMVs) that each read a weight once:
 it is bound by memory bandwidth, or, for small models, by the latency of many tiny kernels. These
-kernels cut one layer from ~15 kernels to four (five with a split attention):
+kernels cut one layer from ~15 kernels to four:
   1. `norm_qkv_rope`: RMSNorm of the residual stream (recomputed by every program: a row is a few
      KB) -> packed q/k/v GEMV -> RoPE on q and k -> k and v written into the static cache at each
      row's position; q out;
-  2. `decode_attention`: each row's query heads over its cached keys 0..position (GQA: a program
-     takes all query heads of one kv head, so keys are read once), optionally split over the key
-     axis (flash-decoding) with a small combine kernel, when rows x kv heads are too few programs
-     (products by broadcast and `tl.sum`, the measured default; `impl="dot"`: `tl.dot` on query
-     heads padded to 16 rows);
+  2. `decode_attention`: each row's query heads over its cached keys 0..position, optionally split
+     over the key axis (flash-decoding) with the splits combined inside the same kernel (the last
+     split of a head to finish, by an atomic counter, combines them: no second launch). Three
+     variants, the fastest chosen per shape by timing them once on the GPU: "head" (one query
+     head per program, 2-D tiles), "dot" (a kv head's query group per program, `tl.dot` on the
+     group padded to 16 rows, keys read once) and "sum" (the group by broadcast and `tl.sum`,
+     the first version: many shuffles and barriers per key block, 9.4 us a layer at 124M);
   3. `gemv_residual`: o-projection GEMV + the residual add (into a second buffer, see below);
   4. `norm_swiglu`: RMSNorm -> packed gate/up GEMV -> silu(gate) * up;
   5. `gemv_residual` again for the down projection;
-plus `norm_gemv` (final norm + LM head).
+plus `norm_gemv` (final norm + LM head; for greedy decoding also the argmax of each row, folded
+into the same kernel by a packed (value, index) int64 atomic max, so no logits are written).
 
 GEMVs: a program owns BLOCK_N output rows (a weight tile [BLOCK_N, BLOCK_K] per step of the
 reduction, wide coalesced loads), keeps the weight tile in registers and multiplies it with every
@@ -29,7 +32,9 @@ rounding them, so bf16 is checked on the GPU (benchmarks/inference_fused_decode.
 
 Every kernel is idempotent (running it twice gives the same buffers): the residual add writes a
 second buffer instead of updating in place, so autotuning (which runs a kernel many times) and
-a warm-up run before CUDA-graph capture change nothing.
+a warm-up run before CUDA-graph capture change nothing. The atomic counters of the split attention
+and of the argmax are left at zero by each launch; two launches sharing one scratch must not run
+concurrently (on different streams).
 
 Each `*_ref` function is the readable torch spec the kernel is tested against (and the reference
 against the model's own modules). Not here: biases, LayerNorm, GELU, QK-norm, soft-capping,

@@ -110,7 +110,7 @@ def test_fused_decode_step_on_cuda_equals_cpu():
     sampled = engine.generate(ps[:3], [SamplingParams(max_tokens=12, temperature=0.8, top_k=20)] * 3)
     assert all(len(o[0].token_ids) == 12 and max(o[0].token_ids) < model.cfg.vocab_size for o in sampled)
     for impl, splits in (("dot", None), ("head", 4), ("sum", 2)):  # each attention kernel, splits fixed or tuned
-        other = Engine(model, max_batch=3, max_len=300, compile=True)
+        other = Engine(model, max_batch=3, max_len=300, fused_decode=True)  # eager: no inductor compile to wait for
         other.fused = FusedDecoder(model, other.cache, attn_impl=impl, attn_splits=splits)
         assert [o[0].token_ids for o in other.generate(ps, params)] == ref, impl
     assert Engine(model, max_batch=MAX_ROWS + 1, max_len=64, compile=True).fused is None
