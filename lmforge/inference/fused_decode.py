@@ -2,13 +2,15 @@
 
     reason = supports(model, cache, rows)     # None when the fused step can run, else why not
     step = FusedDecoder(model, cache)
-    logits = step(tokens, positions)          # tokens, positions [M, 1] -> logits [M, V]
+    logits = step(tokens, positions)          # tokens, positions [M, 1] -> logits [M, V] (fp32)
+    ids = step(tokens, positions, greedy=True)  # -> argmax ids [M] (no logits written)
 
 One decode step (one new token per row, row m of the batch = row m of the engine's StaticKVCache,
-each at its own position) runs, per layer, four or five kernels of lmforge/kernels/decode.py
-instead of the ~15 of the model's modules: RMSNorm+qkv+RoPE+cache write, attention (+ combine
-when split over keys), o-projection+residual, RMSNorm+gate/up+SwiGLU, down+residual; then the
-final norm + LM head. The embedding lookup is one `index_select`. The weights are read from the
+each at its own position) runs, per layer, four kernels of lmforge/kernels/decode.py instead of
+the ~15 of the model's modules: RMSNorm+qkv+RoPE+cache write, attention (split over keys when
+that pays, the splits combined in the same kernel; the variant tuned per shape on the GPU),
+o-projection+residual, RMSNorm+gate/up+SwiGLU, down+residual; then the final norm + LM head, with
+the greedy argmax in the same kernel. The embedding lookup is one `index_select`. The weights are read from the
 model's own (packed) parameters at every call, so in-place updates reach the step; captured in a
 CUDA graph (the engine's StepGraphs), their addresses are fixed at capture like any compiled step.
 

@@ -44,6 +44,7 @@ sliding windows, MLA or MoE (inference/fused_decode.py falls back to the model f
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -542,8 +543,11 @@ def decode_attention(q, k_cache, v_cache, pos, out, length: int | None = None, s
         key = (M, Hq, Hkv, D, length, q.dtype, impl, splits, num_warps, q.device)
         cfg = attention_choices.get(key)
         if cfg is None:
-            if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: the rule's pick
-                cfg = dict(impl=impl or "head", splits=splits or attention_splits(M, Hq, length), num_warps=4)
+            if torch.cuda.is_current_stream_capturing() or os.environ.get("LMFORGE_KERNEL_TUNE", "1") == "0":
+                # no timing inside a capture (or when tuning is off, as for the GEMVs): the rule's pick
+                im = impl or "head"
+                cfg = dict(impl=im, splits=splits or attention_splits(M, Hq if im == "head" else Hkv, length),
+                           num_warps=4)
             else:
                 cfg = attention_choices[key] = _attention_tune(cands, q, k_cache, v_cache, pos, out, length, scratch)
     _attention_launch(cfg, q, k_cache, v_cache, pos, out, length, scratch)
