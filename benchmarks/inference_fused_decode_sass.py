@@ -1,4 +1,4 @@
-"""Offline SASS of the decode attention variants (lmforge/kernels/decode.py), no GPU needed.
+"""Offline SASS of the decode attention variants (lmforge/kernels/decode_attention.py), no GPU needed.
 
 Compiles `_attention_kernel` for sm_90 with Triton's own ptxas (as the JIT would, pointers and the
 head dim, length and cache strides specialised as multiples of 16) and counts, per variant, the
@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lmforge.io import write_json
-from lmforge.kernels import decode as kd
+from lmforge.kernels import decode_attention as kd
 
 # (label, IMPL, BLOCK_G, BLOCK_D, BLOCK_S, SPLITS, warps): the 124M (MHA, D 64) and 1.1B (GQA 8) shapes
 VARIANTS = [("head, 1 split", 2, 1, 64, 64, 1, 4), ("head, 4 splits", 2, 1, 64, 64, 4, 4),
