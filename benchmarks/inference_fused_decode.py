@@ -175,7 +175,7 @@ def kernel_rows(shape: str, M: int, peak: float, check_only: bool = False) -> tu
                          ("dot", dict(impl="dot")), ("sum", dict(impl="sum", splits=kd.attention_splits(M, Hkv, L)))):
             row[f"{name}_us"] = graph_us(lambda _, kw=kw: kd.decode_attention(q, kc, vc, p, out, L, **kw), reps)
             if name in ("tuned", "head", "dot"):
-                key = (M, Hq, Hkv, D, L, bf, kw.get("impl"), None, None, q.device)
+                key = (M, Hq, Hkv, D, kd.tuning_length(L), bf, kw.get("impl"), None, None, q.device)
                 row[f"{name}_config"] = kd.attention_choices.get(key)
         return row
 

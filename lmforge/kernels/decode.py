@@ -53,6 +53,7 @@ from lmforge.kernels.decode_attention import (  # noqa: F401  (re-exported: one 
     attention_splits,
     decode_attention,
     decode_attention_ref,
+    tuning_length,
 )
 from lmforge.kernels.runtime import Tunable
 

@@ -168,6 +168,12 @@ MAX_SPLITS = 32  # the most key splits a scratch from `attention_scratch` holds
 attention_choices: dict[tuple, dict] = {}  # tuned attention configs by shape key (see decode_attention)
 
 
+def tuning_length(length: int) -> int:
+    """The planned length a tuned choice is kept for: the next power of two (>= 64), so an eager
+    engine, whose length grows every step, tunes once per doubling rather than per step."""
+    return max(64, triton.next_power_of_2(length))
+
+
 def attention_scratch(rows: int, q_heads: int, head_dim: int, device) -> tuple[torch.Tensor, ...]:
     """Work buffers of `decode_attention` for up to `rows` rows and MAX_SPLITS splits: partials,
     (max, sum) pairs (fp32) and one int32 counter per (row, head), zero (the kernel leaves them so)."""
@@ -241,8 +247,8 @@ def decode_attention(q, k_cache, v_cache, pos, out, length: int | None = None, s
     position), combined inside the same kernel. impl "head" (one query head per program), "dot"
     (`tl.dot` on a kv head's query group padded to 16 rows) or "sum" (the group by broadcast and
     `tl.sum`, the first version). Fields left None are chosen per shape by timing the candidates
-    (`attention_candidates`) once on the GPU (not during a CUDA-graph capture: the warm-up run
-    tunes); under the interpreter the first candidate runs. `scratch`: `attention_scratch(...)`
+    (`attention_candidates`) once per `tuning_length(length)` on the GPU (not during a CUDA-graph
+    capture: the warm-up run tunes); under the interpreter the first candidate runs. `scratch`: `attention_scratch(...)`
     for at least M rows (allocated when not given)."""
     M, Hq, D = q.shape
     Hkv = k_cache.shape[1]
@@ -250,11 +256,12 @@ def decode_attention(q, k_cache, v_cache, pos, out, length: int | None = None, s
     if impl is not None and impl not in ATTN_IMPLS:
         raise ValueError(f"decode_attention: impl={impl!r}; expected one of {sorted(ATTN_IMPLS)}")
     scratch = scratch if scratch is not None else attention_scratch(M, Hq, D, q.device)
-    cands = attention_candidates(M, Hq, Hkv, length, impl, splits, num_warps)
+    bucket = tuning_length(length)
+    cands = attention_candidates(M, Hq, Hkv, bucket, impl, splits, num_warps)
     if len(cands) == 1 or q.device.type != "cuda":
         cfg = cands[0]
     else:
-        key = (M, Hq, Hkv, D, length, q.dtype, impl, splits, num_warps, q.device)
+        key = (M, Hq, Hkv, D, bucket, q.dtype, impl, splits, num_warps, q.device)
         cfg = attention_choices.get(key)
         if cfg is None:
             if torch.cuda.is_current_stream_capturing() or os.environ.get("LMFORGE_KERNEL_TUNE", "1") == "0":
@@ -263,6 +270,6 @@ def decode_attention(q, k_cache, v_cache, pos, out, length: int | None = None, s
                 cfg = dict(impl=im, splits=splits or attention_splits(M, Hq if im == "head" else Hkv, length),
                            num_warps=4)
             else:
-                cfg = attention_choices[key] = _attention_tune(cands, q, k_cache, v_cache, pos, out, length, scratch)
+                cfg = attention_choices[key] = _attention_tune(cands, q, k_cache, v_cache, pos, out, bucket, scratch)
     _attention_launch(cfg, q, k_cache, v_cache, pos, out, length, scratch)
     return out

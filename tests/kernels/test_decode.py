@@ -72,6 +72,7 @@ def test_decode_attention(M, Hq, Hkv, splits, impl):
 
 
 def test_attention_candidates():
+    assert [kd.tuning_length(n) for n in (20, 64, 65, 160, 256)] == [64, 64, 128, 256, 256]
     c = kd.attention_candidates(1, 12, 12, 256)
     assert {x["impl"] for x in c} == {"head", "dot"}
     assert sorted({x["splits"] for x in c if x["impl"] == "head"}) == [1, 2, 4, 8]  # >= 32 keys per split
