@@ -272,12 +272,16 @@ def config_for(D: int, S: int) -> tuple[int, int, int, int, int]:
 CONSUMER_REGS = {1: 24, 2: 240, 3: 160}
 
 
-def unusable_reason(q, k, v, *, window=None, softcap=None, doc_ids=None) -> str | None:
+def unusable_reason(q, k, v, *, window=None, softcap=None, doc_ids=None, causal=False) -> str | None:
     """None when this kernel can compute attention of q over k, v; else why not (one line)."""
     if IMPORT_ERROR is not None:
         return IMPORT_ERROR
+    if causal and k.shape[2] < q.shape[2]:  # the last query rows would see no key tile: the loader would stall
+        return f"causal with fewer keys ({k.shape[2]}) than queries ({q.shape[2]})"
     if q.device.type != "cuda":
         return f"tensors are on {q.device.type}, not a CUDA GPU"
+    if torch.version.hip is not None:
+        return "this is a ROCm build of torch (the Gluon kernel is for NVIDIA Hopper)"
     if torch.cuda.get_device_capability(q.device) != (9, 0):
         return f"the GPU is sm_{''.join(map(str, torch.cuda.get_device_capability(q.device)))}, not Hopper sm_90"
     if window is not None or softcap is not None or doc_ids is not None:
@@ -301,6 +305,9 @@ def forward(q, k, v, *, causal, scale, config=None):
     HKV, S = k.shape[1], k.shape[2]
     BLOCK_M, BLOCK_N, stages, consumers, pingpong = config or config_for(D, S)
     rows = BLOCK_M // consumers
+    if consumers not in (1, 2, 3) or BLOCK_M % consumers or rows % 64 or (consumers > 1 and rows != 64):
+        raise ValueError(f"Gluon forward config {config}: consumers must be 1-3, each owning 64 query rows "
+                         f"(BLOCK_M = 64 x consumers; one consumer may own 128)")
     out = torch.empty(B, HQ, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16

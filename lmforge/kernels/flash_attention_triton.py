@@ -449,11 +449,15 @@ def forward(q, k, v, *, causal, window, softcap, scale, doc_ids):
     """Returns (out [B,Hq,T,Dv] contiguous, lse [B,Hq,T] fp32, base 2)."""
     from lmforge.kernels import flash_attention_tma as tma
 
-    if USE_TMA and gluon_reason(q, k, v, window=window, softcap=softcap, doc_ids=doc_ids) is None:
+    if USE_TMA and gluon_reason(q, k, v, window=window, softcap=softcap, doc_ids=doc_ids, causal=causal) is None:
         from lmforge.kernels import flash_attention_gluon as gluon
 
-        scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        return gluon.forward(q, k, v, causal=causal, scale=scale)
+        try:
+            return gluon.forward(q, k, v, causal=causal, scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+        except Exception as e:  # noqa: BLE001  (e.g. a Triton whose Gluon API differs: a host-side compile error)
+            _gluon_failed["forward"] = f"the Gluon kernel failed to compile or launch ({type(e).__name__}: {e})"
+            log.warning("flash_attention forward: Gluon kernel switched off, Triton kernels from now on: %s",
+                        _gluon_failed["forward"])
     if USE_TMA and tma.usable(q, k, v):
         return tma.forward(q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, doc_ids=doc_ids)
     B, HQ, HKV, T, S, D, DV, doc, meta, scalars, strides = _common(q, k, v, softcap, scale, window, doc_ids)
@@ -484,7 +488,12 @@ def backward(q, k, v, out, lse, dout, *, causal, window, softcap, scale, doc_ids
     atomic = not deterministic
     if USE_TMA_BWD and gluon_bwd_reason(q, k, v, dout, atomic, window=window, softcap=softcap,
                                         doc_ids=doc_ids) is None:
-        return _gluon_backward(q, k, v, dout, lse, delta, doc, meta, scalars, strides, causal, atomic)
+        try:
+            return _gluon_backward(q, k, v, dout, lse, delta, doc, meta, scalars, strides, causal, atomic)
+        except Exception as e:  # noqa: BLE001  (as in forward: fall back, once and for all, with the reason)
+            _gluon_failed["backward"] = f"the Gluon kernel failed to compile or launch ({type(e).__name__}: {e})"
+            log.warning("flash_attention backward: Gluon kernel switched off, Triton kernels from now on: %s",
+                        _gluon_failed["backward"])
     use_tma = USE_TMA_BWD and tma.usable(q, k, v, dout)
     # with atomics, dQ accumulates in fp32 rows of BLOCK_D (the descriptor kernel's padded head dim)
     dq_acc = torch.zeros(B, HQ, T, meta["BLOCK_D"] if use_tma else D, device=q.device, dtype=torch.float32) \
@@ -527,11 +536,15 @@ USE_TMA_BWD = True
 # It is a descriptor (TMA) kernel too: USE_TMA = False switches it off with the others.
 GLUON_HEAD_DIMS = {128}
 _gluon_logged: set[str] = set()
+# "forward"/"backward" -> why the Gluon kernel failed once (it then stays off for the process)
+_gluon_failed: dict[str, str] = {}
 
 
-def gluon_reason(q, k, v, *, window=None, softcap=None, doc_ids=None) -> str | None:
+def gluon_reason(q, k, v, *, window=None, softcap=None, doc_ids=None, causal=False) -> str | None:
     """None when the forward would run the Gluon kernel on these inputs, else why not (logged once)."""
-    reason = None
+    reason = _gluon_failed.get("forward")
+    if reason is not None:
+        return reason
     if q.shape[-1] not in GLUON_HEAD_DIMS:
         reason = f"head dim {q.shape[-1]} is not in GLUON_HEAD_DIMS {sorted(GLUON_HEAD_DIMS)}"
     else:
@@ -542,9 +555,9 @@ def gluon_reason(q, k, v, *, window=None, softcap=None, doc_ids=None) -> str | N
     if reason is None and interpreting():
         reason = "TRITON_INTERPRET is set (Gluon kernels have no interpreter)"
     if reason is None:
-        reason = gluon.unusable_reason(q, k, v, window=window, softcap=softcap, doc_ids=doc_ids)
-    if reason is not None and reason not in _gluon_logged:
-        _gluon_logged.add(reason)
+        reason = gluon.unusable_reason(q, k, v, window=window, softcap=softcap, doc_ids=doc_ids, causal=causal)
+    if reason is not None and "fwd " + reason not in _gluon_logged:
+        _gluon_logged.add("fwd " + reason)
         log.info("flash_attention forward: Triton kernels instead of the Gluon kernel because %s", reason)
     return reason
 
@@ -561,7 +574,9 @@ GLUON_BWD_ATOMIC_HEAD_DIMS: set[int] = set()
 def gluon_bwd_reason(q, k, v, dout, atomic, *, window=None, softcap=None, doc_ids=None) -> str | None:
     """None when the backward would run the Gluon dK/dV kernel on these inputs, else why not (logged once)."""
     dims = GLUON_BWD_ATOMIC_HEAD_DIMS if atomic else GLUON_BWD_HEAD_DIMS
-    reason = None
+    reason = _gluon_failed.get("backward")
+    if reason is not None:
+        return reason
     if q.shape[-1] not in dims:
         name = "GLUON_BWD_ATOMIC_HEAD_DIMS" if atomic else "GLUON_BWD_HEAD_DIMS"
         reason = f"head dim {q.shape[-1]} is not in {name} {sorted(dims)}"
@@ -574,8 +589,8 @@ def gluon_bwd_reason(q, k, v, dout, atomic, *, window=None, softcap=None, doc_id
             reason = f"lmforge.kernels.flash_attention_gluon_bwd failed to import ({type(e).__name__}: {e})"
         else:
             reason = gluon_bwd.unusable_reason(q, k, v, dout, window=window, softcap=softcap, doc_ids=doc_ids)
-    if reason is not None and reason not in _gluon_logged:
-        _gluon_logged.add(reason)
+    if reason is not None and "bwd " + reason not in _gluon_logged:
+        _gluon_logged.add("bwd " + reason)
         log.info("flash_attention backward: Triton kernels instead of the Gluon kernel because %s", reason)
     return reason
 
@@ -599,9 +614,11 @@ def _gluon_backward(q, k, v, dout, lse, delta, doc, meta, scalars, strides, caus
         else:
             grid_q = lambda m: (B * HQ, triton.cdiv(T, m["BLOCK_M"]))
             DQ[grid_q](q, k, v, dout, lse, delta, dq, doc, *strides, *scalars, HQ, HQ // k.shape[1], **meta)
-    _, dk, dv = gluon_bwd.dkdv(q, k, v, dout, lse, delta, causal=causal, scale=scale, atomic_dq=False)
-    if side is not None:
-        torch.cuda.current_stream(q.device).wait_stream(side)
+    try:
+        _, dk, dv = gluon_bwd.dkdv(q, k, v, dout, lse, delta, causal=causal, scale=scale, atomic_dq=False)
+    finally:  # also when dkdv fails: dq's memory must not be reused while the side stream writes it
+        if side is not None:
+            torch.cuda.current_stream(q.device).wait_stream(side)
     return dq, dk, dv
 
 

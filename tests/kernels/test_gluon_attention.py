@@ -202,3 +202,42 @@ def test_missing_gluon_module_falls_back(caplog, monkeypatch):
     assert reason.startswith("lmforge.kernels.flash_attention_gluon failed to import")
     assert reason in caplog.text
     assert fa.gluon_reason(torch.randn(1, 1, 5, 24), q[..., :24], q[..., :24]).startswith("head dim 24")
+
+
+def test_gluon_compile_failure_switches_it_off_once(caplog, monkeypatch):
+    """A Gluon kernel that fails on the host (e.g. a Triton whose Gluon API differs, as 3.5's
+    warp_specialize does) is logged once and the Triton kernels compute the result, then and after."""
+    from lmforge.kernels import flash_attention_gluon as gluon
+
+    calls = []
+
+    def broken(*a, **kw):
+        calls.append(1)
+        raise TypeError("warp_specialize() missing 3 required positional arguments")
+
+    monkeypatch.setattr(fa, "_gluon_failed", {})
+    monkeypatch.setattr(fa, "GLUON_HEAD_DIMS", {64, 128})
+    monkeypatch.setattr(fa, "interpreting", lambda: False)  # pretend Gluon could run here ...
+    monkeypatch.setattr(gluon, "unusable_reason", lambda *a, **kw: None)
+    monkeypatch.setattr(gluon, "forward", broken)  # ... and fails to compile
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 19, 64, generator=g) for _ in range(3))
+    ref = attention_reference(q.double(), k.double(), v.double())
+    with caplog.at_level(logging.INFO, logger="lmforge.kernels"):
+        first = fa.forward(q, k, v, causal=True, window=None, softcap=None, scale=None, doc_ids=None)[0]
+        second = fa.forward(q, k, v, causal=True, window=None, softcap=None, scale=None, doc_ids=None)[0]
+    assert len(calls) == 1 and caplog.text.count("Gluon kernel switched off") == 1
+    assert "warp_specialize" in fa.gluon_reason(q, k, v)
+    assert rel(first, ref) < 1e-5 and rel(second, ref) < 1e-5
+
+
+def test_causal_with_fewer_keys_than_queries_is_refused():
+    """The loader would stall if a causal query tile saw no key tile: such inputs never reach the kernel."""
+    from lmforge.kernels import flash_attention_gluon as gluon
+
+    if gluon.IMPORT_ERROR is not None:
+        pytest.skip(gluon.IMPORT_ERROR)
+    q, k = torch.randn(1, 1, 512, 128), torch.randn(1, 1, 256, 128)
+    assert "fewer keys (256) than queries (512)" in gluon.unusable_reason(q, k, k, causal=True)
+    assert "fewer keys" not in gluon.unusable_reason(q, k, k, causal=False)
+    assert "fewer keys" not in gluon.unusable_reason(k, q, q, causal=True)
