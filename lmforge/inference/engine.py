@@ -41,7 +41,8 @@ k steps are captured in one plain CUDA graph
 per length and sampling setting (pipeline.StepGraphs); the general decode step over all rows and
 the whole cache is `torch.compile(mode="reduce-overhead")`; prefill forwards are compiled with
 dynamic shapes, at shapes chosen so that one graph serves every admission (rows, prompt lengths,
-slots, prefix hits; see `_prefill_batch`), compiled at the first admission.
+slots, prefix hits; see `_prefill_batch`), compiled at the first admission; inductor adds one
+more graph, compiled when first needed, for an admission that attends all max_len slots.
 
 With `fused_decode` (None, the default: with compile=True on CUDA whenever supported; True: also
 eager and under the Triton interpreter, for tests) the steady-state step's forward is fused_decode.FusedDecoder: four or
@@ -149,6 +150,7 @@ class Engine:
         # (the fused step is Triton kernels already: captured as it is, not compiled)
         self._step_fn = (self._sample_step if self.fused is not None else
                          torch.compile(self._sample_step, dynamic=False, options=compile_options) if on else None)
+        self._prefill_backend: dict = {}  # extra torch.compile arguments of the prefill (tests: the eager backend)
         self._prefill_fn = torch.compile(self._forward_from, dynamic=True, fullgraph=True) if on else None
         self.prefill_forwards = 0  # prefill forwards since start (admissions: one per step)
         self._prefill_warm = False  # whether _warm_prefill ran
@@ -271,14 +273,17 @@ class Engine:
     def _prefill_chunked(self) -> list[Event]:
         """Feed at most `prefill_chunk` prompt tokens this step (oldest prompts first, all chunks
         in one forward), so a long prompt delays the running sequences' next token by a bounded
-        amount."""
-        chunks, budget = [], self.prefill_chunk
+        amount. The bound counts padded tokens: the forward is rows x the widest chunk."""
+        chunks, width, budget = [], 0, self.prefill_chunk
         for s in self.prefilling:
-            if budget == 0:
+            rows, left = len(chunks) + 1, len(s.request.prompt_ids) - s.length
+            w = max(width, min(left, budget // rows))  # widest a chunk may be with this many rows
+            if rows * w > budget:
+                w = width  # no wider than the chunks taken so far
+            if w == 0 or rows * w > budget:
                 break
-            n = min(budget, len(s.request.prompt_ids) - s.length)
-            chunks.append((s, n))
-            budget -= n
+            chunks.append((s, min(left, w)))
+            width = max(width, min(left, w))
         if not chunks:
             return []
         return self._prefilled(chunks, self._prefill_rows(chunks))
@@ -518,15 +523,17 @@ class Engine:
                 # heads) would otherwise be guarded equal and compile again at the next call
                 with torch.fx.experimental._config.patch(use_duck_shape=False):
                     return self._prefill_fn(ids, pos, rows.start if isinstance(rows, slice) else rows, length)
-            except torch._dynamo.exc.Unsupported as e:  # a graph break under fullgraph
-                if self._prefill_fullgraph:
-                    log.warning("compiled prefill is not one graph, compiling it with graph breaks: %s",
-                                str(e).splitlines()[0][:300])
-                    self._prefill_fullgraph, self._prefill_warm = False, False
-                    self._prefill_fn = torch.compile(self._forward_from, dynamic=True)
-                    return self._forward_prefill(ids, pos, rows, length)
-                self._eager_prefill(e)
             except Exception as e:  # a compiler limitation must not take the engine down
+                # Under fullgraph, anything but the recompile limit is a part dynamo cannot trace
+                # as one graph: a graph break (Unsupported) or a data-dependent branch (learned
+                # positions' int(positions.max()), MoE's per-expert counts raise UserError /
+                # GuardOnDataDependentSymNode). Those compile again with graph breaks allowed.
+                if self._prefill_fullgraph and type(e).__name__ != "FailOnRecompileLimitHit":
+                    log.warning("compiled prefill is not one graph, compiling it with graph breaks: %s: %s",
+                                type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+                    self._prefill_fullgraph, self._prefill_warm = False, False
+                    self._prefill_fn = torch.compile(self._forward_from, dynamic=True, **self._prefill_backend)
+                    return self._forward_prefill(ids, pos, rows, length)
                 self._eager_prefill(e)
         return self._forward(ids, pos, rows, length)
 
@@ -541,8 +548,8 @@ class Engine:
         first, and would treat sizes of 1, or a length that happens to equal the token count,
         as constants there and compile again for the next shape. The call writes only slot
         max_len - 1, which no prompt token holds and every row writes before it reads it."""
-        if isinstance(rows, slice):  # ring caches: one row at a time, from an int start
-            return
+        if isinstance(rows, slice) or self.max_len < 8:  # ring caches: one row at a time; tiny caches:
+            return  # the warm-up's 5 tokens + 1 slot would not fit, the first admission compiles
         ids = torch.zeros(3, 5, dtype=torch.long, device=self.device)
         pos = torch.full((3, 5), self.max_len - 1, device=self.device)
         with torch.fx.experimental._config.patch(use_duck_shape=False):

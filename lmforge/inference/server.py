@@ -105,12 +105,13 @@ class EngineWorker:
 
     def _start_batch(self) -> None:
         """Static batching: the engine is idle, so the held requests that fit its rows start."""
-        free = self.engine.max_batch
+        free, start = self.engine.max_batch, []
         with self._lock:
             while self._held and self._held[0][3].n <= free:
-                op = self._held.pop(0)
-                free -= op[3].n
-                self._add(op)
+                start.append(self._held.pop(0))
+                free -= start[-1][3].n
+        for op in start:  # outside the lock: submit() on the event loop need not wait for the engine
+            self._add(op)
 
     def _run(self) -> None:
         eng = self.engine
@@ -148,9 +149,10 @@ class EngineWorker:
                 per_request.setdefault(ev.request_id, []).append(ev)
             for rid, evs in per_request.items():
                 self._deliver(rid, evs)
-            live = {o[1] for o in self._inbox} | {o[1] for o in self._held}
-            for rid in [r for r in self._queues if r not in eng.requests and r not in live]:
-                self._queues.pop(rid, None)
+            with self._lock:  # submit() adds queues from the event loop's thread
+                live = {o[1] for o in self._inbox} | {o[1] for o in self._held}
+                for rid in [r for r in self._queues if r not in eng.requests and r not in live]:
+                    self._queues.pop(rid, None)
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):

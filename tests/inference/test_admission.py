@@ -100,7 +100,9 @@ def test_chunked_prefill_feeds_several_prompts_in_one_forward():
     model = tiny_model("gqa")
     ps = prompts([9, 3, 14, 6], seed=8)
     engine = Engine(model, max_batch=4, max_len=40, eos_ids=[], prefill_chunk=10)
-    per_step = []
+    per_step, shapes = [], []
+    forward = engine._forward_prefill
+    engine._forward_prefill = lambda ids, *a: shapes.append(tuple(ids.shape)) or forward(ids, *a)
     for p in ps:
         engine.add_request(p, SamplingParams(max_tokens=5, temperature=0))
     outs = []
@@ -111,7 +113,24 @@ def test_chunked_prefill_feeds_several_prompts_in_one_forward():
         per_step.append(engine.prefill_forwards - before)
     outs = [r.sequences[0].row.output_ids for r in reqs]
     assert outs == [naive_greedy(model, p, 5) for p in ps]
-    assert max(per_step) == 1 and sum(per_step) == 4  # 32 prompt tokens, 10 a step
+    assert max(per_step) == 1
+    # the bound counts padded tokens (rows x widest chunk): 9 | 3+5 | 9 | 6, never 9+1 in 2 rows of 9
+    assert all(r * t <= 10 for r, t in shapes) and any(r > 1 for r, _ in shapes), shapes
+    assert sum(per_step) == len(shapes) == 4
+
+
+def test_chunk_budget_counts_padding():
+    """One long prompt beside many short ones: a step's forward stays within prefill_chunk padded
+    tokens (before: 5 rows x 16 tokens for a budget of 24)."""
+    model = tiny_model("gqa")
+    ps = prompts([40] + [2] * 15, seed=10)
+    engine = Engine(model, max_batch=16, max_len=64, eos_ids=[], prefill_chunk=24)
+    shapes = []
+    forward = engine._forward_prefill
+    engine._forward_prefill = lambda ids, *a: shapes.append(tuple(ids.shape)) or forward(ids, *a)
+    outs = engine.generate(ps, SamplingParams(max_tokens=2, temperature=0))
+    assert [o[0].token_ids for o in outs] == [naive_greedy(model, p, 2) for p in ps]
+    assert all(r * t <= 24 for r, t in shapes), shapes
 
 
 def test_token_cap_splits_the_batch():
@@ -142,6 +161,23 @@ def test_compiled_prefill_one_graph_for_every_admission():
             naive_greedy(model, p, 3)
     assert engine._prefill_fn is not None
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "moe"])
+def test_data_dependent_models_stay_compiled_with_graph_breaks(kind, caplog):
+    """Learned positions (int(positions.max())) and MoE dispatch (per-expert counts) cannot be one
+    fullgraph: dynamo raises UserError / GuardOnDataDependentSymNode, not Unsupported. The prefill
+    is compiled again with graph breaks, not dropped to eager; outputs equal naive greedy."""
+    model = tiny_model(kind)
+    engine = Engine(model, max_batch=3, max_len=40, eos_ids=[])
+    torch._dynamo.reset()
+    engine._prefill_backend = {"backend": "eager"}
+    engine._prefill_fn = torch.compile(engine._forward_from, backend="eager", dynamic=True, fullgraph=True)
+    ps = prompts([4, 9, 6], seed=7)
+    outs = engine.generate(ps, SamplingParams(max_tokens=3, temperature=0))
+    assert [o[0].token_ids for o in outs] == [naive_greedy(model, p, 3) for p in ps]
+    assert engine._prefill_fn is not None and not engine._prefill_fullgraph
+    assert "compiling it with graph breaks" in caplog.text and "runs eager" not in caplog.text
 
 
 def test_row_ids_view_equals_slice_view():
