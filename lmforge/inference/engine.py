@@ -101,6 +101,13 @@ log = logging.getLogger(__name__)
 TUNED = {"coordinate_descent_tuning": True}
 
 
+def _not_one_graph(e: Exception) -> bool:
+    """Whether dynamo raised e under fullgraph because the function is not one graph."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    return isinstance(e, (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError, GuardOnDataDependentSymNode))
+
+
 class Engine:
     def __init__(self, model: nn.Module, *, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  eos_ids: list[int] | None = None, compile: bool = False, prefill_chunk: int | None = None,
@@ -389,6 +396,10 @@ class Engine:
         """Decode `decode_steps` tokens for every row from the device buffers (no host sync).
         `ahead` = the tokens per row of a launch the host has not read yet (rows' lengths lag)."""
         need = min(self.max_len, max(s.length for s in seqs) + ahead + self.decode_steps)  # slots attended
+        if self.fused is not None and not self.fused.holds():  # before a replay: graphs run no Python
+            log.warning("fused decode step off: the model's packed projections were dropped")
+            self.fused = None
+            self.graphs.graphs.clear()  # captured with the fused kernels, reading the old buffers
         if self.compiled:  # all rows; a few fixed lengths, one CUDA graph each
             length = min(self.max_len, max(256, 1 << (need - 1).bit_length()))
             self.graphs.launch(self._step_fn, key, length)
@@ -524,11 +535,12 @@ class Engine:
                 with torch.fx.experimental._config.patch(use_duck_shape=False):
                     return self._prefill_fn(ids, pos, rows.start if isinstance(rows, slice) else rows, length)
             except Exception as e:  # a compiler limitation must not take the engine down
-                # Under fullgraph, anything but the recompile limit is a part dynamo cannot trace
-                # as one graph: a graph break (Unsupported) or a data-dependent branch (learned
-                # positions' int(positions.max()), MoE's per-expert counts raise UserError /
-                # GuardOnDataDependentSymNode). Those compile again with graph breaks allowed.
-                if self._prefill_fullgraph and type(e).__name__ != "FailOnRecompileLimitHit":
+                # Under fullgraph, a part dynamo cannot trace as one graph raises: a graph break
+                # (Unsupported) or a data-dependent branch (learned positions' int(positions.max()),
+                # MoE's per-expert counts: UserError / GuardOnDataDependentSymNode). Those compile
+                # again with graph breaks allowed; anything else (the recompile limit, a compiler
+                # error) runs prefill eager from then on.
+                if self._prefill_fullgraph and _not_one_graph(e):
                     log.warning("compiled prefill is not one graph, compiling it with graph breaks: %s: %s",
                                 type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
                     self._prefill_fullgraph, self._prefill_warm = False, False

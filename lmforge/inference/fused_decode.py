@@ -73,6 +73,11 @@ def supports(model: nn.Module, cache: StaticKVCache, rows: int, max_rows: int = 
             return f"block {i}: q/k/v or gate/up are not packed (pack_projections)"
     if model.lm_head is not None and type(model.lm_head) is not Linear:
         return "the LM head is swapped (e.g. quantized)"
+    weights = [model.tok_emb.weight] + ([model.lm_head.weight] if model.lm_head is not None else [])
+    for b in model.blocks:  # the kernels index weights as row-major [out, in]
+        weights += [b.attn.packed.weight, b.attn.o.weight, b.mlp.packed.weight, b.mlp.down.weight]
+    if not all(t.is_contiguous() for t in weights):
+        return "a weight is not contiguous (the kernels read row-major weights)"
     w = model.tok_emb.weight
     if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"weights of dtype {w.dtype}"
@@ -116,7 +121,8 @@ class FusedDecoder:
     def holds(self) -> bool:
         """Whether the model still has the packed layers this step reads (an eager forward drops a
         packing that a `.to()` or a module swap broke; the engine then goes back to the model)."""
-        return all(b.attn.packed is not None and b.mlp.packed is not None for b in self.model.blocks)
+        return all(_packed(b.attn, (b.attn.q, b.attn.k, b.attn.v)) and _packed(b.mlp, (b.mlp.gate, b.mlp.up))
+                   for b in self.model.blocks)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, length: int | None = None,

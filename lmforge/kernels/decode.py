@@ -263,6 +263,7 @@ def _norm_gemv_kernel(X, NW, W, OUT, BEST, CNT, TOK, M, N, K, eps, stride_xm, ST
         tl.store(OUT + ms[:, None] * N + n[None, :], val.to(OUT.dtype.element_ty), mask=mask)
     if ARGMAX:
         val = tl.where(val == 0.0, 0.0, val)  # -0.0 ties with +0.0, as in torch
+        val = tl.where(val != val, float("nan"), val)  # every NaN positive: torch.argmax takes NaN as the max
         bits = val.to(tl.int32, bitcast=True)
         ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # negative floats: larger magnitude, smaller
         key = ordered.to(tl.int64) * 4294967296 + (4294967295 - n.to(tl.int64))[None, :]

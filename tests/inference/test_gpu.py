@@ -107,8 +107,8 @@ def test_fused_decode_step_on_cuda_equals_cpu():
     assert engine.fused is not None
     assert [o[0].token_ids for o in engine.generate(ps, params)] == ref
     assert engine.graphs.graphs and all(g is not None for g in engine.graphs.graphs.values())
-    sampled = engine.generate(ps[:3], [SamplingParams(max_tokens=12, temperature=0.8, top_k=20)] * 3)
-    assert all(len(o[0].token_ids) == 12 and max(o[0].token_ids) < model.cfg.vocab_size for o in sampled)
+    sampled = engine.generate(ps[:3], [SamplingParams(max_tokens=12, temperature=0.8, top_k=1)] * 3)
+    assert [o[0].token_ids for o in sampled] == [b[:12] for b in base[:3]]  # the sampled path's fp32 logits
     for impl, splits in (("dot", None), ("head", 4), ("sum", 2)):  # each attention kernel, splits fixed or tuned
         other = Engine(model, max_batch=3, max_len=300, fused_decode=True)  # eager: no inductor compile to wait for
         other.fused = FusedDecoder(model, other.cache, attn_impl=impl, attn_splits=splits)

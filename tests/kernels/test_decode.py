@@ -153,4 +153,14 @@ def test_norm_gemv_argmax(M):
         assert torch.equal(tokens, ref.argmax(dim=-1)) and torch.allclose(logits, ref, rtol=1e-5, atol=1e-6)
         assert kd.norm_gemv(x, nw, 1e-6, w, None, torch.zeros(M, dtype=torch.long), scratch).tolist() == tokens.tolist()
         assert scratch[1].item() == 0 and (scratch[0] == -(2 ** 63 - 1)).all()
-    assert tokens[0] == 0 or trial != 1
+        assert tokens[0] == 0 or trial != 1
+
+
+def test_norm_gemv_argmax_nan():
+    """A NaN logit wins, whatever its sign bit, as in torch.argmax (the first NaN on ties)."""
+    g = torch.Generator().manual_seed(5)
+    x, nw, w = rand(2, 29, g=g), 1 + rand(29, g=g, scale=0.3), rand(41, 29, g=g)
+    w[9, 0], w[18, 0] = -float("nan"), float("nan")
+    tokens = torch.full((2,), -1, dtype=torch.long)
+    kd.norm_gemv(x, nw, 1e-6, w, None, tokens, kd.argmax_scratch(2, "cpu"))
+    assert tokens.tolist() == kd.norm_gemv_ref(x, nw, 1e-6, w).argmax(dim=-1).tolist() == [9, 9]
